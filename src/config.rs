@@ -1,0 +1,383 @@
+//! Configuration: a TOML file, then `WXPAY_RECONCILER__SECTION__KEY` environment overrides,
+//! parsed into typed settings and validated before anything starts. Every error names where the
+//! bad value came from (the file or the variable) and the key.
+//!
+//! Secrets are never in the file: each merchant's API key is read from `api_key_file` (relative
+//! paths are relative to the config file) or from the variable named by `api_key_env`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::domain::{AppId, MchId, SignType};
+use crate::wxpay::{ApiKey, ClientConfig, Merchant};
+
+/// Where the config file is looked for when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/wxpay-reconciler/config.toml";
+/// Names the config file, when `--config` is not given.
+pub const PATH_ENV: &str = "WXPAY_RECONCILER_CONFIG";
+/// Prefix of the per-key overrides (`WXPAY_RECONCILER__WECHAT__TIMEOUT_MS=3000`).
+pub const ENV_PREFIX: &str = "WXPAY_RECONCILER__";
+
+/// A configuration error, naming the origin (file or variable) and the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0}: not found")]
+    NotFound(PathBuf),
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file the settings came from.
+    pub path: PathBuf,
+    pub wechat: WechatSettings,
+    pub merchants: Vec<Merchant>,
+}
+
+/// `[wechat]`: how to reach WeChat Pay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WechatSettings {
+    pub base_url: String,
+    pub backup_base_url: Option<String>,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Query rate across all merchants of this instance.
+    pub max_qps: u32,
+    /// Queries in flight at once.
+    pub concurrency: u32,
+    /// Consecutive connect failures on `base_url` that switch to `backup_base_url`.
+    pub failover_after_failures: u32,
+    /// How long to stay on the backup before trying `base_url` again.
+    pub failback_after_seconds: u64,
+}
+
+impl Default for WechatSettings {
+    fn default() -> Self {
+        WechatSettings {
+            base_url: "https://api.mch.weixin.qq.com".into(),
+            backup_base_url: Some("https://api2.mch.weixin.qq.com".into()),
+            timeout_ms: 5000,
+            connect_timeout_ms: 2000,
+            max_qps: 50,
+            concurrency: 16,
+            failover_after_failures: 3,
+            failback_after_seconds: 180,
+        }
+    }
+}
+
+impl WechatSettings {
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            base_url: self.base_url.clone(),
+            backup_base_url: self.backup_base_url.clone(),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+            failover_after: self.failover_after_failures,
+            failback_after: Duration::from_secs(self.failback_after_seconds),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    wechat: WechatSettings,
+    #[serde(default)]
+    merchants: Vec<RawMerchant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMerchant {
+    mch_id: MchId,
+    appid: AppId,
+    #[serde(default)]
+    sub_mch_id: Option<MchId>,
+    #[serde(default = "default_sign_type")]
+    sign_type: SignType,
+    #[serde(default)]
+    api_key_file: Option<PathBuf>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+}
+
+fn default_sign_type() -> SignType {
+    SignType::Md5
+}
+
+/// Which file to read: `--config`, else `$WXPAY_RECONCILER_CONFIG`, else [`DEFAULT_PATH`].
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    match cli {
+        Some(p) => p.to_owned(),
+        None => std::env::var_os(PATH_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
+    }
+}
+
+/// Loads and validates the settings from `path` and the environment.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::NotFound(path.to_owned()));
+    }
+    let figment =
+        Figment::from(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__"));
+    let raw: RawSettings = figment.extract().map_err(|e| from_figment(path, e))?;
+    let origin = |key: &str| origin_of(&figment, path, key);
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin(key),
+        key: key.to_owned(),
+        message,
+    };
+
+    let w = &raw.wechat;
+    check_url(&w.base_url).map_err(|m| invalid("wechat.base_url", m))?;
+    if let Some(b) = &w.backup_base_url {
+        check_url(b).map_err(|m| invalid("wechat.backup_base_url", m))?;
+    }
+    if !(1..=120_000).contains(&w.timeout_ms) {
+        return Err(invalid("wechat.timeout_ms", "must be 1 to 120000".into()));
+    }
+    if w.connect_timeout_ms == 0 || w.connect_timeout_ms > w.timeout_ms {
+        return Err(invalid(
+            "wechat.connect_timeout_ms",
+            format!("must be 1 to timeout_ms ({})", w.timeout_ms),
+        ));
+    }
+    if w.max_qps == 0 {
+        return Err(invalid("wechat.max_qps", "must be at least 1".into()));
+    }
+    if !(1..=1024).contains(&w.concurrency) {
+        return Err(invalid("wechat.concurrency", "must be 1 to 1024".into()));
+    }
+    if w.failover_after_failures == 0 {
+        return Err(invalid(
+            "wechat.failover_after_failures",
+            "must be at least 1".into(),
+        ));
+    }
+
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut merchants: Vec<Merchant> = Vec::with_capacity(raw.merchants.len());
+    for (i, m) in raw.merchants.into_iter().enumerate() {
+        let key_name = |k: &str| format!("merchants[{i}].{k}");
+        if merchants.iter().any(|o| o.mch_id == m.mch_id) {
+            return Err(invalid(
+                &key_name("mch_id"),
+                format!("merchant {} is configured twice", m.mch_id),
+            ));
+        }
+        let key = load_key(base_dir, &m).map_err(|(k, message)| ConfigError::Invalid {
+            origin: format!("config file {}", path.display()),
+            key: key_name(k),
+            message,
+        })?;
+        merchants.push(Merchant {
+            mch_id: m.mch_id,
+            appid: m.appid,
+            sub_mch_id: m.sub_mch_id,
+            sign_type: m.sign_type,
+            key,
+        });
+    }
+    Ok(Settings {
+        path: path.to_owned(),
+        wechat: raw.wechat,
+        merchants,
+    })
+}
+
+fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, String)> {
+    match (&m.api_key_file, &m.api_key_env) {
+        (Some(_), Some(_)) => Err((
+            "api_key_file",
+            "set either api_key_file or api_key_env, not both".into(),
+        )),
+        (None, None) => Err((
+            "api_key_file",
+            "missing: set api_key_file (a file holding the key) or api_key_env (a variable)".into(),
+        )),
+        (Some(file), None) => {
+            let file = base_dir.join(file);
+            let raw = std::fs::read_to_string(&file).map_err(|e| {
+                (
+                    "api_key_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            ApiKey::parse(&raw).map_err(|e| ("api_key_file", format!("{}: {e}", file.display())))
+        }
+        (None, Some(var)) => {
+            let raw = std::env::var(var)
+                .map_err(|e| ("api_key_env", format!("environment variable {var}: {e}")))?;
+            ApiKey::parse(&raw)
+                .map_err(|e| ("api_key_env", format!("environment variable {var}: {e}")))
+        }
+    }
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{s:?} must be an http:// or https:// URL"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?} must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+/// The variable that overrides `key` (`wechat.timeout_ms` → `WXPAY_RECONCILER__WECHAT__TIMEOUT_MS`).
+fn env_name<S: AsRef<str>>(parts: &[S]) -> String {
+    let parts: Vec<String> = parts.iter().map(|p| p.as_ref().to_uppercase()).collect();
+    format!("{ENV_PREFIX}{}", parts.join("__"))
+}
+
+fn from_env(md: &figment::Metadata) -> bool {
+    md.source.as_ref().and_then(|s| s.file_path()).is_none() && md.name.contains("environment")
+}
+
+/// "config file PATH" or "environment variable NAME", for the value at `key`.
+fn origin_of(figment: &Figment, path: &Path, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(md) if from_env(md) => {
+            let parts: Vec<&str> = key.split('.').collect();
+            format!("environment variable {}", env_name(&parts))
+        }
+        _ => format!("config file {}", path.display()),
+    }
+}
+
+/// `merchants.0.mch_id` → `merchants[0].mch_id`.
+fn display_key(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if part.bytes().all(|b| b.is_ascii_digit()) && !out.is_empty() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+fn from_figment(path: &Path, e: figment::Error) -> ConfigError {
+    // Report the first error; fixing it reveals the next.
+    let e = e
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| figment::Error::from("unknown error".to_string()));
+    if e.path.is_empty() {
+        return ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.kind.to_string(),
+        };
+    }
+    let origin = match &e.metadata {
+        Some(md) if from_env(md) => format!("environment variable {}", env_name(&e.path)),
+        _ => format!("config file {}", path.display()),
+    };
+    ConfigError::Invalid {
+        origin,
+        key: display_key(&e.path),
+        message: e.kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn loads_merchants_with_keys_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "key", "192006250b4c09247ec02edce69f6a2d\n");
+        let cfg = write(
+            dir.path(),
+            "c.toml",
+            "[wechat]\nbase_url = \"http://127.0.0.1:9300\"\n\n[[merchants]]\nmch_id = \"10000100\"\nappid = \"wxd930ea5d5a258f4f\"\nsign_type = \"HMAC-SHA256\"\napi_key_file = \"key\"\n",
+        );
+        let s = load(&cfg).unwrap();
+        assert_eq!(s.merchants.len(), 1);
+        assert_eq!(s.merchants[0].sign_type, SignType::HmacSha256);
+        assert_eq!(s.wechat.timeout_ms, 5000);
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("192006250b4c09247ec02edce69f6a2d"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("[wechat]\ntimeout_ms = \"soon\"\n", "wechat.timeout_ms"),
+            ("[wechat]\ntimeout_ms = 0\n", "wechat.timeout_ms"),
+            ("[wechat]\nbase_url = \"ftp://x\"\n", "wechat.base_url"),
+            ("[wechat]\ntypo = 1\n", "typo"),
+            (
+                "[[merchants]]\nmch_id = \"1 2\"\nappid = \"wx1\"\napi_key_env = \"X\"\n",
+                "merchants",
+            ),
+            (
+                "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\n",
+                "merchants[0].api_key_file",
+            ),
+            (
+                "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi_key_file = \"nope\"\n",
+                "merchants[0].api_key_file",
+            ),
+            (
+                "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\nsign_type = \"SHA1\"\napi_key_env = \"X\"\n",
+                "sign_type",
+            ),
+        ];
+        for (text, key) in cases {
+            let cfg = write(dir.path(), "c.toml", text);
+            let err = load(&cfg).unwrap_err().to_string();
+            assert!(err.contains(&cfg.display().to_string()), "{text:?}: {err}");
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let missing = dir.path().join("absent.toml");
+        assert_eq!(load(&missing).unwrap_err(), ConfigError::NotFound(missing));
+    }
+
+    #[test]
+    fn bad_key_file_error_does_not_print_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "key", "topsecretbutnot32chars");
+        let cfg = write(
+            dir.path(),
+            "c.toml",
+            "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi_key_file = \"key\"\n",
+        );
+        let err = load(&cfg).unwrap_err().to_string();
+        assert!(err.contains("merchants[0].api_key_file"), "{err}");
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+}

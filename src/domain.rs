@@ -1,0 +1,363 @@
+//! Domain values, parsed once at the edge ("parse, don't validate").
+//!
+//! A value of one of these types is valid by construction: code that holds a [`Fen`] never has to
+//! ask whether it is negative, code that holds an [`OutTradeNo`] never has to ask whether WeChat
+//! would accept it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
+
+/// Why a value could not be parsed. Says what was expected, never echoes secrets (none of these
+/// types hold one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what}: {reason}")]
+pub struct ParseError {
+    pub what: &'static str,
+    pub reason: String,
+}
+
+impl ParseError {
+    fn new(what: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            what,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An amount of money in fen (1/100 yuan), WeChat's only unit. Never negative, never a float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fen(i64);
+
+impl Fen {
+    pub const ZERO: Fen = Fen(0);
+
+    /// A non-negative amount.
+    pub fn new(fen: i64) -> Result<Self, ParseError> {
+        if fen < 0 {
+            return Err(ParseError::new("amount", format!("{fen} is negative")));
+        }
+        Ok(Fen(fen))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl FromStr for Fen {
+    type Err = ParseError;
+
+    /// WeChat's decimal form: ASCII digits only (no sign, no decimal point, no spaces).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseError::new(
+                "amount",
+                format!("{s:?} is not a whole number of fen"),
+            ));
+        }
+        // At most 18 digits always fits an i64.
+        s.parse::<i64>()
+            .map(Fen)
+            .map_err(|e| ParseError::new("amount", e.to_string()))
+    }
+}
+
+impl fmt::Display for Fen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+macro_rules! text_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $ok:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+
+        impl TryFrom<String> for $name {
+            type Error = ParseError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::parse(&s)
+            }
+        }
+
+        impl $name {
+            pub fn parse(s: &str) -> Result<Self, ParseError> {
+                let ok: fn(u8) -> bool = $ok;
+                if s.is_empty() || s.len() > $max {
+                    return Err(ParseError::new(
+                        $what,
+                        format!("{s:?} must be 1 to {} characters", $max),
+                    ));
+                }
+                if let Some(bad) = s.bytes().find(|b| !ok(*b)) {
+                    return Err(ParseError::new(
+                        $what,
+                        format!("{s:?} contains the character {:?}", bad as char),
+                    ));
+                }
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+text_id!(
+    /// A merchant number (`mch_id`, `sub_mch_id`): up to 32 ASCII letters and digits.
+    MchId,
+    "mch_id",
+    32,
+    |b| b.is_ascii_alphanumeric()
+);
+text_id!(
+    /// An official account / mini program id (`appid`): up to 32 ASCII letters and digits.
+    AppId,
+    "appid",
+    32,
+    |b| b.is_ascii_alphanumeric()
+);
+text_id!(
+    /// The merchant's order number: up to 32 characters of `0-9 A-Z a-z _ - | * @`, WeChat's rule.
+    OutTradeNo,
+    "out_trade_no",
+    32,
+    |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'|' | b'*' | b'@')
+);
+text_id!(
+    /// WeChat's payment number (`transaction_id`): up to 32 ASCII letters and digits.
+    TransactionId,
+    "transaction_id",
+    32,
+    |b| b.is_ascii_alphanumeric()
+);
+
+/// How WeChat Pay v2 messages are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+pub enum SignType {
+    #[serde(rename = "MD5")]
+    Md5,
+    #[serde(rename = "HMAC-SHA256")]
+    HmacSha256,
+}
+
+impl SignType {
+    /// The value of the `sign_type` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignType::Md5 => "MD5",
+            SignType::HmacSha256 => "HMAC-SHA256",
+        }
+    }
+}
+
+impl FromStr for SignType {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "MD5" => Ok(SignType::Md5),
+            "HMAC-SHA256" => Ok(SignType::HmacSha256),
+            other => Err(ParseError::new(
+                "sign_type",
+                format!("{other:?} is neither \"MD5\" nor \"HMAC-SHA256\""),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SignType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What WeChat says about an order (`trade_state` of an orderquery reply).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TradeState {
+    /// Paid.
+    Success,
+    /// Paid, then (partly) refunded.
+    Refund,
+    /// Not paid (yet).
+    NotPay,
+    /// Closed: can no longer be paid.
+    Closed,
+    /// Cancelled (micropay).
+    Revoked,
+    /// The customer is entering their password (micropay).
+    UserPaying,
+    /// Payment failed at the bank.
+    PayError,
+    /// Accepted, awaiting the bank (some payment methods).
+    Accept,
+    /// A value this version does not know. Kept, never a panic, and never treated as paid.
+    Unknown(String),
+}
+
+impl TradeState {
+    pub fn parse(s: &str) -> TradeState {
+        match s {
+            "SUCCESS" => TradeState::Success,
+            "REFUND" => TradeState::Refund,
+            "NOTPAY" => TradeState::NotPay,
+            "CLOSED" => TradeState::Closed,
+            "REVOKED" => TradeState::Revoked,
+            "USERPAYING" => TradeState::UserPaying,
+            "PAYERROR" => TradeState::PayError,
+            "ACCEPT" => TradeState::Accept,
+            other => TradeState::Unknown(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            TradeState::Success => "SUCCESS",
+            TradeState::Refund => "REFUND",
+            TradeState::NotPay => "NOTPAY",
+            TradeState::Closed => "CLOSED",
+            TradeState::Revoked => "REVOKED",
+            TradeState::UserPaying => "USERPAYING",
+            TradeState::PayError => "PAYERROR",
+            TradeState::Accept => "ACCEPT",
+            TradeState::Unknown(s) => s,
+        }
+    }
+
+    /// A bounded label for metrics: unknown values all count as `"unknown"`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TradeState::Success => "SUCCESS",
+            TradeState::Refund => "REFUND",
+            TradeState::NotPay => "NOTPAY",
+            TradeState::Closed => "CLOSED",
+            TradeState::Revoked => "REVOKED",
+            TradeState::UserPaying => "USERPAYING",
+            TradeState::PayError => "PAYERROR",
+            TradeState::Accept => "ACCEPT",
+            TradeState::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for TradeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// China Standard Time, the zone of every WeChat Pay v2 timestamp.
+pub fn china_standard_time() -> FixedOffset {
+    // 8 hours is always a valid offset.
+    FixedOffset::east_opt(8 * 3600).unwrap_or_else(|| unreachable!("UTC+8 is a valid offset"))
+}
+
+/// Parses WeChat's `yyyyMMddHHmmss` (China Standard Time, e.g. `time_end`) into UTC.
+pub fn parse_wechat_time(s: &str) -> Result<DateTime<Utc>, ParseError> {
+    if s.len() != 14 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::new(
+            "time",
+            format!("{s:?} is not yyyyMMddHHmmss"),
+        ));
+    }
+    let naive = NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S")
+        .map_err(|e| ParseError::new("time", format!("{s:?}: {e}")))?;
+    china_standard_time()
+        .from_local_datetime(&naive)
+        .single()
+        .map(|t| t.with_timezone(&Utc))
+        .ok_or_else(|| ParseError::new("time", format!("{s:?} is not a valid time")))
+}
+
+/// Formats a UTC time as WeChat's `yyyyMMddHHmmss` in China Standard Time.
+pub fn format_wechat_time(t: DateTime<Utc>) -> String {
+    t.with_timezone(&china_standard_time())
+        .format("%Y%m%d%H%M%S")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fen_accepts_only_plain_digits() {
+        assert_eq!("1".parse::<Fen>().map(Fen::get), Ok(1));
+        assert_eq!("000123".parse::<Fen>().map(Fen::get), Ok(123));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1.00",
+            " 1",
+            "1 ",
+            "1e3",
+            "0x10",
+            "9999999999999999999",
+        ] {
+            assert!(bad.parse::<Fen>().is_err(), "{bad:?} must be rejected");
+        }
+        assert!(Fen::new(-1).is_err());
+    }
+
+    #[test]
+    fn ids_follow_wechat_rules() {
+        assert!(OutTradeNo::parse("1415757673").is_ok());
+        assert!(OutTradeNo::parse("a_b-c|d*e@f").is_ok());
+        assert!(OutTradeNo::parse("").is_err());
+        assert!(OutTradeNo::parse(&"x".repeat(33)).is_err());
+        assert!(OutTradeNo::parse("has space").is_err());
+        assert!(OutTradeNo::parse("订单").is_err());
+        assert!(MchId::parse("1900000109").is_ok());
+        assert!(MchId::parse("19-00").is_err());
+        assert!(AppId::parse("wxd930ea5d5a258f4f").is_ok());
+    }
+
+    #[test]
+    fn trade_state_keeps_unknown_values() {
+        assert_eq!(TradeState::parse("SUCCESS"), TradeState::Success);
+        let unknown = TradeState::parse("SOMETHING_NEW");
+        assert_eq!(unknown.as_str(), "SOMETHING_NEW");
+        assert_eq!(unknown.label(), "unknown");
+    }
+
+    #[test]
+    fn wechat_time_is_china_standard_time() {
+        let t = parse_wechat_time("20141111170043").unwrap();
+        assert_eq!(t.to_rfc3339(), "2014-11-11T09:00:43+00:00");
+        assert_eq!(format_wechat_time(t), "20141111170043");
+        assert!(parse_wechat_time("20141311170043").is_err());
+        assert!(parse_wechat_time("2014-11-11").is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! Shutdown: one [`CancellationToken`] cancelled by SIGTERM or SIGINT; every task watches it and
+//! the process drains within a deadline shorter than systemd's stop timeout.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How long in-flight work may take to finish after a shutdown signal.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn on_signals() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested, draining");
+        cancel.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,405 @@
+//! The simulator's JSON control API (`/_sim/…`): what a customer or WeChat would do to an order,
+//! fault injection, and counters.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::state::{Faults, SimEndpoint, SimOrder, SimState, lock};
+use super::wechat::PREPAY_LIFETIME;
+use crate::domain::{OutTradeNo, SignType, TradeState, format_wechat_time};
+
+type Key = (String, String);
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn order_key(state: &SimState, mch_id: String, out_trade_no: String) -> Result<Key, Response> {
+    if !state.merchants.contains_key(&mch_id) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("unknown merchant {mch_id}"),
+        ));
+    }
+    if OutTradeNo::parse(&out_trade_no).is_err() {
+        return Err(error(StatusCode::BAD_REQUEST, "invalid out_trade_no"));
+    }
+    Ok((mch_id, out_trade_no))
+}
+
+fn order_json(key: &Key, o: &SimOrder) -> Value {
+    json!({
+        "mch_id": key.0,
+        "out_trade_no": key.1,
+        "appid": o.appid,
+        "total_fee": o.total_fee,
+        "paid_fee": o.paid_fee,
+        "trade_state": o.state.as_str(),
+        "transaction_id": o.transaction_id,
+        "time_end": o.time_end.map(format_wechat_time),
+        "prepay_id": o.prepay_id,
+        "notify_url": o.notify_url,
+        "notify_attempts": o.notify_attempts,
+        "notify_delivered": o.notify_delivered,
+    })
+}
+
+/// Body of `POST /_sim/orders/{mch_id}/{out_trade_no}`: registers an order as `unifiedorder`
+/// would, for tests whose orders never went through `unifiedorder`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    total_fee: i64,
+    #[serde(default)]
+    notify_url: Option<String>,
+    #[serde(default)]
+    sign_type: Option<SignType>,
+}
+
+fn new_order(
+    state: &SimState,
+    key: &Key,
+    total_fee: i64,
+    notify_url: Option<String>,
+    sign_type: Option<SignType>,
+) -> Option<SimOrder> {
+    let merchant = state.merchants.get(&key.0)?;
+    let now = Utc::now();
+    Some(SimOrder {
+        appid: merchant.appid.as_str().to_owned(),
+        total_fee,
+        paid_fee: None,
+        body: "simulated order".into(),
+        attach: None,
+        openid: "oUpF8uMEb4qRXf22hE3X68TekukE".into(),
+        trade_type: "JSAPI".into(),
+        notify_url,
+        prepay_id: format!("wx{}{:018}", format_wechat_time(now), state.next_sequence()),
+        prepay_expires_at: now + PREPAY_LIFETIME,
+        created_at: now,
+        state: TradeState::NotPay,
+        transaction_id: None,
+        time_end: None,
+        sign_type: sign_type.unwrap_or(merchant.sign_type),
+        notify_attempts: 0,
+        notify_delivered: false,
+    })
+}
+
+pub async fn create(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+    Json(body): Json<CreateBody>,
+) -> Response {
+    let key = match order_key(&state, mch_id, out_trade_no) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    if body.total_fee <= 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "total_fee must be a positive number of fen",
+        );
+    }
+    let mut orders = lock(&state.orders);
+    if orders.contains_key(&key) {
+        return error(StatusCode::CONFLICT, "order exists");
+    }
+    let Some(order) = new_order(
+        &state,
+        &key,
+        body.total_fee,
+        body.notify_url,
+        body.sign_type,
+    ) else {
+        return error(StatusCode::NOT_FOUND, "unknown merchant");
+    };
+    let out = order_json(&key, &order);
+    orders.insert(key, order);
+    (StatusCode::CREATED, Json(out)).into_response()
+}
+
+pub async fn show(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+) -> Response {
+    let key = match order_key(&state, mch_id, out_trade_no) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match lock(&state.orders).get(&key) {
+        Some(o) => Json(order_json(&key, o)).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such order"),
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum NotifyMode {
+    Deliver,
+    Drop,
+}
+
+/// Body of `…/pay`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayBody {
+    notify: NotifyMode,
+    /// What the customer pays; defaults to the order's amount. For an order the simulator does
+    /// not know yet, creates it with this amount.
+    #[serde(default)]
+    total_fee: Option<i64>,
+}
+
+pub async fn pay(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+    Json(body): Json<PayBody>,
+) -> Response {
+    let key = match order_key(&state, mch_id, out_trade_no) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    if body.total_fee.is_some_and(|f| f <= 0) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "total_fee must be a positive number of fen",
+        );
+    }
+    let now = Utc::now();
+    let (transaction_id, paid) = {
+        let mut orders = lock(&state.orders);
+        if !orders.contains_key(&key) {
+            let Some(fee) = body.total_fee else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "no such order (give total_fee to create and pay it at once)",
+                );
+            };
+            match new_order(&state, &key, fee, None, None) {
+                Some(o) => orders.insert(key.clone(), o),
+                None => return error(StatusCode::NOT_FOUND, "unknown merchant"),
+            };
+        }
+        let Some(order) = orders.get_mut(&key) else {
+            return error(StatusCode::NOT_FOUND, "no such order");
+        };
+        if !matches!(
+            order.state,
+            TradeState::NotPay | TradeState::UserPaying | TradeState::PayError | TradeState::Accept
+        ) {
+            return error(
+                StatusCode::CONFLICT,
+                format!("order is {}, it cannot be paid", order.state),
+            );
+        }
+        if order.prepay_expires_at <= now {
+            return error(StatusCode::CONFLICT, "the prepay_id has expired");
+        }
+        let transaction_id = format!(
+            "4200{}{:010}",
+            format_wechat_time(now),
+            state.next_sequence()
+        );
+        order.state = TradeState::Success;
+        order.transaction_id = Some(transaction_id.clone());
+        order.time_end = Some(now);
+        order.paid_fee = Some(body.total_fee.unwrap_or(order.total_fee));
+        lock(&state.by_transaction).insert(transaction_id.clone(), key.clone());
+        (transaction_id, order.paid_fee)
+    };
+    if body.notify == NotifyMode::Deliver {
+        super::notify::spawn_delivery(state.clone(), key.clone());
+    }
+    Json(json!({
+        "transaction_id": transaction_id,
+        "time_end": format_wechat_time(now),
+        "total_fee": paid,
+    }))
+    .into_response()
+}
+
+/// Moves an order from one of `from` to `to`, or answers 404 / 409.
+fn transition(state: &SimState, key: Key, from: &[TradeState], to: TradeState) -> Response {
+    let mut orders = lock(&state.orders);
+    let Some(order) = orders.get_mut(&key) else {
+        return error(StatusCode::NOT_FOUND, "no such order");
+    };
+    if !from.contains(&order.state) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("order is {}, expected one of {from:?}", order.state),
+        );
+    }
+    order.state = to;
+    Json(order_json(&key, order)).into_response()
+}
+
+pub async fn refund(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+) -> Response {
+    match order_key(&state, mch_id, out_trade_no) {
+        Ok(key) => transition(&state, key, &[TradeState::Success], TradeState::Refund),
+        Err(r) => r,
+    }
+}
+
+pub async fn close(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+) -> Response {
+    match order_key(&state, mch_id, out_trade_no) {
+        Ok(key) => transition(
+            &state,
+            key,
+            &[
+                TradeState::NotPay,
+                TradeState::UserPaying,
+                TradeState::PayError,
+            ],
+            TradeState::Closed,
+        ),
+        Err(r) => r,
+    }
+}
+
+/// Body of `…/state`: forces any `trade_state`, known or not (for tests of rare states).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateBody {
+    trade_state: String,
+}
+
+pub async fn force_state(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+    Json(body): Json<StateBody>,
+) -> Response {
+    let key = match order_key(&state, mch_id, out_trade_no) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let mut orders = lock(&state.orders);
+    let Some(order) = orders.get_mut(&key) else {
+        return error(StatusCode::NOT_FOUND, "no such order");
+    };
+    order.state = TradeState::parse(&body.trade_state);
+    Json(order_json(&key, order)).into_response()
+}
+
+/// `PUT /_sim/faults`: `{"endpoint": "orderquery" | "closeorder" | "unifiedorder" | "all", …rates}`.
+/// Rates left out are 0: each call replaces the endpoint's faults.
+pub async fn set_faults(
+    State(state): State<Arc<SimState>>,
+    Json(mut body): Json<Value>,
+) -> Response {
+    let Some(obj) = body.as_object_mut() else {
+        return error(StatusCode::BAD_REQUEST, "expected a JSON object");
+    };
+    let endpoints: Vec<SimEndpoint> = match obj.remove("endpoint").as_ref().and_then(Value::as_str)
+    {
+        Some("all") => SimEndpoint::ALL.to_vec(),
+        Some(name) => match serde_json::from_value(Value::String(name.to_owned())) {
+            Ok(e) => vec![e],
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown endpoint {name:?}"),
+                );
+            }
+        },
+        None => return error(StatusCode::BAD_REQUEST, "missing \"endpoint\""),
+    };
+    let faults: Faults = match serde_json::from_value(body) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Err(e) = faults.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let mut all = lock(&state.faults);
+    for e in endpoints {
+        all.insert(e, faults);
+    }
+    Json(faults_json(&all)).into_response()
+}
+
+pub async fn get_faults(State(state): State<Arc<SimState>>) -> Response {
+    Json(faults_json(&lock(&state.faults))).into_response()
+}
+
+fn faults_json(all: &std::collections::HashMap<SimEndpoint, Faults>) -> Value {
+    let map: BTreeMap<String, Faults> = SimEndpoint::ALL
+        .iter()
+        .map(|e| {
+            let name = serde_json::to_value(e)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            (name, all.get(e).copied().unwrap_or_default())
+        })
+        .collect();
+    json!(map)
+}
+
+/// `PUT /_sim/config`: `{"notify_retry_ms": [15000, 15000, …]}` replaces WeChat's notification
+/// retry schedule (tests shorten it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigBody {
+    notify_retry_ms: Vec<u64>,
+}
+
+pub async fn set_config(
+    State(state): State<Arc<SimState>>,
+    Json(body): Json<ConfigBody>,
+) -> Response {
+    *lock(&state.notify_retries) = body
+        .notify_retry_ms
+        .iter()
+        .map(|ms| Duration::from_millis(*ms))
+        .collect();
+    Json(json!({ "notify_retry_ms": body.notify_retry_ms })).into_response()
+}
+
+#[derive(Serialize)]
+struct NotificationStats {
+    attempts: u32,
+    delivered: bool,
+}
+
+pub async fn stats(State(state): State<Arc<SimState>>) -> Response {
+    let orders: BTreeMap<String, Value> = lock(&state.stats)
+        .iter()
+        .map(|(k, s)| (k.clone(), json!(s)))
+        .collect();
+    let notifications: BTreeMap<String, NotificationStats> = lock(&state.orders)
+        .iter()
+        .filter(|(_, o)| o.notify_attempts > 0)
+        .map(|((_, n), o)| {
+            (
+                n.clone(),
+                NotificationStats {
+                    attempts: o.notify_attempts,
+                    delivered: o.notify_delivered,
+                },
+            )
+        })
+        .collect();
+    Json(json!({
+        "orders": orders,
+        "requests": state.requests(),
+        "notifications": notifications,
+    }))
+    .into_response()
+}

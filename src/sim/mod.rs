@@ -1,0 +1,183 @@
+//! A WeChat Pay v2 simulator: `unifiedorder`, `orderquery`, `closeorder` (also under
+//! `/sandboxnew/`), payment notifications with WeChat's retry schedule, and a JSON control API
+//! for tests (pay, refund, close, fault injection, per-order counters). Orders live in memory.
+//!
+//! It speaks the protocol through [`crate::wxpay`]'s codec and signer: the same strict decoder
+//! that guards the daemon guards the simulator, and every SUCCESS reply is signed with the
+//! merchant's key and the request's sign type.
+
+mod control;
+mod notify;
+mod state;
+mod wechat;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{AppId, MchId, SignType};
+use crate::wxpay::{ApiKey, Merchant, xml::MAX_BODY_BYTES};
+
+pub use state::{Faults, SimState};
+
+/// WeChat's notification retry schedule: after the first attempt, wait these intervals.
+pub const WECHAT_NOTIFY_RETRIES: [Duration; 15] = {
+    const fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+    [
+        s(15),
+        s(15),
+        s(30),
+        s(180),
+        s(600),
+        s(1200),
+        s(1800),
+        s(1800),
+        s(1800),
+        s(3600),
+        s(10800),
+        s(10800),
+        s(10800),
+        s(21600),
+        s(21600),
+    ]
+};
+
+/// The two test merchants of ../shared/fixtures/wxpay-v2/README.md, served without a config.
+pub fn default_merchants() -> Vec<Merchant> {
+    let m = |mch_id: &str, appid: &str, sign_type, key: &str| -> Option<Merchant> {
+        Some(Merchant {
+            mch_id: MchId::parse(mch_id).ok()?,
+            appid: AppId::parse(appid).ok()?,
+            sub_mch_id: None,
+            sign_type,
+            key: ApiKey::parse(key).ok()?,
+        })
+    };
+    [
+        m(
+            "10000100",
+            "wxd930ea5d5a258f4f",
+            SignType::Md5,
+            "192006250b4c09247ec02edce69f6a2d",
+        ),
+        m(
+            "1900000109",
+            "wx2421b1c4370ec43b",
+            SignType::HmacSha256,
+            "8934e7d15453e97507ef794cf7b0519d",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The simulator's HTTP routes.
+pub fn router(state: Arc<SimState>) -> Router {
+    let wechat = Router::new()
+        .route("/pay/unifiedorder", post(wechat::unified_order))
+        .route("/pay/orderquery", post(wechat::order_query))
+        .route("/pay/closeorder", post(wechat::close_order));
+    Router::new()
+        .merge(wechat.clone())
+        .nest("/sandboxnew", wechat)
+        .route(
+            "/_sim/orders/{mch_id}/{out_trade_no}",
+            post(control::create).get(control::show),
+        )
+        .route(
+            "/_sim/orders/{mch_id}/{out_trade_no}/pay",
+            post(control::pay),
+        )
+        .route(
+            "/_sim/orders/{mch_id}/{out_trade_no}/refund",
+            post(control::refund),
+        )
+        .route(
+            "/_sim/orders/{mch_id}/{out_trade_no}/close",
+            post(control::close),
+        )
+        .route(
+            "/_sim/orders/{mch_id}/{out_trade_no}/state",
+            post(control::force_state),
+        )
+        .route(
+            "/_sim/faults",
+            put(control::set_faults).get(control::get_faults),
+        )
+        .route("/_sim/config", put(control::set_config))
+        .route("/_sim/stats", get(control::stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A simulator serving on a bound listener until its token is cancelled.
+pub struct RunningSimulator {
+    pub addr: SocketAddr,
+    pub state: Arc<SimState>,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningSimulator {
+    /// Starts serving `listener` (bind port 0 in tests).
+    pub fn start(listener: TcpListener, merchants: Vec<Merchant>) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let token = CancellationToken::new();
+        let state = SimState::new(merchants, token.clone());
+        let app = router(state.clone());
+        let shutdown = token.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        });
+        Ok(RunningSimulator {
+            addr,
+            state,
+            token,
+            task,
+        })
+    }
+
+    /// `http://ADDR`, the value for `wechat.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish for at most `deadline`, then drops them.
+    pub async fn shutdown(self, deadline: Duration) -> std::io::Result<()> {
+        self.token.cancel();
+        let mut task = self.task;
+        match tokio::time::timeout(deadline, &mut task).await {
+            Ok(joined) => joined.map_err(std::io::Error::other)?,
+            Err(_elapsed) => {
+                tracing::warn!(
+                    ?deadline,
+                    "simulator requests still in flight at the deadline; dropping them"
+                );
+                task.abort();
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until the token is cancelled from outside (signals), then shuts down.
+    pub async fn serve_until(
+        self,
+        stop: CancellationToken,
+        deadline: Duration,
+    ) -> std::io::Result<()> {
+        stop.cancelled().await;
+        self.shutdown(deadline).await
+    }
+}

@@ -1,0 +1,95 @@
+//! Payment notifications, delivered like WeChat: at once, then on WeChat's retry schedule until
+//! the merchant answers `return_code` SUCCESS or the schedule runs out.
+
+use std::sync::Arc;
+
+use super::state::{SimState, lock};
+use super::wechat::order_fields;
+use crate::wxpay::client::nonce;
+use crate::wxpay::{Fields, sign, xml};
+
+type Key = (String, String);
+
+pub(crate) fn spawn_delivery(state: Arc<SimState>, key: Key) {
+    tokio::spawn(async move {
+        let retries = lock(&state.notify_retries).clone();
+        let mut waits = retries.into_iter();
+        loop {
+            match attempt(&state, &key).await {
+                Attempt::Delivered | Attempt::Abandon => return,
+                Attempt::Failed => {}
+            }
+            let Some(wait) = waits.next() else {
+                tracing::info!(out_trade_no = %key.1, "notification retries exhausted");
+                return;
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = state.shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+enum Attempt {
+    Delivered,
+    Failed,
+    Abandon,
+}
+
+async fn attempt(state: &SimState, key: &Key) -> Attempt {
+    let Some(merchant) = state.merchants.get(&key.0) else {
+        return Attempt::Abandon;
+    };
+    let (url, body) = {
+        let mut orders = lock(&state.orders);
+        let Some(order) = orders.get_mut(key) else {
+            return Attempt::Abandon;
+        };
+        let Some(url) = order.notify_url.clone() else {
+            return Attempt::Abandon;
+        };
+        order.notify_attempts += 1;
+        let mut f = Fields::new()
+            .with("return_code", "SUCCESS")
+            .with("appid", order.appid.as_str())
+            .with("mch_id", merchant.mch_id.as_str())
+            .with("nonce_str", nonce());
+        for (k, v) in order_fields(&key.1, order).iter() {
+            // A notification reports a payment; it carries no trade_state.
+            if k != "trade_state" && k != "trade_state_desc" {
+                f.insert(k, v);
+            }
+        }
+        sign::sign_in_place(&mut f, &merchant.key, order.sign_type);
+        match xml::encode(&f) {
+            Ok(body) => (url, body),
+            Err(_) => return Attempt::Abandon,
+        }
+    };
+    let delivered = match state
+        .http
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=UTF-8")
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+            Ok(b) => xml::decode(&b)
+                .map(|f| f.get("return_code") == Some("SUCCESS"))
+                .unwrap_or(false),
+            Err(_) => false,
+        },
+        Ok(_) | Err(_) => false,
+    };
+    if delivered {
+        if let Some(order) = lock(&state.orders).get_mut(key) {
+            order.notify_delivered = true;
+        }
+        Attempt::Delivered
+    } else {
+        tracing::debug!(out_trade_no = %key.1, "notification not acknowledged; will retry");
+        Attempt::Failed
+    }
+}

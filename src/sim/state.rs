@@ -1,0 +1,244 @@
+//! The simulator's in-memory world: merchants, orders, faults and counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::WECHAT_NOTIFY_RETRIES;
+use crate::domain::{SignType, TradeState};
+use crate::wxpay::Merchant;
+
+/// An order as WeChat holds it.
+#[derive(Debug, Clone)]
+pub struct SimOrder {
+    pub appid: String,
+    /// What the merchant ordered.
+    pub total_fee: i64,
+    /// What the customer paid (differs from `total_fee` only when a test provokes it).
+    pub paid_fee: Option<i64>,
+    pub body: String,
+    pub attach: Option<String>,
+    pub openid: String,
+    pub trade_type: String,
+    pub notify_url: Option<String>,
+    pub prepay_id: String,
+    pub prepay_expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub state: TradeState,
+    pub transaction_id: Option<String>,
+    pub time_end: Option<DateTime<Utc>>,
+    /// The sign type the order was created with; notifications use it.
+    pub sign_type: SignType,
+    pub notify_attempts: u32,
+    pub notify_delivered: bool,
+}
+
+/// Per-order request counters (keyed by out_trade_no, as the control API reports them).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct OrderStats {
+    pub queries: u64,
+    pub inflight: u64,
+    pub max_inflight: u64,
+    pub closes: u64,
+}
+
+/// Fault injection for one endpoint. Rates are probabilities from 0 to 1, rolled per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    pub latency_ms: u64,
+    /// Never answer (the request hangs until the client gives up).
+    pub timeout_rate: f64,
+    pub http_500_rate: f64,
+    /// A signed `result_code=FAIL` with `err_code=SYSTEMERROR`.
+    pub system_error_rate: f64,
+    /// A signed `result_code=FAIL` with `err_code=FREQUENCY_LIMITED`.
+    pub frequency_limited_rate: f64,
+    /// An unsigned `return_code=FAIL`.
+    pub return_fail_rate: f64,
+    /// A reply whose signature does not match.
+    pub bad_sign_rate: f64,
+    /// A reply without a signature.
+    pub unsigned_rate: f64,
+    /// A correctly signed reply that does not echo the request: another out_trade_no (orderquery)
+    /// or another appid (the echo checks must catch it).
+    pub mismatch_rate: f64,
+    /// A body that is not XML.
+    pub malformed_rate: f64,
+}
+
+impl Faults {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let rates = [
+            ("timeout_rate", self.timeout_rate),
+            ("http_500_rate", self.http_500_rate),
+            ("system_error_rate", self.system_error_rate),
+            ("frequency_limited_rate", self.frequency_limited_rate),
+            ("return_fail_rate", self.return_fail_rate),
+            ("bad_sign_rate", self.bad_sign_rate),
+            ("unsigned_rate", self.unsigned_rate),
+            ("mismatch_rate", self.mismatch_rate),
+            ("malformed_rate", self.malformed_rate),
+        ];
+        for (name, rate) in rates {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be between 0 and 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The endpoints faults can be set for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimEndpoint {
+    UnifiedOrder,
+    OrderQuery,
+    CloseOrder,
+}
+
+impl SimEndpoint {
+    pub const ALL: [SimEndpoint; 3] = [
+        SimEndpoint::UnifiedOrder,
+        SimEndpoint::OrderQuery,
+        SimEndpoint::CloseOrder,
+    ];
+}
+
+/// Everything the simulator knows.
+pub struct SimState {
+    pub(crate) merchants: HashMap<String, Merchant>,
+    pub(crate) orders: Mutex<HashMap<(String, String), SimOrder>>,
+    pub(crate) by_transaction: Mutex<HashMap<String, (String, String)>>,
+    pub(crate) stats: Mutex<HashMap<String, OrderStats>>,
+    pub(crate) faults: Mutex<HashMap<SimEndpoint, Faults>>,
+    pub(crate) notify_retries: Mutex<Vec<Duration>>,
+    pub(crate) requests: AtomicU64,
+    pub(crate) sequence: AtomicU64,
+    pub(crate) http: reqwest::Client,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for SimState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimState")
+            .field("merchants", &self.merchants.len())
+            .field("requests", &self.requests.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks a mutex; the simulator's maps stay consistent even if a handler panicked mid-way
+/// (each update is a single insert or field write).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SimState {
+    pub fn new(merchants: Vec<Merchant>, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(SimState {
+            merchants: merchants
+                .into_iter()
+                .map(|m| (m.mch_id.as_str().to_owned(), m))
+                .collect(),
+            orders: Mutex::default(),
+            by_transaction: Mutex::default(),
+            stats: Mutex::default(),
+            faults: Mutex::default(),
+            notify_retries: Mutex::new(WECHAT_NOTIFY_RETRIES.to_vec()),
+            requests: AtomicU64::new(0),
+            sequence: AtomicU64::new(1),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+            shutdown,
+        })
+    }
+
+    pub(crate) fn faults(&self, endpoint: SimEndpoint) -> Faults {
+        lock(&self.faults)
+            .get(&endpoint)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The counters of one order.
+    pub fn order_stats(&self, out_trade_no: &str) -> OrderStats {
+        lock(&self.stats)
+            .get(out_trade_no)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Requests served to the WeChat endpoints.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A copy of an order.
+    pub fn order(&self, mch_id: &str, out_trade_no: &str) -> Option<SimOrder> {
+        lock(&self.orders)
+            .get(&(mch_id.to_owned(), out_trade_no.to_owned()))
+            .cloned()
+    }
+
+    pub(crate) fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a query of an order for as long as the guard lives.
+    pub(crate) fn track_query(self: &Arc<Self>, out_trade_no: &str) -> InflightGuard {
+        let mut stats = lock(&self.stats);
+        let s = stats.entry(out_trade_no.to_owned()).or_default();
+        s.queries += 1;
+        s.inflight += 1;
+        s.max_inflight = s.max_inflight.max(s.inflight);
+        InflightGuard {
+            state: self.clone(),
+            out_trade_no: out_trade_no.to_owned(),
+        }
+    }
+
+    pub(crate) fn count_close(&self, out_trade_no: &str) {
+        lock(&self.stats)
+            .entry(out_trade_no.to_owned())
+            .or_default()
+            .closes += 1;
+    }
+}
+
+/// Decrements an order's in-flight count when the request ends, however it ends.
+pub(crate) struct InflightGuard {
+    state: Arc<SimState>,
+    out_trade_no: String,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if let Some(s) = lock(&self.state.stats).get_mut(&self.out_trade_no) {
+            s.inflight = s.inflight.saturating_sub(1);
+        }
+    }
+}
+
+/// `trade_state_desc` as WeChat words it.
+pub(crate) fn trade_state_desc(state: &TradeState) -> &'static str {
+    match state {
+        TradeState::Success => "支付成功",
+        TradeState::Refund => "转入退款",
+        TradeState::NotPay => "订单未支付",
+        TradeState::Closed => "已关闭",
+        TradeState::Revoked => "已撤销（刷卡支付）",
+        TradeState::UserPaying => "用户支付中",
+        TradeState::PayError => "支付失败",
+        TradeState::Accept => "已接收，等待扣款",
+        TradeState::Unknown(_) => "未知状态",
+    }
+}

@@ -1,0 +1,123 @@
+//! What can go wrong when talking to WeChat Pay. Every variant is *transient* for the order it
+//! concerns: the answer says nothing reliable about the order, so its state must not change and
+//! the caller asks again later. Definitive answers (the order's state, ORDERNOTEXIST, ORDERPAID,
+//! ORDERCLOSED) are not errors; they are the `Ok` side of the client's calls.
+
+use super::sign::SignError;
+use super::xml::{EncodeError, XmlError};
+
+/// A `result_code=FAIL` error code. The ones the daemon acts on are named; the rest are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrCode {
+    OrderNotExist,
+    SystemError,
+    FrequencyLimited,
+    OrderPaid,
+    OrderClosed,
+    Other(String),
+}
+
+impl ErrCode {
+    pub fn parse(s: &str) -> ErrCode {
+        match s {
+            "ORDERNOTEXIST" => ErrCode::OrderNotExist,
+            "SYSTEMERROR" => ErrCode::SystemError,
+            "FREQUENCY_LIMITED" => ErrCode::FrequencyLimited,
+            "ORDERPAID" => ErrCode::OrderPaid,
+            "ORDERCLOSED" => ErrCode::OrderClosed,
+            other => ErrCode::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrCode::OrderNotExist => "ORDERNOTEXIST",
+            ErrCode::SystemError => "SYSTEMERROR",
+            ErrCode::FrequencyLimited => "FREQUENCY_LIMITED",
+            ErrCode::OrderPaid => "ORDERPAID",
+            ErrCode::OrderClosed => "ORDERCLOSED",
+            ErrCode::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a reply cannot be used. None of these messages contains a key or a signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WxPayError {
+    #[error("no reply within the timeout")]
+    Timeout,
+    #[error("transport error: {0}")]
+    Transport(String),
+    #[error("HTTP status {0}")]
+    HttpStatus(u16),
+    #[error("malformed reply: {0}")]
+    Malformed(#[from] XmlError),
+    #[error("reply field {field}: {reason}")]
+    BadField { field: &'static str, reason: String },
+    #[error("WeChat refused the request (return_code FAIL): {0}")]
+    ReturnFail(String),
+    #[error("reply rejected: {0}")]
+    Sign(#[from] SignError),
+    #[error("reply field {field} is {got:?}, the request had {expected:?}")]
+    Mismatch {
+        field: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("WeChat answered result_code FAIL: {code} ({description})")]
+    ResultFail { code: ErrCode, description: String },
+    #[error("request could not be encoded: {0}")]
+    Encode(#[from] EncodeError),
+}
+
+/// What the caller should do before asking again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryHint {
+    /// Ask again on the normal backoff schedule.
+    Backoff,
+    /// WeChat rate-limited us (FREQUENCY_LIMITED): slow down before anything else.
+    SlowDown,
+}
+
+impl WxPayError {
+    /// How to retry. Every error is transient for the order; this says how urgently not to.
+    pub fn retry_hint(&self) -> RetryHint {
+        match self {
+            WxPayError::ResultFail {
+                code: ErrCode::FrequencyLimited,
+                ..
+            } => RetryHint::SlowDown,
+            _ => RetryHint::Backoff,
+        }
+    }
+
+    /// The bounded `outcome` label of `orderquery_requests_total` (DESIGN.md metrics contract,
+    /// extended with `mismatch` for replies that do not echo the request).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            WxPayError::Timeout => "timeout",
+            WxPayError::Transport(_) | WxPayError::Encode(_) => "transport_error",
+            WxPayError::HttpStatus(_) => "http_status",
+            WxPayError::Malformed(_) | WxPayError::BadField { .. } => "malformed",
+            WxPayError::ReturnFail(_) => "return_fail",
+            WxPayError::Sign(_) => "sign_invalid",
+            WxPayError::Mismatch { .. } => "mismatch",
+            WxPayError::ResultFail { .. } => "result_fail",
+        }
+    }
+
+    /// Whether the reply proves our configuration (key, sign type, appid, mch_id) is wrong or
+    /// someone forges replies: worth an operator's attention, not only a retry.
+    pub fn is_suspicious(&self) -> bool {
+        matches!(
+            self,
+            WxPayError::Sign(_) | WxPayError::Mismatch { .. } | WxPayError::ReturnFail(_)
+        )
+    }
+}

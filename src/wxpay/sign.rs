@@ -1,0 +1,237 @@
+//! The v2 signature: every non-empty field except `sign`, ASCII-sorted by name, joined as
+//! `k=v&…`, then `&key=API_KEY`; MD5 (uppercase hex) or HMAC-SHA256 keyed with the API key
+//! (uppercase hex). Unknown fields are signed like known ones, and `sign_type` when present.
+
+use std::fmt;
+
+use hmac::{KeyInit, Mac};
+use md5::{Digest, Md5};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::xml::Fields;
+use crate::domain::SignType;
+
+/// A merchant's v2 API key. It never prints: `Debug` is redacted, there is no `Display`, and the
+/// only way to use it is to sign with it.
+#[derive(Clone)]
+pub struct ApiKey(SecretString);
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey([REDACTED])")
+    }
+}
+
+/// Why a key was refused. Never contains the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("an API key must be 32 ASCII letters and digits; this one has {0} characters")]
+    Length(usize),
+    #[error("an API key must be 32 ASCII letters and digits; this one has other characters")]
+    Charset,
+}
+
+impl ApiKey {
+    /// Parses a key as found in a file or variable: surrounding white space (a trailing newline)
+    /// is ignored; what remains must be WeChat's 32 letters and digits.
+    pub fn parse(raw: &str) -> Result<Self, KeyError> {
+        let key = raw.trim();
+        if key.chars().count() != 32 {
+            return Err(KeyError::Length(key.chars().count()));
+        }
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(KeyError::Charset);
+        }
+        Ok(ApiKey(SecretString::from(key)))
+    }
+
+    fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+/// Why a message's signature was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error("the message has no sign field")]
+    Missing,
+    #[error("the message's signature does not match")]
+    Invalid,
+    #[error("the message is signed with {got}, expected {expected}")]
+    WrongType { expected: SignType, got: String },
+}
+
+/// The sign type a message declares in `sign_type` (MD5 when absent, as WeChat does).
+pub fn declared_sign_type(fields: &Fields) -> Result<SignType, SignError> {
+    match fields.get_nonempty("sign_type") {
+        None => Ok(SignType::Md5),
+        Some(s) => s.parse().map_err(|_| SignError::WrongType {
+            expected: SignType::Md5,
+            got: s.to_owned(),
+        }),
+    }
+}
+
+/// The signature of `fields` (its `sign` field, if any, is ignored).
+pub fn sign(fields: &Fields, key: &ApiKey, sign_type: SignType) -> String {
+    let mut names: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, v)| *k != "sign" && !v.is_empty())
+        .collect();
+    names.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut plain = Zeroizing::new(String::with_capacity(
+        names
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+            + 40,
+    ));
+    for (k, v) in names {
+        plain.push_str(k);
+        plain.push('=');
+        plain.push_str(v);
+        plain.push('&');
+    }
+    plain.push_str("key=");
+    plain.push_str(key.expose());
+    match sign_type {
+        SignType::Md5 => hex::encode_upper(Md5::digest(plain.as_bytes())),
+        SignType::HmacSha256 => {
+            // HMAC accepts keys of any length.
+            let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key.expose().as_bytes())
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            mac.update(plain.as_bytes());
+            hex::encode_upper(mac.finalize().into_bytes())
+        }
+    }
+}
+
+/// Adds `sign` (and `sign_type` for HMAC-SHA256, so that the peer knows) to an outgoing message.
+pub fn sign_in_place(fields: &mut Fields, key: &ApiKey, sign_type: SignType) {
+    fields.remove("sign");
+    if sign_type != SignType::Md5 {
+        fields.insert("sign_type", sign_type.as_str());
+    }
+    let sign = sign(fields, key, sign_type);
+    fields.insert("sign", sign);
+}
+
+/// Checks a message's signature in constant time. A message that declares a `sign_type` other
+/// than the expected one is refused (no downgrade from HMAC-SHA256 to MD5).
+pub fn verify(fields: &Fields, key: &ApiKey, sign_type: SignType) -> Result<(), SignError> {
+    if let Some(declared) = fields.get_nonempty("sign_type")
+        && declared != sign_type.as_str()
+    {
+        return Err(SignError::WrongType {
+            expected: sign_type,
+            got: declared.chars().take(16).collect(),
+        });
+    }
+    let given = fields.get_nonempty("sign").ok_or(SignError::Missing)?;
+    let expected = sign(fields, key, sign_type);
+    let given = given.to_ascii_uppercase();
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(SignError::Invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc_key() -> ApiKey {
+        ApiKey::parse("192006250b4c09247ec02edce69f6a2d").unwrap()
+    }
+
+    fn doc_fields() -> Fields {
+        Fields::new()
+            .with("appid", "wxd930ea5d5a258f4f")
+            .with("mch_id", "10000100")
+            .with("device_info", "1000")
+            .with("body", "test")
+            .with("nonce_str", "ibuaiVcKdpRxkhJA")
+    }
+
+    #[test]
+    fn published_vector_md5() {
+        assert_eq!(
+            sign(&doc_fields(), &doc_key(), SignType::Md5),
+            "9A0A8659F005D6984697E2CA0A9CF3B7"
+        );
+    }
+
+    #[test]
+    fn published_vector_hmac_sha256() {
+        assert_eq!(
+            sign(&doc_fields(), &doc_key(), SignType::HmacSha256),
+            "6A9AE1657590FD6257D693A078E1C3E4BB6BA4DC30B23E0EE2496E54170DACD6"
+        );
+    }
+
+    #[test]
+    fn order_empty_values_and_sign_do_not_matter() {
+        let shuffled = Fields::new()
+            .with("nonce_str", "ibuaiVcKdpRxkhJA")
+            .with("sign", "ANYTHING")
+            .with("body", "test")
+            .with("empty", "")
+            .with("device_info", "1000")
+            .with("mch_id", "10000100")
+            .with("appid", "wxd930ea5d5a258f4f");
+        assert_eq!(
+            sign(&shuffled, &doc_key(), SignType::Md5),
+            "9A0A8659F005D6984697E2CA0A9CF3B7"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_signed() {
+        let with_extra = doc_fields().with("new_field_from_wechat", "x");
+        assert_ne!(
+            sign(&with_extra, &doc_key(), SignType::Md5),
+            "9A0A8659F005D6984697E2CA0A9CF3B7"
+        );
+    }
+
+    #[test]
+    fn verify_round_trip_and_tampering() {
+        for st in [SignType::Md5, SignType::HmacSha256] {
+            let mut f = doc_fields();
+            sign_in_place(&mut f, &doc_key(), st);
+            assert_eq!(verify(&f, &doc_key(), st), Ok(()));
+            let mut tampered = f.clone();
+            tampered.insert("body", "tset");
+            assert_eq!(verify(&tampered, &doc_key(), st), Err(SignError::Invalid));
+            let other = ApiKey::parse("8934e7d15453e97507ef794cf7b0519d").unwrap();
+            assert_eq!(verify(&f, &other, st), Err(SignError::Invalid));
+            let mut unsigned = f.clone();
+            unsigned.remove("sign");
+            assert_eq!(verify(&unsigned, &doc_key(), st), Err(SignError::Missing));
+        }
+    }
+
+    #[test]
+    fn declared_sign_type_must_match() {
+        let mut f = doc_fields();
+        sign_in_place(&mut f, &doc_key(), SignType::HmacSha256);
+        assert!(matches!(
+            verify(&f, &doc_key(), SignType::Md5),
+            Err(SignError::WrongType { .. })
+        ));
+    }
+
+    #[test]
+    fn key_never_prints_and_is_validated() {
+        let key = doc_key();
+        assert_eq!(format!("{key:?}"), "ApiKey([REDACTED])");
+        assert!(ApiKey::parse("192006250b4c09247ec02edce69f6a2d\n").is_ok());
+        let err = ApiKey::parse("short").unwrap_err().to_string();
+        assert!(!err.contains("short"), "{err}");
+        assert!(ApiKey::parse("192006250b4c09247ec02edce69f6a2!").is_err());
+    }
+}
