@@ -133,7 +133,7 @@ impl RunningSimulator {
     pub fn start(listener: TcpListener, merchants: Vec<Merchant>) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let token = CancellationToken::new();
-        let state = SimState::new(merchants, token.clone());
+        let state = SimState::new(merchants, token.clone()).map_err(std::io::Error::other)?;
         let app = router(state.clone());
         let shutdown = token.clone();
         let task = tokio::spawn(async move {

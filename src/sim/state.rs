@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::WECHAT_NOTIFY_RETRIES;
 use crate::domain::{SignType, TradeState};
 use crate::wxpay::Merchant;
+use crate::wxpay::client::http_client_builder;
 
 /// An order as WeChat holds it.
 #[derive(Debug, Clone)]
@@ -141,8 +142,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SimState {
-    pub fn new(merchants: Vec<Merchant>, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(SimState {
+    pub fn new(
+        merchants: Vec<Merchant>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, reqwest::Error> {
+        let http = http_client_builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Arc::new(SimState {
             merchants: merchants
                 .into_iter()
                 .map(|m| (m.mch_id.as_str().to_owned(), m))
@@ -154,12 +161,9 @@ impl SimState {
             notify_retries: Mutex::new(WECHAT_NOTIFY_RETRIES.to_vec()),
             requests: AtomicU64::new(0),
             sequence: AtomicU64::new(1),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            http,
             shutdown,
-        })
+        }))
     }
 
     pub(crate) fn faults(&self, endpoint: SimEndpoint) -> Faults {

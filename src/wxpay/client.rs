@@ -110,13 +110,19 @@ pub struct WxPayClient {
 
 static CRYPTO: Once = Once::new();
 
+/// A reqwest builder with TLS ready (rustls with *ring*; certificates checked against the
+/// platform's trust store). Every HTTP client of the process starts here.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    CRYPTO.call_once(|| {
+        // Err only means another provider is installed already, which serves as well.
+        let _already_installed = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
 impl WxPayClient {
     pub fn new(config: ClientConfig) -> Result<Self, WxPayError> {
-        CRYPTO.call_once(|| {
-            // Err only means another provider is installed already, which serves as well.
-            let _already_installed = rustls::crypto::ring::default_provider().install_default();
-        });
-        let http = reqwest::Client::builder()
+        let http = http_client_builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .pool_idle_timeout(Duration::from_secs(50))

@@ -1,1 +1,5 @@
+//! The one integration test binary (one link step on a 2-core machine).
 
+mod client;
+mod fixtures;
+mod helpers;
