@@ -6,8 +6,6 @@
 //! invalid UTF-8, nothing over [`MAX_BODY_BYTES`]. Every field is kept, known or not, in document
 //! order, because signatures cover fields this version has never heard of.
 
-use std::borrow::Cow;
-
 use indexmap::IndexMap;
 use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
@@ -289,7 +287,7 @@ fn push(fields: &mut Fields, name: String, value: String) -> Result<(), XmlError
     Ok(())
 }
 
-fn push_checked(value: &mut String, s: &Cow<'_, str>) -> Result<(), XmlError> {
+fn push_checked(value: &mut String, s: &str) -> Result<(), XmlError> {
     if let Some(bad) = s.chars().find(|c| !is_xml_char(*c)) {
         return Err(XmlError::InvalidChar(bad as u32));
     }
@@ -402,7 +400,8 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_flat_xml_message() {
-        let cases: &[(&[u8], fn(&XmlError) -> bool)] = &[
+        type Case = (&'static [u8], fn(&XmlError) -> bool);
+        let cases: &[Case] = &[
             (
                 b"<!DOCTYPE xml [<!ENTITY e \"x\">]><xml><a>&e;</a></xml>",
                 |e| matches!(e, XmlError::Doctype),

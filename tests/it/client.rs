@@ -150,7 +150,8 @@ async fn query_with_fault(
 async fn each_failure_is_a_distinct_transient_outcome() {
     let sim = TestSim::start().await;
     let client = sim.client();
-    let cases: Vec<(serde_json::Value, &str, fn(&WxPayError) -> bool)> = vec![
+    type Case = (serde_json::Value, &'static str, fn(&WxPayError) -> bool);
+    let cases: Vec<Case> = vec![
         (json!({"http_500_rate": 1.0}), "http_status", |e| {
             matches!(e, WxPayError::HttpStatus(500))
         }),

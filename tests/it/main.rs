@@ -1,5 +1,7 @@
 //! The one integration test binary (one link step on a 2-core machine).
 
+mod cli;
 mod client;
 mod fixtures;
 mod helpers;
+mod simulator;

@@ -1,0 +1,176 @@
+//! The real binary, as an operator runs it: `simulate` on port 0, signals, config errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wxpay_reconciler::wxpay::{OrderRef, QueryAnswer, WxPayError};
+
+use crate::helpers::{client_for, md5_merchant, merchant, unique_otn};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+
+/// Starts `simulate --listen 127.0.0.1:0` and returns the child and its base URL.
+fn spawn_simulator(extra: &[&str], envs: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(extra)
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the child to exit, at most `bound`.
+fn wait_within(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > bound {
+            let _ = child.kill();
+            panic!("did not exit within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn simulate_serves_until_sigterm_and_exits_zero() {
+    for sig in ["TERM", "INT"] {
+        let (mut child, url) = spawn_simulator(&[], &[]);
+        let answer = client_for(&url)
+            .order_query(&md5_merchant(), &OrderRef::OutTradeNo(unique_otn("cli")))
+            .await;
+        assert_eq!(answer, Ok(QueryAnswer::NotExist));
+        signal(&child, sig);
+        let status = wait_within(&mut child, Duration::from_secs(5));
+        assert!(status.success(), "SIG{sig}: {status:?}");
+    }
+}
+
+#[tokio::test]
+async fn simulate_serves_the_merchants_of_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), "0123456789abcdef0123456789ABCDEF\n").unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        "[[merchants]]\nmch_id = \"1230000109\"\nappid = \"wxa1b2c3d4e5f6a7b8\"\nsign_type = \"HMAC-SHA256\"\napi_key_file = \"key\"\n",
+    )
+    .unwrap();
+    // --config is accepted after the subcommand as well as before it.
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+
+    let configured = merchant(
+        "1230000109",
+        "wxa1b2c3d4e5f6a7b8",
+        wxpay_reconciler::domain::SignType::HmacSha256,
+        "0123456789abcdef0123456789ABCDEF",
+    );
+    let client = client_for(&url);
+    let n = OrderRef::OutTradeNo(unique_otn("cfg"));
+    assert_eq!(
+        client.order_query(&configured, &n).await,
+        Ok(QueryAnswer::NotExist)
+    );
+    assert_eq!(
+        client.order_query(&md5_merchant(), &n).await,
+        Err(WxPayError::ReturnFail("mch_id参数错误".into())),
+        "the default merchants are not served when a config names others"
+    );
+    signal(&child, "TERM");
+    assert!(wait_within(&mut child, Duration::from_secs(5)).success());
+}
+
+fn run_expecting_failure(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} must fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_fails_fast_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let cfg_s = cfg.to_str().unwrap();
+
+    std::fs::write(&cfg, "[wechat]\ntimeout_ms = \"soon\"\n").unwrap();
+    let err = run_expecting_failure(&["--config", cfg_s, "simulate"], &[]);
+    assert!(
+        err.contains(cfg_s) && err.contains("wechat.timeout_ms"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[wechat]\nbase_url = \"http://127.0.0.1:1\"\n").unwrap();
+    let err = run_expecting_failure(
+        &["--config", cfg_s, "simulate"],
+        &[("WXPAY_RECONCILER__WECHAT__CONCURRENCY", "0")],
+    );
+    assert!(
+        err.contains("WXPAY_RECONCILER__WECHAT__CONCURRENCY") && err.contains("wechat.concurrency"),
+        "{err}"
+    );
+
+    let err = run_expecting_failure(&["--config", cfg_s, "simulate"], &[]);
+    assert!(err.contains("no [[merchants]]"), "{err}");
+
+    let missing = dir.path().join("absent.toml");
+    let err = run_expecting_failure(&["--config", missing.to_str().unwrap(), "simulate"], &[]);
+    assert!(
+        err.contains("absent.toml") && err.contains("not found"),
+        "{err}"
+    );
+
+    std::fs::write(dir.path().join("key"), "not-a-key-but-a-secret\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi_key_file = \"key\"\n",
+    )
+    .unwrap();
+    let err = run_expecting_failure(&["--config", cfg_s, "simulate"], &[]);
+    assert!(err.contains("merchants[0].api_key_file"), "{err}");
+    assert!(
+        !err.contains("not-a-key-but-a-secret"),
+        "the key's text never prints: {err}"
+    );
+}
