@@ -4,4 +4,5 @@ mod cli;
 mod client;
 mod fixtures;
 mod helpers;
+mod interop;
 mod simulator;
