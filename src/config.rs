@@ -5,6 +5,7 @@
 //! Secrets are never in the file: each merchant's API key is read from `api_key_file` (relative
 //! paths are relative to the config file) or from the variable named by `api_key_env`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
 use crate::domain::{AppId, MchId, SignType};
+use crate::store::DatabaseUrl;
 use crate::wxpay::{ApiKey, ClientConfig, Merchant};
 
 /// Where the config file is looked for when no `--config` is given.
@@ -42,8 +44,91 @@ pub enum ConfigError {
 pub struct Settings {
     /// The file the settings came from.
     pub path: PathBuf,
+    pub database: DatabaseSettings,
     pub wechat: WechatSettings,
     pub merchants: Vec<Merchant>,
+    pub schedule: ScheduleSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `sqlite:///path`, `postgres://…` or `mysql://…`; its password never prints.
+    pub url: DatabaseUrl,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    url: String,
+    max_connections: u32,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase {
+            url: DEFAULT_DATABASE_URL.into(),
+            max_connections: 8,
+        }
+    }
+}
+
+/// The database of a systemd service with `StateDirectory=wxpay-reconciler`.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite:///var/lib/wxpay-reconciler/orders.db";
+
+/// `[schedule]`: when to scan and how orders are leased and polled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSettings {
+    /// Six fields, seconds first (`*/5 * * * * *`).
+    pub scan_cron: String,
+    /// First query this long after the order's creation.
+    pub grace_seconds: u64,
+    /// Orders claimed per database round trip.
+    pub batch_size: u32,
+    /// How long a claim is exclusive; a crashed instance's claims return after it.
+    pub lease_seconds: u64,
+    /// Stop polling an order this long after its creation.
+    pub give_up_after_hours: u64,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        ScheduleSettings {
+            scan_cron: "*/5 * * * * *".into(),
+            grace_seconds: 15,
+            batch_size: 200,
+            lease_seconds: 60,
+            give_up_after_hours: 24,
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serves `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+    /// An open order older than this counts as stuck.
+    pub stuck_after_seconds: u64,
+    /// How often the stuck-order gauges are refreshed.
+    pub refresh_seconds: u64,
+    /// `/readyz` fails when no scan completed for this long.
+    pub ready_max_scan_age_seconds: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            stuck_after_seconds: 300,
+            refresh_seconds: 15,
+            ready_max_scan_age_seconds: 120,
+        }
+    }
 }
 
 /// `[wechat]`: how to reach WeChat Pay.
@@ -96,9 +181,15 @@ impl WechatSettings {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
     wechat: WechatSettings,
     #[serde(default)]
     merchants: Vec<RawMerchant>,
+    #[serde(default)]
+    schedule: ScheduleSettings,
+    #[serde(default)]
+    metrics: MetricsSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +263,58 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         ));
     }
 
+    let db = &raw.database;
+    let url = DatabaseUrl::new(&db.url);
+    url.backend()
+        .map_err(|e| invalid("database.url", e.to_string()))?;
+    if !(1..=1000).contains(&db.max_connections) {
+        return Err(invalid(
+            "database.max_connections",
+            "must be 1 to 1000".into(),
+        ));
+    }
+
+    let s = &raw.schedule;
+    validate_cron(&s.scan_cron).map_err(|m| invalid("schedule.scan_cron", m))?;
+    if !(1..=10_000).contains(&s.batch_size) {
+        return Err(invalid("schedule.batch_size", "must be 1 to 10000".into()));
+    }
+    let timeout_s = w.timeout_ms.div_ceil(1000);
+    if s.lease_seconds < 2 * timeout_s + 5 {
+        return Err(invalid(
+            "schedule.lease_seconds",
+            format!(
+                "must be at least twice wechat.timeout_ms plus 5 seconds ({}), so that a lease outlives a query",
+                2 * timeout_s + 5
+            ),
+        ));
+    }
+    if !(1..=24 * 30).contains(&s.give_up_after_hours) {
+        return Err(invalid(
+            "schedule.give_up_after_hours",
+            "must be 1 to 720".into(),
+        ));
+    }
+    if s.grace_seconds > 3600 {
+        return Err(invalid(
+            "schedule.grace_seconds",
+            "must be at most 3600".into(),
+        ));
+    }
+    let m = &raw.metrics;
+    if m.refresh_seconds == 0 {
+        return Err(invalid(
+            "metrics.refresh_seconds",
+            "must be at least 1".into(),
+        ));
+    }
+    if m.ready_max_scan_age_seconds == 0 {
+        return Err(invalid(
+            "metrics.ready_max_scan_age_seconds",
+            "must be at least 1".into(),
+        ));
+    }
+
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let mut merchants: Vec<Merchant> = Vec::with_capacity(raw.merchants.len());
     for (i, m) in raw.merchants.into_iter().enumerate() {
@@ -197,9 +340,27 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     }
     Ok(Settings {
         path: path.to_owned(),
+        database: DatabaseSettings {
+            url,
+            max_connections: raw.database.max_connections,
+        },
         wechat: raw.wechat,
         merchants,
+        schedule: raw.schedule,
+        metrics: raw.metrics,
     })
+}
+
+/// Checks a six-field cron expression (seconds first) with the scheduler's own parser.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(format!(
+            "{expr:?} must have six fields, seconds first (e.g. \"*/5 * * * * *\")"
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))
 }
 
 fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, String)> {

@@ -277,6 +277,94 @@ impl fmt::Display for TradeState {
     }
 }
 
+/// An order's state in `wxpay_orders.state`: WeChat's trade states plus the local
+/// `AMOUNT_MISMATCH` quarantine. Never a free string inside the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OrderState {
+    NotPay,
+    UserPaying,
+    Success,
+    Refund,
+    Closed,
+    Revoked,
+    PayError,
+    AmountMismatch,
+}
+
+impl OrderState {
+    /// The states the daemon polls.
+    pub const OPEN: [OrderState; 2] = [OrderState::NotPay, OrderState::UserPaying];
+    pub const ALL: [OrderState; 8] = [
+        OrderState::NotPay,
+        OrderState::UserPaying,
+        OrderState::Success,
+        OrderState::Refund,
+        OrderState::Closed,
+        OrderState::Revoked,
+        OrderState::PayError,
+        OrderState::AmountMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::NotPay => "NOTPAY",
+            OrderState::UserPaying => "USERPAYING",
+            OrderState::Success => "SUCCESS",
+            OrderState::Refund => "REFUND",
+            OrderState::Closed => "CLOSED",
+            OrderState::Revoked => "REVOKED",
+            OrderState::PayError => "PAYERROR",
+            OrderState::AmountMismatch => "AMOUNT_MISMATCH",
+        }
+    }
+
+    pub fn is_open(self) -> bool {
+        OrderState::OPEN.contains(&self)
+    }
+}
+
+impl FromStr for OrderState {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OrderState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| ParseError::new("order state", format!("{s:?} is not a known state")))
+    }
+}
+
+impl fmt::Display for OrderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who moved an order (`wxpay_order_events.source`, the `source` metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Poll,
+    Notify,
+    Expire,
+    Manual,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Poll => "poll",
+            Source::Notify => "notify",
+            Source::Expire => "expire",
+            Source::Manual => "manual",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// China Standard Time, the zone of every WeChat Pay v2 timestamp.
 pub fn china_standard_time() -> FixedOffset {
     // 8 hours is always a valid offset.

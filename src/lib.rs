@@ -2,16 +2,24 @@
 //! WeChat with `orderquery`, and settles them exactly once.
 //!
 //! Codemap (see ARCHITECTURE.md for the invariants):
-//! - [`domain`]: parsed values (`Fen`, `OutTradeNo`, `MchId`, `TradeState`, …).
+//! - [`domain`]: parsed values (`Fen`, `OutTradeNo`, `MchId`, `TradeState`, `OrderState`, …).
+//! - [`reconcile`]: the pure policy (`decide`, backoff) and the scanner that applies it.
+//! - [`store`]: the only module with SQL (SQLite, PostgreSQL).
+//! - [`daemon`]: `run`: scheduler, scan loop, gauges, HTTP, drained through one token.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
 //! - [`sim`]: a WeChat Pay v2 server for tests, the demo, benchmarks and staging.
 //! - [`config`]: the TOML file + environment overrides, validated up front.
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT, with a drain deadline.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging, and metrics counted where they are logged.
 
 pub mod config;
+pub mod daemon;
 pub mod domain;
+pub mod http;
+pub mod reconcile;
 pub mod shutdown;
 pub mod sim;
+pub mod store;
 pub mod telemetry;
 pub mod wxpay;

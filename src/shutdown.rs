@@ -25,3 +25,30 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// systemd's notification protocol (`Type=notify`). Each call is a no-op outside systemd
+/// (no `$NOTIFY_SOCKET`); a failure to notify is logged, never fatal.
+pub mod systemd {
+    use sd_notify::NotifyState;
+
+    fn send(state: NotifyState<'_>, what: &'static str) {
+        if let Err(error) = sd_notify::notify(&[state]) {
+            tracing::warn!(%error, what, "cannot notify systemd");
+        }
+    }
+
+    /// READY=1: start-up finished.
+    pub fn ready() {
+        send(NotifyState::Ready, "READY=1");
+    }
+
+    /// WATCHDOG=1: the scan loop is alive.
+    pub fn watchdog() {
+        send(NotifyState::Watchdog, "WATCHDOG=1");
+    }
+
+    /// STOPPING=1: draining.
+    pub fn stopping() {
+        send(NotifyState::Stopping, "STOPPING=1");
+    }
+}

@@ -1,10 +1,27 @@
-//! Logging. Structured fields, to stderr, filtered by `RUST_LOG` (default `info`).
+//! Logging and metrics. Every event the daemon reports goes through one method of [`Telemetry`]
+//! that both logs it (structured fields) and counts it, so the two never disagree. Label values
+//! are bounded sets: configured merchants (anything else is `unknown`), outcomes, states,
+//! sources; never an order id.
+//!
+//! Each daemon owns its recorder (no global), so several can run in one process (tests) and
+//! each renders only its own `/metrics`.
 
+use std::collections::HashSet;
 use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
 
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. Safe to call once per process.
+use crate::domain::{OrderState, Source};
+
+/// Installs the global log subscriber (stderr, `RUST_LOG`, default `info`). Safe to call twice.
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Err means a subscriber is already installed (a test harness): keep that one.
@@ -14,4 +31,280 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+}
+
+/// Metric names (DESIGN.md metrics contract), prefix `wxpay_reconciler_`.
+pub mod names {
+    pub const STUCK_ORDERS: &str = "wxpay_reconciler_stuck_orders";
+    pub const OLDEST_UNPAID_AGE: &str = "wxpay_reconciler_oldest_unpaid_age_seconds";
+    pub const OPEN_ORDERS: &str = "wxpay_reconciler_open_orders";
+    pub const ORDERQUERY_REQUESTS: &str = "wxpay_reconciler_orderquery_requests_total";
+    pub const ORDERQUERY_DURATION: &str = "wxpay_reconciler_orderquery_duration_seconds";
+    pub const TRADE_STATE: &str = "wxpay_reconciler_trade_state_total";
+    pub const TRANSITIONS: &str = "wxpay_reconciler_transitions_total";
+    pub const NOOP: &str = "wxpay_reconciler_noop_total";
+    pub const AMOUNT_MISMATCH: &str = "wxpay_reconciler_amount_mismatch_total";
+    pub const GAVE_UP: &str = "wxpay_reconciler_gave_up_total";
+    pub const SCAN_DURATION: &str = "wxpay_reconciler_scan_duration_seconds";
+    pub const SCAN_CLAIMED: &str = "wxpay_reconciler_scan_claimed_orders";
+    pub const SCAN_OVERLAP_SKIPPED: &str = "wxpay_reconciler_scan_overlap_skipped_total";
+    pub const LAST_SCAN_SUCCESS: &str = "wxpay_reconciler_last_scan_success_timestamp_seconds";
+    pub const DB_ERRORS: &str = "wxpay_reconciler_db_errors_total";
+    pub const BUILD_INFO: &str = "wxpay_reconciler_build_info";
+}
+
+/// The `outcome` values of `orderquery_requests_total`.
+pub const ORDERQUERY_OUTCOMES: [&str; 9] = [
+    "ok",
+    "timeout",
+    "transport_error",
+    "http_status",
+    "return_fail",
+    "result_fail",
+    "sign_invalid",
+    "malformed",
+    "mismatch",
+];
+
+/// The daemon's metrics and event log.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    merchants: HashSet<String>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const SCAN_BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const CLAIM_BUCKETS: [f64; 9] = [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0];
+
+impl Telemetry {
+    /// A fresh recorder with every metric described, and the per-merchant series at zero so
+    /// dashboards and `absent()` alerts see them from the first scrape.
+    pub fn new<'a>(merchants: impl IntoIterator<Item = &'a str>) -> Telemetry {
+        let builder = PrometheusBuilder::new();
+        let builder = [
+            (names::ORDERQUERY_DURATION, &LATENCY_BUCKETS[..]),
+            (names::SCAN_DURATION, &SCAN_BUCKETS[..]),
+            (names::SCAN_CLAIMED, &CLAIM_BUCKETS[..]),
+        ]
+        .into_iter()
+        .fold(builder, |b, (name, buckets)| {
+            // Only fails for an empty bucket list, and these are constants.
+            b.set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+                .unwrap_or_else(|_| unreachable!("non-empty buckets"))
+        });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let t = Telemetry {
+            inner: Arc::new(Inner {
+                recorder,
+                handle,
+                merchants: merchants.into_iter().map(str::to_owned).collect(),
+            }),
+        };
+        t.with(|| {
+            use names::*;
+            describe_gauge!(
+                STUCK_ORDERS,
+                "Open orders older than metrics.stuck_after_seconds"
+            );
+            describe_gauge!(
+                OLDEST_UNPAID_AGE,
+                Unit::Seconds,
+                "Age of the oldest open order (0 when none)"
+            );
+            describe_gauge!(OPEN_ORDERS, "Open orders (NOTPAY or USERPAYING)");
+            describe_counter!(ORDERQUERY_REQUESTS, "orderquery requests by outcome");
+            describe_histogram!(
+                ORDERQUERY_DURATION,
+                Unit::Seconds,
+                "orderquery request latency"
+            );
+            describe_counter!(TRADE_STATE, "trade_state values WeChat answered");
+            describe_counter!(TRANSITIONS, "Order state changes applied");
+            describe_counter!(
+                NOOP,
+                "Writes that found the order already moved by someone else"
+            );
+            describe_counter!(
+                AMOUNT_MISMATCH,
+                "Orders quarantined because WeChat reported another amount"
+            );
+            describe_counter!(
+                GAVE_UP,
+                "Orders the daemon stopped polling (give_up_after_hours or end of schedule)"
+            );
+            describe_histogram!(SCAN_DURATION, Unit::Seconds, "Duration of one scan");
+            describe_histogram!(SCAN_CLAIMED, "Orders claimed per scan");
+            describe_counter!(
+                SCAN_OVERLAP_SKIPPED,
+                "Scan ticks skipped because the previous scan still ran"
+            );
+            describe_gauge!(
+                LAST_SCAN_SUCCESS,
+                Unit::Seconds,
+                "Unix time of the last scan that completed"
+            );
+            describe_counter!(DB_ERRORS, "Database errors by operation");
+            describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
+            gauge!(LAST_SCAN_SUCCESS).set(0.0);
+            for m in &t.inner.merchants {
+                gauge!(STUCK_ORDERS, "mch_id" => m.clone()).set(0.0);
+                gauge!(OLDEST_UNPAID_AGE, "mch_id" => m.clone()).set(0.0);
+                gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
+                counter!(AMOUNT_MISMATCH, "mch_id" => m.clone()).absolute(0);
+                for outcome in ORDERQUERY_OUTCOMES {
+                    counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                        .absolute(0);
+                }
+            }
+            for op in ["claim", "apply", "gauges", "ping"] {
+                counter!(DB_ERRORS, "op" => op).absolute(0);
+            }
+        });
+        t
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.inner.recorder, f)
+    }
+
+    /// A bounded `mch_id` label: configured merchants by name, anything else `unknown`.
+    pub fn mch_label(&self, mch_id: &str) -> String {
+        if self.inner.merchants.contains(mch_id) {
+            mch_id.to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    }
+
+    /// The Prometheus text exposition of this daemon's metrics.
+    pub fn render(&self) -> String {
+        self.inner.handle.run_upkeep();
+        self.inner.handle.render()
+    }
+
+    pub fn orderquery(&self, mch_id: &str, outcome: &'static str, elapsed: Duration) {
+        let m = self.mch_label(mch_id);
+        self.with(|| {
+            counter!(names::ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                .increment(1);
+            histogram!(names::ORDERQUERY_DURATION, "mch_id" => m).record(elapsed.as_secs_f64());
+        });
+    }
+
+    pub fn query_failed(&self, mch_id: &str, out_trade_no: &str, error: &crate::wxpay::WxPayError) {
+        if error.is_suspicious() {
+            tracing::warn!(%error, mch_id, out_trade_no, outcome = error.outcome(), "orderquery reply rejected");
+        } else {
+            tracing::info!(%error, mch_id, out_trade_no, outcome = error.outcome(), "orderquery failed; will retry");
+        }
+    }
+
+    pub fn trade_state(&self, mch_id: &str, state: &'static str) {
+        let m = self.mch_label(mch_id);
+        self.with(|| {
+            counter!(names::TRADE_STATE, "mch_id" => m, "trade_state" => state).increment(1)
+        });
+    }
+
+    pub fn transition(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        from: OrderState,
+        to: OrderState,
+        source: Source,
+    ) {
+        tracing::info!(
+            mch_id,
+            out_trade_no,
+            from = from.as_str(),
+            to = to.as_str(),
+            source = source.as_str(),
+            "order settled"
+        );
+        self.with(|| {
+            counter!(names::TRANSITIONS, "from" => from.as_str(), "to" => to.as_str(), "source" => source.as_str())
+                .increment(1)
+        });
+        if to == OrderState::AmountMismatch {
+            let m = self.mch_label(mch_id);
+            tracing::error!(
+                mch_id,
+                out_trade_no,
+                "WeChat reports another amount than the order's: quarantined as AMOUNT_MISMATCH"
+            );
+            self.with(|| counter!(names::AMOUNT_MISMATCH, "mch_id" => m).increment(1));
+        }
+    }
+
+    pub fn noop(&self, mch_id: &str, out_trade_no: &str, source: Source) {
+        tracing::info!(
+            mch_id,
+            out_trade_no,
+            source = source.as_str(),
+            "order already moved by another writer; nothing recorded"
+        );
+        self.with(|| counter!(names::NOOP, "source" => source.as_str()).increment(1));
+    }
+
+    pub fn gave_up(&self, mch_id: &str, out_trade_no: &str, reason: &str) {
+        let m = self.mch_label(mch_id);
+        tracing::warn!(
+            mch_id,
+            out_trade_no,
+            reason,
+            "stopped polling an unpaid order"
+        );
+        self.with(|| counter!(names::GAVE_UP, "mch_id" => m).increment(1));
+    }
+
+    pub fn scan_finished(&self, elapsed: Duration, claimed: usize, completed_at_unix: f64) {
+        tracing::debug!(
+            claimed,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "scan finished"
+        );
+        self.with(|| {
+            histogram!(names::SCAN_DURATION).record(elapsed.as_secs_f64());
+            histogram!(names::SCAN_CLAIMED).record(claimed as f64);
+            gauge!(names::LAST_SCAN_SUCCESS).set(completed_at_unix);
+        });
+    }
+
+    pub fn scan_skipped(&self) {
+        tracing::warn!("scan tick skipped: the previous scan is still running");
+        self.with(|| counter!(names::SCAN_OVERLAP_SKIPPED).increment(1));
+    }
+
+    pub fn db_error(&self, op: &'static str, error: &crate::store::StoreError) {
+        tracing::warn!(%error, op, "database error");
+        self.with(|| counter!(names::DB_ERRORS, "op" => op).increment(1));
+    }
+
+    /// Sets the stuck-order gauges of one merchant.
+    pub fn open_orders(&self, mch_id: &str, open: i64, stuck: i64, oldest_age: Duration) {
+        let m = self.mch_label(mch_id);
+        self.with(|| {
+            gauge!(names::OPEN_ORDERS, "mch_id" => m.clone()).set(open as f64);
+            gauge!(names::STUCK_ORDERS, "mch_id" => m.clone()).set(stuck as f64);
+            gauge!(names::OLDEST_UNPAID_AGE, "mch_id" => m).set(oldest_age.as_secs_f64());
+        });
+    }
 }

@@ -1,0 +1,309 @@
+//! `wxpay-reconciler run`: the scheduler, the scan loop, the gauge refresher and the HTTP
+//! listener as tasks of one `JoinSet`, stopped through one `CancellationToken` and drained
+//! within [`DRAIN_DEADLINE`](crate::shutdown::DRAIN_DEADLINE).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::http::{self, Health};
+use crate::reconcile::policy::Policy;
+use crate::reconcile::scanner::{ScanSettings, Scanner};
+use crate::shutdown::{DRAIN_DEADLINE, systemd};
+use crate::store::{ConnectOptions, Store, StoreError};
+use crate::telemetry::Telemetry;
+use crate::wxpay::{WxPayClient, WxPayError};
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("scheduler: {0}")]
+    Scheduler(String),
+    #[error("WeChat Pay client: {0}")]
+    Client(#[from] WxPayError),
+}
+
+/// Opens the configured database (`create_if_missing` only for `migrate`).
+pub async fn open_store(settings: &Settings, create_if_missing: bool) -> Result<Store, StoreError> {
+    Store::connect(&ConnectOptions {
+        url: settings.database.url.clone(),
+        max_connections: settings.database.max_connections,
+        create_if_missing,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+}
+
+/// The scanner of these settings, on `store`.
+pub fn scanner(
+    settings: &Settings,
+    store: Store,
+    telemetry: Telemetry,
+) -> Result<Scanner, DaemonError> {
+    let client = Arc::new(WxPayClient::new(settings.wechat.client_config())?);
+    let s = &settings.schedule;
+    Ok(Scanner::new(
+        store,
+        client,
+        &settings.merchants,
+        ScanSettings {
+            batch_size: s.batch_size,
+            lease: TimeDelta::seconds(i64::try_from(s.lease_seconds).unwrap_or(i64::MAX / 1000)),
+            concurrency: settings.wechat.concurrency as usize,
+            max_qps: settings.wechat.max_qps,
+            policy: policy(settings),
+        },
+        telemetry,
+    ))
+}
+
+pub fn policy(settings: &Settings) -> Policy {
+    let s = &settings.schedule;
+    Policy {
+        grace: TimeDelta::seconds(i64::try_from(s.grace_seconds).unwrap_or(0)),
+        give_up_after: TimeDelta::hours(i64::try_from(s.give_up_after_hours).unwrap_or(24)),
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    pub telemetry: Telemetry,
+    pub health: Arc<Health>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    scheduler: JobScheduler,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Checks the schema, starts every task, and tells systemd it is ready. Returns once
+    /// running; [`Daemon::wait`] waits for `stop` and drains.
+    pub async fn start(
+        settings: &Settings,
+        stop: CancellationToken,
+    ) -> Result<Daemon, DaemonError> {
+        let store = open_store(settings, false).await?;
+        store.check_schema().await?;
+        let telemetry = Telemetry::new(settings.merchants.iter().map(|m| m.mch_id.as_str()));
+        let scanner = scanner(settings, store.clone(), telemetry.clone())?;
+        let health = Health::new(Duration::from_secs(
+            settings.metrics.ready_max_scan_age_seconds,
+        ));
+
+        let listener = tokio::net::TcpListener::bind(settings.metrics.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: settings.metrics.listen,
+                source,
+            })?;
+        let metrics_addr = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen {
+                addr: settings.metrics.listen,
+                source,
+            })?;
+
+        let mut tasks = JoinSet::new();
+        let app = http::router(telemetry.clone(), health.clone());
+        let http_stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "metrics listener failed");
+            }
+        });
+
+        let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
+        let scanning = Arc::new(AtomicBool::new(false));
+        tasks.spawn(scan_loop(
+            scanner,
+            tick_rx,
+            scanning.clone(),
+            health.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(gauge_loop(
+            store,
+            settings
+                .merchants
+                .iter()
+                .map(|m| m.mch_id.to_string())
+                .collect(),
+            Duration::from_secs(settings.metrics.refresh_seconds),
+            TimeDelta::seconds(i64::try_from(settings.metrics.stuck_after_seconds).unwrap_or(300)),
+            telemetry.clone(),
+            health.clone(),
+            stop.clone(),
+        ));
+
+        let scheduler = JobScheduler::new()
+            .await
+            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        let tick_telemetry = telemetry.clone();
+        let job = Job::new_async(settings.schedule.scan_cron.as_str(), move |_, _| {
+            // A tick finding a scan in progress (or one already queued) is skipped and counted.
+            if scanning.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
+                tick_telemetry.scan_skipped();
+            }
+            Box::pin(async {})
+        })
+        .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        scheduler
+            .add(job)
+            .await
+            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+        scheduler
+            .start()
+            .await
+            .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+
+        systemd::ready();
+        tracing::info!(
+            metrics = %metrics_addr,
+            database = %settings.database.url,
+            merchants = settings.merchants.len(),
+            scan_cron = %settings.schedule.scan_cron,
+            "reconciler running"
+        );
+        Ok(Daemon {
+            metrics_addr,
+            telemetry,
+            health,
+            stop,
+            tasks,
+            scheduler,
+        })
+    }
+
+    /// Waits for the stop token, then stops claiming, lets in-flight queries finish within
+    /// [`DRAIN_DEADLINE`] (abandoned ones come back when their lease passes) and returns.
+    pub async fn wait(mut self) -> Result<(), DaemonError> {
+        self.stop.cancelled().await;
+        systemd::stopping();
+        if let Err(error) = self.scheduler.shutdown().await {
+            tracing::warn!(%error, "scheduler did not stop cleanly");
+        }
+        let tasks = &mut self.tasks;
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(error) = joined {
+                    tracing::error!(%error, "task failed");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(deadline = ?DRAIN_DEADLINE, "in-flight work abandoned at the drain deadline; its leases will expire");
+            self.tasks.abort_all();
+        }
+        tracing::info!("reconciler stopped");
+        Ok(())
+    }
+}
+
+async fn scan_loop(
+    scanner: Scanner,
+    mut ticks: mpsc::Receiver<()>,
+    scanning: Arc<AtomicBool>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let ping = || systemd::watchdog();
+    loop {
+        tokio::select! {
+            tick = ticks.recv() => if tick.is_none() { break },
+            _ = stop.cancelled() => break,
+        }
+        scanning.store(true, Ordering::Release);
+        match scanner.scan(&stop, &ping).await {
+            Ok(report) => {
+                health.scan_succeeded();
+                if report.claimed > 0 {
+                    tracing::info!(
+                        claimed = report.claimed,
+                        settled = report.settled,
+                        rescheduled = report.rescheduled,
+                        noop = report.noop,
+                        abandoned = report.abandoned,
+                        "scan done"
+                    );
+                }
+            }
+            Err(error) => {
+                // Already counted in db_errors_total; the next tick tries again.
+                health.db(false);
+                tracing::warn!(%error, "scan failed; retrying at the next tick");
+            }
+        }
+        scanning.store(false, Ordering::Release);
+        ping();
+    }
+}
+
+async fn gauge_loop(
+    store: Store,
+    merchants: Vec<String>,
+    every: Duration,
+    stuck_after: TimeDelta,
+    telemetry: Telemetry,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let now = Utc::now();
+        match store.open_summary(now - stuck_after).await {
+            Ok(summary) => {
+                health.db(true);
+                for mch in &merchants {
+                    match summary.iter().find(|s| &s.mch_id == mch) {
+                        Some(s) => telemetry.open_orders(
+                            mch,
+                            s.open,
+                            s.stuck,
+                            s.oldest_created_at
+                                .and_then(|t| (now - t).to_std().ok())
+                                .unwrap_or_default(),
+                        ),
+                        None => telemetry.open_orders(mch, 0, 0, Duration::ZERO),
+                    }
+                }
+            }
+            Err(error) => {
+                health.db(false);
+                telemetry.db_error("gauges", &error);
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! One scan: claim due orders batch after batch, query WeChat for each with bounded concurrency
+//! and a global rate limit, decide, and apply the decision under the claim's lease.
+//!
+//! No database transaction is open while a query is in flight: the claim commits before the
+//! first query, and each order's write is its own short transaction after its reply.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{self, Decision, OrderView, Policy};
+use crate::domain::{Fen, OutTradeNo, Source};
+use crate::store::{
+    Applied, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError,
+};
+use crate::telemetry::Telemetry;
+use crate::wxpay::{Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError};
+
+/// How long every query waits after WeChat answered FREQUENCY_LIMITED.
+pub const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(5);
+
+/// The scanner's settings.
+#[derive(Debug, Clone)]
+pub struct ScanSettings {
+    pub batch_size: u32,
+    pub lease: TimeDelta,
+    pub concurrency: usize,
+    pub max_qps: u32,
+    pub policy: Policy,
+}
+
+/// What one scan did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub claimed: usize,
+    pub settled: usize,
+    pub rescheduled: usize,
+    pub noop: usize,
+    pub abandoned: usize,
+}
+
+/// Claims, queries, decides and applies. Cheap to clone.
+#[derive(Clone)]
+pub struct Scanner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    client: Arc<WxPayClient>,
+    merchants: HashMap<String, Merchant>,
+    settings: ScanSettings,
+    limiter: DefaultDirectRateLimiter,
+    paused_until: Mutex<Option<Instant>>,
+    telemetry: Telemetry,
+}
+
+impl std::fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scanner")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to one claimed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    Settled,
+    Rescheduled,
+    NoOp,
+    Abandoned,
+}
+
+impl Scanner {
+    pub fn new(
+        store: Store,
+        client: Arc<WxPayClient>,
+        merchants: &[Merchant],
+        settings: ScanSettings,
+        telemetry: Telemetry,
+    ) -> Scanner {
+        let qps = NonZeroU32::new(settings.max_qps).unwrap_or(NonZeroU32::MIN);
+        // A small burst keeps the achieved rate close to the cap without idling at start.
+        let burst = NonZeroU32::new((settings.max_qps / 10).max(1)).unwrap_or(NonZeroU32::MIN);
+        Scanner {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                merchants: merchants
+                    .iter()
+                    .map(|m| (m.mch_id.as_str().to_owned(), m.clone()))
+                    .collect(),
+                limiter: RateLimiter::direct(Quota::per_second(qps).allow_burst(burst)),
+                settings,
+                paused_until: Mutex::new(None),
+                telemetry,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Drains every due order: claims a batch, and keeps claiming while batches come back full,
+    /// with up to `concurrency` queries in flight. Once `stop` is cancelled, no new order is
+    /// started; claimed but unstarted orders are left to their lease. `progress` is called after
+    /// each batch (the systemd watchdog ping).
+    pub async fn scan(
+        &self,
+        stop: &CancellationToken,
+        progress: &(dyn Fn() + Sync),
+    ) -> Result<ScanReport, StoreError> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let batch = inner.settings.batch_size;
+        let slots = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+        let mut in_flight: JoinSet<Result<Processed, StoreError>> = JoinSet::new();
+        let mut report = ScanReport::default();
+        let mut first_error: Option<StoreError> = None;
+        'claiming: while !stop.is_cancelled() {
+            progress();
+            let now = Utc::now();
+            let request = ClaimRequest {
+                now,
+                grace: inner.settings.policy.grace,
+                lease_until: now + inner.settings.lease,
+                limit: batch,
+            };
+            let claimed = match inner.store.claim_due(&request).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    inner.telemetry.db_error("claim", &e);
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            };
+            report.claimed += claimed.len();
+            let full = claimed.len() as u32 >= batch;
+            let mut orders = claimed.into_iter();
+            while let Some(order) = orders.next() {
+                let permit = tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit,
+                    _ = stop.cancelled() => {
+                        // Not started: their leases bring them back.
+                        report.abandoned += 1 + orders.len();
+                        break 'claiming;
+                    }
+                };
+                let Ok(permit) = permit else { break 'claiming };
+                let scanner = self.clone();
+                let stop = stop.clone();
+                in_flight.spawn(async move {
+                    let processed = scanner.process(order, &stop).await;
+                    drop(permit);
+                    processed
+                });
+                while let Some(joined) = in_flight.try_join_next() {
+                    tally(&inner.telemetry, joined, &mut report, &mut first_error);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        while let Some(joined) = in_flight.join_next().await {
+            tally(&inner.telemetry, joined, &mut report, &mut first_error);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        inner.telemetry.scan_finished(
+            started.elapsed(),
+            report.claimed,
+            Utc::now().timestamp_millis() as f64 / 1000.0,
+        );
+        Ok(report)
+    }
+
+    /// Queries one claimed order and applies the decision.
+    async fn process(
+        &self,
+        order: ClaimedOrder,
+        stop: &CancellationToken,
+    ) -> Result<Processed, StoreError> {
+        let inner = &self.inner;
+        if stop.is_cancelled() {
+            return Ok(Processed::Abandoned);
+        }
+        let row = &order.row;
+        let Some(merchant) = inner.merchants.get(&row.mch_id) else {
+            // Not ours to query: look again later, in case the configuration gains it.
+            let change = Change::Reschedule {
+                at: Utc::now() + TimeDelta::minutes(10),
+                note: Some(format!("merchant {} is not configured", row.mch_id)),
+            };
+            tracing::warn!(mch_id = %row.mch_id, out_trade_no = %row.out_trade_no, "order of an unconfigured merchant");
+            return self.write(row, order.guard(), &change, Source::Poll).await;
+        };
+        let Ok(out_trade_no) = OutTradeNo::parse(&row.out_trade_no) else {
+            let change = Change::GiveUp {
+                reason: format!(
+                    "out_trade_no {:?} is not one WeChat accepts",
+                    row.out_trade_no
+                ),
+            };
+            inner
+                .telemetry
+                .gave_up(&row.mch_id, &row.out_trade_no, "invalid out_trade_no");
+            return self.write(row, order.guard(), &change, Source::Poll).await;
+        };
+
+        tokio::select! {
+            _ = self.wait_for_turn() => {}
+            _ = stop.cancelled() => return Ok(Processed::Abandoned),
+        }
+        let started = Instant::now();
+        let outcome = inner
+            .client
+            .order_query(merchant, &OrderRef::OutTradeNo(out_trade_no))
+            .await;
+        self.observe(row, &outcome, started.elapsed());
+
+        let view = order_view(row);
+        let decision = policy::decide(
+            &view,
+            &outcome,
+            Utc::now(),
+            rand::random::<f64>(),
+            &inner.settings.policy,
+        );
+        let change = change_for(decision, Source::Poll, true);
+        if let Change::GiveUp { reason } = &change {
+            inner
+                .telemetry
+                .gave_up(&row.mch_id, &row.out_trade_no, reason);
+        }
+        self.write(row, order.guard(), &change, Source::Poll).await
+    }
+
+    /// Applies a change and reports it.
+    async fn write(
+        &self,
+        row: &OrderRow,
+        guard: Guard,
+        change: &Change,
+        source: Source,
+    ) -> Result<Processed, StoreError> {
+        let applied = self
+            .inner
+            .store
+            .apply(row, guard, change, Utc::now())
+            .await?;
+        Ok(report_applied(
+            &self.inner.telemetry,
+            row,
+            change,
+            source,
+            applied,
+        ))
+    }
+
+    /// Counts and logs an orderquery outcome.
+    fn observe(
+        &self,
+        row: &OrderRow,
+        outcome: &Result<QueryAnswer, WxPayError>,
+        elapsed: Duration,
+    ) {
+        let t = &self.inner.telemetry;
+        match outcome {
+            Ok(QueryAnswer::Order(report)) => {
+                t.orderquery(&row.mch_id, "ok", elapsed);
+                t.trade_state(&row.mch_id, report.trade_state.label());
+            }
+            Ok(QueryAnswer::NotExist) => {
+                t.orderquery(&row.mch_id, "result_fail", elapsed);
+            }
+            Err(e) => {
+                t.orderquery(&row.mch_id, e.outcome(), elapsed);
+                t.query_failed(&row.mch_id, &row.out_trade_no, e);
+                if e.retry_hint() == RetryHint::SlowDown {
+                    *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// Waits for the rate limiter, and for any pause WeChat asked for.
+    async fn wait_for_turn(&self) {
+        loop {
+            let paused = *lock(&self.inner.paused_until);
+            match paused {
+                Some(until) if until > Instant::now() => {
+                    tokio::time::sleep_until(until.into()).await;
+                }
+                _ => break,
+            }
+        }
+        self.inner.limiter.until_ready().await;
+    }
+}
+
+type Joined = Result<Result<Processed, StoreError>, tokio::task::JoinError>;
+
+/// Adds one finished order to the scan's report.
+fn tally(
+    telemetry: &Telemetry,
+    joined: Joined,
+    report: &mut ScanReport,
+    first_error: &mut Option<StoreError>,
+) {
+    match joined {
+        Ok(Ok(Processed::Settled)) => report.settled += 1,
+        Ok(Ok(Processed::Rescheduled)) => report.rescheduled += 1,
+        Ok(Ok(Processed::NoOp)) => report.noop += 1,
+        Ok(Ok(Processed::Abandoned)) => report.abandoned += 1,
+        Ok(Err(e)) => {
+            telemetry.db_error("apply", &e);
+            report.abandoned += 1;
+            first_error.get_or_insert(e);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "order task failed");
+            report.abandoned += 1;
+        }
+    }
+}
+
+/// Counts a write's result under `source`; shared by every writer (scan, `query --apply`).
+pub fn report_applied(
+    telemetry: &Telemetry,
+    row: &OrderRow,
+    change: &Change,
+    source: Source,
+    applied: Applied,
+) -> Processed {
+    match (applied, change) {
+        (Applied::NoOp, _) => {
+            telemetry.noop(&row.mch_id, &row.out_trade_no, source);
+            Processed::NoOp
+        }
+        (Applied::Done, Change::Settle { settlement, .. }) => {
+            telemetry.transition(
+                &row.mch_id,
+                &row.out_trade_no,
+                row.state,
+                settlement.to,
+                source,
+            );
+            Processed::Settled
+        }
+        (Applied::Done, _) => Processed::Rescheduled,
+    }
+}
+
+/// The policy's view of a stored order.
+pub fn order_view(row: &OrderRow) -> OrderView {
+    OrderView {
+        state: row.state,
+        // The schema refuses amounts below 1.
+        total_fee: Fen::new(row.total_fee).unwrap_or(Fen::ZERO),
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        query_count: u32::try_from(row.query_count).unwrap_or(u32::MAX),
+    }
+}
+
+/// The store write for a decision.
+pub fn change_for(decision: Decision, source: Source, queried: bool) -> Change {
+    match decision {
+        Decision::Settle(settlement) | Decision::Quarantine(settlement) => Change::Settle {
+            settlement,
+            source,
+            queried,
+        },
+        Decision::Reschedule { at, note } => Change::Reschedule { at, note },
+        Decision::GiveUp { reason } => Change::GiveUp { reason },
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain counters and an error slot: consistent even after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

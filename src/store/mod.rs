@@ -1,0 +1,380 @@
+//! The database: every SQL statement of the program lives below this module, one file per
+//! backend. Callers see typed rows and typed changes, never SQL.
+//!
+//! - **Claim**: due open orders, most overdue first, at most `limit`, leased by moving
+//!   `next_query_at` to `lease_until` and bumping the `lease` fencing token in the same
+//!   statement (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: one atomic `UPDATE … RETURNING`).
+//! - **Apply**: one transaction with a guarded `UPDATE … WHERE state = from AND lease = n` and,
+//!   for a state change, the event `INSERT`. Zero rows means someone else got there first:
+//!   nothing is recorded, and the caller counts a no-op.
+
+mod postgres;
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::{OrderState, Source};
+use crate::reconcile::policy::Settlement;
+
+/// A database URL. Its password never prints: `Display` and `Debug` show `***` instead.
+#[derive(Clone)]
+pub struct DatabaseUrl(SecretString);
+
+impl DatabaseUrl {
+    pub fn new(url: &str) -> Self {
+        DatabaseUrl(SecretString::from(url))
+    }
+
+    fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    pub fn backend(&self) -> Result<Backend, StoreError> {
+        let url = self.expose();
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Ok(Backend::Mysql)
+        } else {
+            Err(StoreError::Config(format!(
+                "{self} is not a sqlite:, postgres:// or mysql:// URL"
+            )))
+        }
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let url = self.expose();
+        match reqwest::Url::parse(url) {
+            Ok(mut u) if u.password().is_some() => {
+                // Setting a password only fails for URLs that cannot have one.
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            _ => url.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+            Backend::Mysql => "mysql",
+        }
+    }
+}
+
+/// Database failures. `is_retryable` separates an outage (keep running, retry) from a problem
+/// only an operator can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database configuration: {0}")]
+    Config(String),
+    #[error(
+        "database schema is behind this binary (missing migration {missing}): run `wxpay-reconciler migrate`"
+    )]
+    SchemaBehind { missing: i64 },
+    #[error(
+        "database schema has migration {0}, which this binary does not know: upgrade wxpay-reconciler"
+    )]
+    SchemaAhead(i64),
+    #[error("database file {0} does not exist: run `wxpay-reconciler migrate` to create it")]
+    NoDatabaseFile(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(String),
+    #[error("unexpected row in {table}: {reason}")]
+    BadRow { table: &'static str, reason: String },
+}
+
+impl StoreError {
+    /// An outage or a transient failure: the daemon keeps running and tries again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Query(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Configuration(c) => StoreError::Config(c.to_string()),
+            other => StoreError::Query(other.to_string()),
+        }
+    }
+}
+
+/// An order claimed by one scan, with the lease that fences its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedOrder {
+    pub row: OrderRow,
+    pub lease: i64,
+}
+
+/// One row of `wxpay_orders`, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRow {
+    pub id: i64,
+    pub mch_id: String,
+    pub appid: String,
+    pub out_trade_no: String,
+    pub total_fee: i64,
+    pub state: OrderState,
+    pub transaction_id: Option<String>,
+    pub paid_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub query_count: i64,
+    pub next_query_at: Option<DateTime<Utc>>,
+    pub last_queried_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub gave_up_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `wxpay_order_events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: i64,
+    pub order_id: i64,
+    pub mch_id: String,
+    pub out_trade_no: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub source: String,
+    pub transaction_id: Option<String>,
+    pub total_fee: Option<i64>,
+    pub detail: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a write may assume: the order is still in `from`, and (for a scan's write) still under
+/// the lease it was claimed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guard {
+    pub order_id: i64,
+    pub from: OrderState,
+    pub lease: Option<i64>,
+}
+
+impl ClaimedOrder {
+    pub fn guard(&self) -> Guard {
+        Guard {
+            order_id: self.row.id,
+            from: self.row.state,
+            lease: Some(self.lease),
+        }
+    }
+}
+
+/// A write to one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Move to `settlement.to`, and record the event.
+    Settle {
+        settlement: Settlement,
+        source: Source,
+        /// Whether this write follows a query of WeChat (counts in `query_count`).
+        queried: bool,
+    },
+    /// Still open: ask again at `at`.
+    Reschedule {
+        at: DateTime<Utc>,
+        note: Option<String>,
+    },
+    /// Still open, but stop polling.
+    GiveUp { reason: String },
+}
+
+/// How a guarded write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// Zero rows: the order had moved (another writer) or the lease was lost.
+    NoOp,
+}
+
+/// Open orders of one merchant, for the stuck-order gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSummary {
+    pub mch_id: String,
+    pub open: i64,
+    pub stuck: i64,
+    pub oldest_created_at: Option<DateTime<Utc>>,
+}
+
+/// The parameters of one claim.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    pub now: DateTime<Utc>,
+    /// Orders never queried are due at `created_at + grace`.
+    pub grace: chrono::TimeDelta,
+    pub lease_until: DateTime<Utc>,
+    pub limit: u32,
+}
+
+/// The database behind the daemon.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub url: DatabaseUrl,
+    pub max_connections: u32,
+    /// Create a missing SQLite file (only `migrate` does).
+    pub create_if_missing: bool,
+    pub acquire_timeout: Duration,
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens a pool. Connections are made lazily, so an outage at start-up is reported by the
+    /// first query, not here (except a missing SQLite file).
+    pub async fn connect(options: &ConnectOptions) -> Result<Store, StoreError> {
+        match options.url.backend()? {
+            Backend::Sqlite => Ok(Store::Sqlite(sqlite::SqliteStore::connect(options).await?)),
+            Backend::Postgres => Ok(Store::Postgres(postgres::PgStore::connect(options)?)),
+            Backend::Mysql => Err(StoreError::Config(
+                "MySQL/MariaDB support is not in this build yet".into(),
+            )),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the migrations this binary carries.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Fails unless every migration this binary carries is applied (and no unknown one is).
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let applied = dispatch!(self, s => s.applied_migrations().await)?;
+        let known: Vec<i64> = dispatch!(self, s => s.known_migrations());
+        if let Some(missing) = known.iter().find(|v| !applied.contains(v)) {
+            return Err(StoreError::SchemaBehind { missing: *missing });
+        }
+        if let Some(ahead) = applied.iter().find(|v| !known.contains(v)) {
+            return Err(StoreError::SchemaAhead(*ahead));
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Claims due orders (see the module documentation).
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+        dispatch!(self, s => s.claim_due(req).await)
+    }
+
+    /// Applies one guarded change; `now` stamps it.
+    pub async fn apply(
+        &self,
+        order: &OrderRow,
+        guard: Guard,
+        change: &Change,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        dispatch!(self, s => s.apply(order, guard, change, now).await)
+    }
+
+    /// Open orders per merchant: how many, how many older than `stuck_before`, the oldest.
+    pub async fn open_summary(
+        &self,
+        stuck_before: DateTime<Utc>,
+    ) -> Result<Vec<OpenSummary>, StoreError> {
+        dispatch!(self, s => s.open_summary(stuck_before).await)
+    }
+
+    /// Orders per state.
+    pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
+        dispatch!(self, s => s.count_by_state().await)
+    }
+
+    /// The oldest open orders.
+    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
+        dispatch!(self, s => s.oldest_open(limit).await)
+    }
+
+    /// Orders with this out_trade_no (one per merchant at most).
+    pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
+        dispatch!(self, s => s.find(out_trade_no).await)
+    }
+
+    /// The events of one order, oldest first.
+    pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
+        dispatch!(self, s => s.events(order_id).await)
+    }
+}
+
+pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, StoreError> {
+    OrderState::from_str(s).map_err(|e| StoreError::BadRow {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+/// The SQL list of open states, for statements (`'NOTPAY', 'USERPAYING'`).
+pub(crate) const OPEN_STATES_SQL: &str = "'NOTPAY', 'USERPAYING'";
+
+/// The detail recorded with the event and in `last_error`.
+pub(crate) fn change_note(change: &Change) -> Option<&str> {
+    match change {
+        Change::Settle { settlement, .. } => settlement.detail.as_deref(),
+        Change::Reschedule { note, .. } => note.as_deref(),
+        Change::GiveUp { reason } => Some(reason),
+    }
+}

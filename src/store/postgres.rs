@@ -1,0 +1,315 @@
+//! PostgreSQL: `FOR UPDATE SKIP LOCKED` claims, so several daemons share one database.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
+
+// Every dynamic statement below is built from this module's constants only; values are always
+// bound parameters.
+
+use super::{
+    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, OPEN_STATES_SQL,
+    OpenSummary, OrderRow, StoreError, change_note, parse_state,
+};
+use crate::domain::OrderState;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, transaction_id, \
+    paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, last_error, gave_up_at";
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub fn connect(options: &ConnectOptions) -> Result<PgStore, StoreError> {
+        let connect = PgConnectOptions::from_str(options.url.expose())
+            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?
+            .application_name("wxpay-reconciler");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        Ok(PgStore { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    pub fn known_migrations(&self) -> Vec<i64> {
+        MIGRATOR.iter().map(|m| m.version).collect()
+    }
+
+    pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+        let sql = format!(
+            "WITH first_due AS (
+                SELECT id, created_at + $5 * INTERVAL '1 millisecond' AS due FROM wxpay_orders
+                WHERE state IN ({OPEN_STATES_SQL}) AND gave_up_at IS NULL AND next_query_at IS NULL
+                  AND created_at <= $1
+                ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED
+            ), next_due AS (
+                SELECT id, next_query_at AS due FROM wxpay_orders
+                WHERE state IN ({OPEN_STATES_SQL}) AND gave_up_at IS NULL AND next_query_at IS NOT NULL
+                  AND next_query_at <= $2
+                ORDER BY next_query_at LIMIT $3 FOR UPDATE SKIP LOCKED
+            ), pick AS (
+                SELECT id FROM (SELECT id, due FROM first_due UNION ALL SELECT id, due FROM next_due) d
+                ORDER BY due LIMIT $3
+            )
+            UPDATE wxpay_orders o SET next_query_at = $4, lease = o.lease + 1, updated_at = $2
+            FROM pick WHERE o.id = pick.id
+            RETURNING o.lease, {}",
+            ORDER_COLUMNS
+                .split(", ")
+                .map(|c| format!("o.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(req.now - req.grace)
+            .bind(req.now)
+            .bind(i64::from(req.limit))
+            .bind(req.lease_until)
+            .bind(req.grace.num_milliseconds() as f64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ClaimedOrder {
+                    lease: r.try_get("lease")?,
+                    row: order_row(r)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn apply(
+        &self,
+        order: &OrderRow,
+        guard: Guard,
+        change: &Change,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let note = change_note(change);
+        let updated = match change {
+            Change::Settle {
+                settlement,
+                queried,
+                ..
+            } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET state = $1,
+                        transaction_id = COALESCE($2, transaction_id),
+                        paid_at = COALESCE($3, paid_at),
+                        query_count = query_count + $4,
+                        last_queried_at = CASE WHEN $4 = 1 THEN $5 ELSE last_queried_at END,
+                        last_error = $6, updated_at = $5
+                     WHERE id = $7 AND state = $8 AND ($9::BIGINT IS NULL OR lease = $9)",
+                )
+                .bind(settlement.to.as_str())
+                .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+                .bind(settlement.paid_at)
+                .bind(i32::from(*queried))
+                .bind(now)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+            Change::Reschedule { at, .. } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET next_query_at = $1, query_count = query_count + 1,
+                        last_queried_at = $2, last_error = $3, updated_at = $2
+                     WHERE id = $4 AND state = $5 AND ($6::BIGINT IS NULL OR lease = $6)",
+                )
+                .bind(at)
+                .bind(now)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+            Change::GiveUp { .. } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET gave_up_at = $1, query_count = query_count + 1,
+                        last_queried_at = $1, last_error = $2, updated_at = $1
+                     WHERE id = $3 AND state = $4 AND ($5::BIGINT IS NULL OR lease = $5)",
+                )
+                .bind(now)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        if updated.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Applied::NoOp);
+        }
+        if let Change::Settle {
+            settlement, source, ..
+        } = change
+        {
+            sqlx::query(
+                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                    to_state, source, transaction_id, total_fee, detail, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(order.id)
+            .bind(&order.mch_id)
+            .bind(&order.out_trade_no)
+            .bind(guard.from.as_str())
+            .bind(settlement.to.as_str())
+            .bind(source.as_str())
+            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+            .bind(settlement.reported_fee.map(|f| f.get()))
+            .bind(note)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Done)
+    }
+
+    pub async fn open_summary(
+        &self,
+        stuck_before: DateTime<Utc>,
+    ) -> Result<Vec<OpenSummary>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT mch_id, COUNT(*) AS open,
+                    COUNT(*) FILTER (WHERE created_at < $1) AS stuck,
+                    MIN(created_at) AS oldest
+             FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
+        )))
+        .bind(stuck_before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OpenSummary {
+                    mch_id: r.try_get("mch_id")?,
+                    open: r.try_get("open")?,
+                    stuck: r.try_get("stuck")?,
+                    oldest_created_at: r.try_get("oldest")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM wxpay_orders GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state")?;
+                Ok((parse_state("wxpay_orders", &state)?, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL})
+             ORDER BY created_at LIMIT $1"
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = $1 ORDER BY mch_id"
+        )))
+        .bind(out_trade_no)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, order_id, mch_id, out_trade_no, from_state, to_state, source,
+                    transaction_id, total_fee, detail, created_at
+             FROM wxpay_order_events WHERE order_id = $1 ORDER BY id",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRow {
+                    id: r.try_get("id")?,
+                    order_id: r.try_get("order_id")?,
+                    mch_id: r.try_get("mch_id")?,
+                    out_trade_no: r.try_get("out_trade_no")?,
+                    from_state: r.try_get("from_state")?,
+                    to_state: r.try_get("to_state")?,
+                    source: r.try_get("source")?,
+                    transaction_id: r.try_get("transaction_id")?,
+                    total_fee: r.try_get("total_fee")?,
+                    detail: r.try_get("detail")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn order_row(r: &PgRow) -> Result<OrderRow, StoreError> {
+    let state: String = r.try_get("state")?;
+    Ok(OrderRow {
+        id: r.try_get("id")?,
+        mch_id: r.try_get("mch_id")?,
+        appid: r.try_get("appid")?,
+        out_trade_no: r.try_get("out_trade_no")?,
+        total_fee: r.try_get("total_fee")?,
+        state: parse_state("wxpay_orders", &state)?,
+        transaction_id: r.try_get("transaction_id")?,
+        paid_at: r.try_get("paid_at")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        query_count: i64::from(r.try_get::<i32, _>("query_count")?),
+        next_query_at: r.try_get("next_query_at")?,
+        last_queried_at: r.try_get("last_queried_at")?,
+        last_error: r.try_get("last_error")?,
+        gave_up_at: r.try_get("gave_up_at")?,
+    })
+}

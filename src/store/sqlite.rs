@@ -1,0 +1,357 @@
+//! SQLite: one daemon per database file; a claim is one atomic `UPDATE … RETURNING`.
+//! Timestamps are UTC text in SQLite's own `YYYY-MM-DD HH:MM:SS[.SSS]` form.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
+
+// Every dynamic statement below is built from this module's constants only; values are always
+// bound parameters.
+
+use super::{
+    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, OPEN_STATES_SQL,
+    OpenSummary, OrderRow, StoreError, change_note, parse_state,
+};
+use crate::domain::OrderState;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, transaction_id, \
+    paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, last_error, gave_up_at";
+
+/// SQLite's text form of a UTC time, with milliseconds.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+}
+
+/// Parses SQLite's text form (fractional seconds optional).
+pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+        .map(|n| n.and_utc())
+        .map_err(|e| StoreError::BadRow {
+            table: "wxpay_orders",
+            reason: format!("timestamp {s:?} is not 'YYYY-MM-DD HH:MM:SS[.SSS]' UTC: {e}"),
+        })
+}
+
+fn opt_ts(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    r.try_get::<Option<String>, _>(column)?
+        .as_deref()
+        .map(parse_ts)
+        .transpose()
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(options: &ConnectOptions) -> Result<SqliteStore, StoreError> {
+        let url = options.url.expose();
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?;
+        let path = connect.get_filename().to_owned();
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !options.create_if_missing && !in_memory && !path.exists() {
+            return Err(StoreError::NoDatabaseFile(path.display().to_string()));
+        }
+        let connect = connect
+            .create_if_missing(options.create_if_missing)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: an application crash loses nothing; a power loss may lose the last
+            // transactions, which the next scan re-queries and settles again.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    pub fn known_migrations(&self) -> Vec<i64> {
+        MIGRATOR.iter().map(|m| m.version).collect()
+    }
+
+    pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if exists == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+        let grace_modifier = format!(
+            "+{:.3} seconds",
+            req.grace.num_milliseconds() as f64 / 1000.0
+        );
+        let sql = format!(
+            "UPDATE wxpay_orders SET next_query_at = ?4, lease = lease + 1, updated_at = ?2
+             WHERE id IN (
+                SELECT id FROM (
+                    SELECT id, due FROM (
+                        SELECT id, strftime('%Y-%m-%d %H:%M:%f', created_at, ?5) AS due FROM wxpay_orders
+                        WHERE state IN ({OPEN_STATES_SQL}) AND gave_up_at IS NULL
+                          AND next_query_at IS NULL AND created_at <= ?1
+                        ORDER BY created_at LIMIT ?3)
+                    UNION ALL
+                    SELECT id, due FROM (
+                        SELECT id, next_query_at AS due FROM wxpay_orders
+                        WHERE state IN ({OPEN_STATES_SQL}) AND gave_up_at IS NULL
+                          AND next_query_at IS NOT NULL AND next_query_at <= ?2
+                        ORDER BY next_query_at LIMIT ?3)
+                ) ORDER BY due LIMIT ?3)
+             RETURNING lease, {ORDER_COLUMNS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ts(req.now - req.grace))
+            .bind(ts(req.now))
+            .bind(i64::from(req.limit))
+            .bind(ts(req.lease_until))
+            .bind(grace_modifier)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ClaimedOrder {
+                    lease: r.try_get("lease")?,
+                    row: order_row(r)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn apply(
+        &self,
+        order: &OrderRow,
+        guard: Guard,
+        change: &Change,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let note = change_note(change);
+        let now_s = ts(now);
+        let updated = match change {
+            Change::Settle {
+                settlement,
+                queried,
+                ..
+            } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET state = ?1,
+                        transaction_id = COALESCE(?2, transaction_id),
+                        paid_at = COALESCE(?3, paid_at),
+                        query_count = query_count + ?4,
+                        last_queried_at = CASE WHEN ?4 = 1 THEN ?5 ELSE last_queried_at END,
+                        last_error = ?6, updated_at = ?5
+                     WHERE id = ?7 AND state = ?8 AND (?9 IS NULL OR lease = ?9)",
+                )
+                .bind(settlement.to.as_str())
+                .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+                .bind(settlement.paid_at.map(ts))
+                .bind(i64::from(*queried))
+                .bind(&now_s)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+            Change::Reschedule { at, .. } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET next_query_at = ?1, query_count = query_count + 1,
+                        last_queried_at = ?2, last_error = ?3, updated_at = ?2
+                     WHERE id = ?4 AND state = ?5 AND (?6 IS NULL OR lease = ?6)",
+                )
+                .bind(ts(*at))
+                .bind(&now_s)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+            Change::GiveUp { .. } => {
+                sqlx::query(
+                    "UPDATE wxpay_orders SET gave_up_at = ?1, query_count = query_count + 1,
+                        last_queried_at = ?1, last_error = ?2, updated_at = ?1
+                     WHERE id = ?3 AND state = ?4 AND (?5 IS NULL OR lease = ?5)",
+                )
+                .bind(&now_s)
+                .bind(note)
+                .bind(guard.order_id)
+                .bind(guard.from.as_str())
+                .bind(guard.lease)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        if updated.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Applied::NoOp);
+        }
+        if let Change::Settle {
+            settlement, source, ..
+        } = change
+        {
+            sqlx::query(
+                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                    to_state, source, transaction_id, total_fee, detail, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .bind(order.id)
+            .bind(&order.mch_id)
+            .bind(&order.out_trade_no)
+            .bind(guard.from.as_str())
+            .bind(settlement.to.as_str())
+            .bind(source.as_str())
+            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+            .bind(settlement.reported_fee.map(|f| f.get()))
+            .bind(note)
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Done)
+    }
+
+    pub async fn open_summary(
+        &self,
+        stuck_before: DateTime<Utc>,
+    ) -> Result<Vec<OpenSummary>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT mch_id, COUNT(*) AS open,
+                    SUM(CASE WHEN created_at < ?1 THEN 1 ELSE 0 END) AS stuck,
+                    MIN(created_at) AS oldest
+             FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
+        )))
+        .bind(ts(stuck_before))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OpenSummary {
+                    mch_id: r.try_get("mch_id")?,
+                    open: r.try_get("open")?,
+                    stuck: r.try_get("stuck")?,
+                    oldest_created_at: opt_ts(r, "oldest")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM wxpay_orders GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state")?;
+                Ok((parse_state("wxpay_orders", &state)?, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL})
+             ORDER BY created_at LIMIT ?1"
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ?1 ORDER BY mch_id"
+        )))
+        .bind(out_trade_no)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_row).collect()
+    }
+
+    pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, order_id, mch_id, out_trade_no, from_state, to_state, source,
+                    transaction_id, total_fee, detail, created_at
+             FROM wxpay_order_events WHERE order_id = ?1 ORDER BY id",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRow {
+                    id: r.try_get("id")?,
+                    order_id: r.try_get("order_id")?,
+                    mch_id: r.try_get("mch_id")?,
+                    out_trade_no: r.try_get("out_trade_no")?,
+                    from_state: r.try_get("from_state")?,
+                    to_state: r.try_get("to_state")?,
+                    source: r.try_get("source")?,
+                    transaction_id: r.try_get("transaction_id")?,
+                    total_fee: r.try_get("total_fee")?,
+                    detail: r.try_get("detail")?,
+                    created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn order_row(r: &SqliteRow) -> Result<OrderRow, StoreError> {
+    let state: String = r.try_get("state")?;
+    Ok(OrderRow {
+        id: r.try_get("id")?,
+        mch_id: r.try_get("mch_id")?,
+        appid: r.try_get("appid")?,
+        out_trade_no: r.try_get("out_trade_no")?,
+        total_fee: r.try_get("total_fee")?,
+        state: parse_state("wxpay_orders", &state)?,
+        transaction_id: r.try_get("transaction_id")?,
+        paid_at: opt_ts(r, "paid_at")?,
+        created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
+        expires_at: opt_ts(r, "expires_at")?,
+        query_count: r.try_get("query_count")?,
+        next_query_at: opt_ts(r, "next_query_at")?,
+        last_queried_at: opt_ts(r, "last_queried_at")?,
+        last_error: r.try_get("last_error")?,
+        gave_up_at: opt_ts(r, "gave_up_at")?,
+    })
+}
