@@ -13,8 +13,10 @@
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT, with a drain deadline.
 //! - [`telemetry`]: logging, and metrics counted where they are logged.
 
+pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod reconcile;

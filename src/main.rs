@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use wxpay_reconciler::{config, shutdown, sim, telemetry};
+use wxpay_reconciler::{commands, config, daemon, demo, shutdown, sim, telemetry};
 
 /// Reconciles WeChat Pay v2 orders whose payment notification never arrived.
 #[derive(Debug, Parser)]
@@ -23,6 +23,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: scan, query, settle; metrics on [metrics] listen. SIGTERM drains and exits 0.
+    Run,
+    /// A self-contained showcase: temporary SQLite, the built-in simulator, lost notifications
+    /// reconciled. Needs no config and no service.
+    Demo {
+        /// Orders to create.
+        #[arg(long, default_value_t = 3000)]
+        orders: u32,
+        /// Keep running after the summary with /metrics on ADDR (default 127.0.0.1:9187), until Ctrl-C.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
+        serve: Option<SocketAddr>,
+    },
     /// Serve the WeChat Pay v2 simulator (for tests, benchmarks and staging).
     ///
     /// Without --config it serves the two test merchants of the shared fixtures
@@ -33,11 +45,38 @@ enum Command {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9300")]
         listen: SocketAddr,
     },
+    /// Apply the database migrations (creates a missing SQLite file) and exit.
+    Migrate,
+    /// Validate the config file and reach the database.
+    CheckConfig,
+    /// Orders by state, stuck orders per merchant, and the oldest open orders.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// How many of the oldest open orders to list.
+        #[arg(long, default_value_t = 10)]
+        oldest: u32,
+    },
+    /// One live, verified orderquery for an order, printed.
+    Query {
+        out_trade_no: String,
+        /// The merchant, when the order is not in the database or exists for several.
+        #[arg(long)]
+        mch_id: Option<String>,
+        /// Apply the transition the scanner would make (recorded with source `manual`).
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    // The demo prints a summary; its per-order log lines would bury it.
+    telemetry::init_logging(match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,8 +96,38 @@ fn main() -> ExitCode {
     }
 }
 
+fn load(cli: &Cli) -> anyhow::Result<config::Settings> {
+    let path = config::resolve_path(cli.config.as_deref());
+    Ok(config::load(&path)?)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match &cli.command {
+        Command::Run => {
+            let settings = load(&cli)?;
+            anyhow::ensure!(
+                !settings.merchants.is_empty(),
+                "config file {}: no [[merchants]] configured",
+                settings.path.display()
+            );
+            let stop = shutdown::on_signals().context("cannot install signal handlers")?;
+            let daemon = daemon::Daemon::start(&settings, stop).await?;
+            daemon.wait().await?;
+        }
+        Command::Demo { orders, serve } => {
+            let stop = shutdown::on_signals().context("cannot install signal handlers")?;
+            let summary = demo::run(
+                &demo::DemoOptions {
+                    orders: *orders,
+                    serve: *serve,
+                },
+                stop,
+            )
+            .await?;
+            if serve.is_none() {
+                println!("{summary}");
+            }
+        }
         Command::Simulate { listen } => {
             let merchants = match &cli.config {
                 Some(path) => {
@@ -90,7 +159,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("simulator failed")?;
             tracing::info!("simulator stopped");
-            Ok(())
         }
+        Command::Migrate => print!("{}", commands::migrate(&load(&cli)?).await?),
+        Command::CheckConfig => print!("{}", commands::check_config(&load(&cli)?).await?),
+        Command::Status { json, oldest } => {
+            print!("{}", commands::status(&load(&cli)?, *json, *oldest).await?)
+        }
+        Command::Query {
+            out_trade_no,
+            mch_id,
+            apply,
+        } => print!(
+            "{}",
+            commands::query(&load(&cli)?, out_trade_no, mch_id.as_deref(), *apply).await?
+        ),
     }
+    Ok(())
 }

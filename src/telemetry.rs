@@ -21,9 +21,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::domain::{OrderState, Source};
 
-/// Installs the global log subscriber (stderr, `RUST_LOG`, default `info`). Safe to call twice.
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.
+pub fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Err means a subscriber is already installed (a test harness): keep that one.
     let _already_set = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -13,12 +13,10 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::state::{Faults, SimEndpoint, SimOrder, SimState, lock};
-use super::wechat::PREPAY_LIFETIME;
+use super::state::{Faults, SimEndpoint, SimError, SimOrder, SimState, lock};
 use crate::domain::{OutTradeNo, SignType, TradeState, format_wechat_time};
 
 type Key = (String, String);
@@ -69,36 +67,6 @@ pub struct CreateBody {
     sign_type: Option<SignType>,
 }
 
-fn new_order(
-    state: &SimState,
-    key: &Key,
-    total_fee: i64,
-    notify_url: Option<String>,
-    sign_type: Option<SignType>,
-) -> Option<SimOrder> {
-    let merchant = state.merchants.get(&key.0)?;
-    let now = Utc::now();
-    Some(SimOrder {
-        appid: merchant.appid.as_str().to_owned(),
-        total_fee,
-        paid_fee: None,
-        body: "simulated order".into(),
-        attach: None,
-        openid: "oUpF8uMEb4qRXf22hE3X68TekukE".into(),
-        trade_type: "JSAPI".into(),
-        notify_url,
-        prepay_id: format!("wx{}{:018}", format_wechat_time(now), state.next_sequence()),
-        prepay_expires_at: now + PREPAY_LIFETIME,
-        created_at: now,
-        state: TradeState::NotPay,
-        transaction_id: None,
-        time_end: None,
-        sign_type: sign_type.unwrap_or(merchant.sign_type),
-        notify_attempts: 0,
-        notify_delivered: false,
-    })
-}
-
 pub async fn create(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
@@ -108,28 +76,25 @@ pub async fn create(
         Ok(k) => k,
         Err(r) => return r,
     };
-    if body.total_fee <= 0 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "total_fee must be a positive number of fen",
-        );
-    }
-    let mut orders = lock(&state.orders);
-    if orders.contains_key(&key) {
-        return error(StatusCode::CONFLICT, "order exists");
-    }
-    let Some(order) = new_order(
-        &state,
-        &key,
+    match state.create_order(
+        &key.0,
+        &key.1,
         body.total_fee,
         body.notify_url,
         body.sign_type,
-    ) else {
-        return error(StatusCode::NOT_FOUND, "unknown merchant");
+    ) {
+        Ok(order) => (StatusCode::CREATED, Json(order_json(&key, &order))).into_response(),
+        Err(e) => sim_error(e),
+    }
+}
+
+fn sim_error(e: SimError) -> Response {
+    let status = match &e {
+        SimError::UnknownMerchant | SimError::NoSuchOrder => StatusCode::NOT_FOUND,
+        SimError::Conflict(_) => StatusCode::CONFLICT,
+        SimError::BadRequest(_) => StatusCode::BAD_REQUEST,
     };
-    let out = order_json(&key, &order);
-    orders.insert(key, order);
-    (StatusCode::CREATED, Json(out)).into_response()
+    error(status, e.to_string())
 }
 
 pub async fn show(
@@ -173,63 +138,20 @@ pub async fn pay(
         Ok(k) => k,
         Err(r) => return r,
     };
-    if body.total_fee.is_some_and(|f| f <= 0) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "total_fee must be a positive number of fen",
-        );
+    match state.pay(
+        &key.0,
+        &key.1,
+        body.total_fee,
+        body.notify == NotifyMode::Deliver,
+    ) {
+        Ok(p) => Json(json!({
+            "transaction_id": p.transaction_id,
+            "time_end": format_wechat_time(p.time_end),
+            "total_fee": p.total_fee,
+        }))
+        .into_response(),
+        Err(e) => sim_error(e),
     }
-    let now = Utc::now();
-    let (transaction_id, paid) = {
-        let mut orders = lock(&state.orders);
-        if !orders.contains_key(&key) {
-            let Some(fee) = body.total_fee else {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "no such order (give total_fee to create and pay it at once)",
-                );
-            };
-            match new_order(&state, &key, fee, None, None) {
-                Some(o) => orders.insert(key.clone(), o),
-                None => return error(StatusCode::NOT_FOUND, "unknown merchant"),
-            };
-        }
-        let Some(order) = orders.get_mut(&key) else {
-            return error(StatusCode::NOT_FOUND, "no such order");
-        };
-        if !matches!(
-            order.state,
-            TradeState::NotPay | TradeState::UserPaying | TradeState::PayError | TradeState::Accept
-        ) {
-            return error(
-                StatusCode::CONFLICT,
-                format!("order is {}, it cannot be paid", order.state),
-            );
-        }
-        if order.prepay_expires_at <= now {
-            return error(StatusCode::CONFLICT, "the prepay_id has expired");
-        }
-        let transaction_id = format!(
-            "4200{}{:010}",
-            format_wechat_time(now),
-            state.next_sequence()
-        );
-        order.state = TradeState::Success;
-        order.transaction_id = Some(transaction_id.clone());
-        order.time_end = Some(now);
-        order.paid_fee = Some(body.total_fee.unwrap_or(order.total_fee));
-        lock(&state.by_transaction).insert(transaction_id.clone(), key.clone());
-        (transaction_id, order.paid_fee)
-    };
-    if body.notify == NotifyMode::Deliver {
-        super::notify::spawn_delivery(state.clone(), key.clone());
-    }
-    Json(json!({
-        "transaction_id": transaction_id,
-        "time_end": format_wechat_time(now),
-        "total_fee": paid,
-    }))
-    .into_response()
 }
 
 /// Moves an order from one of `from` to `to`, or answers 404 / 409.

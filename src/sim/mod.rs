@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{AppId, MchId, SignType};
 use crate::wxpay::{ApiKey, Merchant, xml::MAX_BODY_BYTES};
 
-pub use state::{Faults, SimState};
+pub use state::{Faults, Payment, SimError, SimState};
 
 /// WeChat's notification retry schedule: after the first attempt, wait these intervals.
 pub const WECHAT_NOTIFY_RETRIES: [Duration; 15] = {

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::WECHAT_NOTIFY_RETRIES;
-use crate::domain::{SignType, TradeState};
+use super::wechat::PREPAY_LIFETIME;
+use crate::domain::{SignType, TradeState, format_wechat_time};
 use crate::wxpay::Merchant;
 use crate::wxpay::client::http_client_builder;
 
@@ -181,6 +182,11 @@ impl SimState {
             .unwrap_or_default()
     }
 
+    /// Queries in flight right now, over all orders.
+    pub fn total_inflight(&self) -> u64 {
+        lock(&self.stats).values().map(|s| s.inflight).sum()
+    }
+
     /// Requests served to the WeChat endpoints.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -229,6 +235,148 @@ impl Drop for InflightGuard {
         if let Some(s) = lock(&self.state.stats).get_mut(&self.out_trade_no) {
             s.inflight = s.inflight.saturating_sub(1);
         }
+    }
+}
+
+/// Why a control operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimError {
+    #[error("unknown merchant")]
+    UnknownMerchant,
+    #[error("no such order (give total_fee to create and pay it at once)")]
+    NoSuchOrder,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// A payment the simulated customer made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    pub transaction_id: String,
+    pub time_end: DateTime<Utc>,
+    pub total_fee: i64,
+}
+
+impl SimState {
+    fn new_order(
+        &self,
+        mch_id: &str,
+        total_fee: i64,
+        notify_url: Option<String>,
+        sign_type: Option<SignType>,
+    ) -> Result<SimOrder, SimError> {
+        let merchant = self
+            .merchants
+            .get(mch_id)
+            .ok_or(SimError::UnknownMerchant)?;
+        let now = Utc::now();
+        Ok(SimOrder {
+            appid: merchant.appid.as_str().to_owned(),
+            total_fee,
+            paid_fee: None,
+            body: "simulated order".into(),
+            attach: None,
+            openid: "oUpF8uMEb4qRXf22hE3X68TekukE".into(),
+            trade_type: "JSAPI".into(),
+            notify_url,
+            prepay_id: format!("wx{}{:018}", format_wechat_time(now), self.next_sequence()),
+            prepay_expires_at: now + PREPAY_LIFETIME,
+            created_at: now,
+            state: TradeState::NotPay,
+            transaction_id: None,
+            time_end: None,
+            sign_type: sign_type.unwrap_or(merchant.sign_type),
+            notify_attempts: 0,
+            notify_delivered: false,
+        })
+    }
+
+    /// Registers an unpaid order, as `unifiedorder` would.
+    pub fn create_order(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        total_fee: i64,
+        notify_url: Option<String>,
+        sign_type: Option<SignType>,
+    ) -> Result<SimOrder, SimError> {
+        if total_fee <= 0 {
+            return Err(SimError::BadRequest(
+                "total_fee must be a positive number of fen".into(),
+            ));
+        }
+        let order = self.new_order(mch_id, total_fee, notify_url, sign_type)?;
+        let mut orders = lock(&self.orders);
+        let key = (mch_id.to_owned(), out_trade_no.to_owned());
+        if orders.contains_key(&key) {
+            return Err(SimError::Conflict("order exists".into()));
+        }
+        orders.insert(key, order.clone());
+        Ok(order)
+    }
+
+    /// The customer pays `paid_fee` (default: the order's amount). An order the simulator does
+    /// not know is created paid when `paid_fee` is given. `notify` delivers the notification.
+    pub fn pay(
+        self: &Arc<Self>,
+        mch_id: &str,
+        out_trade_no: &str,
+        paid_fee: Option<i64>,
+        notify: bool,
+    ) -> Result<Payment, SimError> {
+        if paid_fee.is_some_and(|f| f <= 0) {
+            return Err(SimError::BadRequest(
+                "total_fee must be a positive number of fen".into(),
+            ));
+        }
+        let key = (mch_id.to_owned(), out_trade_no.to_owned());
+        let now = Utc::now();
+        let payment = {
+            let mut orders = lock(&self.orders);
+            if !orders.contains_key(&key) {
+                let fee = paid_fee.ok_or(SimError::NoSuchOrder)?;
+                let order = self.new_order(mch_id, fee, None, None)?;
+                orders.insert(key.clone(), order);
+            }
+            let order = orders.get_mut(&key).ok_or(SimError::NoSuchOrder)?;
+            if !matches!(
+                order.state,
+                TradeState::NotPay
+                    | TradeState::UserPaying
+                    | TradeState::PayError
+                    | TradeState::Accept
+            ) {
+                return Err(SimError::Conflict(format!(
+                    "order is {}, it cannot be paid",
+                    order.state
+                )));
+            }
+            if order.prepay_expires_at <= now {
+                return Err(SimError::Conflict("the prepay_id has expired".into()));
+            }
+            let transaction_id = format!(
+                "4200{}{:010}",
+                format_wechat_time(now),
+                self.next_sequence()
+            );
+            order.state = TradeState::Success;
+            order.transaction_id = Some(transaction_id.clone());
+            order.time_end = Some(now);
+            let total_fee = paid_fee.unwrap_or(order.total_fee);
+            order.paid_fee = Some(total_fee);
+            lock(&self.by_transaction).insert(transaction_id.clone(), key.clone());
+            Payment {
+                transaction_id,
+                time_end: now,
+                total_fee,
+            }
+        };
+        if notify {
+            super::notify::spawn_delivery(self.clone(), key);
+        }
+        Ok(payment)
     }
 }
 

@@ -358,6 +358,26 @@ impl Store {
     pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
         dispatch!(self, s => s.events(order_id).await)
     }
+
+    /// The outbox: events with `id > after`, in order, at most `limit`.
+    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        dispatch!(self, s => s.events_after(after, limit).await)
+    }
+
+    /// Registers an order exactly as the merchant's application does (the contract's INSERT,
+    /// with every other column left to its default). Used by `demo` and benchmarks.
+    pub async fn insert_order(&self, order: &NewOrder<'_>) -> Result<i64, StoreError> {
+        dispatch!(self, s => s.insert_order(order).await)
+    }
+}
+
+/// The four columns a merchant's application sets.
+#[derive(Debug, Clone, Copy)]
+pub struct NewOrder<'a> {
+    pub mch_id: &'a str,
+    pub appid: &'a str,
+    pub out_trade_no: &'a str,
+    pub total_fee: i64,
 }
 
 pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, StoreError> {

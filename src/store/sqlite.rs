@@ -15,8 +15,8 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 // bound parameters.
 
 use super::{
-    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, OPEN_STATES_SQL,
-    OpenSummary, OrderRow, StoreError, change_note, parse_state,
+    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
+    OPEN_STATES_SQL, OpenSummary, OrderRow, StoreError, change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -307,32 +307,57 @@ impl SqliteStore {
     }
 
     pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, order_id, mch_id, out_trade_no, from_state, to_state, source,
-                    transaction_id, total_fee, detail, created_at
-             FROM wxpay_order_events WHERE order_id = ?1 ORDER BY id",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = ?1 ORDER BY id"
+        )))
         .bind(order_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRow {
-                    id: r.try_get("id")?,
-                    order_id: r.try_get("order_id")?,
-                    mch_id: r.try_get("mch_id")?,
-                    out_trade_no: r.try_get("out_trade_no")?,
-                    from_state: r.try_get("from_state")?,
-                    to_state: r.try_get("to_state")?,
-                    source: r.try_get("source")?,
-                    transaction_id: r.try_get("transaction_id")?,
-                    total_fee: r.try_get("total_fee")?,
-                    detail: r.try_get("detail")?,
-                    created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(event_row).collect()
     }
+
+    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > ?1 ORDER BY id LIMIT ?2"
+        )))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    pub async fn insert_order(&self, order: &NewOrder<'_>) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee)
+             VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        )
+        .bind(order.mch_id)
+        .bind(order.appid)
+        .bind(order.out_trade_no)
+        .bind(order.total_fee)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
+
+const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, source, \
+    transaction_id, total_fee, detail, created_at";
+
+fn event_row(r: &SqliteRow) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
+        id: r.try_get("id")?,
+        order_id: r.try_get("order_id")?,
+        mch_id: r.try_get("mch_id")?,
+        out_trade_no: r.try_get("out_trade_no")?,
+        from_state: r.try_get("from_state")?,
+        to_state: r.try_get("to_state")?,
+        source: r.try_get("source")?,
+        transaction_id: r.try_get("transaction_id")?,
+        total_fee: r.try_get("total_fee")?,
+        detail: r.try_get("detail")?,
+        created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
+    })
 }
 
 fn order_row(r: &SqliteRow) -> Result<OrderRow, StoreError> {

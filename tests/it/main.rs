@@ -2,6 +2,8 @@
 
 mod cli;
 mod client;
+mod db;
+mod engine;
 mod fixtures;
 mod helpers;
 mod interop;

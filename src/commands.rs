@@ -1,0 +1,335 @@
+//! The operator's commands besides `run`: `migrate`, `check-config`, `status`, `query`.
+//! Each returns what it prints, so tests can read it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::daemon::{DaemonError, open_store, policy};
+use crate::domain::{OrderState, OutTradeNo, Source};
+use crate::reconcile::policy::decide;
+use crate::reconcile::scanner::{change_for, order_view, report_applied};
+use crate::store::{Change, Guard, OrderRow, Store, StoreError};
+use crate::telemetry::Telemetry;
+use crate::wxpay::{Merchant, OrderRef, QueryAnswer, WxPayClient, WxPayError};
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    WxPay(#[from] WxPayError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// `migrate`: creates the SQLite file if needed, applies the migrations.
+pub async fn migrate(settings: &Settings) -> Result<String, CommandError> {
+    let store = open_store(settings, true).await?;
+    store.migrate().await?;
+    store.check_schema().await?;
+    Ok(format!(
+        "database {} ({}) is up to date\n",
+        settings.database.url,
+        store.backend().as_str()
+    ))
+}
+
+/// `check-config`: the config is valid (it was loaded) and the database answers with the
+/// schema this binary expects.
+pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
+    let store = open_store(settings, false).await?;
+    store.ping().await?;
+    store.check_schema().await?;
+    let merchants: Vec<String> = settings
+        .merchants
+        .iter()
+        .map(|m| format!("{} ({}, {})", m.mch_id, m.appid, m.sign_type))
+        .collect();
+    Ok(format!(
+        "config {} is valid\ndatabase {} answers, schema up to date\nWeChat Pay {}\nmerchants: {}\n",
+        settings.path.display(),
+        settings.database.url,
+        settings.wechat.base_url,
+        if merchants.is_empty() {
+            "none configured".into()
+        } else {
+            merchants.join(", ")
+        }
+    ))
+}
+
+fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> String {
+    span((now - t).num_seconds())
+}
+
+/// A duration for people: `42s`, `3m05s`, `2h10m`, `1d03h`.
+fn span(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// `status`: counts by state, open orders per merchant, and the oldest open orders.
+pub async fn status(
+    settings: &Settings,
+    as_json: bool,
+    oldest: u32,
+) -> Result<String, CommandError> {
+    let store = open_store(settings, false).await?;
+    store.check_schema().await?;
+    let now = Utc::now();
+    let stuck_before =
+        now - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64);
+    let counts = store.count_by_state().await?;
+    let open = store.open_summary(stuck_before).await?;
+    let oldest_rows = store.oldest_open(oldest).await?;
+    let count_of = |s: OrderState| {
+        counts
+            .iter()
+            .find(|(st, _)| *st == s)
+            .map_or(0, |(_, n)| *n)
+    };
+
+    if as_json {
+        let v = json!({
+            "states": OrderState::ALL
+                .iter()
+                .map(|s| (s.as_str().to_owned(), json!(count_of(*s))))
+                .collect::<serde_json::Map<_, _>>(),
+            "open_by_merchant": open.iter().map(|o| json!({
+                "mch_id": o.mch_id,
+                "open": o.open,
+                "stuck": o.stuck,
+                "oldest_age_seconds": o.oldest_created_at.map(|t| (now - t).num_seconds()),
+            })).collect::<Vec<_>>(),
+            "oldest_open": oldest_rows.iter().map(|r| json!({
+                "mch_id": r.mch_id,
+                "out_trade_no": r.out_trade_no,
+                "state": r.state.as_str(),
+                "total_fee": r.total_fee,
+                "created_at": r.created_at.to_rfc3339(),
+                "age_seconds": (now - r.created_at).num_seconds(),
+                "query_count": r.query_count,
+                "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
+                "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
+                "last_error": r.last_error,
+            })).collect::<Vec<_>>(),
+        });
+        return Ok(format!("{v:#}\n"));
+    }
+
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "Orders by state");
+    for s in OrderState::ALL {
+        let _ = writeln!(out, "  {:<16} {:>10}", s.as_str(), count_of(s));
+    }
+    let _ = writeln!(
+        out,
+        "\nOpen orders by merchant (stuck: open longer than {}s)",
+        settings.metrics.stuck_after_seconds
+    );
+    let _ = writeln!(
+        out,
+        "  {:<12} {:>8} {:>8}  {:<10}",
+        "MCH_ID", "OPEN", "STUCK", "OLDEST"
+    );
+    if open.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for o in &open {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>8} {:>8}  {:<10}",
+            o.mch_id,
+            o.open,
+            o.stuck,
+            o.oldest_created_at.map(|t| age(now, t)).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(out, "\nOldest open orders");
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  LAST ERROR",
+        "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "AGE", "QUERIES", "NEXT"
+    );
+    if oldest_rows.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for r in &oldest_rows {
+        let next = match (r.gave_up_at, r.next_query_at) {
+            (Some(_), _) => "gave up".to_owned(),
+            (None, Some(t)) if t > now => format!("in {}", span((t - now).num_seconds())),
+            _ => "due".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  {}",
+            r.mch_id,
+            r.out_trade_no,
+            r.state.as_str(),
+            r.total_fee,
+            age(now, r.created_at),
+            r.query_count,
+            next,
+            r.last_error
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect::<String>()
+        );
+    }
+    Ok(out)
+}
+
+/// `query OUT_TRADE_NO [--mch-id M] [--apply]`: one live, verified orderquery; with `apply`,
+/// the transition the scanner would make, recorded with source `manual`.
+pub async fn query(
+    settings: &Settings,
+    out_trade_no: &str,
+    mch_id: Option<&str>,
+    apply: bool,
+) -> Result<String, CommandError> {
+    let otn = OutTradeNo::parse(out_trade_no).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let store = open_store(settings, false).await?;
+    store.check_schema().await?;
+    let rows: Vec<OrderRow> = store
+        .find(out_trade_no)
+        .await?
+        .into_iter()
+        .filter(|r| mch_id.is_none_or(|m| r.mch_id == m))
+        .collect();
+    let row = match rows.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        _ => {
+            return Err(CommandError::Usage(format!(
+                "{out_trade_no} exists for several merchants; pass --mch-id"
+            )));
+        }
+    };
+    let merchant_id = match (&row, mch_id) {
+        (Some(r), _) => r.mch_id.clone(),
+        (None, Some(m)) => m.to_owned(),
+        (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
+        (None, None) => {
+            return Err(CommandError::Usage(format!(
+                "{out_trade_no} is not in the database; pass --mch-id to query WeChat anyway"
+            )));
+        }
+    };
+    let merchant: &Merchant = settings
+        .merchants
+        .iter()
+        .find(|m| m.mch_id.as_str() == merchant_id)
+        .ok_or_else(|| CommandError::Usage(format!("merchant {merchant_id} is not configured")))?;
+    if apply && row.is_none() {
+        return Err(CommandError::Usage(format!(
+            "--apply needs the order in the database; {out_trade_no} is not there"
+        )));
+    }
+
+    let client = Arc::new(WxPayClient::new(settings.wechat.client_config())?);
+    let answer = client
+        .order_query(merchant, &OrderRef::OutTradeNo(otn))
+        .await;
+    let mut out = String::new();
+    if let Some(r) = &row {
+        let _ = writeln!(
+            out,
+            "database: {} {} state {} total_fee {} created {} queries {}",
+            r.mch_id,
+            r.out_trade_no,
+            r.state,
+            r.total_fee,
+            r.created_at.to_rfc3339(),
+            r.query_count
+        );
+    }
+    match &answer {
+        Ok(QueryAnswer::NotExist) => {
+            let _ = writeln!(out, "wechat: ORDERNOTEXIST (verified reply)");
+        }
+        Ok(QueryAnswer::Order(rep)) => {
+            let _ = writeln!(
+                out,
+                "wechat: trade_state {} ({}) total_fee {} cash_fee {} transaction_id {} time_end {} (verified reply)",
+                rep.trade_state,
+                rep.trade_state_desc.as_deref().unwrap_or("-"),
+                rep.total_fee
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                rep.cash_fee
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                rep.transaction_id
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                rep.time_end
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "wechat: no usable answer: {e} (outcome {})",
+                e.outcome()
+            );
+        }
+    }
+    if let (true, Some(r)) = (apply, &row) {
+        let _ = writeln!(out, "{}", apply_manual(&store, settings, r, &answer).await?);
+    }
+    Ok(out)
+}
+
+async fn apply_manual(
+    store: &Store,
+    settings: &Settings,
+    row: &OrderRow,
+    answer: &Result<QueryAnswer, WxPayError>,
+) -> Result<String, CommandError> {
+    if !row.state.is_open() {
+        return Ok(format!(
+            "apply: the order is {}, which polling never changes",
+            row.state
+        ));
+    }
+    let decision = decide(&order_view(row), answer, Utc::now(), 0.0, &policy(settings));
+    let change = change_for(decision, Source::Manual, true);
+    let Change::Settle { settlement, .. } = &change else {
+        return Ok("apply: no transition (the order stays open; its schedule is unchanged)".into());
+    };
+    let guard = Guard {
+        order_id: row.id,
+        from: row.state,
+        lease: None,
+    };
+    let applied = store.apply(row, guard, &change, Utc::now()).await?;
+    let telemetry = Telemetry::new(std::iter::empty());
+    Ok(
+        match report_applied(&telemetry, row, &change, Source::Manual, applied) {
+            crate::reconcile::scanner::Processed::Settled => {
+                format!(
+                    "apply: {} -> {} recorded (source manual)",
+                    row.state, settlement.to
+                )
+            }
+            _ => "apply: no change; the order had already moved".into(),
+        },
+    )
+}

@@ -1,0 +1,312 @@
+//! `wxpay-reconciler demo`: the whole story on embedded defaults, no config, no service. A
+//! temporary SQLite database and the built-in simulator; orders registered as a shop would;
+//! customers pay most of them while every payment notification is lost; the daemon (the real
+//! one, `run`'s code) reconciles them; a summary says what happened and how fast.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{
+    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+};
+use crate::daemon::{Daemon, open_store};
+use crate::domain::OrderState;
+use crate::sim::{self, RunningSimulator};
+use crate::store::{DatabaseUrl, NewOrder};
+
+/// What the demo does.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub orders: u32,
+    /// Keep running with `/metrics` on this address after the summary, until stopped.
+    pub serve: Option<SocketAddr>,
+}
+
+/// The demo's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoSummary {
+    pub orders: u32,
+    pub paid: u32,
+    pub mismatched_payments: u32,
+    pub settled_success: i64,
+    pub quarantined: i64,
+    pub still_open: i64,
+    pub wechat_queries: u64,
+    pub settle_p50: Duration,
+    pub settle_p99: Duration,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for DemoSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "orders                      {:>8}", self.orders)?;
+        writeln!(f, "paid, notification lost     {:>8}", self.paid)?;
+        writeln!(
+            f,
+            "  of which a wrong amount   {:>8}",
+            self.mismatched_payments
+        )?;
+        writeln!(f, "settled as SUCCESS          {:>8}", self.settled_success)?;
+        writeln!(f, "quarantined AMOUNT_MISMATCH {:>8}", self.quarantined)?;
+        writeln!(f, "still open (never paid)     {:>8}", self.still_open)?;
+        writeln!(f, "WeChat queries spent        {:>8}", self.wechat_queries)?;
+        writeln!(
+            f,
+            "payment -> settlement       p50 {:.2}s  p99 {:.2}s",
+            self.settle_p50.as_secs_f64(),
+            self.settle_p99.as_secs_f64()
+        )?;
+        write!(
+            f,
+            "took                        {:.1}s",
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Why the demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("demo: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("demo: {0}")]
+    Daemon(#[from] crate::daemon::DaemonError),
+    #[error("demo: {0}")]
+    Sim(#[from] crate::sim::SimError),
+    #[error("demo: not every paid order settled within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The settings the demo runs the daemon with: fast ticks, a short grace.
+pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Settings {
+    Settings {
+        path: PathBuf::from("(demo defaults)"),
+        database: DatabaseSettings {
+            url: DatabaseUrl::new(&format!("sqlite://{}", db.display())),
+            max_connections: 4,
+        },
+        wechat: WechatSettings {
+            base_url: sim_url,
+            backup_base_url: None,
+            max_qps: 5000,
+            concurrency: 32,
+            ..WechatSettings::default()
+        },
+        merchants: sim::default_merchants(),
+        schedule: ScheduleSettings {
+            scan_cron: "* * * * * *".into(),
+            grace_seconds: 2,
+            batch_size: 200,
+            lease_seconds: 30,
+            give_up_after_hours: 24,
+        },
+        metrics: MetricsSettings {
+            listen: metrics,
+            refresh_seconds: 1,
+            ..MetricsSettings::default()
+        },
+    }
+}
+
+/// Runs the demo; `stop` ends `--serve` (and cuts the demo short).
+pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoSummary, DemoError> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let simulator = RunningSimulator::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        sim::default_merchants(),
+    )?;
+    let metrics_addr = options
+        .serve
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let settings = demo_settings(
+        dir.path().join("demo.db"),
+        simulator.base_url(),
+        metrics_addr,
+    );
+    open_store(&settings, true).await?.migrate().await?;
+    let store = open_store(&settings, false).await?;
+
+    // The shop registers its orders (and WeChat knows them through unifiedorder).
+    let merchants = sim::default_merchants();
+    let mut plan: Vec<(String, String, i64, Option<Duration>, bool)> = Vec::new();
+    for i in 0..options.orders {
+        let m = &merchants[i as usize % merchants.len()];
+        let otn = format!("demo{i:07}");
+        let fee = rand::random_range(1..=50_000i64);
+        store
+            .insert_order(&NewOrder {
+                mch_id: m.mch_id.as_str(),
+                appid: m.appid.as_str(),
+                out_trade_no: &otn,
+                total_fee: fee,
+            })
+            .await?;
+        simulator
+            .state
+            .create_order(m.mch_id.as_str(), &otn, fee, None, None)?;
+        // 70% are paid: most within the grace period, some later (after a NOTPAY answer);
+        // a few pay another amount. 30% are never paid.
+        let roll = rand::random_range(0..1000);
+        let pay_after = match roll {
+            0..630 => Some(Duration::from_millis(rand::random_range(0..1500))),
+            630..700 => Some(Duration::from_millis(rand::random_range(3000..8000))),
+            _ => None,
+        };
+        let wrong_amount = pay_after.is_some() && roll % 250 == 0;
+        plan.push((m.mch_id.to_string(), otn, fee, pay_after, wrong_amount));
+    }
+    let paid = plan.iter().filter(|p| p.3.is_some()).count() as u32;
+    let mismatched = plan.iter().filter(|p| p.3.is_some() && p.4).count() as u32;
+
+    let daemon_stop = stop.child_token();
+    let daemon = Daemon::start(&settings, daemon_stop.clone()).await?;
+    let daemon_task = tokio::spawn(daemon.wait());
+
+    // The customers pay; every notification is lost.
+    let pay_started = Instant::now();
+    let state = simulator.state.clone();
+    let mut payments = plan.clone();
+    payments.sort_by_key(|p| p.3);
+    let payer = tokio::spawn(async move {
+        let mut paid_at: HashMap<String, DateTime<Utc>> = HashMap::new();
+        for (mch, otn, fee, after, wrong) in payments {
+            let Some(after) = after else { continue };
+            tokio::time::sleep_until((pay_started + after).into()).await;
+            let amount = if wrong { Some(fee + 1) } else { None };
+            if let Ok(p) = state.pay(&mch, &otn, amount, false) {
+                paid_at.insert(otn, p.time_end);
+            }
+        }
+        paid_at
+    });
+
+    let progress = Progress::new(u64::from(paid));
+    let deadline = Duration::from_secs(120);
+    let settled_states = [OrderState::Success, OrderState::AmountMismatch];
+    loop {
+        let counts = store.count_by_state().await?;
+        let settled: i64 = counts
+            .iter()
+            .filter(|(s, _)| settled_states.contains(s))
+            .map(|(_, n)| n)
+            .sum();
+        progress.set(settled as u64);
+        if settled >= i64::from(paid) || stop.is_cancelled() {
+            break;
+        }
+        if started.elapsed() > deadline {
+            return Err(DemoError::Timeout(deadline));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    progress.finish();
+    let paid_at = payer.await.map_err(std::io::Error::other)?;
+
+    let mut delays: Vec<Duration> = Vec::new();
+    let mut after = 0;
+    loop {
+        let events = store.events_after(after, 10_000).await?;
+        let Some(last) = events.last() else { break };
+        after = last.id;
+        for e in &events {
+            if let Some(p) = paid_at.get(&e.out_trade_no) {
+                delays.push((e.created_at - *p).to_std().unwrap_or_default());
+            }
+        }
+    }
+    delays.sort();
+    let pct = |q: f64| {
+        delays
+            .get(((delays.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    let counts = store.count_by_state().await?;
+    let count = |s: OrderState| {
+        counts
+            .iter()
+            .find(|(st, _)| *st == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    let summary = DemoSummary {
+        orders: options.orders,
+        paid,
+        mismatched_payments: mismatched,
+        settled_success: count(OrderState::Success),
+        quarantined: count(OrderState::AmountMismatch),
+        still_open: count(OrderState::NotPay) + count(OrderState::UserPaying),
+        wechat_queries: simulator.state.requests(),
+        settle_p50: pct(0.50),
+        settle_p99: pct(0.99),
+        elapsed: started.elapsed(),
+    };
+
+    if options.serve.is_some() && !stop.is_cancelled() {
+        println!("{summary}");
+        println!("\nserving http://{metrics_addr}/metrics until Ctrl-C");
+        stop.cancelled().await;
+    }
+    daemon_stop.cancel();
+    match daemon_task.await {
+        Ok(result) => result?,
+        Err(e) => return Err(std::io::Error::other(e).into()),
+    }
+    simulator.shutdown(Duration::from_secs(2)).await?;
+    Ok(summary)
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_line: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} reconciling [{bar:40}] {pos}/{len} paid orders settled ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            last_line: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn set(&self, settled: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(settled),
+            None => {
+                let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= Duration::from_secs(1) {
+                    *last = Instant::now();
+                    eprintln!("reconciling: {settled}/{} paid orders settled", self.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

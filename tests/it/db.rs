@@ -1,0 +1,211 @@
+//! The backends a test runs on (DESIGN.md, "Tests and their databases"): SQLite always, in a
+//! fresh file; PostgreSQL when `WXPAY_TEST_POSTGRES_URL` is set, in a fresh schema.
+//! `WXPAY_TEST_REQUIRE_BACKENDS=postgres,…` makes an unset or unreachable backend a failure
+//! instead of a skip.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
+use wxpay_reconciler::store::{ConnectOptions, DatabaseUrl, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database for one test, with a raw connection playing the merchant's application.
+pub struct TestDb {
+    pub kind: Kind,
+    pub url: String,
+    pub store: Store,
+    raw: Raw,
+    schema: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum Raw {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+fn required(name: &str) -> bool {
+    std::env::var("WXPAY_TEST_REQUIRE_BACKENDS")
+        .unwrap_or_default()
+        .split(',')
+        .any(|b| b.trim() == name)
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Every backend this run covers, each fresh and migrated.
+pub async fn backends() -> Vec<TestDb> {
+    let mut dbs = vec![sqlite().await];
+    match std::env::var("WXPAY_TEST_POSTGRES_URL") {
+        Ok(base) => match postgres(&base).await {
+            Ok(db) => dbs.push(db),
+            Err(e) if required("postgres") => panic!("PostgreSQL is required but unreachable: {e}"),
+            Err(e) => eprintln!("skipping PostgreSQL: {e}"),
+        },
+        Err(_) if required("postgres") => {
+            panic!(
+                "WXPAY_TEST_REQUIRE_BACKENDS names postgres but WXPAY_TEST_POSTGRES_URL is not set"
+            )
+        }
+        Err(_) => {}
+    }
+    dbs
+}
+
+/// Only PostgreSQL (for tests of several instances on one database), if configured.
+pub async fn postgres_only() -> Option<TestDb> {
+    let mut dbs = backends().await;
+    dbs.retain(|d| d.kind == Kind::Postgres);
+    dbs.pop()
+}
+
+pub async fn sqlite() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let store = Store::connect(&ConnectOptions {
+        url: DatabaseUrl::new(&url),
+        max_connections: 4,
+        create_if_missing: true,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let raw = SqlitePool::connect_with(
+        SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .busy_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    TestDb {
+        kind: Kind::Sqlite,
+        url,
+        store,
+        raw: Raw::Sqlite(raw),
+        schema: None,
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres(base: &str) -> Result<TestDb, sqlx::Error> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(base)
+        .await?;
+    let schema = unique("wxt");
+    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options[search_path]={schema}");
+    let store = Store::connect(&ConnectOptions {
+        url: DatabaseUrl::new(&url),
+        max_connections: 8,
+        create_if_missing: false,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    let raw = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?;
+    Ok(TestDb {
+        kind: Kind::Postgres,
+        url,
+        store,
+        raw: Raw::Postgres(raw),
+        schema: Some(schema),
+        _dir: None,
+    })
+}
+
+impl TestDb {
+    /// Runs a statement as the merchant's application would; returns the rows affected.
+    /// Placeholders are `$1` style; they are rewritten to `?1` for SQLite.
+    pub async fn exec(&self, sql: &str, binds: &[&str]) -> u64 {
+        match &self.raw {
+            Raw::Sqlite(p) => {
+                let sql = sql.replace('$', "?");
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.unwrap().rows_affected()
+            }
+            Raw::Postgres(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.unwrap().rows_affected()
+            }
+        }
+    }
+
+    /// A single integer from a query (counts).
+    pub async fn scalar(&self, sql: &str, binds: &[&str]) -> i64 {
+        match &self.raw {
+            Raw::Sqlite(p) => {
+                let sql = sql.replace('$', "?");
+                let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.fetch_one(p).await.unwrap()
+            }
+            Raw::Postgres(p) => {
+                let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned()));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.fetch_one(p).await.unwrap()
+            }
+        }
+    }
+
+    /// Moves an order's next query into the past (time passing, without waiting for it).
+    pub async fn make_due(&self, out_trade_no: &str) {
+        let sql = match self.kind {
+            Kind::Sqlite => {
+                "UPDATE wxpay_orders SET next_query_at = '2000-01-01 00:00:00.000' WHERE out_trade_no = $1"
+            }
+            Kind::Postgres => {
+                "UPDATE wxpay_orders SET next_query_at = '2000-01-01 00:00:00+00' WHERE out_trade_no = $1"
+            }
+        };
+        assert_eq!(self.exec(sql, &[out_trade_no]).await, 1);
+    }
+
+    /// Drops the PostgreSQL schema (SQLite's directory goes with the value).
+    pub async fn cleanup(self) {
+        if let (Some(schema), Raw::Postgres(p)) = (&self.schema, &self.raw) {
+            let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(p)
+                .await;
+        }
+    }
+}

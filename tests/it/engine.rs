@@ -1,0 +1,584 @@
+//! The reconciliation engine on every backend the run covers: scan, query, settle, measure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use wxpay_reconciler::config::{
+    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+};
+use wxpay_reconciler::daemon;
+use wxpay_reconciler::domain::OrderState;
+use wxpay_reconciler::reconcile::scanner::{ScanReport, Scanner};
+use wxpay_reconciler::store::{DatabaseUrl, EventRow, NewOrder, OrderRow};
+use wxpay_reconciler::telemetry::Telemetry;
+use wxpay_reconciler::wxpay::Merchant;
+
+use crate::db::{Kind, TestDb, backends};
+use crate::helpers::{TestSim, hmac_merchant, md5_merchant, unique_otn};
+
+pub fn settings(db_url: &str, sim_url: &str) -> Settings {
+    Settings {
+        path: "(test)".into(),
+        database: DatabaseSettings {
+            url: DatabaseUrl::new(db_url),
+            max_connections: 8,
+        },
+        wechat: WechatSettings {
+            base_url: sim_url.to_owned(),
+            backup_base_url: None,
+            timeout_ms: 2000,
+            connect_timeout_ms: 1000,
+            max_qps: 10_000,
+            concurrency: 16,
+            ..WechatSettings::default()
+        },
+        merchants: wxpay_reconciler::sim::default_merchants(),
+        schedule: ScheduleSettings {
+            scan_cron: "* * * * * *".into(),
+            grace_seconds: 0,
+            batch_size: 50,
+            lease_seconds: 30,
+            give_up_after_hours: 24,
+        },
+        metrics: MetricsSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            refresh_seconds: 1,
+            ..MetricsSettings::default()
+        },
+    }
+}
+
+/// A database, a simulator and a scanner wired together.
+pub struct Engine {
+    pub db: TestDb,
+    pub sim: TestSim,
+    pub settings: Settings,
+    pub telemetry: Telemetry,
+    pub scanner: Scanner,
+}
+
+impl Engine {
+    pub async fn new(db: TestDb) -> Engine {
+        Engine::with(db, |_| {}).await
+    }
+
+    pub async fn with(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> Engine {
+        let sim = TestSim::start().await;
+        let mut settings = settings(&db.url, &sim.url());
+        tweak(&mut settings);
+        let telemetry = Telemetry::new(settings.merchants.iter().map(|m| m.mch_id.as_str()));
+        let scanner = daemon::scanner(&settings, db.store.clone(), telemetry.clone()).unwrap();
+        Engine {
+            db,
+            sim,
+            settings,
+            telemetry,
+            scanner,
+        }
+    }
+
+    /// Another scanner (another instance) on the same database and simulator.
+    pub fn second_scanner(&self) -> Scanner {
+        let telemetry = Telemetry::new(self.settings.merchants.iter().map(|m| m.mch_id.as_str()));
+        daemon::scanner(&self.settings, self.db.store.clone(), telemetry).unwrap()
+    }
+
+    /// The shop registers an order (the contract's INSERT) and WeChat knows it.
+    pub async fn order(&self, m: &Merchant, fee: i64) -> String {
+        let otn = unique_otn("e").to_string();
+        self.db
+            .store
+            .insert_order(&NewOrder {
+                mch_id: m.mch_id.as_str(),
+                appid: m.appid.as_str(),
+                out_trade_no: &otn,
+                total_fee: fee,
+            })
+            .await
+            .unwrap();
+        self.sim.create_order(m, &otn.parse().unwrap(), fee).await;
+        otn
+    }
+
+    pub async fn pay(&self, m: &Merchant, otn: &str, body: serde_json::Value) {
+        self.sim.pay(m, &otn.parse().unwrap(), body).await;
+    }
+
+    pub async fn scan(&self) -> ScanReport {
+        self.scanner
+            .scan(&CancellationToken::new(), &|| {})
+            .await
+            .unwrap()
+    }
+
+    pub async fn row(&self, otn: &str) -> OrderRow {
+        let mut rows = self.db.store.find(otn).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        rows.remove(0)
+    }
+
+    pub async fn events(&self, otn: &str) -> Vec<EventRow> {
+        let row = self.row(otn).await;
+        self.db.store.events(row.id).await.unwrap()
+    }
+
+    pub fn queries(&self, otn: &str) -> u64 {
+        self.sim.sim.state.order_stats(otn).queries
+    }
+
+    pub fn metric(&self, needle: &str) -> f64 {
+        metric_value(&self.telemetry.render(), needle)
+    }
+
+    pub async fn finish(self) {
+        self.sim.stop().await;
+        self.db.cleanup().await;
+    }
+}
+
+/// The value of the first sample line starting with `needle` (0 when absent).
+pub fn metric_value(text: &str, needle: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_lost_notification_is_settled_once_as_success() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        for m in [md5_merchant(), hmac_merchant()] {
+            let otn = e.order(&m, 2590).await;
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            let report = e.scan().await;
+            assert_eq!((report.claimed, report.settled), (1, 1), "{kind:?}");
+            let row = e.row(&otn).await;
+            assert_eq!(row.state, OrderState::Success, "{kind:?}");
+            assert!(row.transaction_id.is_some());
+            let paid_at = row.paid_at.expect("paid_at from time_end");
+            assert!(
+                (Utc::now() - paid_at).num_seconds().abs() < 10,
+                "{kind:?} paid_at {paid_at}"
+            );
+            assert_eq!(row.query_count, 1);
+            let events = e.events(&otn).await;
+            assert_eq!(events.len(), 1, "{kind:?}");
+            let ev = &events[0];
+            assert_eq!(
+                (
+                    ev.from_state.as_str(),
+                    ev.to_state.as_str(),
+                    ev.source.as_str()
+                ),
+                ("NOTPAY", "SUCCESS", "poll")
+            );
+            assert_eq!(ev.total_fee, Some(2590));
+            assert_eq!(ev.transaction_id, row.transaction_id);
+            // Nothing more to do: a second scan claims nothing and asks WeChat nothing.
+            assert_eq!(e.scan().await.claimed, 0);
+            assert_eq!(e.queries(&otn), 1);
+        }
+        let text = e.telemetry.render();
+        assert_eq!(
+            metric_value(
+                &text,
+                "wxpay_reconciler_transitions_total{from=\"NOTPAY\",to=\"SUCCESS\",source=\"poll\"}"
+            ),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            metric_value(
+                &text,
+                "wxpay_reconciler_orderquery_requests_total{mch_id=\"10000100\",outcome=\"ok\"}"
+            ),
+            1.0
+        );
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unpaid_order_stays_open_and_is_queried_on_the_backoff_schedule() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        let otn = e.order(&m, 100).await;
+        let mut previous = Utc::now();
+        for (i, interval) in [15i64, 15, 30, 180].into_iter().enumerate() {
+            let report = e.scan().await;
+            assert_eq!(report.claimed, 1, "{kind:?} query {}", i + 1);
+            let row = e.row(&otn).await;
+            assert_eq!(row.state, OrderState::NotPay);
+            assert_eq!(row.query_count, i as i64 + 1);
+            assert_eq!(row.last_error.as_deref(), Some("NOTPAY"));
+            let next = row.next_query_at.unwrap() - row.last_queried_at.unwrap();
+            assert!(
+                next >= TimeDelta::seconds(interval)
+                    && next <= TimeDelta::milliseconds(interval * 1100 + 50),
+                "{kind:?}: query {} rescheduled {next} later, schedule says {interval}s (+10% jitter)",
+                i + 1
+            );
+            assert!(row.last_queried_at.unwrap() >= previous - TimeDelta::seconds(1));
+            previous = row.last_queried_at.unwrap();
+            // Not due yet: a scan right now asks nothing.
+            assert_eq!(e.scan().await.claimed, 0);
+            assert_eq!(e.queries(&otn), i as u64 + 1);
+            e.db.make_due(&otn).await;
+        }
+        assert!(e.events(&otn).await.is_empty());
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn a_different_amount_is_quarantined_and_counted() {
+    for db in backends().await {
+        let e = Engine::new(db).await;
+        let m = hmac_merchant();
+        let otn = e.order(&m, 1000).await;
+        e.pay(&m, &otn, json!({"notify": "drop", "total_fee": 1}))
+            .await;
+        e.scan().await;
+        let row = e.row(&otn).await;
+        assert_eq!(row.state, OrderState::AmountMismatch);
+        assert!(row.last_error.unwrap().contains("total_fee 1"));
+        let events = e.events(&otn).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].to_state, "AMOUNT_MISMATCH");
+        assert_eq!(events[0].total_fee, Some(1), "what WeChat reported");
+        assert_eq!(
+            e.metric("wxpay_reconciler_amount_mismatch_total{mch_id=\"1900000109\"}"),
+            1.0
+        );
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn forged_and_malformed_replies_change_nothing() {
+    for db in backends().await {
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        let otn = e.order(&m, 700).await;
+        e.pay(&m, &otn, json!({"notify": "drop"})).await;
+        for (fault, outcome) in [
+            ("bad_sign_rate", "sign_invalid"),
+            ("unsigned_rate", "sign_invalid"),
+            ("malformed_rate", "malformed"),
+            ("mismatch_rate", "mismatch"),
+            ("http_500_rate", "http_status"),
+        ] {
+            e.sim
+                .faults(json!({"endpoint": "orderquery", fault: 1.0}))
+                .await;
+            assert_eq!(e.scan().await.claimed, 1, "{fault}");
+            let row = e.row(&otn).await;
+            assert_eq!(row.state, OrderState::NotPay, "{fault} must not settle");
+            assert!(row.last_error.is_some());
+            assert!(e.events(&otn).await.is_empty());
+            assert!(
+                e.metric(&format!("wxpay_reconciler_orderquery_requests_total{{mch_id=\"10000100\",outcome=\"{outcome}\"}}")) >= 1.0,
+                "{fault} counted as {outcome}"
+            );
+            e.db.make_due(&otn).await;
+        }
+        // WeChat answers honestly again: the payment is found.
+        e.sim.faults(json!({"endpoint": "orderquery"})).await;
+        e.scan().await;
+        assert_eq!(e.row(&otn).await.state, OrderState::Success);
+        assert_eq!(e.events(&otn).await.len(), 1);
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn the_merchants_own_handler_racing_the_scanner_records_one_transition() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 150}))
+            .await;
+        let mut orders = Vec::new();
+        for _ in 0..12 {
+            let otn = e.order(&m, 50).await;
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            orders.push(otn);
+        }
+        // The merchant's notification handler marks orders paid while the scan's queries are in
+        // flight, with the guarded UPDATE a well-behaved handler uses.
+        let scan = {
+            let scanner = e.scanner.clone();
+            tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
+        };
+        let mut handler_won = 0;
+        for (i, otn) in orders.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(if i % 2 == 0 { 5 } else { 40 })).await;
+            handler_won += e
+                .db
+                .exec("UPDATE wxpay_orders SET state = 'SUCCESS' WHERE out_trade_no = $1 AND state = 'NOTPAY'", &[otn])
+                .await;
+        }
+        let report = scan.await.unwrap().unwrap();
+        let mut daemon_won = 0;
+        for otn in &orders {
+            assert_eq!(e.row(otn).await.state, OrderState::Success, "{kind:?}");
+            let events = e.events(otn).await.len();
+            assert!(events <= 1, "{kind:?}: {otn} has {events} events");
+            daemon_won += events as u64;
+        }
+        assert_eq!(
+            daemon_won + handler_won,
+            orders.len() as u64,
+            "{kind:?}: exactly one writer per order"
+        );
+        assert!(
+            handler_won > 0,
+            "{kind:?}: the race must have been exercised"
+        );
+        assert_eq!(
+            report.noop as u64, handler_won,
+            "{kind:?}: each lost race is a counted no-op"
+        );
+        assert_eq!(
+            e.metric("wxpay_reconciler_noop_total{source=\"poll\"}"),
+            handler_won as f64
+        );
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn two_scanners_on_one_database_never_query_the_same_order() {
+    // SQLite is single-instance; this is PostgreSQL's promise (FOR UPDATE SKIP LOCKED).
+    let Some(db) = crate::db::postgres_only().await else {
+        eprintln!("skipped: PostgreSQL not configured");
+        return;
+    };
+    let e = Engine::with(db, |s| s.schedule.batch_size = 20).await;
+    e.sim
+        .faults(json!({"endpoint": "orderquery", "latency_ms": 20}))
+        .await;
+    let m = hmac_merchant();
+    let mut orders = Vec::new();
+    for i in 0..120 {
+        let otn = e.order(&m, 10).await;
+        if i % 2 == 0 {
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+        }
+        orders.push(otn);
+    }
+    let a = e.scanner.clone();
+    let b = e.second_scanner();
+    let (ra, rb) = tokio::join!(
+        async move { a.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
+        async move { b.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
+    );
+    assert_eq!(
+        ra.claimed + rb.claimed,
+        orders.len(),
+        "every due order claimed once: {ra:?} {rb:?}"
+    );
+    assert!(
+        ra.claimed > 0 && rb.claimed > 0,
+        "both instances worked: {ra:?} {rb:?}"
+    );
+    for otn in &orders {
+        let s = e.sim.sim.state.order_stats(otn);
+        assert_eq!((s.queries, s.max_inflight), (1, 1), "{otn}");
+    }
+    assert_eq!(ra.settled + rb.settled, orders.len() / 2);
+    e.finish().await;
+}
+
+#[tokio::test]
+async fn a_scanner_killed_mid_batch_loses_nothing_its_orders_come_back_after_the_lease() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::with(db, |s| s.schedule.lease_seconds = 2).await;
+        let m = md5_merchant();
+        let mut orders = Vec::new();
+        for _ in 0..6 {
+            let otn = e.order(&m, 30).await;
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            orders.push(otn);
+        }
+        // The first instance claims, sends its queries, and dies before writing anything.
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 1000}))
+            .await;
+        let doomed = {
+            let scanner = e.scanner.clone();
+            tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        doomed.abort();
+        let _ = doomed.await;
+        e.sim.faults(json!({"endpoint": "orderquery"})).await;
+        for otn in &orders {
+            assert_eq!(e.row(otn).await.state, OrderState::NotPay, "{kind:?}");
+        }
+        let survivor = e.second_scanner();
+        let early = survivor
+            .scan(&CancellationToken::new(), &|| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            early.claimed, 0,
+            "{kind:?}: leased orders are not claimed before the lease passes"
+        );
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let late = survivor
+            .scan(&CancellationToken::new(), &|| {})
+            .await
+            .unwrap();
+        assert_eq!(late.settled, orders.len(), "{kind:?}: {late:?}");
+        for otn in &orders {
+            assert_eq!(e.events(otn).await.len(), 1, "{kind:?}");
+        }
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stale_workers_late_write_is_refused_by_the_lease() {
+    use wxpay_reconciler::store::{Applied, Change, ClaimRequest};
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        let otn = e.order(&m, 30).await;
+        let claim = |lease_until| ClaimRequest {
+            now: Utc::now(),
+            grace: TimeDelta::zero(),
+            lease_until,
+            limit: 10,
+        };
+        let stale =
+            e.db.store
+                .claim_due(&claim(Utc::now() - TimeDelta::seconds(1)))
+                .await
+                .unwrap();
+        assert_eq!(stale.len(), 1);
+        // Its lease is already over: another worker claims the order again.
+        let fresh =
+            e.db.store
+                .claim_due(&claim(Utc::now() + TimeDelta::seconds(60)))
+                .await
+                .unwrap();
+        assert_eq!(fresh.len(), 1);
+        assert!(fresh[0].lease > stale[0].lease);
+        let change = Change::Reschedule {
+            at: Utc::now(),
+            note: Some("stale".into()),
+        };
+        let applied =
+            e.db.store
+                .apply(&stale[0].row, stale[0].guard(), &change, Utc::now())
+                .await
+                .unwrap();
+        assert_eq!(
+            applied,
+            Applied::NoOp,
+            "{kind:?}: the stale lease must not write"
+        );
+        let applied =
+            e.db.store
+                .apply(&fresh[0].row, fresh[0].guard(), &change, Utc::now())
+                .await
+                .unwrap();
+        assert_eq!(applied, Applied::Done, "{kind:?}");
+        let _ = otn;
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn queries_respect_the_concurrency_bound() {
+    for db in backends().await {
+        let e = Engine::with(db, |s| s.wechat.concurrency = 3).await;
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 100}))
+            .await;
+        let m = md5_merchant();
+        for _ in 0..12 {
+            e.order(&m, 1).await;
+        }
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let watcher = {
+            let state = e.sim.sim.state.clone();
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    let inflight: u64 = state.total_inflight();
+                    peak.fetch_max(inflight, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let report = e.scan().await;
+        watcher.abort();
+        assert_eq!(report.claimed, 12);
+        let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(peak <= 3 && peak >= 2, "in flight at once: {peak}");
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn order_not_exist_is_closed_locally_after_expiry() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        // An order WeChat never accepted (unifiedorder failed), expiring now.
+        let otn = unique_otn("gone").to_string();
+        e.db.store
+            .insert_order(&NewOrder {
+                mch_id: m.mch_id.as_str(),
+                appid: m.appid.as_str(),
+                out_trade_no: &otn,
+                total_fee: 5,
+            })
+            .await
+            .unwrap();
+        e.scan().await;
+        assert_eq!(
+            e.row(&otn).await.state,
+            OrderState::NotPay,
+            "{kind:?}: not before expiry"
+        );
+        let past = match kind {
+            Kind::Sqlite => {
+                "UPDATE wxpay_orders SET expires_at = datetime('now', '-1 minute') WHERE out_trade_no = $1"
+            }
+            Kind::Postgres => {
+                "UPDATE wxpay_orders SET expires_at = now() - interval '1 minute' WHERE out_trade_no = $1"
+            }
+        };
+        e.db.exec(past, &[&otn]).await;
+        e.db.make_due(&otn).await;
+        e.scan().await;
+        let row = e.row(&otn).await;
+        assert_eq!(row.state, OrderState::Closed, "{kind:?}");
+        let events = e.events(&otn).await;
+        assert_eq!(events.len(), 1);
+        assert!(
+            events[0]
+                .detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains("ORDERNOTEXIST")
+        );
+        e.finish().await;
+    }
+}
