@@ -174,3 +174,45 @@ fn a_bad_config_fails_fast_naming_the_file_and_the_key() {
         "the key's text never prints: {err}"
     );
 }
+
+#[tokio::test]
+async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
+    let out = tokio::process::Command::new(BIN)
+        .args(["demo", "--orders", "200"])
+        .env_remove("WXPAY_RECONCILER_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "orders",
+        "paid, notification lost",
+        "settled as SUCCESS",
+        "still open (never paid)",
+        "WeChat queries spent",
+        "payment -> settlement",
+    ] {
+        assert!(stdout.contains(line), "summary lacks {line:?}:\n{stdout}");
+    }
+    let number = |label: &str| -> i64 {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    };
+    assert_eq!(number("orders"), 200);
+    let paid = number("paid, notification lost");
+    assert_eq!(
+        number("settled as SUCCESS") + number("quarantined AMOUNT_MISMATCH"),
+        paid
+    );
+    assert_eq!(number("still open (never paid)"), 200 - paid);
+    assert!(
+        stderr.contains("reconciling:"),
+        "plain progress lines in a pipe: {stderr}"
+    );
+}

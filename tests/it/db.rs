@@ -166,27 +166,6 @@ impl TestDb {
         }
     }
 
-    /// A single integer from a query (counts).
-    pub async fn scalar(&self, sql: &str, binds: &[&str]) -> i64 {
-        match &self.raw {
-            Raw::Sqlite(p) => {
-                let sql = sql.replace('$', "?");
-                let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-                for b in binds {
-                    q = q.bind(*b);
-                }
-                q.fetch_one(p).await.unwrap()
-            }
-            Raw::Postgres(p) => {
-                let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned()));
-                for b in binds {
-                    q = q.bind(*b);
-                }
-                q.fetch_one(p).await.unwrap()
-            }
-        }
-    }
-
     /// Moves an order's next query into the past (time passing, without waiting for it).
     pub async fn make_due(&self, out_trade_no: &str) {
         let sql = match self.kind {

@@ -1,0 +1,475 @@
+//! The daemon as an operator runs it: the real binary with a config file, its commands, its
+//! HTTP endpoints, signals, and a database outage in the middle of a run.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use wxpay_reconciler::daemon::Daemon;
+use wxpay_reconciler::domain::OrderState;
+
+use crate::db::{Kind, backends};
+use crate::engine::{Engine, metric_value};
+use crate::helpers::{TestSim, md5_merchant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+
+/// Writes a config for `db_url` and `sim_url` (the default simulator merchants, keys in files).
+fn write_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf {
+    std::fs::write(dir.join("md5.key"), crate::helpers::MD5_KEY).unwrap();
+    std::fs::write(dir.join("hmac.key"), crate::helpers::HMAC_KEY).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[database]
+url = "{db_url}"
+
+[wechat]
+base_url = "{sim_url}"
+timeout_ms = 2000
+connect_timeout_ms = 1000
+
+[[merchants]]
+mch_id = "10000100"
+appid = "wxd930ea5d5a258f4f"
+sign_type = "MD5"
+api_key_file = "md5.key"
+
+[[merchants]]
+mch_id = "1900000109"
+appid = "wx2421b1c4370ec43b"
+sign_type = "HMAC-SHA256"
+api_key_file = "hmac.key"
+
+[schedule]
+scan_cron = "* * * * * *"
+grace_seconds = 0
+
+[metrics]
+listen = "127.0.0.1:0"
+refresh_seconds = 1
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs a command to completion without blocking the test's runtime (the simulator lives there).
+async fn run_cmd(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `run`, waits for its "reconciler running" line, returns the child and the metrics
+/// address; the rest of its stderr is collected.
+fn spawn_run(config: &Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        lines.lock().unwrap().push(line.clone());
+        if line.contains("reconciler running") {
+            let a = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("metrics="))
+                .expect("metrics address in the start line");
+            addr = Some(a.parse().unwrap());
+            break;
+        }
+        line.clear();
+    }
+    let addr =
+        addr.unwrap_or_else(|| panic!("run did not start:\n{}", lines.lock().unwrap().join("")));
+    let rest = lines.clone();
+    std::thread::spawn(move || {
+        for l in reader.lines().map_while(Result::ok) {
+            rest.lock().unwrap().push(l);
+        }
+    });
+    (child, addr, lines)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client = wxpay_reconciler::wxpay::client::http_client_builder()
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn wait_exit(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < bound, "did not exit within {bound:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_for(what: &str, bound: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < bound, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn run_settles_serves_metrics_and_drains_on_sigterm() {
+    for db in backends().await {
+        let kind = db.kind;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::new(db).await;
+        let config = write_config(dir.path(), &e.db.url, &e.sim.url());
+        let m = md5_merchant();
+        let paid = e.order(&m, 990).await;
+        e.pay(&m, &paid, json!({"notify": "drop"})).await;
+        let unpaid = e.order(&m, 10).await;
+
+        let (mut child, addr, log) = spawn_run(&config);
+        wait_for(
+            "the paid order to settle",
+            Duration::from_secs(15),
+            async || e.row(&paid).await.state == OrderState::Success,
+        )
+        .await;
+        assert_eq!(e.row(&unpaid).await.state, OrderState::NotPay);
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        wait_for("/readyz", Duration::from_secs(5), async || {
+            get(addr, "/readyz").await.0 == 200
+        })
+        .await;
+        let (status, text) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        for name in [
+            "wxpay_reconciler_stuck_orders{mch_id=\"10000100\"}",
+            "wxpay_reconciler_oldest_unpaid_age_seconds{mch_id=\"1900000109\"}",
+            "wxpay_reconciler_orderquery_requests_total{mch_id=\"10000100\",outcome=\"ok\"}",
+            "wxpay_reconciler_orderquery_duration_seconds_bucket",
+            "wxpay_reconciler_trade_state_total{mch_id=\"10000100\",trade_state=\"SUCCESS\"}",
+            "wxpay_reconciler_transitions_total{from=\"NOTPAY\",to=\"SUCCESS\",source=\"poll\"}",
+            "wxpay_reconciler_scan_duration_seconds_bucket",
+            "wxpay_reconciler_scan_claimed_orders_bucket",
+            "wxpay_reconciler_scan_overlap_skipped_total",
+            "wxpay_reconciler_last_scan_success_timestamp_seconds",
+            "wxpay_reconciler_db_errors_total{op=\"claim\"}",
+            "wxpay_reconciler_amount_mismatch_total{mch_id=\"10000100\"}",
+            "wxpay_reconciler_build_info{version=",
+        ] {
+            assert!(
+                text.contains(name),
+                "{kind:?}: /metrics lacks {name}:\n{text}"
+            );
+        }
+        assert!(
+            metric_value(
+                &text,
+                "wxpay_reconciler_last_scan_success_timestamp_seconds"
+            ) > 1.7e9
+        );
+        assert!(
+            !text.contains(crate::helpers::MD5_KEY) && !text.contains(&paid),
+            "no secrets or order ids in metrics"
+        );
+
+        let started = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = wait_exit(&mut child, Duration::from_secs(12));
+        assert!(
+            status.success(),
+            "{kind:?}: {status:?}\n{}",
+            log.lock().unwrap().join("\n")
+        );
+        assert!(started.elapsed() < Duration::from_secs(11));
+        let log = log.lock().unwrap().join("\n");
+        assert!(log.contains("reconciler stopped"), "{log}");
+        assert!(
+            !log.contains(crate::helpers::MD5_KEY) && !log.contains(crate::helpers::HMAC_KEY),
+            "no key in logs"
+        );
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn run_refuses_a_database_whose_schema_is_behind() {
+    let sim = TestSim::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("orders.db");
+    let config = write_config(
+        dir.path(),
+        &format!("sqlite://{}", db_path.display()),
+        &sim.url(),
+    );
+
+    let (ok, _, err) = run_cmd(&config, &["run"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("does not exist") && err.contains("wxpay-reconciler migrate"),
+        "{err}"
+    );
+
+    // An existing but empty database.
+    std::fs::File::create(&db_path).unwrap();
+    let (ok, _, err) = run_cmd(&config, &["run"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("schema is behind") && err.contains("wxpay-reconciler migrate"),
+        "{err}"
+    );
+    let (ok, _, err) = run_cmd(&config, &["check-config"]).await;
+    assert!(!ok, "{err}");
+
+    let (ok, out, err) = run_cmd(&config, &["migrate"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("up to date"), "{out}");
+    let (ok, out, err) = run_cmd(&config, &["check-config"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("schema up to date") && out.contains("10000100 (wxd930ea5d5a258f4f, MD5)"),
+        "{out}"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn migrate_creates_a_missing_sqlite_file_and_is_idempotent() {
+    let sim = TestSim::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("sub-dir-free.db");
+    let config = write_config(
+        dir.path(),
+        &format!("sqlite://{}", db_path.display()),
+        &sim.url(),
+    );
+    for _ in 0..2 {
+        let (ok, _, err) = run_cmd(&config, &["migrate"]).await;
+        assert!(ok, "{err}");
+    }
+    assert!(db_path.exists());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn status_and_query_tell_on_call_what_is_going_on() {
+    for db in backends().await {
+        let kind = db.kind;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::new(db).await;
+        let config = write_config(dir.path(), &e.db.url, &e.sim.url());
+        let m = md5_merchant();
+        let open = e.order(&m, 120).await;
+        let paid = e.order(&m, 4500).await;
+        e.pay(&m, &paid, json!({"notify": "drop"})).await;
+
+        let (ok, out, err) = run_cmd(&config, &["status"]).await;
+        assert!(ok, "{kind:?}: {err}");
+        assert!(
+            out.contains("Orders by state") && out.contains("NOTPAY"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&open) && out.contains(&paid),
+            "both open orders listed:\n{out}"
+        );
+        let (ok, out, _) = run_cmd(&config, &["status", "--json"]).await;
+        assert!(ok);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["states"]["NOTPAY"], 2, "{v}");
+        assert_eq!(v["open_by_merchant"][0]["mch_id"], "10000100");
+
+        let (ok, out, err) = run_cmd(&config, &["query", &paid]).await;
+        assert!(ok, "{kind:?}: {err}");
+        assert!(
+            out.contains("trade_state SUCCESS") && out.contains("total_fee 4500"),
+            "{out}"
+        );
+        assert_eq!(
+            e.row(&paid).await.state,
+            OrderState::NotPay,
+            "query alone changes nothing"
+        );
+
+        let (ok, out, err) = run_cmd(&config, &["query", &paid, "--apply"]).await;
+        assert!(ok, "{kind:?}: {err}");
+        assert!(
+            out.contains("NOTPAY -> SUCCESS recorded (source manual)"),
+            "{out}"
+        );
+        let events = e.events(&paid).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].source, "manual");
+        let (ok, out, _) = run_cmd(&config, &["query", &paid, "--apply"]).await;
+        assert!(ok);
+        assert!(out.contains("polling never changes"), "{out}");
+
+        let (ok, out, _) = run_cmd(&config, &["query", &open, "--apply"]).await;
+        assert!(ok);
+        assert!(
+            out.contains("NOTPAY") && out.contains("no transition"),
+            "{out}"
+        );
+        let (ok, _, err) = run_cmd(&config, &["query", "nosuchorder1"]).await;
+        assert!(!ok && err.contains("--mch-id"), "{err}");
+        e.finish().await;
+    }
+}
+
+/// A TCP forwarder that can be cut and restored: a database outage for one daemon only.
+struct Outage {
+    addr: SocketAddr,
+    target: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Outage {
+    async fn start(target: SocketAddr) -> Outage {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(forward(listener, target, stop.clone()));
+        Outage { addr, target, stop }
+    }
+
+    /// Drops every connection and refuses new ones.
+    fn cut(&mut self) {
+        self.stop.cancel();
+    }
+
+    async fn restore(&mut self) {
+        self.stop = CancellationToken::new();
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        tokio::spawn(forward(listener, self.target, self.stop.clone()));
+    }
+}
+
+async fn forward(listener: TcpListener, target: SocketAddr, stop: CancellationToken) {
+    loop {
+        let (mut inbound, _) = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = TcpStream::connect(target).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_database_outage_mid_run_is_survived_and_caught_up() {
+    let Some(db) = crate::db::postgres_only().await else {
+        eprintln!("skipped: PostgreSQL not configured (SQLite is a local file, it has no outage)");
+        return;
+    };
+    assert_eq!(db.kind, Kind::Postgres);
+    let mut outage = Outage::start("127.0.0.1:5432".parse().unwrap()).await;
+    let proxied = db.url.replace("127.0.0.1:5432", &outage.addr.to_string());
+    assert_ne!(proxied, db.url, "the test URL must name 127.0.0.1:5432");
+    let e = Engine::new(db).await;
+    let mut settings = crate::engine::settings(&proxied, &e.sim.url());
+    settings.database.max_connections = 2;
+    settings.metrics.ready_max_scan_age_seconds = 3;
+    let stop = CancellationToken::new();
+    let daemon = Daemon::start(&settings, stop.clone()).await.unwrap();
+    let addr = daemon.metrics_addr;
+    let telemetry = daemon.telemetry.clone();
+    let running = tokio::spawn(daemon.wait());
+
+    let m = md5_merchant();
+    let before = e.order(&m, 10).await;
+    e.pay(&m, &before, json!({"notify": "drop"})).await;
+    wait_for(
+        "settling before the outage",
+        Duration::from_secs(10),
+        async || e.row(&before).await.state == OrderState::Success,
+    )
+    .await;
+
+    outage.cut();
+    let during = e.order(&m, 20).await;
+    e.pay(&m, &during, json!({"notify": "drop"})).await;
+    wait_for(
+        "db errors to be counted",
+        Duration::from_secs(15),
+        async || {
+            metric_value(
+                &telemetry.render(),
+                "wxpay_reconciler_db_errors_total{op=\"claim\"}",
+            ) >= 1.0
+        },
+    )
+    .await;
+    wait_for("/readyz to fail", Duration::from_secs(10), async || {
+        get(addr, "/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(
+        get(addr, "/healthz").await.0,
+        200,
+        "alive through the outage"
+    );
+    assert_eq!(e.row(&during).await.state, OrderState::NotPay);
+
+    outage.restore().await;
+    wait_for(
+        "catching up after the outage",
+        Duration::from_secs(20),
+        async || e.row(&during).await.state == OrderState::Success,
+    )
+    .await;
+    wait_for("/readyz to recover", Duration::from_secs(10), async || {
+        get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(e.events(&during).await.len(), 1);
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    e.finish().await;
+}
