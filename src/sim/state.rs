@@ -167,6 +167,14 @@ impl SimState {
         }))
     }
 
+    /// Sets the same faults on every endpoint (the control API's `"endpoint": "all"`).
+    pub fn set_faults_all(&self, faults: Faults) {
+        let mut all = lock(&self.faults);
+        for e in SimEndpoint::ALL {
+            all.insert(e, faults);
+        }
+    }
+
     pub(crate) fn faults(&self, endpoint: SimEndpoint) -> Faults {
         lock(&self.faults)
             .get(&endpoint)

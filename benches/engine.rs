@@ -1,0 +1,481 @@
+//! Engine benchmarks: every target of BENCHMARKS.md, each measured next to its reference in the
+//! same run (the machine is shared and noisy; ratios hold where absolute numbers drift).
+//!
+//! ```sh
+//! cargo bench --bench engine                       # SQLite only
+//! WXPAY_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --bench engine
+//! cargo bench --bench engine -- quick              # smaller sizes, for a smoke run
+//! ```
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use sqlx::{AssertSqlSafe, Executor};
+use tokio_util::sync::CancellationToken;
+use wxpay_reconciler::config::{
+    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+};
+use wxpay_reconciler::daemon;
+use wxpay_reconciler::domain::{OrderState, Source, TransactionId};
+use wxpay_reconciler::reconcile::policy::Settlement;
+use wxpay_reconciler::sim::{self, RunningSimulator};
+use wxpay_reconciler::store::{Change, ClaimRequest, ConnectOptions, DatabaseUrl, Store};
+use wxpay_reconciler::telemetry::Telemetry;
+use wxpay_reconciler::wxpay::{Fields, sign, xml};
+
+const MD5_MCH: &str = "10000100";
+const MD5_APPID: &str = "wxd930ea5d5a258f4f";
+
+struct Sizes {
+    settle_orders: u64,
+    raw_orders: u64,
+    big_table: u64,
+    small_table: u64,
+    load_seconds: u64,
+    memory_orders: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+struct Bench {
+    db: Db,
+    url: String,
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn settings(url: &str, sim_url: &str) -> Settings {
+    Settings {
+        path: "(bench)".into(),
+        database: DatabaseSettings {
+            url: DatabaseUrl::new(url),
+            max_connections: 16,
+        },
+        wechat: WechatSettings {
+            base_url: sim_url.to_owned(),
+            backup_base_url: None,
+            max_qps: 1_000_000,
+            concurrency: 64,
+            ..WechatSettings::default()
+        },
+        merchants: sim::default_merchants(),
+        schedule: ScheduleSettings {
+            scan_cron: "* * * * * *".into(),
+            grace_seconds: 0,
+            batch_size: 500,
+            lease_seconds: 60,
+            give_up_after_hours: 24,
+        },
+        metrics: MetricsSettings::default(),
+    }
+}
+
+async fn fresh(db: Db, pg_base: Option<&str>) -> Bench {
+    let (url, dir) = match db {
+        Db::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            (
+                format!("sqlite://{}", dir.path().join("bench.db").display()),
+                Some(dir),
+            )
+        }
+        Db::Postgres => {
+            let base = pg_base.unwrap();
+            let schema = format!(
+                "wxbench_{}_{}",
+                std::process::id(),
+                rand::random_range(0..1_000_000u32)
+            );
+            let pool = sqlx::PgPool::connect(base).await.unwrap();
+            pool.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .await
+                .unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            (format!("{base}{sep}options[search_path]={schema}"), None)
+        }
+    };
+    let store = Store::connect(&ConnectOptions {
+        url: DatabaseUrl::new(&url),
+        max_connections: 16,
+        create_if_missing: true,
+        acquire_timeout: Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    Bench {
+        db,
+        url,
+        store,
+        _dir: dir,
+    }
+}
+
+/// Bulk-inserts `n` orders named `{prefix}{i}` in state `state`, due now.
+async fn bulk_orders(b: &Bench, prefix: &str, n: u64, state: &str) {
+    let sql = match b.db {
+        Db::Sqlite => format!(
+            "WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i + 1 < {n})
+             INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee, state, created_at)
+             SELECT '{MD5_MCH}', '{MD5_APPID}', '{prefix}' || i, 100, '{state}', strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 minute') FROM seq"
+        ),
+        Db::Postgres => format!(
+            "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee, state, created_at)
+             SELECT '{MD5_MCH}', '{MD5_APPID}', '{prefix}' || i, 100, '{state}', now() - interval '1 minute'
+             FROM generate_series(0, {n} - 1) AS i"
+        ),
+    };
+    match b.db {
+        Db::Sqlite => {
+            let pool = sqlx::SqlitePool::connect_with(
+                sqlx::sqlite::SqliteConnectOptions::from_str(&b.url).unwrap(),
+            )
+            .await
+            .unwrap();
+            pool.execute(AssertSqlSafe(sql)).await.unwrap();
+            pool.execute("ANALYZE").await.unwrap();
+            pool.close().await;
+        }
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(&b.url).await.unwrap();
+            pool.execute(AssertSqlSafe(sql)).await.unwrap();
+            pool.execute("ANALYZE wxpay_orders").await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+async fn simulator() -> RunningSimulator {
+    RunningSimulator::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        sim::default_merchants(),
+    )
+    .unwrap()
+}
+
+/// The simulator's raw orderquery rate under an in-process load generator: `conns` keep-alive
+/// connections sending signed queries for one paid order as fast as they can.
+async fn sim_raw_rate(seconds: u64, conns: usize) -> f64 {
+    let s = simulator().await;
+    let otn = "rawrate1";
+    s.state.pay(MD5_MCH, otn, Some(100), false).unwrap();
+    let m = sim::default_merchants().into_iter().next().unwrap();
+    let mut f = Fields::new()
+        .with("appid", MD5_APPID)
+        .with("mch_id", MD5_MCH)
+        .with("nonce_str", "5K8264ILTKCH16CQ2502SI8ZNMTM67VS")
+        .with("out_trade_no", otn);
+    sign::sign_in_place(&mut f, &m.key, m.sign_type);
+    let body = xml::encode(&f).unwrap();
+    let url = format!("{}/pay/orderquery", s.base_url());
+    let ok = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let (ok, url, body) = (ok.clone(), url.clone(), body.clone());
+        tasks.spawn(async move {
+            let client = wxpay_reconciler::wxpay::client::http_client_builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            while Instant::now() < deadline {
+                let r = client.post(&url).body(body.clone()).send().await.unwrap();
+                let text = r.text().await.unwrap();
+                if text.contains("<trade_state>SUCCESS</trade_state>") {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let start = Instant::now();
+    while tasks.join_next().await.is_some() {}
+    let rate = ok.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    s.shutdown(Duration::from_secs(1)).await.unwrap();
+    rate
+}
+
+/// The database's raw rate of what settling costs: a guarded UPDATE + event INSERT
+/// transaction per order, `conc` at a time.
+async fn db_raw_rate(b: &Bench, n: u64, conc: usize) -> f64 {
+    bulk_orders(b, "raw", n, "NOTPAY").await;
+    let now = Utc::now();
+    let mut claimed = Vec::new();
+    loop {
+        let batch = b
+            .store
+            .claim_due(&ClaimRequest {
+                now,
+                grace: TimeDelta::zero(),
+                lease_until: now + TimeDelta::hours(1),
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        claimed.extend(batch);
+    }
+    let queue = Arc::new(std::sync::Mutex::new(claimed));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conc {
+        let (queue, store) = (queue.clone(), b.store.clone());
+        tasks.spawn(async move {
+            loop {
+                let Some(order) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let change = Change::Settle {
+                    settlement: Settlement {
+                        to: OrderState::Success,
+                        transaction_id: Some(
+                            TransactionId::parse("4200000000000000000000000001").unwrap(),
+                        ),
+                        paid_at: Some(Utc::now()),
+                        reported_fee: Some(wxpay_reconciler::domain::Fen::new(100).unwrap()),
+                        detail: None,
+                    },
+                    source: Source::Poll,
+                    queried: true,
+                };
+                store
+                    .apply(&order.row, order.guard(), &change, Utc::now())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Orders settled per second: `n` paid orders, the simulator at zero latency, no QPS cap.
+async fn settle_rate(b: &Bench, n: u64) -> f64 {
+    let s = simulator().await;
+    bulk_orders(b, "set", n, "NOTPAY").await;
+    for i in 0..n {
+        s.state
+            .pay(MD5_MCH, &format!("set{i}"), Some(100), false)
+            .unwrap();
+    }
+    let cfg = settings(&b.url, &s.base_url());
+    let scanner = daemon::scanner(&cfg, b.store.clone(), Telemetry::new([MD5_MCH])).unwrap();
+    let start = Instant::now();
+    let report = scanner
+        .scan(&CancellationToken::new(), &|| {})
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(report.settled as u64, n, "{report:?}");
+    s.shutdown(Duration::from_secs(1)).await.unwrap();
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// The achieved query rate for `n` unpaid orders with a given cap and simulated latency.
+async fn query_rate(b: &Bench, n: u64, max_qps: u32, concurrency: u32, latency_ms: u64) -> f64 {
+    let s = simulator().await;
+    let prefix = format!("q{max_qps}x{latency_ms}x");
+    bulk_orders(b, &prefix, n, "NOTPAY").await;
+    for i in 0..n {
+        s.state
+            .create_order(MD5_MCH, &format!("{prefix}{i}"), 100, None, None)
+            .unwrap();
+    }
+    s.state.set_faults_all(sim::Faults {
+        latency_ms,
+        ..sim::Faults::default()
+    });
+    let mut cfg = settings(&b.url, &s.base_url());
+    cfg.wechat.max_qps = max_qps;
+    cfg.wechat.concurrency = concurrency;
+    let scanner = daemon::scanner(&cfg, b.store.clone(), Telemetry::new([MD5_MCH])).unwrap();
+    let start = Instant::now();
+    let report = scanner
+        .scan(&CancellationToken::new(), &|| {})
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(report.claimed as u64, n);
+    s.shutdown(Duration::from_secs(1)).await.unwrap();
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// Median time to claim 200 due orders in a table of `total` orders (all but 200 settled).
+async fn claim_time(db: Db, pg: Option<&str>, total: u64) -> Duration {
+    let b = fresh(db, pg).await;
+    bulk_orders(&b, "done", total - 200, "SUCCESS").await;
+    bulk_orders(&b, "due", 200, "NOTPAY").await;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let now = Utc::now();
+        let start = Instant::now();
+        let claimed = b
+            .store
+            .claim_due(&ClaimRequest {
+                now,
+                grace: TimeDelta::zero(),
+                lease_until: now + TimeDelta::hours(1),
+                limit: 200,
+            })
+            .await
+            .unwrap();
+        times.push(start.elapsed());
+        assert_eq!(claimed.len(), 200);
+        // Due again for the next round.
+        let reset = "UPDATE wxpay_orders SET next_query_at = NULL WHERE out_trade_no LIKE 'due%'";
+        match db {
+            Db::Sqlite => {
+                let p = sqlx::SqlitePool::connect(&b.url).await.unwrap();
+                p.execute(reset).await.unwrap();
+                p.close().await;
+            }
+            Db::Postgres => {
+                let p = sqlx::PgPool::connect(&b.url).await.unwrap();
+                p.execute(reset).await.unwrap();
+                p.close().await;
+            }
+        }
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Peak RSS of the real daemon (`run`, release build) draining `n` due paid orders on SQLite.
+async fn daemon_rss(n: u64) -> (u64, f64) {
+    let s = simulator().await;
+    let b = fresh(Db::Sqlite, None).await;
+    bulk_orders(&b, "mem", n, "NOTPAY").await;
+    for i in 0..n {
+        s.state
+            .pay(MD5_MCH, &format!("mem{i}"), Some(100), false)
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k"), "192006250b4c09247ec02edce69f6a2d").unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"{}\"\n[wechat]\nbase_url = \"{}\"\nmax_qps = 100000\nconcurrency = 64\n\
+             [[merchants]]\nmch_id = \"{MD5_MCH}\"\nappid = \"{MD5_APPID}\"\napi_key_file = \"k\"\n\
+             [schedule]\nscan_cron = \"* * * * * *\"\ngrace_seconds = 0\nbatch_size = 500\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
+            b.url,
+            s.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpay-reconciler"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let counts = b.store.count_by_state().await.unwrap();
+        let done = counts
+            .iter()
+            .find(|(s, _)| *s == OrderState::Success)
+            .map_or(0, |(_, n)| *n);
+        if done as u64 >= n || start.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let _ = child.kill().await;
+    s.shutdown(Duration::from_secs(1)).await.unwrap();
+    (hwm_kb, n as f64 / elapsed)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let sizes = if quick {
+        Sizes {
+            settle_orders: 2_000,
+            raw_orders: 2_000,
+            big_table: 100_000,
+            small_table: 10_000,
+            load_seconds: 3,
+            memory_orders: 5_000,
+        }
+    } else {
+        Sizes {
+            settle_orders: 20_000,
+            raw_orders: 20_000,
+            big_table: 1_000_000,
+            small_table: 10_000,
+            load_seconds: 10,
+            memory_orders: 100_000,
+        }
+    };
+    let pg = std::env::var("WXPAY_BENCH_POSTGRES_URL").ok();
+    let mut dbs = vec![Db::Sqlite];
+    if pg.is_some() {
+        dbs.push(Db::Postgres);
+    }
+
+    let sim_rate = sim_raw_rate(sizes.load_seconds, 64).await;
+    println!("simulator raw orderquery rate (64 connections): {sim_rate:.0} req/s");
+    for db in &dbs {
+        let b = fresh(*db, pg.as_deref()).await;
+        let raw = db_raw_rate(&b, sizes.raw_orders, 16).await;
+        let b = fresh(*db, pg.as_deref()).await;
+        let settled = settle_rate(&b, sizes.settle_orders).await;
+        let limit = raw.min(sim_rate);
+        println!(
+            "{db:?}: settled {settled:.0}/s; limits: simulator {sim_rate:.0}/s, database {raw:.0} tx/s; settled/lower limit = {:.0}%",
+            100.0 * settled / limit
+        );
+    }
+    let b = fresh(Db::Sqlite, None).await;
+    let capped = query_rate(&b, 3000, 500, 64, 0).await;
+    println!(
+        "QPS cap 500: achieved {capped:.1}/s ({:+.1}% of the cap)",
+        100.0 * (capped / 500.0 - 1.0)
+    );
+    let b = fresh(Db::Sqlite, None).await;
+    let little = query_rate(&b, 2000, 1_000_000, 16, 50).await;
+    let expected = 16.0 / 0.050;
+    println!(
+        "latency 50 ms, concurrency 16: achieved {little:.1}/s, Little's law {expected:.0}/s ({:+.1}%)",
+        100.0 * (little / expected - 1.0)
+    );
+    for db in &dbs {
+        let small = claim_time(*db, pg.as_deref(), sizes.small_table).await;
+        let big = claim_time(*db, pg.as_deref(), sizes.big_table).await;
+        println!(
+            "{db:?}: claim of 200 due orders: {:.2} ms in {} orders, {:.2} ms in {} orders (ratio {:.2})",
+            small.as_secs_f64() * 1000.0,
+            sizes.small_table,
+            big.as_secs_f64() * 1000.0,
+            sizes.big_table,
+            big.as_secs_f64() / small.as_secs_f64()
+        );
+    }
+    let (rss_kb, rate) = daemon_rss(sizes.memory_orders).await;
+    println!(
+        "daemon peak RSS draining {} due orders (SQLite): {:.1} MB at {rate:.0} settled/s",
+        sizes.memory_orders,
+        rss_kb as f64 / 1024.0
+    );
+}
