@@ -13,9 +13,18 @@ use quick_xml::events::{BytesStart, Event};
 /// Largest body the decoder reads. Real v2 messages are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// The fields of one v2 message, in document order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The fields of one v2 message, in document order. Two `Fields` are equal when they hold the
+/// same fields in the same order.
+#[derive(Debug, Clone, Default)]
 pub struct Fields(IndexMap<String, String>);
+
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.iter().eq(other.0.iter())
+    }
+}
+
+impl Eq for Fields {}
 
 impl Fields {
     pub fn new() -> Self {

@@ -473,3 +473,70 @@ async fn a_database_outage_mid_run_is_survived_and_caught_up() {
     running.await.unwrap().unwrap();
     e.finish().await;
 }
+
+#[tokio::test]
+async fn under_systemd_it_notifies_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let db = crate::db::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::new(db).await;
+    let config = write_config(dir.path(), &e.db.url, &e.sim.url());
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (received, done) = (received.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    received
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        })
+    };
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_for(
+        "READY=1 and WATCHDOG=1",
+        Duration::from_secs(10),
+        async || {
+            let r = received.lock().unwrap();
+            r.iter().any(|m| m.contains("READY=1")) && r.iter().any(|m| m.contains("WATCHDOG=1"))
+        },
+    )
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(12), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    wait_for("STOPPING=1", Duration::from_secs(2), async || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("STOPPING=1"))
+    })
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    e.finish().await;
+}
