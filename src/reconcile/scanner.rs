@@ -11,17 +11,28 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Decision, OrderView, Policy};
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::store::{
-    Applied, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError,
+    Applied, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError, Write,
 };
 use crate::telemetry::Telemetry;
 use crate::wxpay::{Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError};
+
+/// Writes committed together by a scan's writer (one transaction, one fsync).
+pub const MAX_WRITE_BATCH: usize = 64;
+
+/// One order's write, waiting for the scan's writer.
+struct WriteRequest {
+    row: OrderRow,
+    guard: Guard,
+    change: Change,
+    reply: oneshot::Sender<Result<(Applied, Change), StoreError>>,
+}
 
 /// How long every query waits after WeChat answered FREQUENCY_LIMITED.
 pub const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(5);
@@ -124,6 +135,10 @@ impl Scanner {
         let batch = inner.settings.batch_size;
         let slots = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
         let mut in_flight: JoinSet<Result<Processed, StoreError>> = JoinSet::new();
+        // Every order's write goes through one writer that commits whatever is waiting in one
+        // transaction: under load, dozens of guarded writes share one commit.
+        let (writes, queue) = mpsc::channel::<WriteRequest>(MAX_WRITE_BATCH * 2);
+        let writer = tokio::spawn(writer_loop(inner.store.clone(), queue));
         let mut report = ScanReport::default();
         let mut first_error: Option<StoreError> = None;
         'claiming: while !stop.is_cancelled() {
@@ -158,8 +173,9 @@ impl Scanner {
                 let Ok(permit) = permit else { break 'claiming };
                 let scanner = self.clone();
                 let stop = stop.clone();
+                let writes = writes.clone();
                 in_flight.spawn(async move {
-                    let processed = scanner.process(order, &stop).await;
+                    let processed = scanner.process(order, &stop, &writes).await;
                     drop(permit);
                     processed
                 });
@@ -173,6 +189,10 @@ impl Scanner {
         }
         while let Some(joined) = in_flight.join_next().await {
             tally(&inner.telemetry, joined, &mut report, &mut first_error);
+        }
+        drop(writes);
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "writer task failed");
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -190,6 +210,7 @@ impl Scanner {
         &self,
         order: ClaimedOrder,
         stop: &CancellationToken,
+        writes: &mpsc::Sender<WriteRequest>,
     ) -> Result<Processed, StoreError> {
         let inner = &self.inner;
         if stop.is_cancelled() {
@@ -203,7 +224,7 @@ impl Scanner {
                 note: Some(format!("merchant {} is not configured", row.mch_id)),
             };
             tracing::warn!(mch_id = %row.mch_id, out_trade_no = %row.out_trade_no, "order of an unconfigured merchant");
-            return self.write(row, order.guard(), &change, Source::Poll).await;
+            return self.write(row, order.guard(), change, writes).await;
         };
         let Ok(out_trade_no) = OutTradeNo::parse(&row.out_trade_no) else {
             let change = Change::GiveUp {
@@ -215,7 +236,7 @@ impl Scanner {
             inner
                 .telemetry
                 .gave_up(&row.mch_id, &row.out_trade_no, "invalid out_trade_no");
-            return self.write(row, order.guard(), &change, Source::Poll).await;
+            return self.write(row, order.guard(), change, writes).await;
         };
 
         tokio::select! {
@@ -243,27 +264,32 @@ impl Scanner {
                 .telemetry
                 .gave_up(&row.mch_id, &row.out_trade_no, reason);
         }
-        self.write(row, order.guard(), &change, Source::Poll).await
+        self.write(row, order.guard(), change, writes).await
     }
 
-    /// Applies a change and reports it.
+    /// Hands a change to the scan's writer, waits for its commit, and reports it.
     async fn write(
         &self,
         row: &OrderRow,
         guard: Guard,
-        change: &Change,
-        source: Source,
+        change: Change,
+        writes: &mpsc::Sender<WriteRequest>,
     ) -> Result<Processed, StoreError> {
-        let applied = self
-            .inner
-            .store
-            .apply(row, guard, change, Utc::now())
-            .await?;
+        let (reply, done) = oneshot::channel();
+        let request = WriteRequest {
+            row: row.clone(),
+            guard,
+            change,
+            reply,
+        };
+        let closed = || StoreError::Query("the scan's writer stopped".into());
+        writes.send(request).await.map_err(|_| closed())?;
+        let (applied, change) = done.await.map_err(|_| closed())??;
         Ok(report_applied(
             &self.inner.telemetry,
             row,
-            change,
-            source,
+            &change,
+            Source::Poll,
             applied,
         ))
     }
@@ -306,6 +332,36 @@ impl Scanner {
             }
         }
         self.inner.limiter.until_ready().await;
+    }
+}
+
+/// Commits waiting writes in batches of up to [`MAX_WRITE_BATCH`] until every sender is gone.
+async fn writer_loop(store: Store, mut queue: mpsc::Receiver<WriteRequest>) {
+    let mut batch: Vec<WriteRequest> = Vec::with_capacity(MAX_WRITE_BATCH);
+    while queue.recv_many(&mut batch, MAX_WRITE_BATCH).await > 0 {
+        let writes: Vec<Write<'_>> = batch
+            .iter()
+            .map(|r| Write {
+                order: &r.row,
+                guard: r.guard,
+                change: &r.change,
+            })
+            .collect();
+        let result = store.apply_many(&writes, Utc::now()).await;
+        drop(writes);
+        match result {
+            Ok(applied) => {
+                for (request, applied) in batch.drain(..).zip(applied) {
+                    // The order's task may be gone (aborted); its result then has no reader.
+                    let _unread = request.reply.send(Ok((applied, request.change)));
+                }
+            }
+            Err(e) => {
+                for request in batch.drain(..) {
+                    let _unread = request.reply.send(Err(e.same()));
+                }
+            }
+        }
     }
 }
 

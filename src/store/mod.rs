@@ -119,6 +119,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same error for another caller (a failed batch fails each of its writes).
+    pub fn same(&self) -> StoreError {
+        if self.is_retryable() {
+            StoreError::Unavailable(self.to_string())
+        } else {
+            StoreError::Query(self.to_string())
+        }
+    }
+
     /// An outage or a transient failure: the daemon keeps running and tries again.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Query(_))
@@ -218,6 +227,14 @@ pub enum Change {
     },
     /// Still open, but stop polling.
     GiveUp { reason: String },
+}
+
+/// One guarded write of [`Store::apply_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    pub order: &'a OrderRow,
+    pub guard: Guard,
+    pub change: &'a Change,
 }
 
 /// How a guarded write went.
@@ -328,7 +345,25 @@ impl Store {
         change: &Change,
         now: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
-        dispatch!(self, s => s.apply(order, guard, change, now).await)
+        let write = Write {
+            order,
+            guard,
+            change,
+        };
+        let mut applied = self.apply_many(std::slice::from_ref(&write), now).await?;
+        applied
+            .pop()
+            .ok_or_else(|| StoreError::Query("no result for a write".into()))
+    }
+
+    /// Applies several guarded changes in one transaction: one commit for all (the scanner's
+    /// writer batches what its queries produce), each with its own guard and result.
+    pub async fn apply_many(
+        &self,
+        writes: &[Write<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>, StoreError> {
+        dispatch!(self, s => s.apply_many(writes, now).await)
     }
 
     /// Open orders per merchant: how many, how many older than `stuck_before`, the oldest.

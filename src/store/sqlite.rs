@@ -16,7 +16,7 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 
 use super::{
     Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, OpenSummary, OrderRow, StoreError, change_note, parse_state,
+    OPEN_STATES_SQL, OpenSummary, OrderRow, StoreError, Write, change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -151,103 +151,118 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn apply(
+    /// Applies several guarded writes in one transaction (one commit, one fsync); each keeps
+    /// its own guard and its own result.
+    pub async fn apply_many(
         &self,
-        order: &OrderRow,
-        guard: Guard,
-        change: &Change,
+        writes: &[Write<'_>],
         now: DateTime<Utc>,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let note = change_note(change);
-        let now_s = ts(now);
-        let updated = match change {
-            Change::Settle {
-                settlement,
-                queried,
-                ..
-            } => {
-                sqlx::query(
-                    "UPDATE wxpay_orders SET state = ?1,
-                        transaction_id = COALESCE(?2, transaction_id),
-                        paid_at = COALESCE(?3, paid_at),
-                        query_count = query_count + ?4,
-                        last_queried_at = CASE WHEN ?4 = 1 THEN ?5 ELSE last_queried_at END,
-                        last_error = ?6, updated_at = ?5
-                     WHERE id = ?7 AND state = ?8 AND (?9 IS NULL OR lease = ?9)",
-                )
-                .bind(settlement.to.as_str())
-                .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-                .bind(settlement.paid_at.map(ts))
-                .bind(i64::from(*queried))
-                .bind(&now_s)
-                .bind(note)
-                .bind(guard.order_id)
-                .bind(guard.from.as_str())
-                .bind(guard.lease)
-                .execute(&mut *tx)
-                .await?
-            }
-            Change::Reschedule { at, .. } => {
-                sqlx::query(
-                    "UPDATE wxpay_orders SET next_query_at = ?1, query_count = query_count + 1,
-                        last_queried_at = ?2, last_error = ?3, updated_at = ?2
-                     WHERE id = ?4 AND state = ?5 AND (?6 IS NULL OR lease = ?6)",
-                )
-                .bind(ts(*at))
-                .bind(&now_s)
-                .bind(note)
-                .bind(guard.order_id)
-                .bind(guard.from.as_str())
-                .bind(guard.lease)
-                .execute(&mut *tx)
-                .await?
-            }
-            Change::GiveUp { .. } => {
-                sqlx::query(
-                    "UPDATE wxpay_orders SET gave_up_at = ?1, query_count = query_count + 1,
-                        last_queried_at = ?1, last_error = ?2, updated_at = ?1
-                     WHERE id = ?3 AND state = ?4 AND (?5 IS NULL OR lease = ?5)",
-                )
-                .bind(&now_s)
-                .bind(note)
-                .bind(guard.order_id)
-                .bind(guard.from.as_str())
-                .bind(guard.lease)
-                .execute(&mut *tx)
-                .await?
-            }
-        };
-        if updated.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(Applied::NoOp);
-        }
-        if let Change::Settle {
-            settlement, source, ..
-        } = change
-        {
-            sqlx::query(
-                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                    to_state, source, transaction_id, total_fee, detail, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .bind(order.id)
-            .bind(&order.mch_id)
-            .bind(&order.out_trade_no)
-            .bind(guard.from.as_str())
-            .bind(settlement.to.as_str())
-            .bind(source.as_str())
-            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-            .bind(settlement.reported_fee.map(|f| f.get()))
-            .bind(note)
-            .bind(&now_s)
-            .execute(&mut *tx)
-            .await?;
+        let mut applied = Vec::with_capacity(writes.len());
+        for w in writes {
+            applied.push(apply_one(&mut tx, w.order, w.guard, w.change, now).await?);
         }
         tx.commit().await?;
-        Ok(Applied::Done)
+        Ok(applied)
     }
+}
 
+async fn apply_one(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    order: &OrderRow,
+    guard: Guard,
+    change: &Change,
+    now: DateTime<Utc>,
+) -> Result<Applied, StoreError> {
+    let note = change_note(change);
+    let now_s = ts(now);
+    let updated = match change {
+        Change::Settle {
+            settlement,
+            queried,
+            ..
+        } => {
+            sqlx::query(
+                "UPDATE wxpay_orders SET state = ?1,
+                    transaction_id = COALESCE(?2, transaction_id),
+                    paid_at = COALESCE(?3, paid_at),
+                    query_count = query_count + ?4,
+                    last_queried_at = CASE WHEN ?4 = 1 THEN ?5 ELSE last_queried_at END,
+                    last_error = ?6, updated_at = ?5
+                 WHERE id = ?7 AND state = ?8 AND (?9 IS NULL OR lease = ?9)",
+            )
+            .bind(settlement.to.as_str())
+            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+            .bind(settlement.paid_at.map(ts))
+            .bind(i64::from(*queried))
+            .bind(&now_s)
+            .bind(note)
+            .bind(guard.order_id)
+            .bind(guard.from.as_str())
+            .bind(guard.lease)
+            .execute(&mut **tx)
+            .await?
+        }
+        Change::Reschedule { at, .. } => {
+            sqlx::query(
+                "UPDATE wxpay_orders SET next_query_at = ?1, query_count = query_count + 1,
+                    last_queried_at = ?2, last_error = ?3, updated_at = ?2
+                 WHERE id = ?4 AND state = ?5 AND (?6 IS NULL OR lease = ?6)",
+            )
+            .bind(ts(*at))
+            .bind(&now_s)
+            .bind(note)
+            .bind(guard.order_id)
+            .bind(guard.from.as_str())
+            .bind(guard.lease)
+            .execute(&mut **tx)
+            .await?
+        }
+        Change::GiveUp { .. } => {
+            sqlx::query(
+                "UPDATE wxpay_orders SET gave_up_at = ?1, query_count = query_count + 1,
+                    last_queried_at = ?1, last_error = ?2, updated_at = ?1
+                 WHERE id = ?3 AND state = ?4 AND (?5 IS NULL OR lease = ?5)",
+            )
+            .bind(&now_s)
+            .bind(note)
+            .bind(guard.order_id)
+            .bind(guard.from.as_str())
+            .bind(guard.lease)
+            .execute(&mut **tx)
+            .await?
+        }
+    };
+    if updated.rows_affected() == 0 {
+        return Ok(Applied::NoOp);
+    }
+    if let Change::Settle {
+        settlement, source, ..
+    } = change
+    {
+        sqlx::query(
+            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                to_state, source, transaction_id, total_fee, detail, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .bind(order.id)
+        .bind(&order.mch_id)
+        .bind(&order.out_trade_no)
+        .bind(guard.from.as_str())
+        .bind(settlement.to.as_str())
+        .bind(source.as_str())
+        .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
+        .bind(settlement.reported_fee.map(|f| f.get()))
+        .bind(note)
+        .bind(&now_s)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Applied::Done)
+}
+
+impl SqliteStore {
     pub async fn open_summary(
         &self,
         stuck_before: DateTime<Utc>,
