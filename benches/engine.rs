@@ -428,15 +428,26 @@ async fn main() {
             memory_orders: 100_000,
         }
     };
+    // `only=NAME,NAME` runs some parts: sim, settle, cap, little, claim, memory.
+    let only: Option<Vec<String>> = std::env::args().find_map(|a| {
+        a.strip_prefix("only=")
+            .map(|v| v.split(',').map(str::to_owned).collect())
+    });
+    let part = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let pg = std::env::var("WXPAY_BENCH_POSTGRES_URL").ok();
     let mut dbs = vec![Db::Sqlite];
     if pg.is_some() {
         dbs.push(Db::Postgres);
     }
 
-    let sim_rate = sim_raw_rate(sizes.load_seconds, 64).await;
-    println!("simulator raw orderquery rate (64 connections): {sim_rate:.0} req/s");
-    for db in &dbs {
+    let sim_rate = if part("sim") || part("settle") {
+        let r = sim_raw_rate(sizes.load_seconds, 64).await;
+        println!("simulator raw orderquery rate (64 connections): {r:.0} req/s");
+        r
+    } else {
+        f64::NAN
+    };
+    for db in dbs.iter().filter(|_| part("settle")) {
         let b = fresh(*db, pg.as_deref()).await;
         let raw = db_raw_rate(&b, sizes.raw_orders, 16).await;
         let b = fresh(*db, pg.as_deref()).await;
@@ -447,20 +458,24 @@ async fn main() {
             100.0 * settled / limit
         );
     }
-    let b = fresh(Db::Sqlite, None).await;
-    let capped = query_rate(&b, 3000, 500, 64, 0).await;
-    println!(
-        "QPS cap 500: achieved {capped:.1}/s ({:+.1}% of the cap)",
-        100.0 * (capped / 500.0 - 1.0)
-    );
-    let b = fresh(Db::Sqlite, None).await;
-    let little = query_rate(&b, 2000, 1_000_000, 16, 50).await;
-    let expected = 16.0 / 0.050;
-    println!(
-        "latency 50 ms, concurrency 16: achieved {little:.1}/s, Little's law {expected:.0}/s ({:+.1}%)",
-        100.0 * (little / expected - 1.0)
-    );
-    for db in &dbs {
+    if part("cap") {
+        let b = fresh(Db::Sqlite, None).await;
+        let capped = query_rate(&b, 3000, 500, 64, 0).await;
+        println!(
+            "QPS cap 500: achieved {capped:.1}/s ({:+.1}% of the cap)",
+            100.0 * (capped / 500.0 - 1.0)
+        );
+    }
+    if part("little") {
+        let b = fresh(Db::Sqlite, None).await;
+        let little = query_rate(&b, 2000, 1_000_000, 16, 50).await;
+        let expected = 16.0 / 0.050;
+        println!(
+            "latency 50 ms, concurrency 16: achieved {little:.1}/s, Little's law {expected:.0}/s ({:+.1}%)",
+            100.0 * (little / expected - 1.0)
+        );
+    }
+    for db in dbs.iter().filter(|_| part("claim")) {
         let small = claim_time(*db, pg.as_deref(), sizes.small_table).await;
         let big = claim_time(*db, pg.as_deref(), sizes.big_table).await;
         println!(
@@ -472,10 +487,12 @@ async fn main() {
             big.as_secs_f64() / small.as_secs_f64()
         );
     }
-    let (rss_kb, rate) = daemon_rss(sizes.memory_orders).await;
-    println!(
-        "daemon peak RSS draining {} due orders (SQLite): {:.1} MB at {rate:.0} settled/s",
-        sizes.memory_orders,
-        rss_kb as f64 / 1024.0
-    );
+    if part("memory") {
+        let (rss_kb, rate) = daemon_rss(sizes.memory_orders).await;
+        println!(
+            "daemon peak RSS draining {} due orders (SQLite): {:.1} MB at {rate:.0} settled/s",
+            sizes.memory_orders,
+            rss_kb as f64 / 1024.0
+        );
+    }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::{self, Decision, OrderView, Policy};
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::store::{
-    Applied, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError, Write,
+    Applied, Backend, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError, Write,
 };
 use crate::telemetry::Telemetry;
 use crate::wxpay::{Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError};
@@ -138,7 +138,17 @@ impl Scanner {
         // Every order's write goes through one writer that commits whatever is waiting in one
         // transaction: under load, dozens of guarded writes share one commit.
         let (writes, queue) = mpsc::channel::<WriteRequest>(MAX_WRITE_BATCH * 2);
-        let writer = tokio::spawn(writer_loop(inner.store.clone(), queue));
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let mut writers = JoinSet::new();
+        // SQLite has one writer at a time anyway; a server database takes a few in parallel,
+        // each batch paying its round trips while another commits.
+        let writer_count = match inner.store.backend() {
+            Backend::Sqlite => 1,
+            _ => 4,
+        };
+        for _ in 0..writer_count {
+            writers.spawn(writer_loop(inner.store.clone(), queue.clone()));
+        }
         let mut report = ScanReport::default();
         let mut first_error: Option<StoreError> = None;
         'claiming: while !stop.is_cancelled() {
@@ -191,8 +201,10 @@ impl Scanner {
             tally(&inner.telemetry, joined, &mut report, &mut first_error);
         }
         drop(writes);
-        if let Err(e) = writer.await {
-            tracing::error!(error = %e, "writer task failed");
+        while let Some(joined) = writers.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "writer task failed");
+            }
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -336,9 +348,17 @@ impl Scanner {
 }
 
 /// Commits waiting writes in batches of up to [`MAX_WRITE_BATCH`] until every sender is gone.
-async fn writer_loop(store: Store, mut queue: mpsc::Receiver<WriteRequest>) {
+async fn writer_loop(store: Store, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<WriteRequest>>>) {
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(MAX_WRITE_BATCH);
-    while queue.recv_many(&mut batch, MAX_WRITE_BATCH).await > 0 {
+    loop {
+        let received = queue
+            .lock()
+            .await
+            .recv_many(&mut batch, MAX_WRITE_BATCH)
+            .await;
+        if received == 0 {
+            break;
+        }
         let writes: Vec<Write<'_>> = batch
             .iter()
             .map(|r| Write {

@@ -70,8 +70,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // One writer at a time is SQLite's nature; a few readers suffice, and each connection
+        // carries its own page cache.
         let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.max(1))
+            .max_connections(options.max_connections.clamp(1, 4))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;

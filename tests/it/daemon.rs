@@ -540,3 +540,47 @@ async fn under_systemd_it_notifies_ready_watchdog_and_stopping() {
     reader.join().unwrap();
     e.finish().await;
 }
+
+#[tokio::test]
+async fn overlapping_ticks_are_skipped_and_counted_and_the_gauges_show_stuck_orders() {
+    let db = crate::db::sqlite().await;
+    let e = Engine::new(db).await;
+    let m = md5_merchant();
+    let old = e.order(&m, 10).await;
+    e.db.exec(
+        "UPDATE wxpay_orders SET created_at = datetime('now', '-1 hour') WHERE out_trade_no = $1",
+        &[&old],
+    )
+    .await;
+    // A scan that outlives several one-second ticks.
+    e.sim
+        .faults(json!({"endpoint": "orderquery", "latency_ms": 2500}))
+        .await;
+    let stop = CancellationToken::new();
+    let daemon = Daemon::start(&e.settings, stop.clone()).await.unwrap();
+    let t = daemon.telemetry.clone();
+    let running = tokio::spawn(daemon.wait());
+    let metric = |name: &str| metric_value(&t.render(), name);
+    wait_for("a skipped tick", Duration::from_secs(10), async || {
+        metric("wxpay_reconciler_scan_overlap_skipped_total") >= 1.0
+    })
+    .await;
+    wait_for("the stuck gauge", Duration::from_secs(5), async || {
+        metric("wxpay_reconciler_stuck_orders{mch_id=\"10000100\"}") == 1.0
+    })
+    .await;
+    assert!(metric("wxpay_reconciler_oldest_unpaid_age_seconds{mch_id=\"10000100\"}") >= 3599.0);
+    assert_eq!(
+        metric("wxpay_reconciler_open_orders{mch_id=\"10000100\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric("wxpay_reconciler_stuck_orders{mch_id=\"1900000109\"}"),
+        0.0
+    );
+    // The SQLite scan never ran twice at once: the simulator saw one query at a time.
+    assert_eq!(e.sim.sim.state.order_stats(&old).max_inflight, 1);
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    e.finish().await;
+}
