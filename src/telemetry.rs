@@ -173,7 +173,7 @@ impl Telemetry {
                         .absolute(0);
                 }
             }
-            for op in ["claim", "apply", "gauges", "ping"] {
+            for op in ["claim", "apply", "gauges"] {
                 counter!(DB_ERRORS, "op" => op).absolute(0);
             }
         });

@@ -433,3 +433,21 @@ pub(crate) fn change_note(change: &Change) -> Option<&str> {
         Change::GiveUp { reason } => Some(reason),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_password_never_prints() {
+        let url = DatabaseUrl::new("postgres://app:s3cret-pw@db.internal:5432/shop");
+        for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
+            assert!(!shown.contains("s3cret-pw"), "{shown}");
+            assert!(shown.contains("app:***@db.internal"), "{shown}");
+        }
+        assert_eq!(url.backend().unwrap(), Backend::Postgres);
+        assert_eq!(DatabaseUrl::new("sqlite:///var/lib/x.db").backend().unwrap(), Backend::Sqlite);
+        let err = DatabaseUrl::new("oracle://u:pw123@h/db").backend().unwrap_err().to_string();
+        assert!(!err.contains("pw123"), "{err}");
+    }
+}
