@@ -446,8 +446,16 @@ mod tests {
             assert!(shown.contains("app:***@db.internal"), "{shown}");
         }
         assert_eq!(url.backend().unwrap(), Backend::Postgres);
-        assert_eq!(DatabaseUrl::new("sqlite:///var/lib/x.db").backend().unwrap(), Backend::Sqlite);
-        let err = DatabaseUrl::new("oracle://u:pw123@h/db").backend().unwrap_err().to_string();
+        assert_eq!(
+            DatabaseUrl::new("sqlite:///var/lib/x.db")
+                .backend()
+                .unwrap(),
+            Backend::Sqlite
+        );
+        let err = DatabaseUrl::new("oracle://u:pw123@h/db")
+            .backend()
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("pw123"), "{err}");
     }
 }

@@ -120,7 +120,7 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let mut applied = Vec::with_capacity(writes.len());
         for w in writes {
-            applied.push(apply_one(&mut tx, w.order, w.guard, w.change, now).await?);
+            applied.push(apply_one(&mut tx, w.guard, w.change, now).await?);
         }
         tx.commit().await?;
         Ok(applied)
@@ -129,95 +129,80 @@ impl PgStore {
 
 async fn apply_one(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    order: &OrderRow,
     guard: Guard,
     change: &Change,
     now: DateTime<Utc>,
 ) -> Result<Applied, StoreError> {
     let note = change_note(change);
-    let updated = match change {
+    let affected = match change {
+        // The guarded UPDATE and its event in one statement: one round trip, and the event
+        // exists exactly when the UPDATE matched.
         Change::Settle {
             settlement,
             queried,
-            ..
-        } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET state = $1,
+            source,
+        } => sqlx::query(
+            "WITH moved AS (
+                UPDATE wxpay_orders SET state = $1,
                     transaction_id = COALESCE($2, transaction_id),
                     paid_at = COALESCE($3, paid_at),
                     query_count = query_count + $4,
                     last_queried_at = CASE WHEN $4 = 1 THEN $5 ELSE last_queried_at END,
                     last_error = $6, updated_at = $5
-                 WHERE id = $7 AND state = $8 AND ($9::BIGINT IS NULL OR lease = $9)",
+                WHERE id = $7 AND state = $8 AND ($9::BIGINT IS NULL OR lease = $9)
+                RETURNING id, mch_id, out_trade_no
             )
-            .bind(settlement.to.as_str())
-            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-            .bind(settlement.paid_at)
-            .bind(i32::from(*queried))
-            .bind(now)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-        Change::Reschedule { at, .. } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET next_query_at = $1, query_count = query_count + 1,
-                    last_queried_at = $2, last_error = $3, updated_at = $2
-                 WHERE id = $4 AND state = $5 AND ($6::BIGINT IS NULL OR lease = $6)",
-            )
-            .bind(at)
-            .bind(now)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-        Change::GiveUp { .. } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET gave_up_at = $1, query_count = query_count + 1,
-                    last_queried_at = $1, last_error = $2, updated_at = $1
-                 WHERE id = $3 AND state = $4 AND ($5::BIGINT IS NULL OR lease = $5)",
-            )
-            .bind(now)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-    };
-    if updated.rows_affected() == 0 {
-        return Ok(Applied::NoOp);
-    }
-    if let Change::Settle {
-        settlement, source, ..
-    } = change
-    {
-        sqlx::query(
-            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+            INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
                 to_state, source, transaction_id, total_fee, detail, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            SELECT id, mch_id, out_trade_no, $8, $1, $10, $2, $11, $6, $5 FROM moved",
         )
-        .bind(order.id)
-        .bind(&order.mch_id)
-        .bind(&order.out_trade_no)
-        .bind(guard.from.as_str())
         .bind(settlement.to.as_str())
-        .bind(source.as_str())
         .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-        .bind(settlement.reported_fee.map(|f| f.get()))
-        .bind(note)
+        .bind(settlement.paid_at)
+        .bind(i32::from(*queried))
         .bind(now)
+        .bind(note)
+        .bind(guard.order_id)
+        .bind(guard.from.as_str())
+        .bind(guard.lease)
+        .bind(source.as_str())
+        .bind(settlement.reported_fee.map(|f| f.get()))
         .execute(&mut **tx)
-        .await?;
-    }
-    Ok(Applied::Done)
+        .await?
+        .rows_affected(),
+        Change::Reschedule { at, .. } => sqlx::query(
+            "UPDATE wxpay_orders SET next_query_at = $1, query_count = query_count + 1,
+                last_queried_at = $2, last_error = $3, updated_at = $2
+             WHERE id = $4 AND state = $5 AND ($6::BIGINT IS NULL OR lease = $6)",
+        )
+        .bind(at)
+        .bind(now)
+        .bind(note)
+        .bind(guard.order_id)
+        .bind(guard.from.as_str())
+        .bind(guard.lease)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected(),
+        Change::GiveUp { .. } => sqlx::query(
+            "UPDATE wxpay_orders SET gave_up_at = $1, query_count = query_count + 1,
+                last_queried_at = $1, last_error = $2, updated_at = $1
+             WHERE id = $3 AND state = $4 AND ($5::BIGINT IS NULL OR lease = $5)",
+        )
+        .bind(now)
+        .bind(note)
+        .bind(guard.order_id)
+        .bind(guard.from.as_str())
+        .bind(guard.lease)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected(),
+    };
+    Ok(if affected == 0 {
+        Applied::NoOp
+    } else {
+        Applied::Done
+    })
 }
 
 impl PgStore {
