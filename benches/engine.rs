@@ -62,7 +62,10 @@ fn settings(url: &str, sim_url: &str) -> Settings {
             base_url: sim_url.to_owned(),
             backup_base_url: None,
             max_qps: 1_000_000,
-            concurrency: 64,
+            concurrency: std::env::var("WXPAY_BENCH_CONCURRENCY")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(64),
             ..WechatSettings::default()
         },
         merchants: sim::default_merchants(),
