@@ -289,6 +289,19 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             ),
         ));
     }
+    // A claimed batch must be queried well within its lease, or its tail could be claimed
+    // again by another instance while still waiting for its turn under the QPS cap.
+    let batch_budget = u64::from(w.max_qps) * s.lease_seconds / 2;
+    if u64::from(s.batch_size) > batch_budget.max(1) {
+        return Err(invalid(
+            "schedule.batch_size",
+            format!(
+                "at wechat.max_qps = {} a batch of {} takes longer than half of lease_seconds ({}); \
+                 lower batch_size to {batch_budget} or less, or raise lease_seconds",
+                w.max_qps, s.batch_size, s.lease_seconds
+            ),
+        ));
+    }
     if !(1..=24 * 30).contains(&s.give_up_after_hours) {
         return Err(invalid(
             "schedule.give_up_after_hours",
@@ -517,6 +530,21 @@ mod tests {
                 "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\nsign_type = \"SHA1\"\napi_key_env = \"X\"\n",
                 "sign_type",
             ),
+            (
+                "[wechat]\nmax_qps = 1\n[schedule]\nbatch_size = 200\n",
+                "schedule.batch_size",
+            ),
+            (
+                "[schedule]\nscan_cron = \"*/5 * * * *\"\n",
+                "schedule.scan_cron",
+            ),
+            (
+                "[schedule]\nscan_cron = \"x * * * * *\"\n",
+                "schedule.scan_cron",
+            ),
+            ("[schedule]\nlease_seconds = 5\n", "schedule.lease_seconds"),
+            ("[database]\nurl = \"oracle://x\"\n", "database.url"),
+            ("[metrics]\nlisten = \"not an address\"\n", "metrics.listen"),
         ];
         for (text, key) in cases {
             let cfg = write(dir.path(), "c.toml", text);
