@@ -420,7 +420,15 @@ async fn a_scanner_killed_mid_batch_loses_nothing_its_orders_come_back_after_the
             let scanner = e.scanner.clone();
             tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wait until every order's query is in flight (so all are claimed), then kill it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.sim.sim.state.total_inflight() < orders.len() as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?}: queries never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         doomed.abort();
         let _ = doomed.await;
         e.sim.faults(json!({"endpoint": "orderquery"})).await;
