@@ -320,9 +320,18 @@ async fn the_merchants_own_handler_racing_the_scanner_records_one_transition() {
             let scanner = e.scanner.clone();
             tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
         };
+        // Every order is claimed and being queried before the handler starts racing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.sim.sim.state.total_inflight() < orders.len() as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?}: queries never started"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let mut handler_won = 0;
         for (i, otn) in orders.iter().enumerate() {
-            tokio::time::sleep(Duration::from_millis(if i % 2 == 0 { 5 } else { 40 })).await;
+            tokio::time::sleep(Duration::from_millis(if i % 2 == 0 { 1 } else { 25 })).await;
             handler_won += e
                 .db
                 .exec("UPDATE wxpay_orders SET state = 'SUCCESS' WHERE out_trade_no = $1 AND state = 'NOTPAY'", &[otn])
