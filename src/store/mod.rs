@@ -3,11 +3,13 @@
 //!
 //! - **Claim**: due open orders, most overdue first, at most `limit`, leased by moving
 //!   `next_query_at` to `lease_until` and bumping the `lease` fencing token in the same
-//!   statement (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: one atomic `UPDATE … RETURNING`).
+//!   statement or transaction (PostgreSQL, MySQL/MariaDB: `FOR UPDATE SKIP LOCKED`; SQLite: one
+//!   atomic `UPDATE … RETURNING`).
 //! - **Apply**: one transaction with a guarded `UPDATE … WHERE state = from AND lease = n` and,
 //!   for a state change, the event `INSERT`. Zero rows means someone else got there first:
 //!   nothing is recorded, and the caller counts a no-op.
 
+mod mysql;
 mod postgres;
 mod sqlite;
 
@@ -269,6 +271,7 @@ pub struct ClaimRequest {
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
     Postgres(postgres::PgStore),
+    Mysql(mysql::MySqlStore),
 }
 
 /// How to open the database.
@@ -286,6 +289,7 @@ macro_rules! dispatch {
         match $self {
             Store::Sqlite($s) => $e,
             Store::Postgres($s) => $e,
+            Store::Mysql($s) => $e,
         }
     };
 }
@@ -297,9 +301,7 @@ impl Store {
         match options.url.backend()? {
             Backend::Sqlite => Ok(Store::Sqlite(sqlite::SqliteStore::connect(options).await?)),
             Backend::Postgres => Ok(Store::Postgres(postgres::PgStore::connect(options)?)),
-            Backend::Mysql => Err(StoreError::Config(
-                "MySQL/MariaDB support is not in this build yet".into(),
-            )),
+            Backend::Mysql => Ok(Store::Mysql(mysql::MySqlStore::connect(options)?)),
         }
     }
 
@@ -307,6 +309,7 @@ impl Store {
         match self {
             Store::Sqlite(_) => Backend::Sqlite,
             Store::Postgres(_) => Backend::Postgres,
+            Store::Mysql(_) => Backend::Mysql,
         }
     }
 

@@ -1,20 +1,23 @@
 //! The backends a test runs on (DESIGN.md, "Tests and their databases"): SQLite always, in a
-//! fresh file; PostgreSQL when `WXPAY_TEST_POSTGRES_URL` is set, in a fresh schema.
+//! fresh file; PostgreSQL when `WXPAY_TEST_POSTGRES_URL` is set, in a fresh schema; MySQL or
+//! MariaDB when `WXPAY_TEST_MYSQL_URL` is set, in a fresh database.
 //! `WXPAY_TEST_REQUIRE_BACKENDS=postgres,…` makes an unset or unreachable backend a failure
 //! instead of a skip.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
+use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 use wxpay_reconciler::store::{ConnectOptions, DatabaseUrl, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Sqlite,
     Postgres,
+    Mysql,
 }
 
 /// A fresh database for one test, with a raw connection playing the merchant's application.
@@ -30,6 +33,7 @@ pub struct TestDb {
 enum Raw {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    Mysql(MySqlPool),
 }
 
 fn required(name: &str) -> bool {
@@ -65,6 +69,24 @@ pub async fn backends() -> Vec<TestDb> {
         }
         Err(_) => {}
     }
+    match std::env::var("WXPAY_TEST_MYSQL_URL") {
+        Ok(base) => match mysql(&base).await {
+            Ok(db) => dbs.push(db),
+            Err(e) if required("mysql") => panic!("MySQL/MariaDB is required but unreachable: {e}"),
+            Err(e) => eprintln!("skipping MySQL/MariaDB: {e}"),
+        },
+        Err(_) if required("mysql") => {
+            panic!("WXPAY_TEST_REQUIRE_BACKENDS names mysql but WXPAY_TEST_MYSQL_URL is not set")
+        }
+        Err(_) => {}
+    }
+    dbs
+}
+
+/// The server backends (several instances on one database), each fresh.
+pub async fn server_backends() -> Vec<TestDb> {
+    let mut dbs = backends().await;
+    dbs.retain(|d| d.kind != Kind::Sqlite);
     dbs
 }
 
@@ -143,6 +165,70 @@ async fn postgres(base: &str) -> Result<TestDb, sqlx::Error> {
     })
 }
 
+async fn mysql(base: &str) -> Result<TestDb, sqlx::Error> {
+    let admin = MySqlPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(base)
+        .await?;
+    let name = unique("wxt");
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    // The same server, the fresh database.
+    let (server, query) = match base.split_once('?') {
+        Some((s, q)) => (s, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let server = match server.rfind('/') {
+        Some(i) if i > "mysql://".len() => &server[..i],
+        _ => server,
+    };
+    let url = format!("{server}/{name}{query}");
+    let store = Store::connect(&ConnectOptions {
+        url: DatabaseUrl::new(&url),
+        max_connections: 8,
+        create_if_missing: false,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    let raw = MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?;
+    Ok(TestDb {
+        kind: Kind::Mysql,
+        url,
+        store,
+        raw: Raw::Mysql(raw),
+        schema: Some(name),
+        _dir: None,
+    })
+}
+
+/// `$1`, `$2`, … → `?` (the tests' statements bind in order).
+fn question_marks(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+            while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                chars.next();
+            }
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl TestDb {
     /// Runs a statement as the merchant's application would; returns the rows affected.
     /// Placeholders are `$1` style; they are rewritten to `?1` for SQLite.
@@ -163,6 +249,13 @@ impl TestDb {
                 }
                 q.execute(p).await.unwrap().rows_affected()
             }
+            Raw::Mysql(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(question_marks(sql)));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.unwrap().rows_affected()
+            }
         }
     }
 
@@ -175,16 +268,28 @@ impl TestDb {
             Kind::Postgres => {
                 "UPDATE wxpay_orders SET next_query_at = '2000-01-01 00:00:00+00' WHERE out_trade_no = $1"
             }
+            Kind::Mysql => {
+                "UPDATE wxpay_orders SET next_query_at = '2000-01-01 00:00:00' WHERE out_trade_no = $1"
+            }
         };
         assert_eq!(self.exec(sql, &[out_trade_no]).await, 1);
     }
 
-    /// Drops the PostgreSQL schema (SQLite's directory goes with the value).
+    /// Drops the PostgreSQL schema or the MySQL database (SQLite's directory goes with the
+    /// value).
     pub async fn cleanup(self) {
-        if let (Some(schema), Raw::Postgres(p)) = (&self.schema, &self.raw) {
-            let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(p)
-                .await;
+        match (&self.schema, &self.raw) {
+            (Some(schema), Raw::Postgres(p)) => {
+                let _ = sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                    .execute(p)
+                    .await;
+            }
+            (Some(db), Raw::Mysql(p)) => {
+                let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE {db}")))
+                    .execute(p)
+                    .await;
+            }
+            _ => {}
         }
     }
 }

@@ -368,45 +368,139 @@ async fn the_merchants_own_handler_racing_the_scanner_records_one_transition() {
 
 #[tokio::test]
 async fn two_scanners_on_one_database_never_query_the_same_order() {
-    // SQLite is single-instance; this is PostgreSQL's promise (FOR UPDATE SKIP LOCKED).
-    let Some(db) = crate::db::postgres_only().await else {
-        eprintln!("skipped: PostgreSQL not configured");
-        return;
-    };
-    let e = Engine::with(db, |s| s.schedule.batch_size = 20).await;
-    e.sim
-        .faults(json!({"endpoint": "orderquery", "latency_ms": 20}))
-        .await;
-    let m = hmac_merchant();
-    let mut orders = Vec::new();
-    for i in 0..120 {
-        let otn = e.order(&m, 10).await;
-        if i % 2 == 0 {
-            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+    // SQLite is single-instance; this is the server databases' promise (FOR UPDATE SKIP LOCKED).
+    for db in crate::db::server_backends().await {
+        let kind = db.kind;
+        let e = Engine::with(db, |s| s.schedule.batch_size = 20).await;
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 20}))
+            .await;
+        let m = hmac_merchant();
+        let mut orders = Vec::new();
+        for i in 0..120 {
+            let otn = e.order(&m, 10).await;
+            if i % 2 == 0 {
+                e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            }
+            orders.push(otn);
         }
-        orders.push(otn);
+        let a = e.scanner.clone();
+        let b = e.second_scanner();
+        let (ra, rb) = tokio::join!(
+            async move { a.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
+            async move { b.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
+        );
+        assert_eq!(
+            ra.claimed + rb.claimed,
+            orders.len(),
+            "{kind:?}: every due order claimed once: {ra:?} {rb:?}"
+        );
+        assert!(
+            ra.claimed > 0 && rb.claimed > 0,
+            "{kind:?}: both instances worked: {ra:?} {rb:?}"
+        );
+        for otn in &orders {
+            let s = e.sim.sim.state.order_stats(otn);
+            assert_eq!((s.queries, s.max_inflight), (1, 1), "{kind:?} {otn}");
+        }
+        assert_eq!(ra.settled + rb.settled, orders.len() / 2, "{kind:?}");
+        e.finish().await;
     }
-    let a = e.scanner.clone();
-    let b = e.second_scanner();
-    let (ra, rb) = tokio::join!(
-        async move { a.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
-        async move { b.scan(&CancellationToken::new(), &|| {}).await.unwrap() },
-    );
-    assert_eq!(
-        ra.claimed + rb.claimed,
-        orders.len(),
-        "every due order claimed once: {ra:?} {rb:?}"
-    );
+}
+
+/// The same orders, settled on every backend against one simulator, leave the same rows:
+/// amounts, states, transaction ids, payment times and events agree to the microsecond.
+#[tokio::test]
+async fn every_backend_settles_the_same_orders_into_the_same_rows() {
+    let sim = TestSim::start().await;
+    let m = md5_merchant();
+    // (order number, ordered fee, paid fee or unpaid)
+    let cases: Vec<(String, i64, Option<i64>)> = (0..8)
+        .map(|i| {
+            let otn = unique_otn("same").to_string();
+            let fee = 1 + i * 9_999_999_999;
+            let paid = match i % 4 {
+                0 | 1 => Some(fee),
+                2 => Some(fee + 1),
+                _ => None,
+            };
+            (otn, fee, paid)
+        })
+        .collect();
+    for (otn, fee, paid) in &cases {
+        sim.create_order(&m, &otn.parse().unwrap(), *fee).await;
+        if let Some(p) = paid {
+            sim.pay(
+                &m,
+                &otn.parse().unwrap(),
+                json!({"notify": "drop", "total_fee": p}),
+            )
+            .await;
+        }
+    }
+    let mut seen: Vec<(Kind, Vec<String>)> = Vec::new();
+    for db in backends().await {
+        let kind = db.kind;
+        let cfg = settings(&db.url, &sim.url());
+        let scanner =
+            daemon::scanner(&cfg, db.store.clone(), Telemetry::new(["10000100"])).unwrap();
+        for (otn, fee, _) in &cases {
+            db.store
+                .insert_order(&NewOrder {
+                    mch_id: m.mch_id.as_str(),
+                    appid: m.appid.as_str(),
+                    out_trade_no: otn,
+                    total_fee: *fee,
+                })
+                .await
+                .unwrap();
+        }
+        scanner
+            .scan(&CancellationToken::new(), &|| {})
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        for (otn, _, _) in &cases {
+            let r = db.store.find(otn).await.unwrap().remove(0);
+            let events: Vec<String> = db
+                .store
+                .events(r.id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| {
+                    format!(
+                        "{}>{} {} {:?} {:?} {:?}",
+                        e.from_state, e.to_state, e.source, e.transaction_id, e.total_fee, e.detail
+                    )
+                })
+                .collect();
+            rows.push(format!(
+                "{} {} {} {:?} {:?} q{} {:?} {:?}",
+                r.out_trade_no,
+                r.state,
+                r.total_fee,
+                r.transaction_id,
+                r.paid_at.map(|t| t.timestamp_micros()),
+                r.query_count,
+                r.last_error,
+                events
+            ));
+        }
+        seen.push((kind, rows));
+        db.cleanup().await;
+    }
+    let (first_kind, first) = &seen[0];
     assert!(
-        ra.claimed > 0 && rb.claimed > 0,
-        "both instances worked: {ra:?} {rb:?}"
+        first.iter().any(|r| r.contains("AMOUNT_MISMATCH"))
+            && first.iter().any(|r| r.contains(" SUCCESS "))
     );
-    for otn in &orders {
-        let s = e.sim.sim.state.order_stats(otn);
-        assert_eq!((s.queries, s.max_inflight), (1, 1), "{otn}");
+    for (kind, rows) in &seen[1..] {
+        for (a, b) in first.iter().zip(rows) {
+            assert_eq!(a, b, "{first_kind:?} and {kind:?} disagree");
+        }
     }
-    assert_eq!(ra.settled + rb.settled, orders.len() / 2);
-    e.finish().await;
+    sim.stop().await;
 }
 
 #[tokio::test]
@@ -580,6 +674,9 @@ async fn order_not_exist_is_closed_locally_after_expiry() {
             }
             Kind::Postgres => {
                 "UPDATE wxpay_orders SET expires_at = now() - interval '1 minute' WHERE out_trade_no = $1"
+            }
+            Kind::Mysql => {
+                "UPDATE wxpay_orders SET expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 MINUTE WHERE out_trade_no = $1"
             }
         };
         e.db.exec(past, &[&otn]).await;
