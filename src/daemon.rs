@@ -18,7 +18,7 @@ use crate::http::{self, Health};
 use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::shutdown::{DRAIN_DEADLINE, systemd};
-use crate::store::{ConnectOptions, Store, StoreError};
+use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
 use crate::telemetry::Telemetry;
 use crate::wxpay::{WxPayClient, WxPayError};
 
@@ -89,6 +89,8 @@ pub struct Daemon {
     stop: CancellationToken,
     tasks: JoinSet<()>,
     scheduler: JobScheduler,
+    /// SQLite: held while running, so a second daemon on the same file refuses to start.
+    _instance_lock: Option<InstanceLock>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -107,6 +109,7 @@ impl Daemon {
         stop: CancellationToken,
     ) -> Result<Daemon, DaemonError> {
         let store = open_store(settings, false).await?;
+        let instance_lock = store.lock_instance()?;
         store.check_schema().await?;
         let telemetry = Telemetry::new(settings.merchants.iter().map(|m| m.mch_id.as_str()));
         let scanner = scanner(settings, store.clone(), telemetry.clone())?;
@@ -198,6 +201,7 @@ impl Daemon {
             stop,
             tasks,
             scheduler,
+            _instance_lock: instance_lock,
         })
     }
 

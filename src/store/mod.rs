@@ -13,6 +13,8 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
+pub use sqlite::InstanceLock;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -112,6 +114,8 @@ pub enum StoreError {
     NoDatabaseFile(String),
     #[error("migration failed: {0}")]
     Migrate(String),
+    #[error("{0}")]
+    InstanceRunning(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
@@ -310,6 +314,16 @@ impl Store {
             Store::Sqlite(_) => Backend::Sqlite,
             Store::Postgres(_) => Backend::Postgres,
             Store::Mysql(_) => Backend::Mysql,
+        }
+    }
+
+    /// For SQLite, the lock that makes the daemon the database's only instance (a second one
+    /// fails with [`StoreError::InstanceRunning`]); server databases coordinate instances with
+    /// row locks and need none.
+    pub fn lock_instance(&self) -> Result<Option<InstanceLock>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.lock_instance().map(Some),
+            Store::Postgres(_) | Store::Mysql(_) => Ok(None),
         }
     }
 

@@ -50,6 +50,14 @@ fn opt_ts(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreErr
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    path: std::path::PathBuf,
+}
+
+/// Held by the one daemon running on a SQLite database; released when dropped (or when the
+/// process dies, however it dies).
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: std::fs::File,
 }
 
 impl SqliteStore {
@@ -77,7 +85,34 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, path })
+    }
+
+    /// Takes the database's instance lock (`<file>.lock` beside it), or fails when another
+    /// daemon holds it: SQLite has one writer, so it is for one instance.
+    pub fn lock_instance(&self) -> Result<InstanceLock, StoreError> {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = std::path::PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Config(format!("cannot open {}: {e}", lock_path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(InstanceLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InstanceRunning(format!(
+                "another wxpay-reconciler is running on SQLite database {} (it holds {}); \
+                 SQLite serves one instance: stop the other, or use PostgreSQL or MySQL to run several",
+                self.path.display(),
+                lock_path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Config(format!(
+                "cannot lock {}: {e}",
+                lock_path.display()
+            ))),
+        }
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

@@ -584,3 +584,177 @@ async fn overlapping_ticks_are_skipped_and_counted_and_the_gauges_show_stuck_ord
     running.await.unwrap().unwrap();
     e.finish().await;
 }
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_sqlite_file_refuses_to_start() {
+    let db = crate::db::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::new(db).await;
+    let config = write_config(dir.path(), &e.db.url, &e.sim.url());
+    let (mut first, _, _) = spawn_run(&config);
+    let (ok, _, err) = run_cmd(&config, &["run"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("another wxpay-reconciler is running on SQLite database")
+            && err.contains(".lock"),
+        "{err}"
+    );
+    Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(&mut first, Duration::from_secs(12)).success());
+    // Once the first is gone, the lock is free again.
+    let (mut second, _, _) = spawn_run(&config);
+    Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(&mut second, Duration::from_secs(12)).success());
+    e.finish().await;
+}
+
+/// A config for several short-lease instances: 1 s WeChat timeout, 7 s leases.
+fn write_short_lease_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf {
+    let path = write_config(dir, db_url, sim_url);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("timeout_ms = 2000", "timeout_ms = 1000")
+        .replace("connect_timeout_ms = 1000", "connect_timeout_ms = 500")
+        .replace(
+            "grace_seconds = 0",
+            "grace_seconds = 0\nlease_seconds = 7\nbatch_size = 20",
+        );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn signal(child: &Child, name: &str) {
+    Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_daemon_paused_past_its_lease_finds_its_late_write_refused() {
+    for db in crate::db::server_backends().await {
+        let kind = db.kind;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::new(db).await;
+        let config = write_short_lease_config(dir.path(), &e.db.url, &e.sim.url());
+        let m = md5_merchant();
+        let mut orders = Vec::new();
+        for _ in 0..3 {
+            let otn = e.order(&m, 77).await;
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            orders.push(otn);
+        }
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 600}))
+            .await;
+        let (mut a, a_metrics, _) = spawn_run(&config);
+        wait_for(
+            "A's queries in flight",
+            Duration::from_secs(10),
+            async || e.sim.sim.state.total_inflight() >= orders.len() as u64,
+        )
+        .await;
+        signal(&a, "STOP");
+        e.sim.faults(json!({"endpoint": "orderquery"})).await;
+
+        // B takes over once A's leases pass, and settles everything.
+        let (mut b, _, _) = spawn_run(&config);
+        for otn in &orders {
+            wait_for("B to settle", Duration::from_secs(30), async || {
+                e.row(otn).await.state == OrderState::Success
+            })
+            .await;
+        }
+        // A wakes up and writes what it learned before its pause: refused by the lease.
+        signal(&a, "CONT");
+        wait_for("A's refused write", Duration::from_secs(15), async || {
+            metric_value(
+                &get(a_metrics, "/metrics").await.1,
+                "wxpay_reconciler_noop_total{source=\"poll\"}",
+            ) >= 1.0
+        })
+        .await;
+        let a_text = get(a_metrics, "/metrics").await.1;
+        assert_eq!(
+            metric_value(
+                &a_text,
+                "wxpay_reconciler_transitions_total{from=\"NOTPAY\",to=\"SUCCESS\",source=\"poll\"}"
+            ),
+            0.0,
+            "{kind:?}: A settled nothing"
+        );
+        for otn in &orders {
+            assert_eq!(
+                e.events(otn).await.len(),
+                1,
+                "{kind:?}: {otn} recorded once"
+            );
+        }
+        for child in [&a, &b] {
+            signal(child, "TERM");
+        }
+        assert!(wait_exit(&mut a, Duration::from_secs(12)).success());
+        assert!(wait_exit(&mut b, Duration::from_secs(12)).success());
+        e.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn three_daemons_share_one_database_and_survive_a_sigkill() {
+    for db in crate::db::server_backends().await {
+        let kind = db.kind;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::new(db).await;
+        let config = write_short_lease_config(dir.path(), &e.db.url, &e.sim.url());
+        let m = md5_merchant();
+        let mut orders = Vec::new();
+        for _ in 0..60 {
+            let otn = e.order(&m, 5).await;
+            e.pay(&m, &otn, json!({"notify": "drop"})).await;
+            orders.push(otn);
+        }
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
+            .await;
+        let mut daemons: Vec<Child> = (0..3).map(|_| spawn_run(&config).0).collect();
+        wait_for("queries in flight", Duration::from_secs(10), async || {
+            e.sim.sim.state.total_inflight() >= 1
+        })
+        .await;
+        // One instance dies mid-scan, without a chance to clean up.
+        signal(&daemons[0], "KILL");
+        daemons[0].wait().unwrap();
+        for otn in &orders {
+            wait_for(
+                "every order to settle",
+                Duration::from_secs(40),
+                async || e.row(otn).await.state == OrderState::Success,
+            )
+            .await;
+        }
+        for otn in &orders {
+            let s = e.sim.sim.state.order_stats(otn);
+            assert_eq!(
+                s.max_inflight, 1,
+                "{kind:?} {otn}: never queried by two instances at once"
+            );
+            assert!(
+                s.queries <= 2,
+                "{kind:?} {otn}: queried {} times",
+                s.queries
+            );
+            assert_eq!(e.events(otn).await.len(), 1, "{kind:?} {otn}: settled once");
+        }
+        for d in daemons.iter_mut().skip(1) {
+            signal(d, "TERM");
+            assert!(wait_exit(d, Duration::from_secs(12)).success());
+        }
+        e.finish().await;
+    }
+}
