@@ -24,6 +24,12 @@ use crate::domain::{OrderState, Source};
 /// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.
 pub fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // tokio-cron-scheduler logs a spurious ERROR ("Error receiving job removal Closed") from
+    // this module whenever it shuts down; an operator must not see an error on every stop.
+    let filter = match "tokio_cron_scheduler::simple::to_code=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // Err means a subscriber is already installed (a test harness): keep that one.
     let _already_set = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -224,6 +224,10 @@ async fn run_settles_serves_metrics_and_drains_on_sigterm() {
         let log = log.lock().unwrap().join("\n");
         assert!(log.contains("reconciler stopped"), "{log}");
         assert!(
+            !log.contains(" ERROR "),
+            "a clean run and stop logs no error:\n{log}"
+        );
+        assert!(
             !log.contains(crate::helpers::MD5_KEY) && !log.contains(crate::helpers::HMAC_KEY),
             "no key in logs"
         );

@@ -259,6 +259,23 @@ impl TestDb {
         }
     }
 
+    /// Runs several `;`-separated statements on one connection (a session of the merchant's
+    /// application), with no parameters.
+    pub async fn exec_script(&self, sql: &str) {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match &self.raw {
+            Raw::Sqlite(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+            Raw::Postgres(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+            Raw::Mysql(p) => {
+                sqlx::raw_sql(sql).execute(p).await.unwrap();
+            }
+        }
+    }
+
     /// Moves an order's next query into the past (time passing, without waiting for it).
     pub async fn make_due(&self, out_trade_no: &str) {
         let sql = match self.kind {

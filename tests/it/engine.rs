@@ -696,3 +696,34 @@ async fn order_not_exist_is_closed_locally_after_expiry() {
         e.finish().await;
     }
 }
+
+#[tokio::test]
+async fn timestamps_are_utc_whatever_the_merchants_session_time_zone() {
+    for db in backends().await {
+        let kind = db.kind;
+        let otn = unique_otn("tz").to_string();
+        // The merchant's application inserts from a session in China Standard Time.
+        let zone = match kind {
+            Kind::Sqlite => "",
+            Kind::Postgres => "SET TIME ZONE 'Asia/Shanghai';",
+            Kind::Mysql => "SET time_zone = '+08:00';",
+        };
+        db.exec_script(&format!(
+            "{zone} INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee) \
+             VALUES ('10000100', 'wxd930ea5d5a258f4f', '{otn}', 9007199254740993)"
+        ))
+        .await;
+        let row = db.store.find(&otn).await.unwrap().remove(0);
+        let skew = (Utc::now() - row.created_at).num_seconds().abs();
+        assert!(
+            skew < 60,
+            "{kind:?}: created_at {} is {skew}s away from now (UTC)",
+            row.created_at
+        );
+        assert_eq!(
+            row.total_fee, 9_007_199_254_740_993,
+            "{kind:?}: amounts are exact integers"
+        );
+        db.cleanup().await;
+    }
+}
