@@ -490,6 +490,21 @@ async fn main() {
             big.as_secs_f64() / small.as_secs_f64()
         );
     }
+    // The PostgreSQL schemas this run made (one holds a million rows) go away with it.
+    if let Some(base) = pg.as_deref() {
+        let pool = sqlx::PgPool::connect(base).await.unwrap();
+        let schemas: Vec<String> =
+            sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1")
+                .bind(format!("wxbench_{}_%", std::process::id()))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        for schema in schemas {
+            pool.execute(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .await
+                .unwrap();
+        }
+    }
     if part("memory") {
         let (rss_kb, rate) = daemon_rss(sizes.memory_orders).await;
         println!(

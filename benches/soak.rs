@@ -360,6 +360,24 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     sim.shutdown(Duration::from_secs(1)).await.unwrap();
+    drop(store);
+    let name = format!("wxsoak_{}", std::process::id());
+    match a.server {
+        Server::Postgres => {
+            let admin = sqlx::PgPool::connect(&a.base).await.unwrap();
+            admin
+                .execute(AssertSqlSafe(format!("DROP SCHEMA {name} CASCADE")))
+                .await
+                .unwrap();
+        }
+        Server::Mysql => {
+            let admin = sqlx::MySqlPool::connect(&a.base).await.unwrap();
+            admin
+                .execute(AssertSqlSafe(format!("DROP DATABASE {name}")))
+                .await
+                .unwrap();
+        }
+    }
     if lost + duplicated + unexpected > 0 {
         std::process::exit(1);
     }
