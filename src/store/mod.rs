@@ -398,22 +398,26 @@ impl Store {
 
     /// The oldest open orders.
     pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
-        dispatch!(self, s => s.oldest_open(limit).await)
+        let sql = reads::oldest_open();
+        dispatch!(self, s => s.orders(&sql, &[Arg::Int(i64::from(limit))]).await)
     }
 
     /// Orders with this out_trade_no (one per merchant at most).
     pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
-        dispatch!(self, s => s.find(out_trade_no).await)
+        let sql = reads::find();
+        dispatch!(self, s => s.orders(&sql, &[Arg::Text(out_trade_no)]).await)
     }
 
     /// The events of one order, oldest first.
     pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
-        dispatch!(self, s => s.events(order_id).await)
+        let sql = reads::events_of_order();
+        dispatch!(self, s => s.events(&sql, &[Arg::Int(order_id)]).await)
     }
 
     /// The outbox: events with `id > after`, in order, at most `limit`.
     pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        dispatch!(self, s => s.events_after(after, limit).await)
+        let sql = reads::events_after();
+        dispatch!(self, s => s.events(&sql, &[Arg::Int(after), Arg::Int(i64::from(limit))]).await)
     }
 
     /// Registers an order exactly as the merchant's application does (the contract's INSERT,
@@ -439,6 +443,63 @@ pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, St
     })
 }
 
+/// The columns every order read returns, in `OrderRow`'s order.
+pub(crate) const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, \
+    transaction_id, paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, \
+    last_error, gave_up_at";
+
+/// The columns every event read returns, in `EventRow`'s order.
+pub(crate) const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, \
+    source, transaction_id, total_fee, detail, created_at";
+
+/// A value bound to a shared read query.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+/// The read queries every backend shares, written once with `?` placeholders (SQLite and
+/// MySQL take them as they are; PostgreSQL gets them [`numbered`]).
+mod reads {
+    use super::{EVENT_COLUMNS, OPEN_STATES_SQL, ORDER_COLUMNS};
+
+    pub fn oldest_open() -> String {
+        format!(
+            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) \
+             ORDER BY created_at LIMIT ?"
+        )
+    }
+
+    pub fn find() -> String {
+        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ? ORDER BY mch_id")
+    }
+
+    pub fn events_of_order() -> String {
+        format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = ? ORDER BY id")
+    }
+
+    pub fn events_after() -> String {
+        format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > ? ORDER BY id LIMIT ?")
+    }
+}
+
+/// `?` placeholders → PostgreSQL's `$1`, `$2`, … (the shared reads hold no `?` in literals).
+pub(crate) fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The SQL list of open states, for statements (`'NOTPAY', 'USERPAYING'`).
 pub(crate) const OPEN_STATES_SQL: &str = "'NOTPAY', 'USERPAYING'";
 
@@ -454,6 +515,12 @@ pub(crate) fn change_note(change: &Change) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_reads_are_numbered_for_postgres() {
+        assert_eq!(numbered("a = ? AND b > ? LIMIT ?"), "a = $1 AND b > $2 LIMIT $3");
+        assert!(numbered(&reads::events_after()).ends_with("id > $1 ORDER BY id LIMIT $2"));
+    }
 
     #[test]
     fn a_database_password_never_prints() {

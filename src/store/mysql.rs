@@ -12,18 +12,13 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 // only; values are always bound parameters.
 
 use super::{
-    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, OpenSummary, OrderRow, StoreError, Write, change_note, parse_state,
+    Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, Write, change_note,
+    parse_state,
 };
 use crate::domain::OrderState;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/mysql");
-
-const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, transaction_id, \
-    paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, last_error, gave_up_at";
-
-const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, source, \
-    transaction_id, total_fee, detail, created_at";
 
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
@@ -232,45 +227,37 @@ impl MySqlStore {
             .collect()
     }
 
-    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL})
-             ORDER BY created_at LIMIT ?"
-        )))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    /// Runs one of the shared read queries (`store::reads`) and maps its order rows.
+    pub(crate) async fn orders(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<OrderRow>, StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
+        for a in args {
+            q = match a {
+                Arg::Int(i) => q.bind(*i),
+                Arg::Text(t) => q.bind(*t),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(order_row).collect()
     }
 
-    pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ? ORDER BY mch_id"
-        )))
-        .bind(out_trade_no)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(order_row).collect()
-    }
-
-    pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = ? ORDER BY id"
-        )))
-        .bind(order_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > ? ORDER BY id LIMIT ?"
-        )))
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
+    pub(crate) async fn events(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
+        for a in args {
+            q = match a {
+                Arg::Int(i) => q.bind(*i),
+                Arg::Text(t) => q.bind(*t),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(event_row).collect()
     }
 

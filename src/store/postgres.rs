@@ -10,15 +10,13 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 // bound parameters.
 
 use super::{
-    Applied, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, OpenSummary, OrderRow, StoreError, Write, change_note, parse_state,
+    Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, Write, change_note,
+    numbered, parse_state,
 };
 use crate::domain::OrderState;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
-
-const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, transaction_id, \
-    paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, last_error, gave_up_at";
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -243,45 +241,37 @@ impl PgStore {
             .collect()
     }
 
-    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL})
-             ORDER BY created_at LIMIT $1"
-        )))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    /// Runs one of the shared read queries (`store::reads`) and maps its order rows.
+    pub(crate) async fn orders(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<OrderRow>, StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(numbered(sql)));
+        for a in args {
+            q = match a {
+                Arg::Int(i) => q.bind(*i),
+                Arg::Text(t) => q.bind(*t),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(order_row).collect()
     }
 
-    pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = $1 ORDER BY mch_id"
-        )))
-        .bind(out_trade_no)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(order_row).collect()
-    }
-
-    pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = $1 ORDER BY id"
-        )))
-        .bind(order_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > $1 ORDER BY id LIMIT $2"
-        )))
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
+    pub(crate) async fn events(
+        &self,
+        sql: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(numbered(sql)));
+        for a in args {
+            q = match a {
+                Arg::Int(i) => q.bind(*i),
+                Arg::Text(t) => q.bind(*t),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(event_row).collect()
     }
 
@@ -298,9 +288,6 @@ impl PgStore {
         .await?)
     }
 }
-
-const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, source, \
-    transaction_id, total_fee, detail, created_at";
 
 fn event_row(r: &PgRow) -> Result<EventRow, StoreError> {
     Ok(EventRow {
