@@ -518,7 +518,10 @@ mod tests {
 
     #[test]
     fn shared_reads_are_numbered_for_postgres() {
-        assert_eq!(numbered("a = ? AND b > ? LIMIT ?"), "a = $1 AND b > $2 LIMIT $3");
+        assert_eq!(
+            numbered("a = ? AND b > ? LIMIT ?"),
+            "a = $1 AND b > $2 LIMIT $3"
+        );
         assert!(numbered(&reads::events_after()).ends_with("id > $1 ORDER BY id LIMIT $2"));
     }
 
