@@ -74,9 +74,11 @@ fn settings(url: &str, sim_url: &str) -> Settings {
             grace_seconds: 0,
             batch_size: 500,
             lease_seconds: 60,
-            give_up_after_hours: 24,
+            ..ScheduleSettings::default()
         },
         metrics: MetricsSettings::default(),
+        notify: Default::default(),
+        log: Default::default(),
     }
 }
 

@@ -10,11 +10,13 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::daemon::{DaemonError, open_store, policy};
 use crate::domain::{OrderState, OutTradeNo, Source};
-use crate::reconcile::policy::decide;
-use crate::reconcile::scanner::{change_for, order_view, report_applied};
-use crate::store::{Change, Guard, OrderRow, Store, StoreError};
+use crate::reconcile::settle::{Report, Settler, Verdict};
+use crate::store::{OrderRow, Store, StoreError, SummaryRequest};
 use crate::telemetry::Telemetry;
 use crate::wxpay::{Merchant, OrderRef, QueryAnswer, WxPayClient, WxPayError};
+
+/// `status` lists at most this many PAID_AFTER_CLOSE events.
+const PAID_AFTER_CLOSE_SHOWN: u32 = 50;
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,10 +91,15 @@ pub async fn status(
     let store = open_store(settings, false).await?;
     store.check_schema().await?;
     let now = Utc::now();
-    let stuck_before =
-        now - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64);
+    let request = SummaryRequest {
+        now,
+        stuck_before: now
+            - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64),
+        expired_if_created_before: now - policy(settings).default_expiry,
+    };
     let counts = store.count_by_state().await?;
-    let open = store.open_summary(stuck_before).await?;
+    let open = store.open_summary(&request).await?;
+    let paid_after_close = store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?;
     let oldest_rows = store.oldest_open(oldest).await?;
     let count_of = |s: OrderState| {
         counts
@@ -111,6 +118,7 @@ pub async fn status(
                 "mch_id": o.mch_id,
                 "open": o.open,
                 "stuck": o.stuck,
+                "expired": o.expired,
                 "oldest_age_seconds": o.oldest_created_at.map(|t| (now - t).num_seconds()),
             })).collect::<Vec<_>>(),
             "oldest_open": oldest_rows.iter().map(|r| json!({
@@ -124,6 +132,15 @@ pub async fn status(
                 "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
                 "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
                 "last_error": r.last_error,
+            })).collect::<Vec<_>>(),
+            "paid_after_close": paid_after_close.iter().map(|e| json!({
+                "mch_id": e.mch_id,
+                "out_trade_no": e.out_trade_no,
+                "state": e.from_state,
+                "transaction_id": e.transaction_id,
+                "total_fee": e.total_fee,
+                "source": e.source,
+                "recorded_at": e.created_at.to_rfc3339(),
             })).collect::<Vec<_>>(),
         });
         return Ok(format!("{v:#}\n"));
@@ -142,8 +159,8 @@ pub async fn status(
     );
     let _ = writeln!(
         out,
-        "  {:<12} {:>8} {:>8}  {:<10}",
-        "MCH_ID", "OPEN", "STUCK", "OLDEST"
+        "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
+        "MCH_ID", "OPEN", "STUCK", "EXPIRED", "OLDEST"
     );
     if open.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -151,12 +168,38 @@ pub async fn status(
     for o in &open {
         let _ = writeln!(
             out,
-            "  {:<12} {:>8} {:>8}  {:<10}",
+            "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
             o.mch_id,
             o.open,
             o.stuck,
+            o.expired,
             o.oldest_created_at.map(|t| age(now, t)).unwrap_or_default()
         );
+    }
+    if !paid_after_close.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nPAID_AFTER_CLOSE: paid at WeChat but closed here; refund or fulfil each (latest {})",
+            paid_after_close.len()
+        );
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} RECORDED",
+            "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "TRANSACTION_ID", "SOURCE"
+        );
+        for e in &paid_after_close {
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} {} ago",
+                e.mch_id,
+                e.out_trade_no,
+                e.from_state,
+                e.total_fee.map(|f| f.to_string()).unwrap_or_default(),
+                e.transaction_id.as_deref().unwrap_or("-"),
+                e.source,
+                age(now, e.created_at)
+            );
+        }
     }
     let _ = writeln!(out, "\nOldest open orders");
     let _ = writeln!(
@@ -297,39 +340,38 @@ pub async fn query(
     Ok(out)
 }
 
+/// `query --apply`: the same decision as a scan or a notification, recorded with source
+/// `manual`. An open order that stays open keeps its schedule.
 async fn apply_manual(
     store: &Store,
     settings: &Settings,
     row: &OrderRow,
     answer: &Result<QueryAnswer, WxPayError>,
 ) -> Result<String, CommandError> {
-    if !row.state.is_open() {
-        return Ok(format!(
-            "apply: the order is {}, which polling never changes",
-            row.state
-        ));
-    }
-    let decision = decide(&order_view(row), answer, Utc::now(), 0.0, &policy(settings));
-    let change = change_for(decision, Source::Manual, true);
-    let Change::Settle { settlement, .. } = &change else {
-        return Ok("apply: no transition (the order stays open; its schedule is unchanged)".into());
-    };
-    let guard = Guard {
-        order_id: row.id,
-        from: row.state,
-        lease: None,
-    };
-    let applied = store.apply(row, guard, &change, Utc::now()).await?;
     let telemetry = Telemetry::new(std::iter::empty());
-    Ok(
-        match report_applied(&telemetry, row, &change, Source::Manual, applied) {
-            crate::reconcile::scanner::Processed::Settled => {
-                format!(
-                    "apply: {} -> {} recorded (source manual)",
-                    row.state, settlement.to
-                )
-            }
-            _ => "apply: no change; the order had already moved".into(),
-        },
-    )
+    let policy = policy(settings);
+    let settler = Settler {
+        store,
+        telemetry: &telemetry,
+        policy: &policy,
+    };
+    let report = Report {
+        outcome: answer,
+        source: Source::Manual,
+        queried: false,
+    };
+    Ok(match settler.apply_report(row.clone(), None, report).await? {
+        Verdict::Moved { from, to } => format!("apply: {from} -> {to} recorded (source manual)"),
+        Verdict::Anomaly(anomaly) => format!(
+            "apply: {anomaly} recorded (source manual); the order stays {}: refund or fulfil the payment",
+            row.state
+        ),
+        Verdict::Unchanged { reason } if row.state.is_open() => {
+            format!("apply: no transition (the order stays open; its schedule is unchanged): {reason}")
+        }
+        Verdict::Unchanged { reason } => format!("apply: no change ({reason})"),
+        Verdict::StillOpen | Verdict::LeaseLost => {
+            "apply: no transition (the order stays open)".into()
+        }
+    })
 }

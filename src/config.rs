@@ -3,7 +3,9 @@
 //! bad value came from (the file or the variable) and the key.
 //!
 //! Secrets are never in the file: each merchant's API key is read from `api_key_file` (relative
-//! paths are relative to the config file) or from the variable named by `api_key_env`.
+//! paths are relative to the config file), from the systemd credential named by
+//! `api_key_credential` (`$CREDENTIALS_DIRECTORY/NAME`, see `LoadCredential=`), or from the
+//! variable named by `api_key_env`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,32 @@ pub struct Settings {
     pub merchants: Vec<Merchant>,
     pub schedule: ScheduleSettings,
     pub metrics: MetricsSettings,
+    pub notify: NotifySettings,
+    pub log: LogSettings,
+}
+
+/// `[notify]`: WeChat's payment notifications, received directly (off unless `listen` is set).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySettings {
+    /// Serves `POST /wxpay/v2/notify` (behind the merchant's HTTPS reverse proxy).
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter (`info`, `warn,wxpay_reconciler=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+        }
+    }
 }
 
 /// `[database]`.
@@ -92,6 +120,10 @@ pub struct ScheduleSettings {
     pub lease_seconds: u64,
     /// Stop polling an order this long after its creation.
     pub give_up_after_hours: u64,
+    /// Close expired open orders at WeChat (closeorder), then mark them CLOSED.
+    pub close_expired: bool,
+    /// When an order without `expires_at` expires, after its creation (the prepay lifetime).
+    pub default_expiry_minutes: u64,
 }
 
 impl Default for ScheduleSettings {
@@ -102,6 +134,8 @@ impl Default for ScheduleSettings {
             batch_size: 200,
             lease_seconds: 60,
             give_up_after_hours: 24,
+            close_expired: true,
+            default_expiry_minutes: 120,
         }
     }
 }
@@ -190,6 +224,10 @@ struct RawSettings {
     schedule: ScheduleSettings,
     #[serde(default)]
     metrics: MetricsSettings,
+    #[serde(default)]
+    notify: NotifySettings,
+    #[serde(default)]
+    log: LogSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +243,8 @@ struct RawMerchant {
     api_key_file: Option<PathBuf>,
     #[serde(default)]
     api_key_env: Option<String>,
+    #[serde(default)]
+    api_key_credential: Option<String>,
 }
 
 fn default_sign_type() -> SignType {
@@ -308,13 +348,28 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             "must be 1 to 720".into(),
         ));
     }
+    if !(5..=60 * 24 * 30).contains(&s.default_expiry_minutes) {
+        return Err(invalid(
+            "schedule.default_expiry_minutes",
+            "must be 5 to 43200 (WeChat refuses to close an order younger than 5 minutes)".into(),
+        ));
+    }
     if s.grace_seconds > 3600 {
         return Err(invalid(
             "schedule.grace_seconds",
             "must be at most 3600".into(),
         ));
     }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        return Err(invalid("log.level", format!("{:?}: {e}", raw.log.level)));
+    }
     let m = &raw.metrics;
+    if raw.notify.listen == Some(m.listen) {
+        return Err(invalid(
+            "notify.listen",
+            format!("{} is metrics.listen too; the notify endpoint needs its own", m.listen),
+        ));
+    }
     if m.refresh_seconds == 0 {
         return Err(invalid(
             "metrics.refresh_seconds",
@@ -361,6 +416,8 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         merchants,
         schedule: raw.schedule,
         metrics: raw.metrics,
+        notify: raw.notify,
+        log: raw.log,
     })
 }
 
@@ -376,17 +433,55 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
         .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))
 }
 
+/// The variable systemd sets for a service with `LoadCredential=`.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
 fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, String)> {
+    let sources = [
+        m.api_key_file.is_some(),
+        m.api_key_env.is_some(),
+        m.api_key_credential.is_some(),
+    ];
+    match sources.iter().filter(|s| **s).count() {
+        0 => {
+            return Err((
+                "api_key_file",
+                "missing: set api_key_file (a file holding the key), api_key_credential (a systemd credential) or api_key_env (a variable)".into(),
+            ));
+        }
+        1 => {}
+        _ => {
+            return Err((
+                "api_key_file",
+                "set only one of api_key_file, api_key_credential and api_key_env".into(),
+            ));
+        }
+    }
+    if let Some(name) = &m.api_key_credential {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err((
+                "api_key_credential",
+                format!("{name:?} is not a credential name (no '/', no leading '.')"),
+            ));
+        }
+        let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or((
+            "api_key_credential",
+            format!(
+                "${CREDENTIALS_DIRECTORY} is not set: run under systemd with LoadCredential={name}:/path/to/key, or use api_key_file"
+            ),
+        ))?;
+        let file = Path::new(&dir).join(name);
+        let raw = std::fs::read_to_string(&file).map_err(|e| {
+            (
+                "api_key_credential",
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        return ApiKey::parse(&raw)
+            .map_err(|e| ("api_key_credential", format!("{}: {e}", file.display())));
+    }
     match (&m.api_key_file, &m.api_key_env) {
-        (Some(_), Some(_)) => Err((
-            "api_key_file",
-            "set either api_key_file or api_key_env, not both".into(),
-        )),
-        (None, None) => Err((
-            "api_key_file",
-            "missing: set api_key_file (a file holding the key) or api_key_env (a variable)".into(),
-        )),
-        (Some(file), None) => {
+        (Some(file), _) => {
             let file = base_dir.join(file);
             let raw = std::fs::read_to_string(&file).map_err(|e| {
                 (
@@ -402,6 +497,7 @@ fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, S
             ApiKey::parse(&raw)
                 .map_err(|e| ("api_key_env", format!("environment variable {var}: {e}")))
         }
+        (None, None) => Err(("api_key_file", "missing".into())),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `wxpay-reconciler run`: the scheduler, the scan loop, the gauge refresher and the HTTP
-//! listener as tasks of one `JoinSet`, stopped through one `CancellationToken` and drained
+//! `wxpay-reconciler run`: the scheduler, the scan loop, the gauge refresher, the HTTP
+//! listener and the optional notify listener as tasks of one `JoinSet`, stopped through one `CancellationToken` and drained
 //! within [`DRAIN_DEADLINE`](crate::shutdown::DRAIN_DEADLINE).
 
 use std::net::SocketAddr;
@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::http::{self, Health};
+use crate::notify::{self, NotifyApp};
 use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::shutdown::{DRAIN_DEADLINE, systemd};
-use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
-use crate::telemetry::Telemetry;
+use crate::store::{ConnectOptions, InstanceLock, Store, StoreError, SummaryRequest};
+use crate::telemetry::{OpenCounts, Telemetry};
 use crate::wxpay::{WxPayClient, WxPayError};
 
 /// Why the daemon could not start or stop cleanly.
@@ -77,6 +78,8 @@ pub fn policy(settings: &Settings) -> Policy {
     Policy {
         grace: TimeDelta::seconds(i64::try_from(s.grace_seconds).unwrap_or(0)),
         give_up_after: TimeDelta::hours(i64::try_from(s.give_up_after_hours).unwrap_or(24)),
+        default_expiry: TimeDelta::minutes(i64::try_from(s.default_expiry_minutes).unwrap_or(120)),
+        close_expired: s.close_expired,
     }
 }
 
@@ -84,6 +87,8 @@ pub fn policy(settings: &Settings) -> Policy {
 pub struct Daemon {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
+    /// Where `POST /wxpay/v2/notify` is served, when `[notify] listen` is set.
+    pub notify_addr: Option<SocketAddr>,
     pub telemetry: Telemetry,
     pub health: Arc<Health>,
     stop: CancellationToken,
@@ -142,6 +147,34 @@ impl Daemon {
             }
         });
 
+        let notify_addr = match settings.notify.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+                let app = notify::router(Arc::new(NotifyApp::new(
+                    store.clone(),
+                    telemetry.clone(),
+                    policy(settings),
+                    &settings.merchants,
+                )));
+                let notify_stop = stop.clone();
+                tasks.spawn(async move {
+                    if let Err(error) = axum::serve(listener, app)
+                        .with_graceful_shutdown(notify_stop.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(%error, "notify listener failed");
+                    }
+                });
+                Some(bound)
+            }
+            None => None,
+        };
+
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let scanning = Arc::new(AtomicBool::new(false));
         tasks.spawn(scan_loop(
@@ -158,8 +191,13 @@ impl Daemon {
                 .iter()
                 .map(|m| m.mch_id.to_string())
                 .collect(),
-            Duration::from_secs(settings.metrics.refresh_seconds),
-            TimeDelta::seconds(i64::try_from(settings.metrics.stuck_after_seconds).unwrap_or(300)),
+            GaugeSettings {
+                every: Duration::from_secs(settings.metrics.refresh_seconds),
+                stuck_after: TimeDelta::seconds(
+                    i64::try_from(settings.metrics.stuck_after_seconds).unwrap_or(300),
+                ),
+                default_expiry: policy(settings).default_expiry,
+            },
             telemetry.clone(),
             health.clone(),
             stop.clone(),
@@ -189,6 +227,7 @@ impl Daemon {
         systemd::ready();
         tracing::info!(
             metrics = %metrics_addr,
+            notify = ?notify_addr,
             database = %settings.database.url,
             merchants = settings.merchants.len(),
             scan_cron = %settings.schedule.scan_cron,
@@ -196,6 +235,7 @@ impl Daemon {
         );
         Ok(Daemon {
             metrics_addr,
+            notify_addr,
             telemetry,
             health,
             stop,
@@ -270,16 +310,23 @@ async fn scan_loop(
     }
 }
 
+/// What the gauge loop needs to know.
+#[derive(Debug, Clone, Copy)]
+struct GaugeSettings {
+    every: Duration,
+    stuck_after: TimeDelta,
+    default_expiry: TimeDelta,
+}
+
 async fn gauge_loop(
     store: Store,
     merchants: Vec<String>,
-    every: Duration,
-    stuck_after: TimeDelta,
+    gauges: GaugeSettings,
     telemetry: Telemetry,
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(every);
+    let mut interval = tokio::time::interval(gauges.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -287,21 +334,29 @@ async fn gauge_loop(
             _ = stop.cancelled() => break,
         }
         let now = Utc::now();
-        match store.open_summary(now - stuck_after).await {
+        let request = SummaryRequest {
+            now,
+            stuck_before: now - gauges.stuck_after,
+            expired_if_created_before: now - gauges.default_expiry,
+        };
+        match store.open_summary(&request).await {
             Ok(summary) => {
                 health.db(true);
                 for mch in &merchants {
-                    match summary.iter().find(|s| &s.mch_id == mch) {
-                        Some(s) => telemetry.open_orders(
-                            mch,
-                            s.open,
-                            s.stuck,
-                            s.oldest_created_at
+                    let counts = summary
+                        .iter()
+                        .find(|s| &s.mch_id == mch)
+                        .map(|s| OpenCounts {
+                            open: s.open,
+                            stuck: s.stuck,
+                            expired: s.expired,
+                            oldest_age: s
+                                .oldest_created_at
                                 .and_then(|t| (now - t).to_std().ok())
                                 .unwrap_or_default(),
-                        ),
-                        None => telemetry.open_orders(mch, 0, 0, Duration::ZERO),
-                    }
+                        })
+                        .unwrap_or_default();
+                    telemetry.open_orders(mch, &counts);
                 }
             }
             Err(error) => {

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+    DatabaseSettings, LogSettings, NotifySettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
 };
 use crate::daemon::{Daemon, open_store};
 use crate::domain::OrderState;
@@ -106,13 +106,15 @@ pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Setti
             grace_seconds: 2,
             batch_size: 200,
             lease_seconds: 30,
-            give_up_after_hours: 24,
+            ..ScheduleSettings::default()
         },
         metrics: MetricsSettings {
             listen: metrics,
             refresh_seconds: 1,
             ..MetricsSettings::default()
         },
+        notify: NotifySettings::default(),
+        log: LogSettings::default(),
     }
 }
 

@@ -339,6 +339,29 @@ impl fmt::Display for OrderState {
     }
 }
 
+/// An event that records a fact without changing the order's state (`wxpay_order_events.to_state`
+/// holds its name; it cannot collide with a state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Anomaly {
+    /// A verified payment for an order that is closed locally: the merchant must refund or
+    /// fulfil it.
+    PaidAfterClose,
+}
+
+impl Anomaly {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Anomaly::PaidAfterClose => "PAID_AFTER_CLOSE",
+        }
+    }
+}
+
+impl fmt::Display for Anomaly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who moved an order (`wxpay_order_events.source`, the `source` metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {

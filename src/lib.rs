@@ -3,10 +3,12 @@
 //!
 //! Codemap (see ARCHITECTURE.md for the invariants):
 //! - [`domain`]: parsed values (`Fen`, `OutTradeNo`, `MchId`, `TradeState`, `OrderState`, …).
-//! - [`reconcile`]: the pure policy (`decide`, backoff) and the scanner that applies it.
-//! - [`store`]: the only module with SQL (SQLite, PostgreSQL).
+//! - [`reconcile`]: the pure policy (`decide`, backoff, expiry), the scanner that applies it, and
+//!   the one loop (`settle`) that applies a verified report from any source.
+//! - [`store`]: the only module with SQL (SQLite, PostgreSQL, MySQL/MariaDB).
 //! - [`daemon`]: `run`: scheduler, scan loop, gauges, HTTP, drained through one token.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`notify`]: `POST /wxpay/v2/notify`, WeChat's payment notifications, on its own listener.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
 //! - [`sim`]: a WeChat Pay v2 server for tests, the demo, benchmarks and staging.
 //! - [`config`]: the TOML file + environment overrides, validated up front.
@@ -19,6 +21,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod http;
+pub mod notify;
 pub mod reconcile;
 pub mod shutdown;
 pub mod sim;

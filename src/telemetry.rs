@@ -57,7 +57,31 @@ pub mod names {
     pub const LAST_SCAN_SUCCESS: &str = "wxpay_reconciler_last_scan_success_timestamp_seconds";
     pub const DB_ERRORS: &str = "wxpay_reconciler_db_errors_total";
     pub const BUILD_INFO: &str = "wxpay_reconciler_build_info";
+    pub const NOTIFY_REQUESTS: &str = "wxpay_reconciler_notify_requests_total";
+    pub const NOTIFY_DURATION: &str = "wxpay_reconciler_notify_duration_seconds";
+    pub const CLOSEORDER_REQUESTS: &str = "wxpay_reconciler_closeorder_requests_total";
+    pub const EXPIRED_OPEN_ORDERS: &str = "wxpay_reconciler_expired_open_orders";
+    pub const PAID_AFTER_CLOSE: &str = "wxpay_reconciler_paid_after_close_total";
+    pub const CONFIG_RELOADS: &str = "wxpay_reconciler_config_reloads_total";
 }
+
+/// The `outcome` values of `notify_requests_total`.
+pub const NOTIFY_OUTCOMES: [&str; 10] = [
+    "ok",
+    "repeat",
+    "sign_invalid",
+    "unknown_merchant",
+    "unknown_order",
+    "malformed",
+    "too_large",
+    "return_fail",
+    "mismatch",
+    "db_error",
+];
+
+/// The `outcome` values of `closeorder_requests_total`: WeChat's answers, then the errors of
+/// [`ORDERQUERY_OUTCOMES`].
+pub const CLOSEORDER_ANSWERS: [&str; 4] = ["closed", "order_paid", "order_closed", "order_not_exist"];
 
 /// The `outcome` values of `orderquery_requests_total`.
 pub const ORDERQUERY_OUTCOMES: [&str; 9] = [
@@ -105,6 +129,7 @@ impl Telemetry {
             (names::ORDERQUERY_DURATION, &LATENCY_BUCKETS[..]),
             (names::SCAN_DURATION, &SCAN_BUCKETS[..]),
             (names::SCAN_CLAIMED, &CLAIM_BUCKETS[..]),
+            (names::NOTIFY_DURATION, &LATENCY_BUCKETS[..]),
         ]
         .into_iter()
         .fold(builder, |b, (name, buckets)| {
@@ -166,6 +191,28 @@ impl Telemetry {
             );
             describe_counter!(DB_ERRORS, "Database errors by operation");
             describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
+            describe_counter!(
+                NOTIFY_REQUESTS,
+                "Payment notifications received on the notify endpoint, by outcome"
+            );
+            describe_histogram!(
+                NOTIFY_DURATION,
+                Unit::Seconds,
+                "Time to verify, apply and answer one payment notification"
+            );
+            describe_counter!(CLOSEORDER_REQUESTS, "closeorder requests by outcome");
+            describe_gauge!(
+                EXPIRED_OPEN_ORDERS,
+                "Open orders past their expiry (expires_at, else schedule.default_expiry_minutes)"
+            );
+            describe_counter!(
+                PAID_AFTER_CLOSE,
+                "Verified payments for orders closed locally: refund or fulfil them"
+            );
+            describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by outcome");
+            for outcome in ["ok", "error"] {
+                counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
+            }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
             gauge!(LAST_SCAN_SUCCESS).set(0.0);
@@ -174,12 +221,25 @@ impl Telemetry {
                 gauge!(OLDEST_UNPAID_AGE, "mch_id" => m.clone()).set(0.0);
                 gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
                 counter!(AMOUNT_MISMATCH, "mch_id" => m.clone()).absolute(0);
+                counter!(PAID_AFTER_CLOSE, "mch_id" => m.clone()).absolute(0);
+                gauge!(EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
+                for outcome in NOTIFY_OUTCOMES {
+                    counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                        .absolute(0);
+                }
+                for outcome in CLOSEORDER_ANSWERS.into_iter().chain(ORDERQUERY_OUTCOMES) {
+                    if outcome == "ok" {
+                        continue;
+                    }
+                    counter!(CLOSEORDER_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                        .absolute(0);
+                }
                 for outcome in ORDERQUERY_OUTCOMES {
                     counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
                         .absolute(0);
                 }
             }
-            for op in ["claim", "apply", "gauges"] {
+            for op in ["claim", "apply", "gauges", "notify"] {
                 counter!(DB_ERRORS, "op" => op).absolute(0);
             }
         });
@@ -305,12 +365,96 @@ impl Telemetry {
     }
 
     /// Sets the stuck-order gauges of one merchant.
-    pub fn open_orders(&self, mch_id: &str, open: i64, stuck: i64, oldest_age: Duration) {
+    pub fn open_orders(&self, mch_id: &str, summary: &OpenCounts) {
         let m = self.mch_label(mch_id);
+        let OpenCounts {
+            open,
+            stuck,
+            expired,
+            oldest_age,
+        } = *summary;
         self.with(|| {
             gauge!(names::OPEN_ORDERS, "mch_id" => m.clone()).set(open as f64);
             gauge!(names::STUCK_ORDERS, "mch_id" => m.clone()).set(stuck as f64);
+            gauge!(names::EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(expired as f64);
             gauge!(names::OLDEST_UNPAID_AGE, "mch_id" => m).set(oldest_age.as_secs_f64());
         });
+    }
+}
+
+/// One merchant's open orders, for [`Telemetry::open_orders`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenCounts {
+    pub open: i64,
+    pub stuck: i64,
+    pub expired: i64,
+    pub oldest_age: Duration,
+}
+
+impl Telemetry {
+    /// A notification answered (`mch_id` of a configured merchant, else `unknown`).
+    pub fn notify(&self, mch_id: Option<&str>, outcome: &'static str, elapsed: Duration) {
+        let m = self.mch_label(mch_id.unwrap_or_default());
+        self.with(|| {
+            counter!(names::NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                .increment(1);
+            histogram!(names::NOTIFY_DURATION, "mch_id" => m).record(elapsed.as_secs_f64());
+        });
+    }
+
+    /// A notification refused: logged as a warning when it suggests a wrong key or a forgery.
+    pub fn notify_refused(&self, mch_id: Option<&str>, outcome: &'static str, reason: &str) {
+        let mch_id = mch_id.unwrap_or_default();
+        match outcome {
+            "sign_invalid" | "mismatch" | "unknown_merchant" => {
+                tracing::warn!(mch_id, outcome, reason, "notification refused");
+            }
+            _ => tracing::info!(mch_id, outcome, reason, "notification refused"),
+        }
+    }
+
+    /// A closeorder answer or failure.
+    pub fn closeorder(&self, mch_id: &str, out_trade_no: &str, outcome: &'static str) {
+        tracing::info!(mch_id, out_trade_no, outcome, "closeorder for an expired order");
+        let m = self.mch_label(mch_id);
+        self.with(|| {
+            counter!(names::CLOSEORDER_REQUESTS, "mch_id" => m, "outcome" => outcome).increment(1)
+        });
+    }
+
+    /// A verified payment for an order closed locally, recorded once.
+    pub fn paid_after_close(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        transaction_id: Option<&str>,
+        total_fee: Option<i64>,
+        source: Source,
+    ) {
+        tracing::error!(
+            mch_id,
+            out_trade_no,
+            transaction_id,
+            total_fee,
+            source = source.as_str(),
+            "PAID_AFTER_CLOSE: WeChat took a payment for an order closed here; refund or fulfil it"
+        );
+        let m = self.mch_label(mch_id);
+        self.with(|| counter!(names::PAID_AFTER_CLOSE, "mch_id" => m).increment(1));
+    }
+
+    /// A configuration reload (SIGHUP).
+    pub fn config_reload(&self, result: Result<(), &str>) {
+        let outcome = match result {
+            Ok(()) => {
+                tracing::info!("configuration reloaded");
+                "ok"
+            }
+            Err(error) => {
+                tracing::error!(error, "configuration reload failed; keeping the running settings");
+                "error"
+            }
+        };
+        self.with(|| counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1));
     }
 }

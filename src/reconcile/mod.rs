@@ -1,5 +1,6 @@
-//! Reconciliation: the pure policy, the scanner that applies it, and the scheduler that drives
-//! the scanner.
+//! Reconciliation: the pure policy, the scanner that applies it, and the one loop that applies
+//! a verified report from any source (notification, manual query, a poll that lost a race).
 
 pub mod policy;
 pub mod scanner;
+pub mod settle;

@@ -8,11 +8,17 @@
 //!   the backoff schedule, state untouched.
 //! - ORDERNOTEXIST → ask again until the order's expiry, then CLOSED locally.
 //! - Past `give_up_after` or the end of the schedule → stop polling.
+//! - Past its expiry (and never within 5 minutes of creation), with `close_expired`: close at
+//!   WeChat first ([`decide_close`]); ORDERPAID means query and settle, never close.
+//! - An order that is no longer open ([`decide`] on a settled order, e.g. a notification after a
+//!   poll): a repeat changes nothing; REFUND after SUCCESS → REFUND (the one move out of a
+//!   terminal state); a payment for an order closed locally → the `PAID_AFTER_CLOSE` anomaly,
+//!   state untouched.
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::domain::{Fen, OrderState, TradeState, TransactionId};
-use crate::wxpay::{QueryAnswer, RetryHint, TradeReport, WxPayError};
+use crate::domain::{Anomaly, Fen, OrderState, TradeState, TransactionId};
+use crate::wxpay::{CloseAnswer, QueryAnswer, RetryHint, TradeReport, WxPayError};
 
 /// Intervals after each query, modelled on WeChat's own notification retries
 /// (15s, 15s, 30s, 3m, 10m, 20m, 30m, 30m, 30m, 60m, 3h, 3h, 3h, 6h, 6h: 24h4m in all).
@@ -23,8 +29,15 @@ pub const SCHEDULE_SECONDS: [i64; 15] = [
 /// At most this many queries per order: the first, then one after each interval.
 pub const MAX_QUERIES: u32 = SCHEDULE_SECONDS.len() as u32 + 1;
 
-/// How long an order is payable when the app did not set `expires_at` (the prepay_id's life).
+/// How long an order is payable when the app did not set `expires_at` (the prepay_id's life);
+/// the default of `schedule.default_expiry_minutes`.
 pub const DEFAULT_PREPAY_LIFETIME: TimeDelta = TimeDelta::hours(2);
+
+/// WeChat refuses closeorder sooner than this after the order's creation.
+pub const MIN_CLOSE_AGE: TimeDelta = TimeDelta::minutes(5);
+
+/// After a failed closeorder, try again this long later (stretched by jitter).
+pub const CLOSE_RETRY: TimeDelta = TimeDelta::seconds(60);
 
 /// After FREQUENCY_LIMITED, the order is not asked again sooner than this.
 pub const SLOW_DOWN: TimeDelta = TimeDelta::seconds(60);
@@ -39,6 +52,10 @@ pub struct Policy {
     pub grace: TimeDelta,
     /// Stop polling an order this long after its creation.
     pub give_up_after: TimeDelta,
+    /// How long an order is payable when it has no `expires_at`.
+    pub default_expiry: TimeDelta,
+    /// Close expired open orders at WeChat (closeorder), then locally.
+    pub close_expired: bool,
 }
 
 impl Default for Policy {
@@ -46,7 +63,30 @@ impl Default for Policy {
         Policy {
             grace: TimeDelta::seconds(15),
             give_up_after: TimeDelta::hours(24),
+            default_expiry: DEFAULT_PREPAY_LIFETIME,
+            close_expired: true,
         }
+    }
+}
+
+impl Policy {
+    /// When an order stops being payable.
+    pub fn expiry(&self, order: &OrderView) -> DateTime<Utc> {
+        order
+            .expires_at
+            .unwrap_or(order.created_at + self.default_expiry)
+    }
+
+    /// When the daemon closes an open order at WeChat: its expiry, never sooner than
+    /// [`MIN_CLOSE_AGE`] after creation; `None` with `close_expired` off.
+    pub fn close_at(&self, order: &OrderView) -> Option<DateTime<Utc>> {
+        self.close_expired
+            .then(|| self.expiry(order).max(order.created_at + MIN_CLOSE_AGE))
+    }
+
+    /// Whether a claimed open order is to be closed rather than queried.
+    pub fn should_close(&self, order: &OrderView, now: DateTime<Utc>) -> bool {
+        order.state.is_open() && self.close_at(order).is_some_and(|at| now >= at)
     }
 }
 
@@ -61,13 +101,6 @@ pub struct OrderView {
     pub query_count: u32,
 }
 
-impl OrderView {
-    /// When the order stops being payable.
-    pub fn expiry(&self) -> DateTime<Utc> {
-        self.expires_at
-            .unwrap_or(self.created_at + DEFAULT_PREPAY_LIFETIME)
-    }
-}
 
 /// A state change to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +128,13 @@ pub enum Decision {
     },
     /// Stop polling this order.
     GiveUp { reason: String },
+    /// A payment for an order closed locally: record the anomaly, leave the state.
+    Anomaly {
+        anomaly: Anomaly,
+        report: Settlement,
+    },
+    /// Nothing to write: the report repeats what the order already says, or is older news.
+    Nothing { reason: String },
 }
 
 /// Decides what a query's outcome means for an open order. `jitter` is a draw from `0.0..=1.0`.
@@ -117,10 +157,14 @@ pub fn decide(
             ),
         },
     };
+    if !order.state.is_open() {
+        return decide_settled(order, outcome);
+    }
     match outcome {
         Err(e) => again(Some(e.to_string()), e.retry_hint() == RetryHint::SlowDown),
         Ok(QueryAnswer::NotExist) => {
-            if now >= order.expiry() {
+            let expiry = policy.expiry(order);
+            if now >= expiry {
                 Decision::Settle(Settlement {
                     to: OrderState::Closed,
                     transaction_id: None,
@@ -134,11 +178,11 @@ pub fn decide(
                 match next_query_at(order, now, jitter, policy, false) {
                     // Ask once more right at the expiry, then close.
                     Some(at) => Decision::Reschedule {
-                        at: at.min(order.expiry()),
+                        at: at.min(expiry),
                         note: Some("ORDERNOTEXIST".into()),
                     },
                     None => Decision::Reschedule {
-                        at: order.expiry(),
+                        at: expiry,
                         note: Some("ORDERNOTEXIST".into()),
                     },
                 }
@@ -155,6 +199,102 @@ pub fn decide(
             }
             TradeState::Unknown(s) => again(Some(format!("unknown trade_state {s:?}")), false),
         },
+    }
+}
+
+/// A verified report about an order that is no longer open (a notification or a poll that lost
+/// a race, `query --apply`). Only three things can happen: SUCCESS → REFUND, the
+/// `PAID_AFTER_CLOSE` anomaly, or nothing.
+fn decide_settled(order: &OrderView, outcome: &Result<QueryAnswer, WxPayError>) -> Decision {
+    let nothing = |reason: String| Decision::Nothing { reason };
+    let report = match outcome {
+        Ok(QueryAnswer::Order(report)) => report,
+        Ok(QueryAnswer::NotExist) => {
+            return nothing(format!("order is {}; WeChat: ORDERNOTEXIST", order.state));
+        }
+        Err(e) => return nothing(format!("order is {}; {e}", order.state)),
+    };
+    let paid = matches!(report.trade_state, TradeState::Success | TradeState::Refund);
+    let exact = report.total_fee == Some(order.total_fee);
+    let reported = || Settlement {
+        to: order.state,
+        transaction_id: report.transaction_id.clone(),
+        paid_at: report.time_end,
+        reported_fee: report.total_fee,
+        detail: None,
+    };
+    match (order.state, &report.trade_state) {
+        (OrderState::Success, TradeState::Refund) if exact => Decision::Settle(Settlement {
+            to: OrderState::Refund,
+            detail: report.trade_state_desc.clone(),
+            ..reported()
+        }),
+        (OrderState::Closed | OrderState::Revoked | OrderState::PayError, _) if paid => {
+            Decision::Anomaly {
+                anomaly: Anomaly::PaidAfterClose,
+                report: Settlement {
+                    detail: Some(format!(
+                        "WeChat reports {} with total_fee {} for an order that is {} here: refund or fulfil it",
+                        report.trade_state,
+                        report
+                            .total_fee
+                            .map(|f| f.get().to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        order.state
+                    )),
+                    ..reported()
+                },
+            }
+        }
+        (state, reported_state) => nothing(format!(
+            "order is already {state}; WeChat reports {reported_state}"
+        )),
+    }
+}
+
+/// Decides what a closeorder answer means for an expired open order: `None` when WeChat says
+/// the order is paid (query it and [`decide`] on the report; a paid order never ends CLOSED).
+pub fn decide_close(
+    order: &OrderView,
+    outcome: &Result<CloseAnswer, WxPayError>,
+    now: DateTime<Utc>,
+    jitter: f64,
+    policy: &Policy,
+) -> Option<Decision> {
+    let closed = |detail: &str| {
+        Some(Decision::Settle(Settlement {
+            to: OrderState::Closed,
+            transaction_id: None,
+            paid_at: None,
+            reported_fee: None,
+            detail: Some(format!(
+                "expired at {}: {detail}",
+                policy.expiry(order).format("%Y-%m-%d %H:%M:%S UTC")
+            )),
+        }))
+    };
+    match outcome {
+        Ok(CloseAnswer::Closed) => closed("closed at WeChat"),
+        Ok(CloseAnswer::OrderClosed) => closed("already closed at WeChat (ORDERCLOSED)"),
+        Ok(CloseAnswer::NotExist) => closed("WeChat never accepted the order (ORDERNOTEXIST)"),
+        Ok(CloseAnswer::OrderPaid) => None,
+        Err(e) => {
+            let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
+            let at = now
+                + TimeDelta::milliseconds(
+                    (CLOSE_RETRY.num_milliseconds() as f64 * stretch).round() as i64,
+                );
+            Some(if at <= order.created_at + policy.give_up_after {
+                Decision::Reschedule {
+                    at,
+                    note: Some(format!("closeorder: {e}")),
+                }
+            } else {
+                Decision::GiveUp {
+                    reason: format!("gave up closing the expired order; last: {e}"),
+                }
+            })
+        }
     }
 }
 
@@ -196,7 +336,8 @@ fn settle(report: &TradeReport, to: OrderState) -> Decision {
 
 /// When to ask next after the query being decided, or `None` to give up: the interval for this
 /// query's position in [`SCHEDULE_SECONDS`], stretched by up to [`MAX_JITTER`], at least
-/// [`SLOW_DOWN`] after a rate limit, and never past `give_up_after`.
+/// [`SLOW_DOWN`] after a rate limit, never past `give_up_after`, and no later than the time
+/// to close the order (with `close_expired`), so expired orders close on time.
 pub fn next_query_at(
     order: &OrderView,
     now: DateTime<Utc>,
@@ -212,7 +353,12 @@ pub fn next_query_at(
     if slow_down {
         interval = interval.max(SLOW_DOWN);
     }
-    let at = now + interval;
+    let mut at = now + interval;
+    if let Some(close_at) = policy.close_at(order)
+        && close_at > now
+    {
+        at = at.min(close_at);
+    }
     (at <= order.created_at + policy.give_up_after).then_some(at)
 }
 
@@ -423,8 +569,9 @@ mod tests {
         let mut o = order(100);
         o.query_count = 14; // the last interval is 6h
         let policy = Policy {
-            grace: TimeDelta::seconds(15),
             give_up_after: TimeDelta::hours(20),
+            close_expired: false,
+            ..Policy::default()
         };
         let d = decide(
             &o,
@@ -460,6 +607,173 @@ mod tests {
         assert_eq!(b, now() + TimeDelta::milliseconds(16_500));
     }
 
+    fn settled(state: OrderState) -> OrderView {
+        OrderView {
+            state,
+            ..order(100)
+        }
+    }
+
+    #[test]
+    fn a_repeat_for_a_settled_order_changes_nothing() {
+        for state in [
+            OrderState::Success,
+            OrderState::Refund,
+            OrderState::AmountMismatch,
+        ] {
+            let d = decide(
+                &settled(state),
+                &report(TradeState::Success, Some(100)),
+                now(),
+                0.0,
+                &Policy::default(),
+            );
+            assert!(matches!(d, Decision::Nothing { .. }), "{state}: {d:?}");
+        }
+        // Errors and open answers about a settled order change nothing either.
+        for o in [Err(WxPayError::Timeout), report(TradeState::NotPay, None)] {
+            let d = decide(
+                &settled(OrderState::Success),
+                &o,
+                now(),
+                0.0,
+                &Policy::default(),
+            );
+            assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn refund_after_success_is_the_one_move_out_of_a_terminal_state() {
+        let d = decide(
+            &settled(OrderState::Success),
+            &report(TradeState::Refund, Some(100)),
+            now(),
+            0.0,
+            &Policy::default(),
+        );
+        assert!(
+            matches!(&d, Decision::Settle(s) if s.to == OrderState::Refund),
+            "{d:?}"
+        );
+        // Not from any other terminal state, and not with another amount.
+        for state in [OrderState::Refund, OrderState::AmountMismatch] {
+            let d = decide(
+                &settled(state),
+                &report(TradeState::Refund, Some(100)),
+                now(),
+                0.0,
+                &Policy::default(),
+            );
+            assert!(matches!(d, Decision::Nothing { .. }), "{state}: {d:?}");
+        }
+        let d = decide(
+            &settled(OrderState::Success),
+            &report(TradeState::Refund, Some(99)),
+            now(),
+            0.0,
+            &Policy::default(),
+        );
+        assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_payment_for_a_closed_order_is_an_anomaly_never_a_state_change() {
+        for state in [OrderState::Closed, OrderState::Revoked, OrderState::PayError] {
+            for fee in [Some(100), Some(5)] {
+                let d = decide(
+                    &settled(state),
+                    &report(TradeState::Success, fee),
+                    now(),
+                    0.0,
+                    &Policy::default(),
+                );
+                let Decision::Anomaly { anomaly, report } = &d else {
+                    panic!("{state}: {d:?}")
+                };
+                assert_eq!(*anomaly, Anomaly::PaidAfterClose);
+                assert_eq!(report.to, state, "the state stays");
+                assert_eq!(report.reported_fee.map(|f| f.get()), fee.map(i64::from));
+                assert!(report.transaction_id.is_some());
+            }
+        }
+        let d = decide(
+            &settled(OrderState::Closed),
+            &report(TradeState::Closed, None),
+            now(),
+            0.0,
+            &Policy::default(),
+        );
+        assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn expired_orders_close_on_time_but_never_within_five_minutes() {
+        let policy = Policy::default();
+        let o = order(100);
+        assert_eq!(policy.close_at(&o), Some(t0() + TimeDelta::hours(2)));
+        assert!(!policy.should_close(&o, t0() + TimeDelta::minutes(119)));
+        assert!(policy.should_close(&o, t0() + TimeDelta::hours(2)));
+        // An app expiry of one minute still waits for WeChat's five.
+        let short = OrderView {
+            expires_at: Some(t0() + TimeDelta::minutes(1)),
+            ..order(100)
+        };
+        assert_eq!(policy.close_at(&short), Some(t0() + MIN_CLOSE_AGE));
+        assert!(!policy.should_close(&short, t0() + TimeDelta::minutes(4)));
+        // The poll after a 3h interval is pulled in to the close time.
+        let mut late = order(100);
+        late.query_count = 10;
+        let at = next_query_at(&late, t0() + TimeDelta::minutes(100), 0.0, &policy, false);
+        assert_eq!(at, Some(t0() + TimeDelta::hours(2)));
+        // Off: neither closes nor pulls in.
+        let off = Policy {
+            close_expired: false,
+            ..policy
+        };
+        assert!(!off.should_close(&o, t0() + TimeDelta::hours(5)));
+        let at = next_query_at(&late, t0() + TimeDelta::minutes(100), 0.0, &off, false);
+        assert_eq!(at, Some(t0() + TimeDelta::minutes(280)));
+        // A settled order is never closed.
+        assert!(!policy.should_close(&settled(OrderState::Success), t0() + TimeDelta::hours(5)));
+    }
+
+    #[test]
+    fn closeorder_answers() {
+        let policy = Policy::default();
+        let o = order(100);
+        let at = t0() + TimeDelta::hours(2);
+        for answer in [
+            CloseAnswer::Closed,
+            CloseAnswer::OrderClosed,
+            CloseAnswer::NotExist,
+        ] {
+            let d = decide_close(&o, &Ok(answer), at, 0.0, &policy);
+            assert!(
+                matches!(&d, Some(Decision::Settle(s)) if s.to == OrderState::Closed),
+                "{answer:?}: {d:?}"
+            );
+        }
+        assert_eq!(
+            decide_close(&o, &Ok(CloseAnswer::OrderPaid), at, 0.0, &policy),
+            None,
+            "paid: query, never close"
+        );
+        let d = decide_close(&o, &Err(WxPayError::Timeout), at, 0.0, &policy);
+        assert!(
+            matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == at + CLOSE_RETRY),
+            "{d:?}"
+        );
+        let d = decide_close(
+            &o,
+            &Err(WxPayError::Timeout),
+            t0() + TimeDelta::hours(24),
+            0.0,
+            &policy,
+        );
+        assert!(matches!(d, Some(Decision::GiveUp { .. })), "{d:?}");
+    }
+
     proptest! {
         /// However late the scans run and whatever the jitter, an order that never settles is
         /// queried at most MAX_QUERIES times, never before its schedule allows, and never after
@@ -470,7 +784,7 @@ mod tests {
             jitters in proptest::collection::vec(0.0f64..=1.0, 20),
             transient in proptest::collection::vec(any::<bool>(), 20),
         ) {
-            let policy = Policy::default();
+            let policy = Policy { close_expired: false, ..Policy::default() };
             let mut o = order(100);
             let mut due = first_query_at(o.created_at, &policy);
             let mut queried_at = Vec::new();

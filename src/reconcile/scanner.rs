@@ -15,13 +15,16 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{self, Decision, OrderView, Policy};
+use super::policy::{self, OrderView, Policy};
+use super::settle::{self, Report, Settler, Verdict};
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::store::{
     Applied, Backend, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError, Write,
 };
 use crate::telemetry::Telemetry;
-use crate::wxpay::{Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError};
+use crate::wxpay::{
+    CloseAnswer, Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError,
+};
 
 /// Writes committed together by a scan's writer (one transaction, one fsync).
 pub const MAX_WRITE_BATCH: usize = 64;
@@ -251,6 +254,31 @@ impl Scanner {
             return self.write(row, order.guard(), change, writes).await;
         };
 
+        let policy = &inner.settings.policy;
+        if policy.should_close(&order_view(row), Utc::now()) {
+            tokio::select! {
+                _ = self.wait_for_turn() => {}
+                _ = stop.cancelled() => return Ok(Processed::Abandoned),
+            }
+            let answer = inner.client.close_order(merchant, &out_trade_no).await;
+            self.observe_close(row, &answer);
+            let decision = policy::decide_close(
+                &order_view(row),
+                &answer,
+                Utc::now(),
+                rand::random::<f64>(),
+                policy,
+            );
+            if let Some(decision) = decision {
+                let change = match settle::change_of(decision, Source::Expire, true) {
+                    Ok(change) => change,
+                    Err(_) => return Ok(Processed::NoOp),
+                };
+                return self.write_change(row, order.guard(), change, writes).await;
+            }
+            // ORDERPAID: the customer paid at the last moment; query and settle it.
+        }
+
         tokio::select! {
             _ = self.wait_for_turn() => {}
             _ = stop.cancelled() => return Ok(Processed::Abandoned),
@@ -262,21 +290,95 @@ impl Scanner {
             .await;
         self.observe(row, &outcome, started.elapsed());
 
-        let view = order_view(row);
         let decision = policy::decide(
-            &view,
+            &order_view(row),
             &outcome,
             Utc::now(),
             rand::random::<f64>(),
+            policy,
+        );
+        let report = Report {
+            outcome: &outcome,
+            source: Source::Poll,
+            queried: true,
+        };
+        let change = match settle::change_of(decision, report.source, report.queried) {
+            Ok(change) => change,
+            Err(_) => return Ok(Processed::NoOp),
+        };
+        let moves = matches!(change, Change::Settle { .. } | Change::Anomaly { .. });
+        let processed = self.write_change(row, order.guard(), change, writes).await?;
+        if processed != Processed::NoOp || !moves {
+            return Ok(processed);
+        }
+        // The order moved under us (the merchant's handler, a notification): a verified report
+        // still counts against its new state (REFUND after SUCCESS, PAID_AFTER_CLOSE).
+        self.follow_up(row, report).await
+    }
+
+    /// After a lost write of a verified report: if the order is no longer open, apply the
+    /// report to what is there now.
+    async fn follow_up(&self, row: &OrderRow, report: Report<'_>) -> Result<Processed, StoreError> {
+        let inner = &self.inner;
+        let Some(now) = inner.store.order(row.id).await? else {
+            return Ok(Processed::NoOp);
+        };
+        let decision = policy::decide(
+            &order_view(&now),
+            report.outcome,
+            Utc::now(),
+            0.0,
             &inner.settings.policy,
         );
-        let change = change_for(decision, Source::Poll, true);
+        // Still open (another instance holds it) or nothing new to record: the no-op is
+        // counted already.
+        if now.state.is_open() || matches!(decision, policy::Decision::Nothing { .. }) {
+            return Ok(Processed::NoOp);
+        }
+        let settler = Settler {
+            store: &inner.store,
+            telemetry: &inner.telemetry,
+            policy: &inner.settings.policy,
+        };
+        Ok(match settler.apply_report(now, None, report).await? {
+            Verdict::Moved { .. } | Verdict::Anomaly(_) => Processed::Settled,
+            Verdict::StillOpen => Processed::Rescheduled,
+            Verdict::Unchanged { .. } | Verdict::LeaseLost => Processed::NoOp,
+        })
+    }
+
+    /// Writes a change through the scan's writer, counting a give-up.
+    async fn write_change(
+        &self,
+        row: &OrderRow,
+        guard: Guard,
+        change: Change,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
         if let Change::GiveUp { reason } = &change {
-            inner
+            self.inner
                 .telemetry
                 .gave_up(&row.mch_id, &row.out_trade_no, reason);
         }
-        self.write(row, order.guard(), change, writes).await
+        self.write(row, guard, change, writes).await
+    }
+
+    /// Counts and logs a closeorder outcome.
+    fn observe_close(&self, row: &OrderRow, answer: &Result<CloseAnswer, WxPayError>) {
+        let t = &self.inner.telemetry;
+        let outcome = match answer {
+            Ok(CloseAnswer::Closed) => "closed",
+            Ok(CloseAnswer::OrderPaid) => "order_paid",
+            Ok(CloseAnswer::OrderClosed) => "order_closed",
+            Ok(CloseAnswer::NotExist) => "order_not_exist",
+            Err(e) => {
+                if e.retry_hint() == RetryHint::SlowDown {
+                    *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
+                }
+                e.outcome()
+            }
+        };
+        t.closeorder(&row.mch_id, &row.out_trade_no, outcome);
     }
 
     /// Hands a change to the scan's writer, waits for its commit, and reports it.
@@ -297,11 +399,15 @@ impl Scanner {
         let closed = || StoreError::Query("the scan's writer stopped".into());
         writes.send(request).await.map_err(|_| closed())?;
         let (applied, change) = done.await.map_err(|_| closed())??;
+        let source = match &change {
+            Change::Settle { source, .. } | Change::Anomaly { source, .. } => *source,
+            Change::Reschedule { .. } | Change::GiveUp { .. } => Source::Poll,
+        };
         Ok(report_applied(
             &self.inner.telemetry,
             row,
             &change,
-            Source::Poll,
+            source,
             applied,
         ))
     }
@@ -434,6 +540,16 @@ pub fn report_applied(
             );
             Processed::Settled
         }
+        (Applied::Done, Change::Anomaly { report, .. }) => {
+            telemetry.paid_after_close(
+                &row.mch_id,
+                &row.out_trade_no,
+                report.transaction_id.as_ref().map(|t| t.as_str()),
+                report.reported_fee.map(|f| f.get()),
+                source,
+            );
+            Processed::Settled
+        }
         (Applied::Done, _) => Processed::Rescheduled,
     }
 }
@@ -447,19 +563,6 @@ pub fn order_view(row: &OrderRow) -> OrderView {
         created_at: row.created_at,
         expires_at: row.expires_at,
         query_count: u32::try_from(row.query_count).unwrap_or(u32::MAX),
-    }
-}
-
-/// The store write for a decision.
-pub fn change_for(decision: Decision, source: Source, queried: bool) -> Change {
-    match decision {
-        Decision::Settle(settlement) | Decision::Quarantine(settlement) => Change::Settle {
-            settlement,
-            source,
-            queried,
-        },
-        Decision::Reschedule { at, note } => Change::Reschedule { at, note },
-        Decision::GiveUp { reason } => Change::GiveUp { reason },
     }
 }
 

@@ -65,6 +65,9 @@ pub struct CreateBody {
     notify_url: Option<String>,
     #[serde(default)]
     sign_type: Option<SignType>,
+    /// Backdates the order (tests of expiry and of WeChat's 5-minute closeorder rule).
+    #[serde(default)]
+    age_seconds: u32,
 }
 
 pub async fn create(
@@ -83,7 +86,17 @@ pub async fn create(
         body.notify_url,
         body.sign_type,
     ) {
-        Ok(order) => (StatusCode::CREATED, Json(order_json(&key, &order))).into_response(),
+        Ok(mut order) => {
+            if body.age_seconds > 0 {
+                let age = chrono::TimeDelta::seconds(i64::from(body.age_seconds));
+                if let Some(o) = lock(&state.orders).get_mut(&key) {
+                    o.created_at -= age;
+                    o.prepay_expires_at -= age;
+                    order = o.clone();
+                }
+            }
+            (StatusCode::CREATED, Json(order_json(&key, &order))).into_response()
+        }
         Err(e) => sim_error(e),
     }
 }
@@ -279,23 +292,33 @@ fn faults_json(all: &std::collections::HashMap<SimEndpoint, Faults>) -> Value {
 }
 
 /// `PUT /_sim/config`: `{"notify_retry_ms": [15000, 15000, …]}` replaces WeChat's notification
-/// retry schedule (tests shorten it).
+/// retry schedule (tests shorten it); `{"close_min_age_ms": 300000}` turns on WeChat's rule that
+/// an order younger than 5 minutes cannot be closed (refusals count as `early_closes`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigBody {
-    notify_retry_ms: Vec<u64>,
+    #[serde(default)]
+    notify_retry_ms: Option<Vec<u64>>,
+    #[serde(default)]
+    close_min_age_ms: Option<u64>,
 }
 
 pub async fn set_config(
     State(state): State<Arc<SimState>>,
     Json(body): Json<ConfigBody>,
 ) -> Response {
-    *lock(&state.notify_retries) = body
-        .notify_retry_ms
+    if let Some(retries) = &body.notify_retry_ms {
+        *lock(&state.notify_retries) = retries.iter().map(|ms| Duration::from_millis(*ms)).collect();
+    }
+    if let Some(ms) = body.close_min_age_ms {
+        *lock(&state.close_min_age) = Duration::from_millis(ms);
+    }
+    let retries: Vec<u64> = lock(&state.notify_retries)
         .iter()
-        .map(|ms| Duration::from_millis(*ms))
+        .map(|d| d.as_millis() as u64)
         .collect();
-    Json(json!({ "notify_retry_ms": body.notify_retry_ms })).into_response()
+    let close_min_age_ms = lock(&state.close_min_age).as_millis() as u64;
+    Json(json!({ "notify_retry_ms": retries, "close_min_age_ms": close_min_age_ms })).into_response()
 }
 
 #[derive(Serialize)]

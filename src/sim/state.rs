@@ -47,6 +47,8 @@ pub struct OrderStats {
     pub inflight: u64,
     pub max_inflight: u64,
     pub closes: u64,
+    /// closeorder calls refused because the order was younger than 5 minutes.
+    pub early_closes: u64,
 }
 
 /// Fault injection for one endpoint. Rates are probabilities from 0 to 1, rolled per request.
@@ -121,6 +123,9 @@ pub struct SimState {
     pub(crate) stats: Mutex<HashMap<String, OrderStats>>,
     pub(crate) faults: Mutex<HashMap<SimEndpoint, Faults>>,
     pub(crate) notify_retries: Mutex<Vec<Duration>>,
+    /// WeChat refuses closeorder on orders younger than 5 minutes; off (zero) unless a test or
+    /// `PUT /_sim/config` sets it, so that clients can close fresh orders.
+    pub(crate) close_min_age: Mutex<Duration>,
     pub(crate) requests: AtomicU64,
     pub(crate) sequence: AtomicU64,
     pub(crate) http: reqwest::Client,
@@ -160,6 +165,7 @@ impl SimState {
             stats: Mutex::default(),
             faults: Mutex::default(),
             notify_retries: Mutex::new(WECHAT_NOTIFY_RETRIES.to_vec()),
+            close_min_age: Mutex::new(Duration::ZERO),
             requests: AtomicU64::new(0),
             sequence: AtomicU64::new(1),
             http,
@@ -222,6 +228,13 @@ impl SimState {
             state: self.clone(),
             out_trade_no: out_trade_no.to_owned(),
         }
+    }
+
+    pub(crate) fn count_early_close(&self, out_trade_no: &str) {
+        lock(&self.stats)
+            .entry(out_trade_no.to_owned())
+            .or_default()
+            .early_closes += 1;
     }
 
     pub(crate) fn count_close(&self, out_trade_no: &str) {

@@ -252,13 +252,23 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
         Ok(f) => f,
         Err(resp) => return resp,
     };
+    let mut early_close = false;
     let answer = match result_fault(&faults) {
         Some(r) => r,
         None => {
             let mut orders = lock(&state.orders);
-            let key = (req.merchant.mch_id.as_str().to_owned(), out_trade_no);
+            let key = (req.merchant.mch_id.as_str().to_owned(), out_trade_no.clone());
             match orders.get_mut(&key) {
                 None => result_fail("ORDERNOTEXIST", "订单不存在"),
+                // WeChat refuses to close an order younger than 5 minutes.
+                Some(o)
+                    if (Utc::now() - o.created_at)
+                        .to_std()
+                        .is_ok_and(|age| age < *lock(&state.close_min_age)) =>
+                {
+                    early_close = true;
+                    result_fail("SYSTEMERROR", "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟")
+                }
                 Some(o) => match o.state {
                     TradeState::Success | TradeState::Refund => {
                         result_fail("ORDERPAID", "订单已支付，不能发起关单")
@@ -276,6 +286,9 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
             }
         }
     };
+    if early_close {
+        state.count_early_close(&out_trade_no);
+    }
     reply(&req, Answer::Result(answer), &faults)
 }
 

@@ -8,6 +8,8 @@
 //! - **Apply**: one transaction with a guarded `UPDATE … WHERE state = from AND lease = n` and,
 //!   for a state change, the event `INSERT`. Zero rows means someone else got there first:
 //!   nothing is recorded, and the caller counts a no-op.
+//! - **Anomaly**: an event without a state change (`PAID_AFTER_CLOSE`), inserted only while the
+//!   order is still in `from`, at most once per order (the events' unique key).
 
 mod mysql;
 mod postgres;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::domain::{OrderState, Source};
+use crate::domain::{Anomaly, OrderState, Source};
 use crate::reconcile::policy::Settlement;
 
 /// A database URL. Its password never prints: `Display` and `Debug` show `***` instead.
@@ -233,6 +235,12 @@ pub enum Change {
     },
     /// Still open, but stop polling.
     GiveUp { reason: String },
+    /// Record an event that changes no state (`report.to` is the order's state); once per order.
+    Anomaly {
+        anomaly: Anomaly,
+        report: Settlement,
+        source: Source,
+    },
 }
 
 /// One guarded write of [`Store::apply_many`].
@@ -257,7 +265,19 @@ pub struct OpenSummary {
     pub mch_id: String,
     pub open: i64,
     pub stuck: i64,
+    /// Open orders past their expiry (`expires_at`, else creation + the default lifetime).
+    pub expired: i64,
     pub oldest_created_at: Option<DateTime<Utc>>,
+}
+
+/// The parameters of [`Store::open_summary`].
+#[derive(Debug, Clone, Copy)]
+pub struct SummaryRequest {
+    pub now: DateTime<Utc>,
+    /// Open orders created before this are stuck.
+    pub stuck_before: DateTime<Utc>,
+    /// Orders without `expires_at` created before this have expired.
+    pub expired_if_created_before: DateTime<Utc>,
 }
 
 /// The parameters of one claim.
@@ -383,12 +403,12 @@ impl Store {
         dispatch!(self, s => s.apply_many(writes, now).await)
     }
 
-    /// Open orders per merchant: how many, how many older than `stuck_before`, the oldest.
+    /// Open orders per merchant: how many, how many stuck, how many expired, the oldest.
     pub async fn open_summary(
         &self,
-        stuck_before: DateTime<Utc>,
+        req: &SummaryRequest,
     ) -> Result<Vec<OpenSummary>, StoreError> {
-        dispatch!(self, s => s.open_summary(stuck_before).await)
+        dispatch!(self, s => s.open_summary(req).await)
     }
 
     /// Orders per state.
@@ -400,6 +420,31 @@ impl Store {
     pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
         let sql = reads::oldest_open();
         dispatch!(self, s => s.orders(&sql, &[Arg::Int(i64::from(limit))]).await)
+    }
+
+    /// The order of this merchant with this out_trade_no.
+    pub async fn find_order(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+    ) -> Result<Option<OrderRow>, StoreError> {
+        let sql = reads::find_of_merchant();
+        let mut rows = dispatch!(self, s => s.orders(&sql, &[Arg::Text(mch_id), Arg::Text(out_trade_no)]).await)?;
+        Ok(rows.pop())
+    }
+
+    /// One order by id.
+    pub async fn order(&self, id: i64) -> Result<Option<OrderRow>, StoreError> {
+        let sql = reads::by_id();
+        let mut rows = dispatch!(self, s => s.orders(&sql, &[Arg::Int(id)]).await)?;
+        Ok(rows.pop())
+    }
+
+    /// The latest `PAID_AFTER_CLOSE` events, newest first: payments the merchant must refund
+    /// or fulfil.
+    pub async fn paid_after_close(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let sql = reads::anomalies();
+        dispatch!(self, s => s.events(&sql, &[Arg::Text(Anomaly::PaidAfterClose.as_str()), Arg::Int(i64::from(limit))]).await)
     }
 
     /// Orders with this out_trade_no (one per merchant at most).
@@ -475,6 +520,20 @@ mod reads {
         format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ? ORDER BY mch_id")
     }
 
+    pub fn find_of_merchant() -> String {
+        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE mch_id = ? AND out_trade_no = ?")
+    }
+
+    pub fn by_id() -> String {
+        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE id = ?")
+    }
+
+    pub fn anomalies() -> String {
+        format!(
+            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE to_state = ? ORDER BY id DESC LIMIT ?"
+        )
+    }
+
     pub fn events_of_order() -> String {
         format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = ? ORDER BY id")
     }
@@ -509,6 +568,7 @@ pub(crate) fn change_note(change: &Change) -> Option<&str> {
         Change::Settle { settlement, .. } => settlement.detail.as_deref(),
         Change::Reschedule { note, .. } => note.as_deref(),
         Change::GiveUp { reason } => Some(reason),
+        Change::Anomaly { report, .. } => report.detail.as_deref(),
     }
 }
 

@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 
 use super::{
     Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, Write, change_note,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, SummaryRequest, OrderRow, StoreError, Write, change_note,
     parse_state,
 };
 use crate::domain::OrderState;
@@ -192,15 +192,19 @@ impl MySqlStore {
 
     pub async fn open_summary(
         &self,
-        stuck_before: DateTime<Utc>,
+        req: &SummaryRequest,
     ) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     CAST(SUM(CASE WHEN created_at < ? THEN 1 ELSE 0 END) AS SIGNED) AS stuck,
+                    CAST(SUM(CASE WHEN expires_at <= ? OR (expires_at IS NULL AND created_at <= ?)
+                        THEN 1 ELSE 0 END) AS SIGNED) AS expired,
                     MIN(created_at) AS oldest
              FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
         )))
-        .bind(stuck_before)
+        .bind(req.stuck_before)
+        .bind(req.now)
+        .bind(req.expired_if_created_before)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -209,6 +213,7 @@ impl MySqlStore {
                     mch_id: r.try_get("mch_id")?,
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
+                    expired: r.try_get("expired")?,
                     oldest_created_at: r.try_get("oldest")?,
                 })
             })
@@ -348,6 +353,50 @@ async fn apply_one(
             .bind(guard.lease)
             .execute(&mut **tx)
             .await?
+        }
+        Change::Anomaly {
+            anomaly,
+            report,
+            source,
+        } => {
+            // The order row's lock serializes writers of the same anomaly; the event only while
+            // the order is still in `from`, once.
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM wxpay_orders WHERE id = ? FOR UPDATE")
+                    .bind(guard.order_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if state.as_deref() != Some(guard.from.as_str()) {
+                return Ok(Applied::NoOp);
+            }
+            let seen: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM wxpay_order_events WHERE order_id = ? AND to_state = ?",
+            )
+            .bind(guard.order_id)
+            .bind(anomaly.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+            if seen > 0 {
+                return Ok(Applied::NoOp);
+            }
+            sqlx::query(
+                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                    to_state, source, transaction_id, total_fee, detail, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(order.id)
+            .bind(&order.mch_id)
+            .bind(&order.out_trade_no)
+            .bind(guard.from.as_str())
+            .bind(anomaly.as_str())
+            .bind(source.as_str())
+            .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
+            .bind(report.reported_fee.map(|f| f.get()))
+            .bind(note)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            return Ok(Applied::Done);
         }
     };
     if updated.rows_affected() == 0 {

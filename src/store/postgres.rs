@@ -11,8 +11,8 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 
 use super::{
     Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, Write, change_note,
-    numbered, parse_state,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
+    change_note, numbered, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -195,6 +195,29 @@ async fn apply_one(
         .execute(&mut **tx)
         .await?
         .rows_affected(),
+        // The event only while the order is still in `from`; a second one is no error.
+        Change::Anomaly {
+            anomaly,
+            report,
+            source,
+        } => sqlx::query(
+            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                to_state, source, transaction_id, total_fee, detail, created_at)
+             SELECT id, mch_id, out_trade_no, state, $1, $2, $3, $4, $5, $6 FROM wxpay_orders
+             WHERE id = $7 AND state = $8
+             ON CONFLICT (order_id, to_state) DO NOTHING",
+        )
+        .bind(anomaly.as_str())
+        .bind(source.as_str())
+        .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
+        .bind(report.reported_fee.map(|f| f.get()))
+        .bind(note)
+        .bind(now)
+        .bind(guard.order_id)
+        .bind(guard.from.as_str())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected(),
     };
     Ok(if affected == 0 {
         Applied::NoOp
@@ -206,15 +229,19 @@ async fn apply_one(
 impl PgStore {
     pub async fn open_summary(
         &self,
-        stuck_before: DateTime<Utc>,
+        req: &SummaryRequest,
     ) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     COUNT(*) FILTER (WHERE created_at < $1) AS stuck,
+                    COUNT(*) FILTER (WHERE expires_at <= $2
+                        OR (expires_at IS NULL AND created_at <= $3)) AS expired,
                     MIN(created_at) AS oldest
              FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
         )))
-        .bind(stuck_before)
+        .bind(req.stuck_before)
+        .bind(req.now)
+        .bind(req.expired_if_created_before)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -223,6 +250,7 @@ impl PgStore {
                     mch_id: r.try_get("mch_id")?,
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
+                    expired: r.try_get("expired")?,
                     oldest_created_at: r.try_get("oldest")?,
                 })
             })

@@ -16,8 +16,8 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 
 use super::{
     Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, Write, change_note,
-    parse_state,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
+    change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -268,6 +268,35 @@ async fn apply_one(
             .execute(&mut **tx)
             .await?
         }
+        // The event only while the order is still in `from`; a second one is no error.
+        Change::Anomaly {
+            anomaly,
+            report,
+            source,
+        } => {
+            let inserted = sqlx::query(
+                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                    to_state, source, transaction_id, total_fee, detail, created_at)
+                 SELECT id, mch_id, out_trade_no, state, ?1, ?2, ?3, ?4, ?5, ?6 FROM wxpay_orders
+                 WHERE id = ?7 AND state = ?8
+                 ON CONFLICT (order_id, to_state) DO NOTHING",
+            )
+            .bind(anomaly.as_str())
+            .bind(source.as_str())
+            .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
+            .bind(report.reported_fee.map(|f| f.get()))
+            .bind(note)
+            .bind(&now_s)
+            .bind(guard.order_id)
+            .bind(guard.from.as_str())
+            .execute(&mut **tx)
+            .await?;
+            return Ok(if inserted.rows_affected() == 0 {
+                Applied::NoOp
+            } else {
+                Applied::Done
+            });
+        }
     };
     if updated.rows_affected() == 0 {
         return Ok(Applied::NoOp);
@@ -300,15 +329,19 @@ async fn apply_one(
 impl SqliteStore {
     pub async fn open_summary(
         &self,
-        stuck_before: DateTime<Utc>,
+        req: &SummaryRequest,
     ) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     SUM(CASE WHEN created_at < ?1 THEN 1 ELSE 0 END) AS stuck,
+                    SUM(CASE WHEN expires_at <= ?2 OR (expires_at IS NULL AND created_at <= ?3)
+                        THEN 1 ELSE 0 END) AS expired,
                     MIN(created_at) AS oldest
              FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
         )))
-        .bind(ts(stuck_before))
+        .bind(ts(req.stuck_before))
+        .bind(ts(req.now))
+        .bind(ts(req.expired_if_created_before))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -317,6 +350,7 @@ impl SqliteStore {
                     mch_id: r.try_get("mch_id")?,
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
+                    expired: r.try_get("expired")?,
                     oldest_created_at: opt_ts(r, "oldest")?,
                 })
             })

@@ -1,8 +1,9 @@
-//! Everything WeChat Pay v2: the strict XML codec, signing, and the orderquery/closeorder
-//! client. Nothing outside this module knows XML, signs, or speaks HTTP to WeChat.
+//! Everything WeChat Pay v2: the strict XML codec, signing, the orderquery/closeorder client,
+//! and reading payment notifications. Nothing outside this module knows XML, signs, or speaks HTTP to WeChat.
 
 pub mod client;
 pub mod error;
+pub mod notify;
 pub mod sign;
 pub mod xml;
 

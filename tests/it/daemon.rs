@@ -345,7 +345,8 @@ async fn status_and_query_tell_on_call_what_is_going_on() {
         assert_eq!(events[0].source, "manual");
         let (ok, out, _) = run_cmd(&config, &["query", &paid, "--apply"]).await;
         assert!(ok);
-        assert!(out.contains("polling never changes"), "{out}");
+        assert!(out.contains("no change (order is already SUCCESS"), "{out}");
+        assert_eq!(e.events(&paid).await.len(), 1, "nothing recorded twice");
 
         let (ok, out, _) = run_cmd(&config, &["query", &open, "--apply"]).await;
         assert!(ok);

@@ -292,6 +292,22 @@ impl TestDb {
         assert_eq!(self.exec(sql, &[out_trade_no]).await, 1);
     }
 
+    /// Makes an order `minutes` older (its `created_at` moves into the past).
+    pub async fn backdate(&self, out_trade_no: &str, minutes: u32) {
+        let sql = match self.kind {
+            Kind::Sqlite => format!(
+                "UPDATE wxpay_orders SET created_at = strftime('%Y-%m-%d %H:%M:%f', created_at, '-{minutes} minutes') WHERE out_trade_no = $1"
+            ),
+            Kind::Postgres => format!(
+                "UPDATE wxpay_orders SET created_at = created_at - interval '{minutes} minutes' WHERE out_trade_no = $1"
+            ),
+            Kind::Mysql => format!(
+                "UPDATE wxpay_orders SET created_at = created_at - INTERVAL {minutes} MINUTE WHERE out_trade_no = $1"
+            ),
+        };
+        assert_eq!(self.exec(&sql, &[out_trade_no]).await, 1);
+    }
+
     /// Drops the PostgreSQL schema or the MySQL database (SQLite's directory goes with the
     /// value).
     pub async fn cleanup(self) {

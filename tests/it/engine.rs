@@ -41,13 +41,15 @@ pub fn settings(db_url: &str, sim_url: &str) -> Settings {
             grace_seconds: 0,
             batch_size: 50,
             lease_seconds: 30,
-            give_up_after_hours: 24,
+            ..ScheduleSettings::default()
         },
         metrics: MetricsSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             refresh_seconds: 1,
             ..MetricsSettings::default()
         },
+        notify: Default::default(),
+        log: Default::default(),
     }
 }
 

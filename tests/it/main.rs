@@ -8,4 +8,5 @@ mod engine;
 mod fixtures;
 mod helpers;
 mod interop;
+mod lifecycle;
 mod simulator;

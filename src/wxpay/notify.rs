@@ -1,0 +1,158 @@
+//! WeChat's v2 payment notification (the body POSTed to `notify_url`), read exactly as an
+//! orderquery reply is: strict decode, `return_code`, the merchant's signature and sign type,
+//! `appid` / `mch_id` / `sub_mch_id`, then the order fields. And the XML answer WeChat expects.
+
+use super::client::{Merchant, TradeReport, parse_trade_report, verify_envelope};
+use super::error::WxPayError;
+use super::xml::{self, Fields};
+use crate::domain::MchId;
+
+/// Why a notification cannot be used; each maps to one `outcome` label and one FAIL answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotifyError {
+    #[error("malformed notification: {0}")]
+    Malformed(String),
+    #[error("return_code FAIL: {0}")]
+    ReturnFail(String),
+    #[error("merchant {0} is not configured")]
+    UnknownMerchant(String),
+    #[error("merchant {0}: signature: {1}")]
+    Sign(MchId, String),
+    #[error("merchant {0}: {1}")]
+    Mismatch(MchId, String),
+}
+
+impl NotifyError {
+    /// The bounded `outcome` label of `notify_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            NotifyError::Malformed(_) => "malformed",
+            NotifyError::ReturnFail(_) => "return_fail",
+            NotifyError::UnknownMerchant(_) => "unknown_merchant",
+            NotifyError::Sign(..) => "sign_invalid",
+            NotifyError::Mismatch(..) => "mismatch",
+        }
+    }
+
+    /// The configured merchant the notification named, when it got that far.
+    pub fn merchant(&self) -> Option<&MchId> {
+        match self {
+            NotifyError::Sign(m, _) | NotifyError::Mismatch(m, _) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// What a verified notification says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notified {
+    /// `result_code` SUCCESS: the customer paid (a [`TradeReport`] with trade_state SUCCESS).
+    Paid(TradeReport),
+    /// `result_code` FAIL: a failed payment attempt, which settles nothing.
+    Failed { err_code: String },
+}
+
+/// A verified notification and the merchant it is for.
+#[derive(Debug, Clone)]
+pub struct Notification<'m> {
+    pub merchant: &'m Merchant,
+    pub notified: Notified,
+}
+
+/// Decodes and verifies a notification body with the key of the merchant it names.
+pub fn read_notification<'m>(
+    body: &[u8],
+    merchant_of: impl Fn(&MchId) -> Option<&'m Merchant>,
+) -> Result<Notification<'m>, NotifyError> {
+    let fields = xml::decode(body).map_err(|e| NotifyError::Malformed(e.to_string()))?;
+    match fields.get("return_code") {
+        Some("SUCCESS") => {}
+        Some("FAIL") => {
+            return Err(NotifyError::ReturnFail(
+                fields
+                    .get("return_msg")
+                    .unwrap_or_default()
+                    .chars()
+                    .take(128)
+                    .collect(),
+            ));
+        }
+        _ => {
+            return Err(NotifyError::Malformed(
+                "return_code is neither SUCCESS nor FAIL".into(),
+            ));
+        }
+    }
+    let mch_id = fields
+        .get_nonempty("mch_id")
+        .ok_or_else(|| NotifyError::Malformed("mch_id is missing".into()))?;
+    let mch_id = MchId::parse(mch_id)
+        .map_err(|_| NotifyError::UnknownMerchant(mch_id.chars().take(32).collect()))?;
+    let merchant =
+        merchant_of(&mch_id).ok_or_else(|| NotifyError::UnknownMerchant(mch_id.to_string()))?;
+    verify_envelope(merchant, &fields).map_err(|e| match e {
+        WxPayError::Sign(s) => NotifyError::Sign(mch_id.clone(), s.to_string()),
+        WxPayError::Mismatch { .. } => NotifyError::Mismatch(mch_id.clone(), e.to_string()),
+        other => NotifyError::Malformed(other.to_string()),
+    })?;
+    let notified = match fields.get("result_code") {
+        Some("SUCCESS") => Notified::Paid(
+            parse_trade_report(&without_trade_state(&fields))
+                .map_err(|e| NotifyError::Malformed(e.to_string()))?,
+        ),
+        Some("FAIL") => Notified::Failed {
+            err_code: fields
+                .get("err_code")
+                .unwrap_or_default()
+                .chars()
+                .take(32)
+                .collect(),
+        },
+        _ => {
+            return Err(NotifyError::Malformed(
+                "result_code is neither SUCCESS nor FAIL".into(),
+            ));
+        }
+    };
+    Ok(Notification { merchant, notified })
+}
+
+/// A payment notification reports a payment: any `trade_state` in it (there is none in
+/// WeChat's) does not make it something else.
+fn without_trade_state(fields: &Fields) -> Fields {
+    let mut f = fields.clone();
+    f.remove("trade_state");
+    f
+}
+
+/// The answer WeChat stops retrying on (DESIGN.md, "Notify endpoint").
+pub const ANSWER_SUCCESS: &str =
+    "<xml><return_code><![CDATA[SUCCESS]]></return_code><return_msg><![CDATA[OK]]></return_msg></xml>";
+
+/// A FAIL answer; WeChat retries the notification later.
+pub fn answer_fail(reason: &str) -> String {
+    // The reason goes into CDATA: no "]]>" and only plain characters.
+    let reason: String = reason
+        .chars()
+        .filter(|c| xml::is_xml_char(*c) && *c != ']' && *c != '<' && *c != '>')
+        .take(128)
+        .collect();
+    format!(
+        "<xml><return_code><![CDATA[FAIL]]></return_code><return_msg><![CDATA[{reason}]]></return_msg></xml>"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_wechat_xml() {
+        let ok = xml::decode(ANSWER_SUCCESS.as_bytes()).unwrap();
+        assert_eq!(ok.get("return_code"), Some("SUCCESS"));
+        let fail = answer_fail("bad ]]> sign <x>");
+        let f = xml::decode(fail.as_bytes()).unwrap();
+        assert_eq!(f.get("return_code"), Some("FAIL"));
+        assert_eq!(f.get("return_msg"), Some("bad  sign x"));
+    }
+}
