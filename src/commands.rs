@@ -93,8 +93,7 @@ pub async fn status(
     let now = Utc::now();
     let request = SummaryRequest {
         now,
-        stuck_before: now
-            - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64),
+        stuck_before: now - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64),
         expired_if_created_before: now - policy(settings).default_expiry,
     };
     let counts = store.count_by_state().await?;
@@ -360,18 +359,24 @@ async fn apply_manual(
         source: Source::Manual,
         queried: false,
     };
-    Ok(match settler.apply_report(row.clone(), None, report).await? {
-        Verdict::Moved { from, to } => format!("apply: {from} -> {to} recorded (source manual)"),
-        Verdict::Anomaly(anomaly) => format!(
-            "apply: {anomaly} recorded (source manual); the order stays {}: refund or fulfil the payment",
-            row.state
-        ),
-        Verdict::Unchanged { reason } if row.state.is_open() => {
-            format!("apply: no transition (the order stays open; its schedule is unchanged): {reason}")
-        }
-        Verdict::Unchanged { reason } => format!("apply: no change ({reason})"),
-        Verdict::StillOpen | Verdict::LeaseLost => {
-            "apply: no transition (the order stays open)".into()
-        }
-    })
+    Ok(
+        match settler.apply_report(row.clone(), None, report).await? {
+            Verdict::Moved { from, to } => {
+                format!("apply: {from} -> {to} recorded (source manual)")
+            }
+            Verdict::Anomaly(anomaly) => format!(
+                "apply: {anomaly} recorded (source manual); the order stays {}: refund or fulfil the payment",
+                row.state
+            ),
+            Verdict::Unchanged { reason } if row.state.is_open() => {
+                format!(
+                    "apply: no transition (the order stays open; its schedule is unchanged): {reason}"
+                )
+            }
+            Verdict::Unchanged { reason } => format!("apply: no change ({reason})"),
+            Verdict::StillOpen | Verdict::LeaseLost => {
+                "apply: no transition (the order stays open)".into()
+            }
+        },
+    )
 }

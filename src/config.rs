@@ -367,7 +367,10 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     if raw.notify.listen == Some(m.listen) {
         return Err(invalid(
             "notify.listen",
-            format!("{} is metrics.listen too; the notify endpoint needs its own", m.listen),
+            format!(
+                "{} is metrics.listen too; the notify endpoint needs its own",
+                m.listen
+            ),
         ));
     }
     if m.refresh_seconds == 0 {

@@ -1,7 +1,8 @@
 //! `wxpay-reconciler demo`: the whole story on embedded defaults, no config, no service. A
 //! temporary SQLite database and the built-in simulator; orders registered as a shop would;
-//! customers pay most of them while every payment notification is lost; the daemon (the real
-//! one, `run`'s code) reconciles them; a summary says what happened and how fast.
+//! customers pay most of them; a fifth of the payment notifications reach the daemon's notify
+//! endpoint and the rest are lost; the daemon (the real one, `run`'s code) reconciles them; a
+//! summary says what happened and how fast.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -13,7 +14,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    DatabaseSettings, LogSettings, NotifySettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+    DatabaseSettings, LogSettings, MetricsSettings, NotifySettings, ScheduleSettings, Settings,
+    WechatSettings,
 };
 use crate::daemon::{Daemon, open_store};
 use crate::domain::OrderState;
@@ -33,8 +35,12 @@ pub struct DemoOptions {
 pub struct DemoSummary {
     pub orders: u32,
     pub paid: u32,
+    /// Paid orders whose notification reached the notify endpoint.
+    pub notified: u32,
     pub mismatched_payments: u32,
     pub settled_success: i64,
+    /// Orders settled from a notification (the rest by orderquery).
+    pub settled_by_notify: i64,
     pub quarantined: i64,
     pub still_open: i64,
     pub wechat_queries: u64,
@@ -46,13 +52,24 @@ pub struct DemoSummary {
 impl std::fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "orders                      {:>8}", self.orders)?;
-        writeln!(f, "paid, notification lost     {:>8}", self.paid)?;
+        writeln!(f, "paid                        {:>8}", self.paid)?;
+        writeln!(f, "  notification delivered    {:>8}", self.notified)?;
+        writeln!(
+            f,
+            "  notification lost         {:>8}",
+            self.paid - self.notified
+        )?;
         writeln!(
             f,
             "  of which a wrong amount   {:>8}",
             self.mismatched_payments
         )?;
         writeln!(f, "settled as SUCCESS          {:>8}", self.settled_success)?;
+        writeln!(
+            f,
+            "  settled by notification   {:>8}",
+            self.settled_by_notify
+        )?;
         writeln!(f, "quarantined AMOUNT_MISMATCH {:>8}", self.quarantined)?;
         writeln!(f, "still open (never paid)     {:>8}", self.still_open)?;
         writeln!(f, "WeChat queries spent        {:>8}", self.wechat_queries)?;
@@ -113,7 +130,9 @@ pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Setti
             refresh_seconds: 1,
             ..MetricsSettings::default()
         },
-        notify: NotifySettings::default(),
+        notify: NotifySettings {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        },
         log: LogSettings::default(),
     }
 }
@@ -136,10 +155,16 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     );
     open_store(&settings, true).await?.migrate().await?;
     let store = open_store(&settings, false).await?;
+    let daemon_stop = stop.child_token();
+    let daemon = Daemon::start(&settings, daemon_stop.clone()).await?;
+    let notify_url = daemon
+        .notify_addr
+        .map(|a| format!("http://{a}{}", crate::notify::NOTIFY_PATH));
+    let daemon_task = tokio::spawn(daemon.wait());
 
     // The shop registers its orders (and WeChat knows them through unifiedorder).
     let merchants = sim::default_merchants();
-    let mut plan: Vec<(String, String, i64, Option<Duration>, bool)> = Vec::new();
+    let mut plan: Vec<Planned> = Vec::new();
     for i in 0..options.orders {
         let m = &merchants[i as usize % merchants.len()];
         let otn = format!("demo{i:07}");
@@ -154,7 +179,7 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
             .await?;
         simulator
             .state
-            .create_order(m.mch_id.as_str(), &otn, fee, None, None)?;
+            .create_order(m.mch_id.as_str(), &otn, fee, notify_url.clone(), None)?;
         // 70% are paid: most within the grace period, some later (after a NOTPAY answer);
         // a few pay another amount. 30% are never paid.
         let roll = rand::random_range(0..1000);
@@ -164,28 +189,39 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
             _ => None,
         };
         let wrong_amount = pay_after.is_some() && roll % 250 == 0;
-        plan.push((m.mch_id.to_string(), otn, fee, pay_after, wrong_amount));
+        plan.push(Planned {
+            mch_id: m.mch_id.to_string(),
+            out_trade_no: otn,
+            fee,
+            pay_after,
+            wrong_amount,
+            // One notification in five gets through; the rest are lost.
+            notify: roll % 5 == 1,
+        });
     }
-    let paid = plan.iter().filter(|p| p.3.is_some()).count() as u32;
-    let mismatched = plan.iter().filter(|p| p.3.is_some() && p.4).count() as u32;
+    let paid = plan.iter().filter(|p| p.pay_after.is_some()).count() as u32;
+    let notified = plan
+        .iter()
+        .filter(|p| p.pay_after.is_some() && p.notify)
+        .count() as u32;
+    let mismatched = plan
+        .iter()
+        .filter(|p| p.pay_after.is_some() && p.wrong_amount)
+        .count() as u32;
 
-    let daemon_stop = stop.child_token();
-    let daemon = Daemon::start(&settings, daemon_stop.clone()).await?;
-    let daemon_task = tokio::spawn(daemon.wait());
-
-    // The customers pay; every notification is lost.
+    // The customers pay; most notifications are lost.
     let pay_started = Instant::now();
     let state = simulator.state.clone();
     let mut payments = plan.clone();
-    payments.sort_by_key(|p| p.3);
+    payments.sort_by_key(|p| p.pay_after);
     let payer = tokio::spawn(async move {
         let mut paid_at: HashMap<String, DateTime<Utc>> = HashMap::new();
-        for (mch, otn, fee, after, wrong) in payments {
-            let Some(after) = after else { continue };
+        for p in payments {
+            let Some(after) = p.pay_after else { continue };
             tokio::time::sleep_until((pay_started + after).into()).await;
-            let amount = if wrong { Some(fee + 1) } else { None };
-            if let Ok(p) = state.pay(&mch, &otn, amount, false) {
-                paid_at.insert(otn, p.time_end);
+            let amount = p.wrong_amount.then_some(p.fee + 1);
+            if let Ok(paid) = state.pay(&p.mch_id, &p.out_trade_no, amount, p.notify) {
+                paid_at.insert(p.out_trade_no, paid.time_end);
             }
         }
         paid_at
@@ -214,12 +250,16 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let paid_at = payer.await.map_err(std::io::Error::other)?;
 
     let mut delays: Vec<Duration> = Vec::new();
+    let mut by_notify = 0;
     let mut after = 0;
     loop {
         let events = store.events_after(after, 10_000).await?;
         let Some(last) = events.last() else { break };
         after = last.id;
         for e in &events {
+            if e.source == crate::domain::Source::Notify.as_str() && e.to_state == "SUCCESS" {
+                by_notify += 1;
+            }
             if let Some(p) = paid_at.get(&e.out_trade_no) {
                 delays.push((e.created_at - *p).to_std().unwrap_or_default());
             }
@@ -242,8 +282,10 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let summary = DemoSummary {
         orders: options.orders,
         paid,
+        notified,
         mismatched_payments: mismatched,
         settled_success: count(OrderState::Success),
+        settled_by_notify: by_notify,
         quarantined: count(OrderState::AmountMismatch),
         still_open: count(OrderState::NotPay) + count(OrderState::UserPaying),
         wechat_queries: simulator.state.requests(),
@@ -264,6 +306,20 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     }
     simulator.shutdown(Duration::from_secs(2)).await?;
     Ok(summary)
+}
+
+/// One order of the demo and what its customer does.
+#[derive(Debug, Clone)]
+struct Planned {
+    mch_id: String,
+    out_trade_no: String,
+    fee: i64,
+    /// When the customer pays, if ever.
+    pay_after: Option<Duration>,
+    /// Pays another amount than the order's.
+    wrong_amount: bool,
+    /// The notification reaches the daemon.
+    notify: bool,
 }
 
 /// A progress bar on a terminal, plain lines otherwise.

@@ -55,7 +55,9 @@ impl NotifyApp {
 }
 
 pub fn router(app: Arc<NotifyApp>) -> Router {
-    Router::new().route(NOTIFY_PATH, post(notify)).with_state(app)
+    Router::new()
+        .route(NOTIFY_PATH, post(notify))
+        .with_state(app)
 }
 
 /// One answer: HTTP status, the XML body, and the `outcome` label.
@@ -97,13 +99,7 @@ async fn notify(State(app): State<Arc<NotifyApp>>, headers: HeaderMap, body: Bod
 }
 
 async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<String>, Answer) {
-    let too_large = || {
-        Answer::fail(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            "body too large",
-        )
-    };
+    let too_large = || Answer::fail(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "body too large");
     // Refused before reading when the length is declared, and cut off at the limit otherwise.
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -139,7 +135,11 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
         Notified::Paid(report) => report,
         Notified::Failed { err_code } => {
             // A failed payment attempt settles nothing; polling keeps asking.
-            tracing::info!(mch_id, err_code, "notification of a failed payment; nothing to do");
+            tracing::info!(
+                mch_id,
+                err_code,
+                "notification of a failed payment; nothing to do"
+            );
             return (Some(mch_id), Answer::success("ok"));
         }
     };

@@ -81,7 +81,8 @@ pub const NOTIFY_OUTCOMES: [&str; 10] = [
 
 /// The `outcome` values of `closeorder_requests_total`: WeChat's answers, then the errors of
 /// [`ORDERQUERY_OUTCOMES`].
-pub const CLOSEORDER_ANSWERS: [&str; 4] = ["closed", "order_paid", "order_closed", "order_not_exist"];
+pub const CLOSEORDER_ANSWERS: [&str; 4] =
+    ["closed", "order_paid", "order_closed", "order_not_exist"];
 
 /// The `outcome` values of `orderquery_requests_total`.
 pub const ORDERQUERY_OUTCOMES: [&str; 9] = [
@@ -415,7 +416,12 @@ impl Telemetry {
 
     /// A closeorder answer or failure.
     pub fn closeorder(&self, mch_id: &str, out_trade_no: &str, outcome: &'static str) {
-        tracing::info!(mch_id, out_trade_no, outcome, "closeorder for an expired order");
+        tracing::info!(
+            mch_id,
+            out_trade_no,
+            outcome,
+            "closeorder for an expired order"
+        );
         let m = self.mch_label(mch_id);
         self.with(|| {
             counter!(names::CLOSEORDER_REQUESTS, "mch_id" => m, "outcome" => outcome).increment(1)
@@ -451,7 +457,10 @@ impl Telemetry {
                 "ok"
             }
             Err(error) => {
-                tracing::error!(error, "configuration reload failed; keeping the running settings");
+                tracing::error!(
+                    error,
+                    "configuration reload failed; keeping the running settings"
+                );
                 "error"
             }
         };

@@ -101,7 +101,6 @@ pub struct OrderView {
     pub query_count: u32,
 }
 
-
 /// A state change to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
@@ -679,7 +678,11 @@ mod tests {
 
     #[test]
     fn a_payment_for_a_closed_order_is_an_anomaly_never_a_state_change() {
-        for state in [OrderState::Closed, OrderState::Revoked, OrderState::PayError] {
+        for state in [
+            OrderState::Closed,
+            OrderState::Revoked,
+            OrderState::PayError,
+        ] {
             for fee in [Some(100), Some(5)] {
                 let d = decide(
                     &settled(state),
@@ -693,7 +696,7 @@ mod tests {
                 };
                 assert_eq!(*anomaly, Anomaly::PaidAfterClose);
                 assert_eq!(report.to, state, "the state stays");
-                assert_eq!(report.reported_fee.map(|f| f.get()), fee.map(i64::from));
+                assert_eq!(report.reported_fee.map(|f| f.get()), fee);
                 assert!(report.transaction_id.is_some());
             }
         }

@@ -307,7 +307,9 @@ impl Scanner {
             Err(_) => return Ok(Processed::NoOp),
         };
         let moves = matches!(change, Change::Settle { .. } | Change::Anomaly { .. });
-        let processed = self.write_change(row, order.guard(), change, writes).await?;
+        let processed = self
+            .write_change(row, order.guard(), change, writes)
+            .await?;
         if processed != Processed::NoOp || !moves {
             return Ok(processed);
         }

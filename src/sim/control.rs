@@ -308,7 +308,10 @@ pub async fn set_config(
     Json(body): Json<ConfigBody>,
 ) -> Response {
     if let Some(retries) = &body.notify_retry_ms {
-        *lock(&state.notify_retries) = retries.iter().map(|ms| Duration::from_millis(*ms)).collect();
+        *lock(&state.notify_retries) = retries
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect();
     }
     if let Some(ms) = body.close_min_age_ms {
         *lock(&state.close_min_age) = Duration::from_millis(ms);
@@ -318,7 +321,8 @@ pub async fn set_config(
         .map(|d| d.as_millis() as u64)
         .collect();
     let close_min_age_ms = lock(&state.close_min_age).as_millis() as u64;
-    Json(json!({ "notify_retry_ms": retries, "close_min_age_ms": close_min_age_ms })).into_response()
+    Json(json!({ "notify_retry_ms": retries, "close_min_age_ms": close_min_age_ms }))
+        .into_response()
 }
 
 #[derive(Serialize)]

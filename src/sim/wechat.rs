@@ -257,7 +257,10 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
         Some(r) => r,
         None => {
             let mut orders = lock(&state.orders);
-            let key = (req.merchant.mch_id.as_str().to_owned(), out_trade_no.clone());
+            let key = (
+                req.merchant.mch_id.as_str().to_owned(),
+                out_trade_no.clone(),
+            );
             match orders.get_mut(&key) {
                 None => result_fail("ORDERNOTEXIST", "订单不存在"),
                 // WeChat refuses to close an order younger than 5 minutes.
@@ -267,7 +270,10 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
                         .is_ok_and(|age| age < *lock(&state.close_min_age)) =>
                 {
                     early_close = true;
-                    result_fail("SYSTEMERROR", "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟")
+                    result_fail(
+                        "SYSTEMERROR",
+                        "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟",
+                    )
                 }
                 Some(o) => match o.state {
                     TradeState::Success | TradeState::Refund => {

@@ -404,10 +404,7 @@ impl Store {
     }
 
     /// Open orders per merchant: how many, how many stuck, how many expired, the oldest.
-    pub async fn open_summary(
-        &self,
-        req: &SummaryRequest,
-    ) -> Result<Vec<OpenSummary>, StoreError> {
+    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
         dispatch!(self, s => s.open_summary(req).await)
     }
 

@@ -13,8 +13,8 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 
 use super::{
     Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, SummaryRequest, OrderRow, StoreError, Write, change_note,
-    parse_state,
+    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
+    change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -190,10 +190,7 @@ impl MySqlStore {
         Ok(applied)
     }
 
-    pub async fn open_summary(
-        &self,
-        req: &SummaryRequest,
-    ) -> Result<Vec<OpenSummary>, StoreError> {
+    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     CAST(SUM(CASE WHEN created_at < ? THEN 1 ELSE 0 END) AS SIGNED) AS stuck,

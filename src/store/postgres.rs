@@ -227,10 +227,7 @@ async fn apply_one(
 }
 
 impl PgStore {
-    pub async fn open_summary(
-        &self,
-        req: &SummaryRequest,
-    ) -> Result<Vec<OpenSummary>, StoreError> {
+    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     COUNT(*) FILTER (WHERE created_at < $1) AS stuck,

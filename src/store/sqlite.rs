@@ -327,10 +327,7 @@ async fn apply_one(
 }
 
 impl SqliteStore {
-    pub async fn open_summary(
-        &self,
-        req: &SummaryRequest,
-    ) -> Result<Vec<OpenSummary>, StoreError> {
+    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT mch_id, COUNT(*) AS open,
                     SUM(CASE WHEN created_at < ?1 THEN 1 ELSE 0 END) AS stuck,

@@ -126,8 +126,7 @@ fn without_trade_state(fields: &Fields) -> Fields {
 }
 
 /// The answer WeChat stops retrying on (DESIGN.md, "Notify endpoint").
-pub const ANSWER_SUCCESS: &str =
-    "<xml><return_code><![CDATA[SUCCESS]]></return_code><return_msg><![CDATA[OK]]></return_msg></xml>";
+pub const ANSWER_SUCCESS: &str = "<xml><return_code><![CDATA[SUCCESS]]></return_code><return_msg><![CDATA[OK]]></return_msg></xml>";
 
 /// A FAIL answer; WeChat retries the notification later.
 pub fn answer_fail(reason: &str) -> String {

@@ -188,8 +188,11 @@ async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for line in [
         "orders",
-        "paid, notification lost",
+        "paid",
+        "  notification delivered",
+        "  notification lost",
         "settled as SUCCESS",
+        "  settled by notification",
         "still open (never paid)",
         "WeChat queries spent",
         "payment -> settlement",
@@ -205,7 +208,19 @@ async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
             .unwrap_or(-1)
     };
     assert_eq!(number("orders"), 200);
-    let paid = number("paid, notification lost");
+    let paid = number("paid");
+    assert_eq!(
+        number("  notification delivered") + number("  notification lost"),
+        paid
+    );
+    // Every delivered notification settles its order through the notify endpoint (a wrong
+    // amount among them is quarantined instead).
+    let notified = number("  notification delivered");
+    let by_notify = number("  settled by notification");
+    assert!(
+        by_notify <= notified && by_notify >= notified - number("  of which a wrong amount"),
+        "{stdout}"
+    );
     assert_eq!(
         number("settled as SUCCESS") + number("quarantined AMOUNT_MISMATCH"),
         paid
