@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -91,6 +91,8 @@ pub struct Daemon {
     pub notify_addr: Option<SocketAddr>,
     pub telemetry: Telemetry,
     pub health: Arc<Health>,
+    /// Applies a reloaded configuration (SIGHUP).
+    pub reloader: Reloader,
     stop: CancellationToken,
     tasks: JoinSet<()>,
     scheduler: JobScheduler,
@@ -177,27 +179,23 @@ impl Daemon {
 
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let scanning = Arc::new(AtomicBool::new(false));
+        let (scanner_tx, scanner_rx) = watch::channel(scanner);
         tasks.spawn(scan_loop(
-            scanner,
+            scanner_rx,
             tick_rx,
             scanning.clone(),
             health.clone(),
             stop.clone(),
         ));
+        let (gauges_tx, gauges_rx) = watch::channel(GaugeSettings::of(settings));
         tasks.spawn(gauge_loop(
-            store,
+            store.clone(),
             settings
                 .merchants
                 .iter()
                 .map(|m| m.mch_id.to_string())
                 .collect(),
-            GaugeSettings {
-                every: Duration::from_secs(settings.metrics.refresh_seconds),
-                stuck_after: TimeDelta::seconds(
-                    i64::try_from(settings.metrics.stuck_after_seconds).unwrap_or(300),
-                ),
-                default_expiry: policy(settings).default_expiry,
-            },
+            gauges_rx,
             telemetry.clone(),
             health.clone(),
             stop.clone(),
@@ -206,17 +204,13 @@ impl Daemon {
         let scheduler = JobScheduler::new()
             .await
             .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        let tick_telemetry = telemetry.clone();
-        let job = Job::new_async(settings.schedule.scan_cron.as_str(), move |_, _| {
-            // A tick finding a scan in progress (or one already queued) is skipped and counted.
-            if scanning.load(Ordering::Acquire) || tick_tx.try_send(()).is_err() {
-                tick_telemetry.scan_skipped();
-            }
-            Box::pin(async {})
-        })
-        .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
-        scheduler
-            .add(job)
+        let ticker = Ticker {
+            tick: tick_tx,
+            scanning,
+            telemetry: telemetry.clone(),
+        };
+        let job_id = scheduler
+            .add(ticker.job(&settings.schedule.scan_cron)?)
             .await
             .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
         scheduler
@@ -233,11 +227,26 @@ impl Daemon {
             scan_cron = %settings.schedule.scan_cron,
             "reconciler running"
         );
+        let reloader = Reloader {
+            inner: Arc::new(ReloadState {
+                current: tokio::sync::Mutex::new(ReloadCurrent {
+                    settings: settings.clone(),
+                    job_id,
+                }),
+                store,
+                telemetry: telemetry.clone(),
+                scanner: scanner_tx,
+                gauges: gauges_tx,
+                scheduler: scheduler.clone(),
+                ticker,
+            }),
+        };
         Ok(Daemon {
             metrics_addr,
             notify_addr,
             telemetry,
             health,
+            reloader,
             stop,
             tasks,
             scheduler,
@@ -272,7 +281,7 @@ impl Daemon {
 }
 
 async fn scan_loop(
-    scanner: Scanner,
+    scanner: watch::Receiver<Scanner>,
     mut ticks: mpsc::Receiver<()>,
     scanning: Arc<AtomicBool>,
     health: Arc<Health>,
@@ -285,7 +294,9 @@ async fn scan_loop(
             _ = stop.cancelled() => break,
         }
         scanning.store(true, Ordering::Release);
-        match scanner.scan(&stop, &ping).await {
+        // The latest settings (SIGHUP) apply from the next scan on.
+        let current = scanner.borrow().clone();
+        match current.scan(&stop, &ping).await {
             Ok(report) => {
                 health.scan_succeeded();
                 if report.claimed > 0 {
@@ -311,28 +322,42 @@ async fn scan_loop(
 }
 
 /// What the gauge loop needs to know.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct GaugeSettings {
     every: Duration,
     stuck_after: TimeDelta,
     default_expiry: TimeDelta,
 }
 
+impl GaugeSettings {
+    fn of(settings: &Settings) -> GaugeSettings {
+        GaugeSettings {
+            every: Duration::from_secs(settings.metrics.refresh_seconds),
+            stuck_after: TimeDelta::seconds(
+                i64::try_from(settings.metrics.stuck_after_seconds).unwrap_or(300),
+            ),
+            default_expiry: policy(settings).default_expiry,
+        }
+    }
+}
+
 async fn gauge_loop(
     store: Store,
     merchants: Vec<String>,
-    gauges: GaugeSettings,
+    gauge_settings: watch::Receiver<GaugeSettings>,
     telemetry: Telemetry,
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(gauges.every);
+    let every = gauge_settings.borrow().every;
+    let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = stop.cancelled() => break,
         }
+        let gauges = *gauge_settings.borrow();
         let now = Utc::now();
         let request = SummaryRequest {
             now,
@@ -365,4 +390,159 @@ async fn gauge_loop(
             }
         }
     }
+}
+
+/// Turns cron ticks into scan requests; a tick that finds a scan running (or one queued) is
+/// skipped and counted.
+#[derive(Clone)]
+struct Ticker {
+    tick: mpsc::Sender<()>,
+    scanning: Arc<AtomicBool>,
+    telemetry: Telemetry,
+}
+
+impl Ticker {
+    fn job(&self, cron: &str) -> Result<Job, DaemonError> {
+        let ticker = self.clone();
+        Job::new_async(cron, move |_, _| {
+            if ticker.scanning.load(Ordering::Acquire) || ticker.tick.try_send(()).is_err() {
+                ticker.telemetry.scan_skipped();
+            }
+            Box::pin(async {})
+        })
+        .map_err(|e| DaemonError::Scheduler(e.to_string()))
+    }
+}
+
+/// Applies a new configuration to a running daemon (SIGHUP). What can change safely changes at
+/// once: `[log] level`, every `[schedule]` key, `wechat.max_qps` and `wechat.concurrency`. The
+/// rest (database, merchants and keys, listen addresses, other `[wechat]` and `[metrics]` keys)
+/// needs a restart: it is kept as it was, and the sections are named in a warning.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<ReloadState>,
+}
+
+struct ReloadState {
+    current: tokio::sync::Mutex<ReloadCurrent>,
+    store: Store,
+    telemetry: Telemetry,
+    scanner: watch::Sender<Scanner>,
+    gauges: watch::Sender<GaugeSettings>,
+    scheduler: JobScheduler,
+    ticker: Ticker,
+}
+
+struct ReloadCurrent {
+    settings: Settings,
+    job_id: uuid::Uuid,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Applies `new` (already loaded and validated). Returns the sections that changed but need
+    /// a restart; counts a success in `config_reloads_total` (a failure is the caller's to
+    /// report with [`Reloader::rejected`]).
+    pub async fn reload(&self, new: &Settings) -> Result<Vec<&'static str>, DaemonError> {
+        let result = self.apply(new).await;
+        if result.is_ok() {
+            self.inner.telemetry.config_reload(Ok(()));
+        }
+        result
+    }
+
+    /// A reload that could not even be attempted (the file is invalid): counted, logged, and
+    /// the running settings stay.
+    pub fn rejected(&self, error: &str) {
+        self.inner.telemetry.config_reload(Err(error));
+    }
+
+    async fn apply(&self, new: &Settings) -> Result<Vec<&'static str>, DaemonError> {
+        let state = &self.inner;
+        let mut current = state.current.lock().await;
+        let old = &current.settings;
+        let restart = needs_restart(old, new);
+        // The running settings with the reloadable parts of the new ones.
+        let mut next = old.clone();
+        next.schedule = new.schedule.clone();
+        next.wechat.max_qps = new.wechat.max_qps;
+        next.wechat.concurrency = new.wechat.concurrency;
+        next.log = new.log.clone();
+
+        crate::telemetry::set_log_level(&next.log.level).map_err(DaemonError::Scheduler)?;
+        let scanner = scanner(&next, state.store.clone(), state.telemetry.clone())?;
+        if next.schedule.scan_cron != old.schedule.scan_cron {
+            let job = state.ticker.job(&next.schedule.scan_cron)?;
+            let id = state
+                .scheduler
+                .add(job)
+                .await
+                .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            state
+                .scheduler
+                .remove(&current.job_id)
+                .await
+                .map_err(|e| DaemonError::Scheduler(e.to_string()))?;
+            current.job_id = id;
+        }
+        state.scanner.send_replace(scanner);
+        state.gauges.send_replace(GaugeSettings::of(&next));
+        if !restart.is_empty() {
+            tracing::warn!(
+                sections = %restart.join(", "),
+                "changed settings need a restart to take effect; keeping the running ones"
+            );
+        }
+        tracing::info!(
+            scan_cron = %next.schedule.scan_cron,
+            max_qps = next.wechat.max_qps,
+            concurrency = next.wechat.concurrency,
+            log_level = %next.log.level,
+            "configuration reloaded"
+        );
+        current.settings = next;
+        Ok(restart)
+    }
+}
+
+/// The sections of `new` that differ from `old` in keys a reload does not apply.
+fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if !old.database.url.same_as(&new.database.url)
+        || old.database.max_connections != new.database.max_connections
+    {
+        changed.push("database");
+    }
+    let wechat = |s: &Settings| {
+        let mut w = s.wechat.clone();
+        w.max_qps = 0;
+        w.concurrency = 0;
+        format!("{w:?}")
+    };
+    if wechat(old) != wechat(new) {
+        changed.push("wechat");
+    }
+    let same_merchants = old.merchants.len() == new.merchants.len()
+        && old.merchants.iter().zip(&new.merchants).all(|(a, b)| {
+            a.mch_id == b.mch_id
+                && a.appid == b.appid
+                && a.sub_mch_id == b.sub_mch_id
+                && a.sign_type == b.sign_type
+                && a.key.same_as(&b.key)
+        });
+    if !same_merchants {
+        changed.push("merchants");
+    }
+    if format!("{:?}", old.metrics) != format!("{:?}", new.metrics) {
+        changed.push("metrics");
+    }
+    if old.notify.listen != new.notify.listen {
+        changed.push("notify");
+    }
+    changed
 }

@@ -104,14 +104,39 @@ fn load(cli: &Cli) -> anyhow::Result<config::Settings> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Run => {
-            let settings = load(&cli)?;
+            let path = config::resolve_path(cli.config.as_deref());
+            let settings = config::load(&path)?;
             anyhow::ensure!(
                 !settings.merchants.is_empty(),
                 "config file {}: no [[merchants]] configured",
                 settings.path.display()
             );
+            telemetry::set_log_level(&settings.log.level).map_err(anyhow::Error::msg)?;
             let stop = shutdown::on_signals().context("cannot install signal handlers")?;
-            let daemon = daemon::Daemon::start(&settings, stop).await?;
+            let mut hangups = shutdown::hangups().context("cannot install signal handlers")?;
+            let daemon = daemon::Daemon::start(&settings, stop.clone()).await?;
+            let reloader = daemon.reloader.clone();
+            // SIGHUP (`systemctl reload`): read the file again and apply what can be applied.
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        hup = hangups.recv() => if hup.is_none() { break },
+                        _ = stop.cancelled() => break,
+                    }
+                    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                    let reloaded = match config::load(&path) {
+                        Ok(new) => reloader
+                            .reload(&new)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(error) = reloaded {
+                        reloader.rejected(&error);
+                    }
+                }
+            });
             daemon.wait().await?;
         }
         Command::Demo { orders, serve } => {

@@ -26,6 +26,11 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
+/// SIGHUP, the reload request (`systemctl reload`, `ExecReload=/bin/kill -HUP $MAINPID`).
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
 /// systemd's notification protocol (`Type=notify`). Each call is a no-op outside systemd
 /// (no `$NOTIFY_SOCKET`); a failure to notify is logged, never fatal.
 pub mod systemd {

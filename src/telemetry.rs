@@ -21,22 +21,52 @@ use tracing_subscriber::EnvFilter;
 
 use crate::domain::{OrderState, Source};
 
-/// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.
-pub fn init_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+/// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+fn filter(level: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     // tokio-cron-scheduler logs a spurious ERROR ("Error receiving job removal Closed") from
     // this module whenever it shuts down; an operator must not see an error on every stop.
-    let filter = match "tokio_cron_scheduler::simple::to_code=off".parse() {
+    match "tokio_cron_scheduler::simple::to_code=off".parse() {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
-    };
-    // Err means a subscriber is already installed (a test harness): keep that one.
-    let _already_set = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
+    }
+}
+
+/// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.
+pub fn init_logging(default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(filter(&level));
+    let installed = tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false),
+        )
         .try_init();
+    // Err means a subscriber is already installed (a test harness): keep that one.
+    if installed.is_ok() {
+        let _first = LOG_FILTER.set(handle);
+    }
+}
+
+/// Applies `[log] level` to the running subscriber, unless `RUST_LOG` is set (it wins).
+pub fn set_log_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+    match LOG_FILTER.get() {
+        Some(handle) => handle.reload(filter(level)).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// Metric names (DESIGN.md metrics contract), prefix `wxpay_reconciler_`.

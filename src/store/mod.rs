@@ -40,6 +40,11 @@ impl DatabaseUrl {
         self.0.expose_secret()
     }
 
+    /// Whether two URLs are the same (for a reload; the password included, never printed).
+    pub fn same_as(&self, other: &DatabaseUrl) -> bool {
+        self.expose() == other.expose()
+    }
+
     pub fn backend(&self) -> Result<Backend, StoreError> {
         let url = self.expose();
         if url.starts_with("sqlite:") {

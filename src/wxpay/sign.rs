@@ -51,6 +51,15 @@ impl ApiKey {
     fn expose(&self) -> &str {
         self.0.expose_secret()
     }
+
+    /// Whether two keys are equal (a key rotation on reload), in constant time.
+    pub fn same_as(&self, other: &ApiKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.expose()
+            .as_bytes()
+            .ct_eq(other.expose().as_bytes())
+            .into()
+    }
 }
 
 /// Why a message's signature was not accepted.

@@ -83,11 +83,23 @@ async fn run_cmd(config: &Path, args: &[&str]) -> (bool, String, String) {
 /// Starts `run`, waits for its "reconciler running" line, returns the child and the metrics
 /// address; the rest of its stderr is collected.
 fn spawn_run(config: &Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let mut child = Command::new(BIN)
+    spawn_run_logging(config, Some("info"))
+}
+
+/// [`spawn_run`] with `RUST_LOG` set to `rust_log`, or unset (the config's `[log] level` rules).
+fn spawn_run_logging(
+    config: &Path,
+    rust_log: Option<&str>,
+) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let mut command = Command::new(BIN);
+    match rust_log {
+        Some(level) => command.env("RUST_LOG", level),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command
         .arg("--config")
         .arg(config)
         .arg("run")
-        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -762,4 +774,137 @@ async fn three_daemons_share_one_database_and_survive_a_sigkill() {
         }
         e.finish().await;
     }
+}
+
+#[tokio::test]
+async fn sighup_reloads_what_is_safe_and_keeps_running_on_a_bad_file() {
+    let db = crate::db::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = TestSim::start().await;
+    let config = write_config(dir.path(), &db.url, &sim.url());
+    let original = std::fs::read_to_string(&config).unwrap();
+    let (mut child, addr, lines) = spawn_run_logging(&config, None);
+    let log = || lines.lock().unwrap().join("\n");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !log().contains("scan finished"),
+        "info level at start:\n{}",
+        log()
+    );
+
+    // Debug logs, another QPS cap and scan schedule: applied. Another metrics refresh: needs a
+    // restart, and the warning says which section.
+    std::fs::write(
+        &config,
+        original
+            .replace("refresh_seconds = 1", "refresh_seconds = 2")
+            .replace(
+                "scan_cron = \"* * * * * *\"",
+                "scan_cron = \"*/2 * * * * *\"",
+            )
+            .replace(
+                "connect_timeout_ms = 1000",
+                "connect_timeout_ms = 1000\nmax_qps = 7",
+            )
+            + "\n[log]\nlevel = \"debug\"\n",
+    )
+    .unwrap();
+    signal(&child, "HUP");
+    wait_for("the reload", Duration::from_secs(10), async || {
+        log().contains("configuration reloaded")
+    })
+    .await;
+    wait_for("debug lines", Duration::from_secs(10), async || {
+        log().contains("scan finished")
+    })
+    .await;
+    let text = log();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("need a restart") && l.contains("metrics")),
+        "{text}"
+    );
+    assert!(text.contains("max_qps=7"), "{text}");
+    let (_, metrics) = get(addr, "/metrics").await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "wxpay_reconciler_config_reloads_total{outcome=\"ok\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    // A broken file: refused, counted, the daemon keeps its settings and keeps scanning.
+    std::fs::write(&config, original.replace("* * * * * *", "every second")).unwrap();
+    signal(&child, "HUP");
+    wait_for("the refused reload", Duration::from_secs(10), async || {
+        let (_, m) = get(addr, "/metrics").await;
+        metric_value(
+            &m,
+            "wxpay_reconciler_config_reloads_total{outcome=\"error\"}",
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        log().contains("scan_cron"),
+        "the error names the key:\n{}",
+        log()
+    );
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let before = log().matches("scan finished").count();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        log().matches("scan finished").count() > before,
+        "still scanning"
+    );
+
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(15)).success());
+    sim.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_api_key_can_come_from_a_systemd_credential() {
+    let db = crate::db::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = TestSim::start().await;
+    let config = write_config(dir.path(), &db.url, &sim.url());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "api_key_file = \"md5.key\"",
+        "api_key_credential = \"md5_key\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(
+        creds.path().join("md5_key"),
+        format!("{}\n", crate::helpers::MD5_KEY),
+    )
+    .unwrap();
+    let check = |creds: Option<&Path>| {
+        let mut c = tokio::process::Command::new(BIN);
+        c.arg("--config").arg(&config).arg("check-config");
+        match creds {
+            Some(dir) => c.env("CREDENTIALS_DIRECTORY", dir),
+            None => c.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        c.output()
+    };
+    let out = check(Some(creds.path())).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check(None).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("merchants[0].api_key_credential") && err.contains("CREDENTIALS_DIRECTORY"),
+        "{err}"
+    );
+    assert!(!err.contains(crate::helpers::MD5_KEY));
+    sim.stop().await;
+    db.cleanup().await;
 }
