@@ -253,6 +253,7 @@ impl Telemetry {
                 gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
                 counter!(AMOUNT_MISMATCH, "mch_id" => m.clone()).absolute(0);
                 counter!(PAID_AFTER_CLOSE, "mch_id" => m.clone()).absolute(0);
+                counter!(GAVE_UP, "mch_id" => m.clone()).absolute(0);
                 gauge!(EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
                 for outcome in NOTIFY_OUTCOMES {
                     counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
@@ -269,6 +270,9 @@ impl Telemetry {
                     counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
                         .absolute(0);
                 }
+            }
+            for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
+                counter!(NOOP, "source" => source.as_str()).absolute(0);
             }
             for op in ["claim", "apply", "gauges", "notify"] {
                 counter!(DB_ERRORS, "op" => op).absolute(0);

@@ -116,6 +116,42 @@ else
   fail "promtool test rules: $out"
 fi
 
+# --- runbook -------------------------------------------------------------------------------
+# Every alert has a runbook_url whose anchor is a heading of docs/runbook.md (GitHub's anchor
+# rule), under one base URL; the runbook's own #links resolve too.
+if out=$(python3 - dashboards/alerts.yml docs/runbook.md <<'EOF' 2>&1
+import re, sys
+rules, book = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+def anchor(heading):
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+anchors = {anchor(h) for h in re.findall(r"^#+ (.*)$", book, re.M)}
+alerts = re.findall(r"^\s*- alert: (\w+)", rules, re.M)
+urls = re.findall(r"runbook_url: *\"?([^\s\"]+)", rules)
+errors = []
+if len(urls) != len(alerts):
+    errors.append(f"{len(alerts)} alerts but {len(urls)} runbook_url annotations")
+if len({u.split("#")[0] for u in urls}) > 1:
+    errors.append("the runbook_url bases differ")
+for u in urls:
+    base, _, frag = u.partition("#")
+    if not base.endswith("/docs/runbook.md") or frag not in anchors:
+        errors.append(f"{u}: no such heading in docs/runbook.md")
+for a in alerts:
+    if a.lower() not in anchors:
+        errors.append(f"alert {a} has no runbook section")
+for link in re.findall(r"\]\(#([^)]+)\)", book):
+    if link not in anchors:
+        errors.append(f"runbook link #{link} goes nowhere")
+if errors:
+    print("; ".join(errors)); sys.exit(1)
+print(f"{len(alerts)} alerts, each with a runbook section and a matching runbook_url")
+EOF
+); then
+  pass "docs/runbook.md: $out"
+else
+  fail "docs/runbook.md: $out"
+fi
+
 # --- dashboard -----------------------------------------------------------------------------
 if out=$(python3 - dashboards/wxpay-reconciler.json <<'EOF' 2>&1
 import json, sys
@@ -243,8 +279,8 @@ RUN_LOG=$TMP/run.log
 
 sim_post() { curl -fsS -XPOST -H 'content-type: application/json' "http://$SIM/_sim/orders/$1" -d "$2" >/dev/null; }
 db() { python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=10); r = c.execute(sys.argv[2]).fetchall(); c.commit(); print("\n".join("|".join(map(str, x)) for x in r))' "$TMP/orders.db" "$1"; }
-register() { # MCH_ID APPID OUT_TRADE_NO TOTAL_FEE [EXPIRES_AT_SQL]
-  db "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee${5:+, expires_at}) VALUES ('$1', '$2', '$3', $4${5:+, $5})" >/dev/null
+register() { # MCH_ID APPID OUT_TRADE_NO TOTAL_FEE [", MORE_COLUMNS" ", THEIR_SQL_VALUES"]
+  db "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee${5:-}) VALUES ('$1', '$2', '$3', $4${6:-})" >/dev/null
 }
 
 started=false
@@ -288,7 +324,9 @@ if $started; then
   register 10000100 wxd930ea5d5a258f4f ops-poll-1 100
   register 10000100 wxd930ea5d5a258f4f ops-mismatch-1 300
   register 10000100 wxd930ea5d5a258f4f ops-open-1 500
-  register 1900000109 wx2421b1c4370ec43b ops-expired-1 400 "datetime('now', '-1 minutes')"
+  # Created 10 minutes ago (the daemon never closes an order younger than 5), expired 1 minute ago.
+  register 1900000109 wx2421b1c4370ec43b ops-expired-1 400 ", created_at, expires_at" \
+    ", datetime('now', '-10 minutes'), datetime('now', '-1 minutes')"
   register 1900000109 wx2421b1c4370ec43b ops-notify-1 200
   sim_post 1900000109/ops-notify-1/pay '{"notify":"deliver"}'
   for _ in $(seq 1 60); do
@@ -420,8 +458,36 @@ EOF
     fail "order ops-mismatch-1 was not quarantined as AMOUNT_MISMATCH"
   fi
 
+  # SIGHUP (ExecReload=) applies a valid change and refuses an invalid file, still running.
+  reloads() {
+    curl -fsS "http://127.0.0.1:$MPORT/metrics" 2>/dev/null \
+      | awk -v o="outcome=\"$1\"" '$1 ~ /^wxpay_reconciler_config_reloads_total\{/ && index($1, o) { print $2 }'
+  }
+  wait_reloads() { # OUTCOME ABOVE
+    local n
+    for _ in $(seq 1 50); do
+      n=$(reloads "$1")
+      [[ -n $n ]] && python3 -c "import sys; sys.exit(0 if float('$n') > float('$2') else 1)" && return 0
+      sleep 0.2
+    done
+    return 1
+  }
+  ok0=$(reloads ok || true)
+  err0=$(reloads error || true)
+  sed -i 's/^batch_size = 50$/batch_size = 40/' "$TMP/config.toml"
+  kill -HUP "$RUN_PID" 2>/dev/null || true
+  if [[ -n $ok0 ]] && wait_reloads ok "$ok0"; then pass "SIGHUP reloads a changed [schedule] (config_reloads_total{outcome=\"ok\"})"
+  else fail "SIGHUP did not count a successful reload"; fi
+  sed -i 's/^batch_size = 40$/batch_size = 0/' "$TMP/config.toml"
+  kill -HUP "$RUN_PID" 2>/dev/null || true
+  if [[ -n $err0 ]] && wait_reloads error "$err0" && curl -fsS "http://127.0.0.1:$MPORT/healthz" >/dev/null; then
+    pass "SIGHUP refuses an invalid file and keeps running (config_reloads_total{outcome=\"error\"})"
+  else
+    fail "SIGHUP with an invalid file: no error counted or the daemon stopped"
+  fi
+
   # SIGTERM drains and exits 0, as systemd's stop expects.
-  kill -TERM "$RUN_PID"
+  kill -TERM "$RUN_PID" 2>/dev/null || true
   if wait "$RUN_PID"; then pass "daemon exits 0 on SIGTERM"; else fail "daemon exit status $? on SIGTERM"; fi
   ((failed == 0)) || show_logs "$RUN_LOG" "$PROM_LOG"
 fi
