@@ -444,6 +444,10 @@ async fn main() {
     if pg.is_some() {
         dbs.push(Db::Postgres);
     }
+    // `db=sqlite` or `db=postgres` runs the database parts on one backend only.
+    if let Some(only_db) = std::env::args().find_map(|a| a.strip_prefix("db=").map(str::to_owned)) {
+        dbs.retain(|d| format!("{d:?}").eq_ignore_ascii_case(&only_db));
+    }
 
     let sim_rate = if part("sim") || part("settle") {
         let r = sim_raw_rate(sizes.load_seconds, 64).await;

@@ -364,11 +364,21 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         return Err(invalid("log.level", format!("{:?}: {e}", raw.log.level)));
     }
     let m = &raw.metrics;
-    if raw.notify.listen == Some(m.listen) {
+    // The same port on the same address, or on any address where one side listens on all.
+    let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| {
+        a.port() == b.port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    if raw
+        .notify
+        .listen
+        .is_some_and(|n| m.listen.port() != 0 && clash(n, m.listen))
+    {
         return Err(invalid(
             "notify.listen",
             format!(
-                "{} is metrics.listen too; the notify endpoint needs its own",
+                "{} overlaps metrics.listen ({}); the notify endpoint needs a port of its own",
+                raw.notify.listen.map(|n| n.to_string()).unwrap_or_default(),
                 m.listen
             ),
         ));
@@ -644,6 +654,14 @@ mod tests {
             ("[schedule]\nlease_seconds = 5\n", "schedule.lease_seconds"),
             ("[database]\nurl = \"oracle://x\"\n", "database.url"),
             ("[metrics]\nlisten = \"not an address\"\n", "metrics.listen"),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:9187\"\n[notify]\nlisten = \"127.0.0.1:9187\"\n",
+                "notify.listen",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:9187\"\n[notify]\nlisten = \"0.0.0.0:9187\"\n",
+                "notify.listen",
+            ),
         ];
         for (text, key) in cases {
             let cfg = write(dir.path(), "c.toml", text);

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use tokio::sync::{mpsc, watch};
@@ -280,6 +280,10 @@ impl Daemon {
     }
 }
 
+/// Runs a scan per tick. It feeds systemd's watchdog every [`systemd::watchdog_period`] while
+/// it waits for a tick, and during a scan as long as the scan makes progress (a claim or a
+/// finished order) at least once per lease: a scan stuck longer than that can only write
+/// fenced-off results, so the watchdog is left to restart the daemon.
 async fn scan_loop(
     scanner: watch::Receiver<Scanner>,
     mut ticks: mpsc::Receiver<()>,
@@ -287,16 +291,39 @@ async fn scan_loop(
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
-    let ping = || systemd::watchdog();
+    let mut pet = tokio::time::interval(systemd::watchdog_period());
+    pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             tick = ticks.recv() => if tick.is_none() { break },
+            _ = pet.tick() => {
+                systemd::watchdog();
+                continue;
+            }
             _ = stop.cancelled() => break,
         }
         scanning.store(true, Ordering::Release);
         // The latest settings (SIGHUP) apply from the next scan on.
         let current = scanner.borrow().clone();
-        match current.scan(&stop, &ping).await {
+        let stall_limit = current.stall_limit();
+        let last_progress = std::sync::Mutex::new(Instant::now());
+        let progress = || *lock(&last_progress) = Instant::now();
+        let scan = current.scan(&stop, &progress);
+        tokio::pin!(scan);
+        let result = loop {
+            tokio::select! {
+                result = &mut scan => break result,
+                _ = pet.tick() => {
+                    let stalled = lock(&last_progress).elapsed();
+                    if stalled <= stall_limit {
+                        systemd::watchdog();
+                    } else {
+                        tracing::error!(stalled_seconds = stalled.as_secs(), "scan made no progress for a lease; leaving the systemd watchdog to restart the daemon");
+                    }
+                }
+            }
+        };
+        match result {
             Ok(report) => {
                 health.scan_succeeded();
                 if report.claimed > 0 {
@@ -317,8 +344,13 @@ async fn scan_loop(
             }
         }
         scanning.store(false, Ordering::Release);
-        ping();
+        systemd::watchdog();
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A plain timestamp: consistent even after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the gauge loop needs to know.

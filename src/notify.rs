@@ -27,6 +27,9 @@ use crate::wxpay::{Merchant, QueryAnswer};
 /// The path WeChat posts to (the merchant's `notify_url` points here through their proxy).
 pub const NOTIFY_PATH: &str = "/wxpay/v2/notify";
 
+/// How long the whole body of a notification may take to arrive.
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the endpoint needs.
 pub struct NotifyApp {
     pub store: Store,
@@ -110,14 +113,29 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
             .notify_refused(None, "too_large", "declared length over the limit");
         return (None, too_large());
     }
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
-            app.telemetry
-                .notify_refused(None, "too_large", "body over the limit or cut off");
-            return (None, too_large());
-        }
-    };
+    let bytes =
+        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY_BYTES)).await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => {
+                app.telemetry
+                    .notify_refused(None, "too_large", "body over the limit or cut off");
+                return (None, too_large());
+            }
+            Err(_) => {
+                // A body trickling in (or never finished) does not hold a connection for long.
+                app.telemetry
+                    .notify_refused(None, "timeout", "body not received in time");
+                return (
+                    None,
+                    Answer::fail(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        "body not received in time",
+                    ),
+                );
+            }
+        };
     let notification = match read_notification(&bytes, |m| app.merchants.get(m.as_str())) {
         Ok(n) => n,
         Err(e) => {

@@ -52,6 +52,14 @@ pub mod systemd {
         send(NotifyState::Watchdog, "WATCHDOG=1");
     }
 
+    /// How often the scan loop sends WATCHDOG=1: a third of systemd's `WatchdogSec=`
+    /// (`$WATCHDOG_USEC`), or every 10 s when no watchdog is set.
+    pub fn watchdog_period() -> std::time::Duration {
+        sd_notify::watchdog_enabled()
+            .map_or(std::time::Duration::from_secs(10), |d| d / 3)
+            .max(std::time::Duration::from_millis(100))
+    }
+
     /// STOPPING=1: draining.
     pub fn stopping() {
         send(NotifyState::Stopping, "STOPPING=1");

@@ -39,6 +39,10 @@ pub const MIN_CLOSE_AGE: TimeDelta = TimeDelta::minutes(5);
 /// After a failed closeorder, try again this long later (stretched by jitter).
 pub const CLOSE_RETRY: TimeDelta = TimeDelta::seconds(60);
 
+/// Past the give-up horizon a failing closeorder is still retried (an order left open at
+/// WeChat can still be paid), this long apart.
+pub const CLOSE_RETRY_LATE: TimeDelta = TimeDelta::hours(1);
+
 /// After FREQUENCY_LIMITED, the order is not asked again sooner than this.
 pub const SLOW_DOWN: TimeDelta = TimeDelta::seconds(60);
 
@@ -277,21 +281,19 @@ pub fn decide_close(
         Ok(CloseAnswer::OrderClosed) => closed("already closed at WeChat (ORDERCLOSED)"),
         Ok(CloseAnswer::NotExist) => closed("WeChat never accepted the order (ORDERNOTEXIST)"),
         Ok(CloseAnswer::OrderPaid) => None,
+        // Never given up: an expired order still open at WeChat can still be paid. It stays
+        // in `expired_open_orders` until the close goes through.
         Err(e) => {
+            let late = now >= order.created_at + policy.give_up_after;
+            let retry = if late { CLOSE_RETRY_LATE } else { CLOSE_RETRY };
             let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
             let at = now
                 + TimeDelta::milliseconds(
-                    (CLOSE_RETRY.num_milliseconds() as f64 * stretch).round() as i64,
+                    (retry.num_milliseconds() as f64 * stretch).round() as i64
                 );
-            Some(if at <= order.created_at + policy.give_up_after {
-                Decision::Reschedule {
-                    at,
-                    note: Some(format!("closeorder: {e}")),
-                }
-            } else {
-                Decision::GiveUp {
-                    reason: format!("gave up closing the expired order; last: {e}"),
-                }
+            Some(Decision::Reschedule {
+                at,
+                note: Some(format!("closeorder: {e}")),
             })
         }
     }
@@ -336,7 +338,9 @@ fn settle(report: &TradeReport, to: OrderState) -> Decision {
 /// When to ask next after the query being decided, or `None` to give up: the interval for this
 /// query's position in [`SCHEDULE_SECONDS`], stretched by up to [`MAX_JITTER`], at least
 /// [`SLOW_DOWN`] after a rate limit, never past `give_up_after`, and no later than the time
-/// to close the order (with `close_expired`), so expired orders close on time.
+/// to close the order (with `close_expired`), so expired orders close on time. Past the
+/// schedule or the horizon, an order still to be closed is visited once more, at its close
+/// time: polling stops, the close does not.
 pub fn next_query_at(
     order: &OrderView,
     now: DateTime<Utc>,
@@ -344,21 +348,23 @@ pub fn next_query_at(
     policy: &Policy,
     slow_down: bool,
 ) -> Option<DateTime<Utc>> {
-    let index = usize::try_from(order.query_count).ok()?;
-    let base = *SCHEDULE_SECONDS.get(index)?;
-    let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
-    // Whole milliseconds; the product of two small positive numbers cannot overflow.
-    let mut interval = TimeDelta::milliseconds((base as f64 * 1000.0 * stretch).round() as i64);
-    if slow_down {
-        interval = interval.max(SLOW_DOWN);
-    }
-    let mut at = now + interval;
-    if let Some(close_at) = policy.close_at(order)
-        && close_at > now
-    {
-        at = at.min(close_at);
-    }
-    (at <= order.created_at + policy.give_up_after).then_some(at)
+    let close_at = policy.close_at(order).filter(|at| *at > now);
+    let polled = usize::try_from(order.query_count)
+        .ok()
+        .and_then(|index| SCHEDULE_SECONDS.get(index))
+        .map(|base| {
+            let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
+            // Whole milliseconds; the product of two small positive numbers cannot overflow.
+            let mut interval =
+                TimeDelta::milliseconds((*base as f64 * 1000.0 * stretch).round() as i64);
+            if slow_down {
+                interval = interval.max(SLOW_DOWN);
+            }
+            let at = now + interval;
+            close_at.map_or(at, |close| at.min(close))
+        })
+        .filter(|at| *at <= order.created_at + policy.give_up_after);
+    polled.or(close_at)
 }
 
 /// When an order that was never queried is first due.
@@ -767,14 +773,43 @@ mod tests {
             matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == at + CLOSE_RETRY),
             "{d:?}"
         );
-        let d = decide_close(
-            &o,
-            &Err(WxPayError::Timeout),
-            t0() + TimeDelta::hours(24),
-            0.0,
-            &policy,
+        // Past the give-up horizon a failing close is retried hourly, never given up: the order
+        // could still be paid at WeChat.
+        let late = t0() + TimeDelta::hours(24);
+        let d = decide_close(&o, &Err(WxPayError::Timeout), late, 0.0, &policy);
+        assert!(
+            matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == late + CLOSE_RETRY_LATE),
+            "{d:?}"
         );
-        assert!(matches!(d, Some(Decision::GiveUp { .. })), "{d:?}");
+    }
+
+    #[test]
+    fn an_expiry_past_the_give_up_horizon_still_gets_its_close() {
+        let mut o = order(100);
+        o.expires_at = Some(t0() + TimeDelta::hours(30));
+        o.query_count = 14; // the last interval is 6h, past the 24h horizon
+        let now = t0() + TimeDelta::hours(20);
+        let notpay = report(TradeState::NotPay, None);
+        let d = decide(&o, &notpay, now, 0.0, &Policy::default());
+        assert!(
+            matches!(&d, Decision::Reschedule { at, .. } if *at == t0() + TimeDelta::hours(30)),
+            "polling stops, the close at expiry does not: {d:?}"
+        );
+        o.query_count = MAX_QUERIES - 1;
+        let d = decide(&o, &notpay, now, 0.0, &Policy::default());
+        assert!(
+            matches!(&d, Decision::Reschedule { at, .. } if *at == t0() + TimeDelta::hours(30)),
+            "past the schedule too: {d:?}"
+        );
+        let policy = Policy {
+            close_expired: false,
+            ..Policy::default()
+        };
+        let d = decide(&o, &notpay, now, 0.0, &policy);
+        assert!(
+            matches!(d, Decision::GiveUp { .. }),
+            "without close_expired the horizon ends it: {d:?}"
+        );
     }
 
     proptest! {

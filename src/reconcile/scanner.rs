@@ -124,10 +124,20 @@ impl Scanner {
         &self.inner.store
     }
 
+    /// How long a scan may go without progress (a claim, a finished order) before it counts as
+    /// stuck: one lease, after which anything it still writes is fenced off anyway.
+    pub fn stall_limit(&self) -> Duration {
+        self.inner
+            .settings
+            .lease
+            .to_std()
+            .unwrap_or(Duration::from_secs(60))
+    }
+
     /// Drains every due order: claims a batch, and keeps claiming while batches come back full,
     /// with up to `concurrency` queries in flight. Once `stop` is cancelled, no new order is
-    /// started; claimed but unstarted orders are left to their lease. `progress` is called after
-    /// each batch (the systemd watchdog ping).
+    /// started; claimed but unstarted orders are left to their lease. `progress` is called at
+    /// each claim and each finished order (the daemon feeds systemd's watchdog from it).
     pub async fn scan(
         &self,
         stop: &CancellationToken,
@@ -194,6 +204,7 @@ impl Scanner {
                 });
                 while let Some(joined) = in_flight.try_join_next() {
                     tally(&inner.telemetry, joined, &mut report, &mut first_error);
+                    progress();
                 }
             }
             if !full {
@@ -202,6 +213,7 @@ impl Scanner {
         }
         while let Some(joined) = in_flight.join_next().await {
             tally(&inner.telemetry, joined, &mut report, &mut first_error);
+            progress();
         }
         drop(writes);
         while let Some(joined) = writers.join_next().await {
@@ -256,9 +268,8 @@ impl Scanner {
 
         let policy = &inner.settings.policy;
         if policy.should_close(&order_view(row), Utc::now()) {
-            tokio::select! {
-                _ = self.wait_for_turn() => {}
-                _ = stop.cancelled() => return Ok(Processed::Abandoned),
+            if !self.take_turn(stop).await {
+                return Ok(Processed::Abandoned);
             }
             let answer = inner.client.close_order(merchant, &out_trade_no).await;
             self.observe_close(row, &answer);
@@ -279,9 +290,8 @@ impl Scanner {
             // ORDERPAID: the customer paid at the last moment; query and settle it.
         }
 
-        tokio::select! {
-            _ = self.wait_for_turn() => {}
-            _ = stop.cancelled() => return Ok(Processed::Abandoned),
+        if !self.take_turn(stop).await {
+            return Ok(Processed::Abandoned);
         }
         let started = Instant::now();
         let outcome = inner
@@ -437,6 +447,14 @@ impl Scanner {
                     *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
                 }
             }
+        }
+    }
+
+    /// Waits for this order's turn to call WeChat; `false` when stopped first.
+    async fn take_turn(&self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = self.wait_for_turn() => true,
+            _ = stop.cancelled() => false,
         }
     }
 

@@ -376,23 +376,13 @@ async fn apply_one(
             if seen > 0 {
                 return Ok(Applied::NoOp);
             }
-            sqlx::query(
-                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                    to_state, source, transaction_id, total_fee, detail, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(order.id)
-            .bind(&order.mch_id)
-            .bind(&order.out_trade_no)
-            .bind(guard.from.as_str())
-            .bind(anomaly.as_str())
-            .bind(source.as_str())
-            .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
-            .bind(report.reported_fee.map(|f| f.get()))
-            .bind(note)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+            let event = Event {
+                to: anomaly.as_str(),
+                source: *source,
+                report,
+                note,
+            };
+            insert_event(tx, order, guard, &event, now).await?;
             return Ok(Applied::Done);
         }
     };
@@ -403,25 +393,52 @@ async fn apply_one(
         settlement, source, ..
     } = change
     {
-        sqlx::query(
-            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(order.id)
-        .bind(&order.mch_id)
-        .bind(&order.out_trade_no)
-        .bind(guard.from.as_str())
-        .bind(settlement.to.as_str())
-        .bind(source.as_str())
-        .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-        .bind(settlement.reported_fee.map(|f| f.get()))
-        .bind(note)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+        let event = Event {
+            to: settlement.to.as_str(),
+            source: *source,
+            report: settlement,
+            note,
+        };
+        insert_event(tx, order, guard, &event, now).await?;
     }
     Ok(Applied::Done)
+}
+
+/// One row of `wxpay_order_events` to write.
+struct Event<'a> {
+    /// A state, or an anomaly's name.
+    to: &'a str,
+    source: crate::domain::Source,
+    /// What WeChat reported.
+    report: &'a crate::reconcile::policy::Settlement,
+    note: Option<&'a str>,
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    order: &OrderRow,
+    guard: Guard,
+    event: &Event<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+            to_state, source, transaction_id, total_fee, detail, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(order.id)
+    .bind(&order.mch_id)
+    .bind(&order.out_trade_no)
+    .bind(guard.from.as_str())
+    .bind(event.to)
+    .bind(event.source.as_str())
+    .bind(event.report.transaction_id.as_ref().map(|t| t.as_str()))
+    .bind(event.report.reported_fee.map(|f| f.get()))
+    .bind(event.note)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// MySQL 8.0.16+ or MariaDB 10.6+.

@@ -1,5 +1,6 @@
 //! PostgreSQL: `FOR UPDATE SKIP LOCKED` claims, so several daemons share one database.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
@@ -109,20 +110,183 @@ impl PgStore {
     }
 
     /// Applies several guarded writes in one transaction (one commit, one fsync); each keeps
-    /// its own guard and its own result.
+    /// its own guard and its own result. The settlements of a batch are one statement, and so
+    /// are its reschedules (arrays in, the ids that passed their guard out): a batch costs a
+    /// few round trips, not one per order.
     pub async fn apply_many(
         &self,
         writes: &[Write<'_>],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut applied = Vec::with_capacity(writes.len());
-        for w in writes {
-            applied.push(apply_one(&mut tx, w.guard, w.change, now).await?);
+        let mut applied = vec![Applied::NoOp; writes.len()];
+        let settles: Vec<usize> = (0..writes.len())
+            .filter(|&i| matches!(writes[i].change, Change::Settle { .. }))
+            .collect();
+        let reschedules: Vec<usize> = (0..writes.len())
+            .filter(|&i| matches!(writes[i].change, Change::Reschedule { .. }))
+            .collect();
+        let mut single: Vec<usize> = (0..writes.len())
+            .filter(|i| !settles.contains(i) && !reschedules.contains(i))
+            .collect();
+        // A group of one, or one naming an order twice (an `UPDATE … FROM` would apply only
+        // one of the two), goes statement by statement.
+        let bulk = |group: &[usize]| group.len() > 1 && distinct_orders(writes, group);
+        let mut mark = |group: &[usize], done: Vec<i64>| {
+            for &i in group {
+                if done.contains(&writes[i].guard.order_id) {
+                    applied[i] = Applied::Done;
+                }
+            }
+        };
+        if bulk(&settles) {
+            mark(&settles, settle_many(&mut tx, writes, &settles, now).await?);
+        } else {
+            single.extend(&settles);
+        }
+        if bulk(&reschedules) {
+            mark(
+                &reschedules,
+                reschedule_many(&mut tx, writes, &reschedules, now).await?,
+            );
+        } else {
+            single.extend(&reschedules);
+        }
+        single.sort_unstable();
+        for i in single {
+            applied[i] = apply_one(&mut tx, writes[i].guard, writes[i].change, now).await?;
         }
         tx.commit().await?;
         Ok(applied)
     }
+}
+
+/// Whether no order appears twice among `group` (an `UPDATE … FROM` would apply only one).
+fn distinct_orders(writes: &[Write<'_>], group: &[usize]) -> bool {
+    let mut seen = HashSet::with_capacity(group.len());
+    group.iter().all(|&i| seen.insert(writes[i].guard.order_id))
+}
+
+/// Every guarded settlement of `group` and its event, in one statement.
+async fn settle_many(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    writes: &[Write<'_>],
+    group: &[usize],
+    now: DateTime<Utc>,
+) -> Result<Vec<i64>, StoreError> {
+    let n = group.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut from = Vec::with_capacity(n);
+    let mut lease = Vec::with_capacity(n);
+    let mut to = Vec::with_capacity(n);
+    let mut transaction_id = Vec::with_capacity(n);
+    let mut paid_at = Vec::with_capacity(n);
+    let mut queried = Vec::with_capacity(n);
+    let mut note = Vec::with_capacity(n);
+    let mut source = Vec::with_capacity(n);
+    let mut fee = Vec::with_capacity(n);
+    for &i in group {
+        let w = &writes[i];
+        let Change::Settle {
+            settlement,
+            queried: q,
+            source: src,
+        } = w.change
+        else {
+            continue;
+        };
+        ids.push(w.guard.order_id);
+        from.push(w.guard.from.as_str());
+        lease.push(w.guard.lease);
+        to.push(settlement.to.as_str());
+        transaction_id.push(settlement.transaction_id.as_ref().map(|t| t.as_str()));
+        paid_at.push(settlement.paid_at);
+        queried.push(i32::from(*q));
+        note.push(change_note(w.change));
+        source.push(src.as_str());
+        fee.push(settlement.reported_fee.map(|f| f.get()));
+    }
+    let rows: Vec<i64> = sqlx::query_scalar(
+            "WITH input AS (
+                SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[],
+                    $5::TEXT[], $6::TIMESTAMPTZ[], $7::INT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[])
+                AS t(id, from_state, lease, to_state, transaction_id, paid_at, queried, note,
+                    source, reported_fee)
+            ), moved AS (
+                UPDATE wxpay_orders o SET state = i.to_state,
+                    transaction_id = COALESCE(i.transaction_id, o.transaction_id),
+                    paid_at = COALESCE(i.paid_at, o.paid_at),
+                    query_count = o.query_count + i.queried,
+                    last_queried_at = CASE WHEN i.queried = 1 THEN $11 ELSE o.last_queried_at END,
+                    last_error = i.note, updated_at = $11
+                FROM input i
+                WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
+                RETURNING o.id, o.mch_id, o.out_trade_no, i.from_state, i.to_state, i.source,
+                    i.transaction_id, i.reported_fee, i.note
+            )
+            INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+                to_state, source, transaction_id, total_fee, detail, created_at)
+            SELECT id, mch_id, out_trade_no, from_state, to_state, source, transaction_id,
+                reported_fee, note, $11 FROM moved
+            RETURNING order_id",
+        )
+        .bind(&ids)
+        .bind(&from)
+        .bind(&lease)
+        .bind(&to)
+        .bind(&transaction_id)
+        .bind(&paid_at)
+        .bind(&queried)
+        .bind(&note)
+        .bind(&source)
+        .bind(&fee)
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows)
+}
+
+/// Every guarded reschedule of `group`, in one statement.
+async fn reschedule_many(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    writes: &[Write<'_>],
+    group: &[usize],
+    now: DateTime<Utc>,
+) -> Result<Vec<i64>, StoreError> {
+    let n = group.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut from = Vec::with_capacity(n);
+    let mut lease = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut note = Vec::with_capacity(n);
+    for &i in group {
+        let w = &writes[i];
+        let Change::Reschedule { at: next, .. } = w.change else {
+            continue;
+        };
+        ids.push(w.guard.order_id);
+        from.push(w.guard.from.as_str());
+        lease.push(w.guard.lease);
+        at.push(*next);
+        note.push(change_note(w.change));
+    }
+    let rows: Vec<i64> = sqlx::query_scalar(
+        "UPDATE wxpay_orders o SET next_query_at = i.at, query_count = o.query_count + 1,
+                last_queried_at = $6, last_error = i.note, updated_at = $6
+             FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TIMESTAMPTZ[], $5::TEXT[])
+                AS i(id, from_state, lease, at, note)
+             WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
+             RETURNING o.id",
+    )
+    .bind(&ids)
+    .bind(&from)
+    .bind(&lease)
+    .bind(&at)
+    .bind(&note)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
 }
 
 async fn apply_one(

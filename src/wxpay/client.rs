@@ -359,8 +359,9 @@ fn result_fail(fields: &Fields, code: ErrCode) -> WxPayError {
     }
 }
 
-/// Parses the order fields of a verified orderquery reply or payment notification. A
-/// notification has no `trade_state`: it reports a payment, so it counts as SUCCESS.
+/// Parses the order fields of a verified orderquery reply. A reply without `trade_state` is
+/// malformed: nothing is ever taken as paid by default (a payment notification, which has no
+/// `trade_state`, is read by [`super::notify::parse_payment`]).
 pub fn parse_trade_report(fields: &Fields) -> Result<TradeReport, WxPayError> {
     fn bad(field: &'static str, e: impl std::fmt::Display) -> WxPayError {
         WxPayError::BadField {
@@ -381,7 +382,7 @@ pub fn parse_trade_report(fields: &Fields) -> Result<TradeReport, WxPayError> {
     let trade_state = fields
         .get_nonempty("trade_state")
         .map(TradeState::parse)
-        .unwrap_or(TradeState::Success);
+        .ok_or_else(|| bad("trade_state", "missing"))?;
     let out_trade_no = optional(fields, "out_trade_no", OutTradeNo::parse)?
         .ok_or_else(|| bad("out_trade_no", "missing"))?;
     let report = TradeReport {

@@ -5,7 +5,7 @@
 use super::client::{Merchant, TradeReport, parse_trade_report, verify_envelope};
 use super::error::WxPayError;
 use super::xml::{self, Fields};
-use crate::domain::MchId;
+use crate::domain::{MchId, TradeState};
 
 /// Why a notification cannot be used; each maps to one `outcome` label and one FAIL answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,8 +97,7 @@ pub fn read_notification<'m>(
     })?;
     let notified = match fields.get("result_code") {
         Some("SUCCESS") => Notified::Paid(
-            parse_trade_report(&without_trade_state(&fields))
-                .map_err(|e| NotifyError::Malformed(e.to_string()))?,
+            parse_payment(&fields).map_err(|e| NotifyError::Malformed(e.to_string()))?,
         ),
         Some("FAIL") => Notified::Failed {
             err_code: fields
@@ -117,12 +116,13 @@ pub fn read_notification<'m>(
     Ok(Notification { merchant, notified })
 }
 
-/// A payment notification reports a payment: any `trade_state` in it (there is none in
+/// The order fields of a verified payment notification (`result_code` SUCCESS). It reports a
+/// payment, so it is read as trade_state SUCCESS: any `trade_state` in it (there is none in
 /// WeChat's) does not make it something else.
-fn without_trade_state(fields: &Fields) -> Fields {
+pub fn parse_payment(fields: &Fields) -> Result<TradeReport, WxPayError> {
     let mut f = fields.clone();
-    f.remove("trade_state");
-    f
+    f.insert("trade_state", TradeState::Success.as_str());
+    parse_trade_report(&f)
 }
 
 /// The answer WeChat stops retrying on (DESIGN.md, "Notify endpoint").

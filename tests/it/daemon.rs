@@ -491,51 +491,106 @@ async fn a_database_outage_mid_run_is_survived_and_caught_up() {
     e.finish().await;
 }
 
-#[tokio::test]
-async fn under_systemd_it_notifies_ready_watchdog_and_stopping() {
-    use std::os::unix::net::UnixDatagram;
-    let db = crate::db::sqlite().await;
-    let dir = tempfile::tempdir().unwrap();
-    let e = Engine::new(db).await;
-    let config = write_config(dir.path(), &e.db.url, &e.sim.url());
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let received = Arc::new(Mutex::new(Vec::<String>::new()));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (received, done) = (received.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(n) = socket.recv(&mut buf) {
-                    received
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+/// What the real binary told systemd through `$NOTIFY_SOCKET`, each with when it arrived.
+struct SystemdListener {
+    received: Arc<Mutex<Vec<(Instant, String)>>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    reader: std::thread::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl SystemdListener {
+    fn bind(dir: &Path) -> SystemdListener {
+        use std::os::unix::net::UnixDatagram;
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (received, done) = (received.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        received.lock().unwrap().push((Instant::now(), message));
+                    }
                 }
-            }
-        })
-    };
+            })
+        };
+        SystemdListener {
+            received,
+            done,
+            reader,
+            path,
+        }
+    }
+
+    fn has(&self, what: &str) -> bool {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, m)| m.contains(what))
+    }
+
+    /// The longest time between two WATCHDOG=1 in `[from, to]` (the window's edges count).
+    fn longest_watchdog_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut times: Vec<Instant> = self
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, m)| m.contains("WATCHDOG=1") && *t >= from && *t <= to)
+            .map(|(t, _)| *t)
+            .collect();
+        times.insert(0, from);
+        times.push(to);
+        times.windows(2).map(|w| w[1] - w[0]).max().unwrap()
+    }
+
+    fn stop(self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.reader.join().unwrap();
+    }
+}
+
+/// The real binary under a `Type=notify` service with `WatchdogSec=1.5`: READY=1, then
+/// WATCHDOG=1 at least every 1.5 s, STOPPING=1 on SIGTERM and exit 0.
+async fn run_under_systemd_watchdog(
+    e: &Engine,
+    env: &[(&str, &str)],
+    busy: impl AsyncFn() -> bool,
+) -> (Duration, std::process::ExitStatus) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &e.db.url, &e.sim.url());
+    let systemd = SystemdListener::bind(dir.path());
     let mut child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(&config)
         .arg("run")
-        .env("NOTIFY_SOCKET", &socket_path)
+        .env("NOTIFY_SOCKET", &systemd.path)
+        .env("WATCHDOG_USEC", "1500000")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
+    wait_for("READY=1", Duration::from_secs(10), async || {
+        systemd.has("READY=1")
+    })
+    .await;
     wait_for(
-        "READY=1 and WATCHDOG=1",
+        "the daemon to be in the state under test",
         Duration::from_secs(10),
-        async || {
-            let r = received.lock().unwrap();
-            r.iter().any(|m| m.contains("READY=1")) && r.iter().any(|m| m.contains("WATCHDOG=1"))
-        },
+        busy,
     )
     .await;
+    let from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let gap = systemd.longest_watchdog_gap(from, Instant::now());
     Command::new("kill")
         .args(["-TERM", &child.id().unwrap().to_string()])
         .status()
@@ -544,17 +599,57 @@ async fn under_systemd_it_notifies_ready_watchdog_and_stopping() {
         .await
         .unwrap()
         .unwrap();
-    assert!(status.success());
     wait_for("STOPPING=1", Duration::from_secs(2), async || {
-        received
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|m| m.contains("STOPPING=1"))
+        systemd.has("STOPPING=1")
     })
     .await;
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader.join().unwrap();
+    systemd.stop();
+    (gap, status)
+}
+
+#[tokio::test]
+async fn under_systemd_the_watchdog_is_fed_through_a_long_scan() {
+    let db = crate::db::sqlite().await;
+    let e = Engine::new(db).await;
+    let m = md5_merchant();
+    for _ in 0..30 {
+        e.order(&m, 100).await;
+    }
+    // One query at a time, 1.2 s each: one scan of the 30 orders lasts 36 s, and no order
+    // finishes within the watchdog's 1.5 s more than once.
+    e.sim
+        .faults(json!({"endpoint": "orderquery", "latency_ms": 1200}))
+        .await;
+    let (gap, status) = run_under_systemd_watchdog(
+        &e,
+        &[("WXPAY_RECONCILER__WECHAT__CONCURRENCY", "1")],
+        async || e.sim.sim.state.requests() >= 2,
+    )
+    .await;
+    assert!(status.success(), "{status}");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "WATCHDOG=1 gap of {gap:?} in a scan"
+    );
+    e.finish().await;
+}
+
+#[tokio::test]
+async fn under_systemd_the_watchdog_is_fed_between_rare_scans() {
+    let db = crate::db::sqlite().await;
+    let e = Engine::new(db).await;
+    // One scan a year: the loop waits for its tick all along.
+    let (gap, status) = run_under_systemd_watchdog(
+        &e,
+        &[("WXPAY_RECONCILER__SCHEDULE__SCAN_CRON", "0 0 0 1 1 *")],
+        async || true,
+    )
+    .await;
+    assert!(status.success(), "{status}");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "WATCHDOG=1 gap of {gap:?} while idle"
+    );
     e.finish().await;
 }
 

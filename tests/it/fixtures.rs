@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use wxpay_reconciler::domain::{SignType, TradeState};
-use wxpay_reconciler::wxpay::client::{parse_trade_report, verify_envelope};
+use wxpay_reconciler::wxpay::client::verify_envelope;
+use wxpay_reconciler::wxpay::notify::parse_payment;
 use wxpay_reconciler::wxpay::sign::verify;
 use wxpay_reconciler::wxpay::{
     ApiKey, OrderRef, QueryAnswer, SignError, WxPayError, XmlError, xml::decode,
@@ -186,7 +187,7 @@ fn the_valid_notification_is_a_verified_payment_report() {
     let mut m = merchant("10000100", "wx2421b1c4370ec43b", SignType::Md5, MD5_KEY);
     m.sub_mch_id = Some("10000100".parse().unwrap());
     verify_envelope(&m, &f).unwrap();
-    let report = parse_trade_report(&f).unwrap();
+    let report = parse_payment(&f).unwrap();
     assert_eq!(report.trade_state, TradeState::Success);
     assert_eq!(report.out_trade_no.as_str(), "1409811653");
     assert_eq!(report.total_fee.map(|f| f.get()), Some(1));
@@ -270,6 +271,44 @@ async fn the_client_accepts_a_real_orderquery_reply_and_refuses_the_tampered_one
         assert_eq!(err.outcome(), "malformed", "{neg}: {err:?}");
         server.abort();
     }
+}
+
+/// A genuine, correctly signed reply that lacks `trade_state` says nothing about payment: it is
+/// refused as malformed, never read as paid.
+#[tokio::test]
+async fn a_signed_reply_without_trade_state_is_never_taken_as_paid() {
+    let m = merchant("10000100", "wx2421b1c4370ec43b", SignType::Md5, MD5_KEY);
+    let mut f = decode(&fixture(
+        "orderquery_response_success_elixir_wechat_pay.xml",
+    ))
+    .unwrap();
+    assert!(f.remove("trade_state").is_some());
+    f.remove("sign");
+    wxpay_reconciler::wxpay::sign::sign_in_place(&mut f, &doc_key(), SignType::Md5);
+    verify_envelope(&m, &f).unwrap();
+    let (url, server) = replay_server(
+        200,
+        wxpay_reconciler::wxpay::xml::encode(&f)
+            .unwrap()
+            .into_bytes(),
+    )
+    .await;
+    let err = client_for(&url)
+        .order_query(&m, &OrderRef::OutTradeNo(otn("1415757673")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WxPayError::BadField {
+                field: "trade_state",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.outcome(), "malformed");
+    server.abort();
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use wxpay_reconciler::store::NewOrder;
 use wxpay_reconciler::telemetry::Telemetry;
 use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
-use crate::db::{TestDb, backends};
+use crate::db::{Kind, TestDb, backends};
 use crate::engine::{Engine, metric_value};
 use crate::helpers::{MD5_KEY, fixture, hmac_merchant, md5_merchant, merchant, unique_otn};
 
@@ -209,6 +209,99 @@ async fn a_notification_settles_an_order_once_and_repeats_are_acknowledged() {
             10.0
         );
         assert!(text.contains("wxpay_reconciler_notify_duration_seconds_bucket"));
+        e.finish().await;
+    }
+}
+
+/// A body that never finishes arriving does not hold the endpoint: 408 after the deadline.
+#[tokio::test]
+async fn a_notification_body_that_never_arrives_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = crate::db::sqlite().await;
+    let e = Engine::new(db).await;
+    let url = serve_notify(&e).await;
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {NOTIFY_PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n<xml>"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(
+        notify::BODY_DEADLINE + Duration::from_secs(5),
+        conn.read(&mut answer),
+    )
+    .await
+    .expect("answered within the deadline")
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() >= notify::BODY_DEADLINE - Duration::from_millis(100));
+    assert_eq!(
+        e.metric("wxpay_reconciler_notify_requests_total{mch_id=\"unknown\",outcome=\"timeout\"}"),
+        1.0
+    );
+    e.finish().await;
+}
+
+/// A write that fails (here: the events table refuses notify events, as a broken database
+/// would) is answered FAIL, leaves the order as it was, and WeChat's next attempt settles it.
+#[tokio::test]
+async fn a_database_error_answers_fail_changes_nothing_and_the_retry_settles() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let url = serve_notify(&e).await;
+        let m = md5_merchant();
+        let otn = e.order(&m, 880).await;
+        let txid = e
+            .sim
+            .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
+            .await;
+        let (break_it, repair) = match kind {
+            Kind::Sqlite => (
+                "CREATE TRIGGER test_outage BEFORE INSERT ON wxpay_order_events \
+                 WHEN NEW.source = 'notify' BEGIN SELECT RAISE(ABORT, 'outage'); END",
+                "DROP TRIGGER test_outage",
+            ),
+            Kind::Postgres | Kind::Mysql => (
+                "ALTER TABLE wxpay_order_events ADD CONSTRAINT test_outage CHECK (source <> 'notify')",
+                "ALTER TABLE wxpay_order_events DROP CONSTRAINT test_outage",
+            ),
+        };
+        e.db.exec(break_it, &[]).await;
+        let n = body(&notification(&m, &otn, 880, &txid));
+        assert_eq!(
+            post(&url, n.clone()).await,
+            (503, "FAIL".into()),
+            "{kind:?}"
+        );
+        let row = e.row(&otn).await;
+        assert_eq!(
+            row.state,
+            OrderState::NotPay,
+            "{kind:?}: nothing half-applied"
+        );
+        assert_eq!(row.transaction_id, None);
+        assert!(e.events(&otn).await.is_empty());
+        assert_eq!(
+            e.metric(
+                "wxpay_reconciler_notify_requests_total{mch_id=\"10000100\",outcome=\"db_error\"}"
+            ),
+            1.0
+        );
+        assert!(e.metric("wxpay_reconciler_db_errors_total{op=\"notify\"}") >= 1.0);
+        // The database is back; WeChat retries.
+        e.db.exec(repair, &[]).await;
+        assert_eq!(post(&url, n).await, (200, "SUCCESS".into()), "{kind:?}");
+        assert_eq!(e.row(&otn).await.state, OrderState::Success);
+        assert_eq!(e.events(&otn).await.len(), 1);
         e.finish().await;
     }
 }
@@ -812,6 +905,48 @@ async fn a_payment_for_an_order_the_app_closed_is_recorded_as_paid_after_close()
             .unwrap();
         assert!(out.contains("no change"), "{out}");
         assert_eq!(e.events(&otn).await.len(), 1);
+
+        // Polling finds the same: the app closes the order while the scan's query is in
+        // flight, WeChat answers SUCCESS; the scan's write loses and records the anomaly.
+        let otn = e.order(&m, 1300).await;
+        let txid = e
+            .sim
+            .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
+            .await;
+        e.sim
+            .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
+            .await;
+        let scan = {
+            let scanner = e.scanner.clone();
+            tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
+        };
+        while e.sim.sim.state.total_inflight() == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(
+            e.db.exec(
+                "UPDATE wxpay_orders SET state = 'CLOSED' WHERE out_trade_no = $1 AND state = 'NOTPAY'",
+                &[&otn]
+            )
+            .await,
+            1
+        );
+        scan.await.unwrap().unwrap();
+        assert_eq!(e.row(&otn).await.state, OrderState::Closed, "{kind:?}");
+        let events = e.events(&otn).await;
+        assert_eq!(events.len(), 1, "{kind:?}: {events:?}");
+        assert_eq!(
+            (
+                events[0].to_state.as_str(),
+                events[0].source.as_str(),
+                events[0].transaction_id.as_deref()
+            ),
+            ("PAID_AFTER_CLOSE", "poll", Some(txid.as_str()))
+        );
+        assert_eq!(
+            e.metric("wxpay_reconciler_paid_after_close_total{mch_id=\"10000100\"}"),
+            2.0
+        );
         e.finish().await;
     }
 }
@@ -835,6 +970,24 @@ async fn the_fixture_notifications_settle_matching_orders() {
             })
             .await
             .unwrap();
+        // The INVALID fixture names the same merchant and order, but was edited after signing:
+        // refused for its signature, and the order stays unpaid.
+        assert_eq!(
+            post(&url, fixture("notify_success_coupons_wxjava.xml")).await,
+            (200, "FAIL".into())
+        );
+        assert_eq!(
+            metric_value(
+                &telemetry.render(),
+                "wxpay_reconciler_notify_requests_total{mch_id=\"10000100\",outcome=\"sign_invalid\"}"
+            ),
+            1.0,
+            "{kind:?}"
+        );
+        assert_eq!(
+            db.store.find("1409811653").await.unwrap()[0].state,
+            OrderState::NotPay
+        );
         let elixir = fixture("notify_success_elixir_wechat_pay.xml");
         assert_eq!(
             post(&url, elixir.clone()).await,
@@ -863,11 +1016,7 @@ async fn the_fixture_notifications_settle_matching_orders() {
             post(&url, fixture("notify_doc_vector_skit.xml")).await,
             (200, "FAIL".into())
         );
-        // The INVALID fixture (edited after signing) and the unverifiable doc sample are refused.
-        assert_eq!(
-            post(&url, fixture("notify_success_coupons_wxjava.xml")).await,
-            (200, "FAIL".into())
-        );
+        // The unverifiable doc sample is refused.
         assert_eq!(
             post(
                 &url,

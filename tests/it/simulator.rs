@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use wxpay_reconciler::domain::SignType;
-use wxpay_reconciler::wxpay::client::{parse_trade_report, verify_envelope};
+use wxpay_reconciler::wxpay::client::verify_envelope;
+use wxpay_reconciler::wxpay::notify::parse_payment;
 use wxpay_reconciler::wxpay::{Fields, Merchant, OrderRef, sign, xml};
 
 use crate::helpers::{TestSim, both_merchants, hmac_merchant, md5_merchant, unique_otn};
@@ -373,7 +374,7 @@ async fn notifications_follow_the_retry_schedule_until_acknowledged() {
         for body in &bodies {
             let f = xml::decode(body).unwrap();
             verify_envelope(&m, &f).unwrap_or_else(|e| panic!("{}: {e}", m.sign_type));
-            let report = parse_trade_report(&f).unwrap();
+            let report = parse_payment(&f).unwrap();
             assert_eq!(report.out_trade_no, n);
             assert_eq!(report.total_fee.map(|f| f.get()), Some(321));
             assert_eq!(
