@@ -7,9 +7,11 @@
 //! - NOTPAY / USERPAYING / ACCEPT / an unknown state, and every transient error → ask again on
 //!   the backoff schedule, state untouched.
 //! - ORDERNOTEXIST → ask again until the order's expiry, then CLOSED locally.
-//! - Past `give_up_after` or the end of the schedule → stop polling.
+//! - Past `give_up_after` or the end of the schedule → stop polling (an order still to be
+//!   closed keeps one visit, at its close time).
 //! - Past its expiry (and never within 5 minutes of creation), with `close_expired`: close at
-//!   WeChat first ([`decide_close`]); ORDERPAID means query and settle, never close.
+//!   WeChat first ([`decide_close`]); ORDERPAID means query and settle, never close; a failing
+//!   close is retried, never given up.
 //! - An order that is no longer open ([`decide`] on a settled order, e.g. a notification after a
 //!   poll): a repeat changes nothing; REFUND after SUCCESS → REFUND (the one move out of a
 //!   terminal state); a payment for an order closed locally → the `PAID_AFTER_CLOSE` anomaly,

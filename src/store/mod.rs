@@ -445,8 +445,8 @@ impl Store {
     /// The latest `PAID_AFTER_CLOSE` events, newest first: payments the merchant must refund
     /// or fulfil.
     pub async fn paid_after_close(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let sql = reads::anomalies();
-        dispatch!(self, s => s.events(&sql, &[Arg::Text(Anomaly::PaidAfterClose.as_str()), Arg::Int(i64::from(limit))]).await)
+        let sql = reads::paid_after_close();
+        dispatch!(self, s => s.events(&sql, &[Arg::Int(i64::from(limit))]).await)
     }
 
     /// Orders with this out_trade_no (one per merchant at most).
@@ -510,6 +510,7 @@ pub(crate) enum Arg<'a> {
 /// MySQL take them as they are; PostgreSQL gets them [`numbered`]).
 mod reads {
     use super::{EVENT_COLUMNS, OPEN_STATES_SQL, ORDER_COLUMNS};
+    use crate::domain::Anomaly;
 
     pub fn oldest_open() -> String {
         format!(
@@ -530,9 +531,13 @@ mod reads {
         format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE id = ?")
     }
 
-    pub fn anomalies() -> String {
+    /// The anomaly is a literal (from [`Anomaly`], never input), so that the partial index of
+    /// migration 0002 matches on SQLite and PostgreSQL.
+    pub fn paid_after_close() -> String {
+        let anomaly = Anomaly::PaidAfterClose.as_str();
         format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE to_state = ? ORDER BY id DESC LIMIT ?"
+            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE to_state = '{anomaly}' \
+             ORDER BY id DESC LIMIT ?"
         )
     }
 

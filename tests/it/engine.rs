@@ -615,6 +615,143 @@ async fn a_stale_workers_late_write_is_refused_by_the_lease() {
     }
 }
 
+/// One batch of writes (as the scan's writer commits them) where some guards hold and some do
+/// not: each write gets its own result, and only the held ones change rows and record events.
+#[tokio::test]
+async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
+    use wxpay_reconciler::domain::{Fen, Source, TransactionId};
+    use wxpay_reconciler::reconcile::policy::Settlement;
+    use wxpay_reconciler::store::{Applied, Change, ClaimRequest, Write};
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let m = md5_merchant();
+        let mut otns = Vec::new();
+        for _ in 0..6 {
+            otns.push(e.order(&m, 500).await);
+        }
+        let claimed =
+            e.db.store
+                .claim_due(&ClaimRequest {
+                    now: Utc::now(),
+                    grace: TimeDelta::zero(),
+                    lease_until: Utc::now() + TimeDelta::seconds(60),
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+        assert_eq!(claimed.len(), 6);
+        let by_otn = |otn: &str| claimed.iter().find(|c| c.row.out_trade_no == otn).unwrap();
+        let paid = |n: u64| Change::Settle {
+            settlement: Settlement {
+                to: OrderState::Success,
+                transaction_id: Some(
+                    TransactionId::parse(&format!("42000000000000000000000000{n:02}")).unwrap(),
+                ),
+                paid_at: Some(Utc::now()),
+                reported_fee: Some(Fen::new(500).unwrap()),
+                detail: None,
+            },
+            source: Source::Poll,
+            queried: true,
+        };
+        let later = Change::Reschedule {
+            at: Utc::now() + TimeDelta::minutes(5),
+            note: Some("NOTPAY".into()),
+        };
+        // Orders 1 and 4 lose their guard: the merchant's handler settles 1, a second claim
+        // takes 4 over (its lease moves on).
+        assert_eq!(
+            e.db.exec(
+                "UPDATE wxpay_orders SET state = 'SUCCESS' WHERE out_trade_no = $1",
+                &[&otns[1]]
+            )
+            .await,
+            1
+        );
+        let mut stale4 = by_otn(&otns[4]).guard();
+        stale4.lease = stale4.lease.map(|l| l - 1);
+        let changes = [
+            paid(0),
+            paid(1),
+            paid(2),
+            later.clone(),
+            later.clone(),
+            later,
+        ];
+        let guards = [
+            by_otn(&otns[0]).guard(),
+            by_otn(&otns[1]).guard(),
+            by_otn(&otns[2]).guard(),
+            by_otn(&otns[3]).guard(),
+            stale4,
+            by_otn(&otns[5]).guard(),
+        ];
+        let writes: Vec<Write<'_>> = (0..6)
+            .map(|i| Write {
+                order: &by_otn(&otns[i]).row,
+                guard: guards[i],
+                change: &changes[i],
+            })
+            .collect();
+        let applied = e.db.store.apply_many(&writes, Utc::now()).await.unwrap();
+        use Applied::{Done, NoOp};
+        assert_eq!(applied, [Done, NoOp, Done, Done, NoOp, Done], "{kind:?}");
+        for (i, state) in [
+            (0, "SUCCESS"),
+            (1, "SUCCESS"),
+            (2, "SUCCESS"),
+            (3, "NOTPAY"),
+        ] {
+            assert_eq!(e.row(&otns[i]).await.state.as_str(), state, "{kind:?} {i}");
+        }
+        assert_eq!(e.events(&otns[0]).await.len(), 1);
+        assert!(
+            e.events(&otns[1]).await.is_empty(),
+            "{kind:?}: the handler's win records nothing"
+        );
+        assert_eq!(e.row(&otns[3]).await.query_count, 1);
+        assert_eq!(
+            e.row(&otns[4]).await.query_count,
+            0,
+            "{kind:?}: stale lease"
+        );
+        // The same order twice in one batch: the first write wins, the second finds it moved.
+        let otn = e.order(&m, 500).await;
+        let c =
+            e.db.store
+                .claim_due(&ClaimRequest {
+                    now: Utc::now(),
+                    grace: TimeDelta::zero(),
+                    lease_until: Utc::now() + TimeDelta::seconds(60),
+                    limit: 10,
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.row.out_trade_no == otn)
+                .unwrap();
+        let twice = [paid(7), paid(8)];
+        let writes: Vec<Write<'_>> = twice
+            .iter()
+            .map(|change| Write {
+                order: &c.row,
+                guard: c.guard(),
+                change,
+            })
+            .collect();
+        let applied = e.db.store.apply_many(&writes, Utc::now()).await.unwrap();
+        assert_eq!(applied, [Done, NoOp], "{kind:?}");
+        let events = e.events(&otn).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            events[0].transaction_id.as_deref(),
+            Some("4200000000000000000000000007")
+        );
+        e.finish().await;
+    }
+}
+
 #[tokio::test]
 async fn queries_respect_the_concurrency_bound() {
     for db in backends().await {

@@ -336,6 +336,15 @@ if $started; then
   done
   echo "orders: $(db "SELECT out_trade_no || '=' || state FROM wxpay_orders ORDER BY id" | tr '\n' ' ')"
   echo "events: $(db "SELECT out_trade_no || ':' || to_state || '/' || source FROM wxpay_order_events ORDER BY id" | tr '\n' ' ')"
+  # The daemon under test did its job: the queries below must have something to show.
+  expected_states="ops-poll-1=SUCCESS ops-mismatch-1=AMOUNT_MISMATCH ops-notify-1=SUCCESS ops-expired-1=CLOSED ops-open-1=NOTPAY"
+  actual_states=$(db "SELECT out_trade_no || '=' || state FROM wxpay_orders ORDER BY id" | tr '\n' ' ')
+  all_there=true
+  for want in $expected_states; do
+    grep -qw -- "$want" <<<"$actual_states" || all_there=false
+  done
+  if $all_there; then pass "orders settled, quarantined, closed and left open as expected"
+  else fail "orders not as expected: want $expected_states, have $actual_states"; fi
   sleep 4 # a few more scrapes and rule evaluations
 
   curl -fsS "http://127.0.0.1:$MPORT/metrics" >"$TMP/metrics.txt"

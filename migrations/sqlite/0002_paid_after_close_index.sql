@@ -1,0 +1,4 @@
+-- `status` lists the latest PAID_AFTER_CLOSE events (payments the merchant must refund or
+-- fulfil) without reading the whole events table: a partial index holds only those rows.
+CREATE INDEX wxpay_order_events_paid_after_close ON wxpay_order_events (id)
+    WHERE to_state = 'PAID_AFTER_CLOSE';
