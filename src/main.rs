@@ -71,6 +71,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     // The demo prints a summary; its per-order log lines would bury it.
     telemetry::init_logging(match cli.command {
@@ -92,6 +93,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// glibc gives each thread that allocates an arena of its own, and a daemon whose tasks move
+/// between threads leaves memory stranded in all of them. Two arenas keep its memory flat
+/// (BENCHMARKS.md, "Memory") at no measurable cost in speed. `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a parameter of the allocator, and runs before any other
+        // thread of this process exists. Its result (0 on a refused value) needs no handling:
+        // the default is then kept.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }

@@ -294,6 +294,12 @@ impl Telemetry {
         }
     }
 
+    /// Folds recorded histogram samples into their buckets. Without it (or a render), samples
+    /// pile up in memory between scrapes; the gauge loop calls it on every tick.
+    pub fn upkeep(&self) {
+        self.inner.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of this daemon's metrics.
     pub fn render(&self) -> String {
         self.inner.handle.run_upkeep();
@@ -389,8 +395,11 @@ impl Telemetry {
         });
     }
 
+    /// A tick that found the previous scan still running. Normal while a backlog drains (a
+    /// scan keeps claiming while batches come back full), so it is counted and logged at
+    /// debug level; a scan that stops progressing is the watchdog's business.
     pub fn scan_skipped(&self) {
-        tracing::warn!("scan tick skipped: the previous scan is still running");
+        tracing::debug!("scan tick skipped: the previous scan is still running");
         self.with(|| counter!(names::SCAN_OVERLAP_SKIPPED).increment(1));
     }
 
