@@ -48,6 +48,32 @@ async fn serve_notify_for(
     format!("http://{addr}{NOTIFY_PATH}")
 }
 
+/// Runs a scan whose query of `otn` takes 200 ms, and while that query is in flight the
+/// merchant's application moves the order from NOTPAY to `state` in its table; returns once the
+/// scan is done. Clears the latency again.
+async fn app_moves_the_order_during_a_scan(e: &Engine, otn: &str, state: &str) {
+    e.sim
+        .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
+        .await;
+    let scan = {
+        let scanner = e.scanner.clone();
+        tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
+    };
+    while e.sim.sim.state.total_inflight() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        e.db.exec(
+            "UPDATE wxpay_orders SET state = $1 WHERE out_trade_no = $2 AND state = 'NOTPAY'",
+            &[state, otn]
+        )
+        .await,
+        1
+    );
+    scan.await.unwrap().unwrap();
+    e.sim.faults(json!({"endpoint": "orderquery"})).await;
+}
+
 /// A payment notification as WeChat sends it, signed with the merchant's key and sign type.
 fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fields {
     let mut f = Fields::new()
@@ -776,25 +802,7 @@ async fn refund_after_success_is_recorded_once() {
             )
             .await;
         assert_eq!(status, 200);
-        e.sim
-            .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
-            .await;
-        let scan = {
-            let scanner = e.scanner.clone();
-            tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
-        };
-        while e.sim.sim.state.total_inflight() == 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert_eq!(
-            e.db.exec(
-                "UPDATE wxpay_orders SET state = 'SUCCESS' WHERE out_trade_no = $1 AND state = 'NOTPAY'",
-                &[&otn]
-            )
-            .await,
-            1
-        );
-        scan.await.unwrap().unwrap();
+        app_moves_the_order_during_a_scan(&e, &otn, "SUCCESS").await;
         let row = e.row(&otn).await;
         assert_eq!(row.state, OrderState::Refund, "{kind:?}");
         let events = e.events(&otn).await;
@@ -810,7 +818,6 @@ async fn refund_after_success_is_recorded_once() {
 
         // `query --apply` on an order settled SUCCESS and refunded since: one REFUND event, and
         // asking again records nothing more.
-        e.sim.faults(json!({"endpoint": "orderquery"})).await;
         let otn = e.order(&m, 400).await;
         e.pay(&m, &otn, json!({"notify": "drop"})).await;
         e.scan().await;
@@ -913,25 +920,7 @@ async fn a_payment_for_an_order_the_app_closed_is_recorded_as_paid_after_close()
             .sim
             .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
             .await;
-        e.sim
-            .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
-            .await;
-        let scan = {
-            let scanner = e.scanner.clone();
-            tokio::spawn(async move { scanner.scan(&CancellationToken::new(), &|| {}).await })
-        };
-        while e.sim.sim.state.total_inflight() == 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert_eq!(
-            e.db.exec(
-                "UPDATE wxpay_orders SET state = 'CLOSED' WHERE out_trade_no = $1 AND state = 'NOTPAY'",
-                &[&otn]
-            )
-            .await,
-            1
-        );
-        scan.await.unwrap().unwrap();
+        app_moves_the_order_during_a_scan(&e, &otn, "CLOSED").await;
         assert_eq!(e.row(&otn).await.state, OrderState::Closed, "{kind:?}");
         let events = e.events(&otn).await;
         assert_eq!(events.len(), 1, "{kind:?}: {events:?}");
