@@ -282,8 +282,10 @@ impl Daemon {
 
 /// Runs a scan per tick. It feeds systemd's watchdog every [`systemd::watchdog_period`] while
 /// it waits for a tick, and during a scan as long as the scan makes progress (a claim or a
-/// finished order) at least once per lease: a scan stuck longer than that can only write
-/// fenced-off results, so the watchdog is left to restart the daemon.
+/// finished order) within [`Scanner::stall_limit`] (two leases): a scan stuck longer than that
+/// can only write fenced-off results, so the watchdog is left to restart the daemon. The
+/// scheduler itself is not watched this way: a scheduler that stopped ticking shows as
+/// `/readyz` failing and the not-scanning alert.
 async fn scan_loop(
     scanner: watch::Receiver<Scanner>,
     mut ticks: mpsc::Receiver<()>,
@@ -318,7 +320,7 @@ async fn scan_loop(
                     if stalled <= stall_limit {
                         systemd::watchdog();
                     } else {
-                        tracing::error!(stalled_seconds = stalled.as_secs(), "scan made no progress for a lease; leaving the systemd watchdog to restart the daemon");
+                        tracing::error!(stalled_seconds = stalled.as_secs(), "scan made no progress for two leases; leaving the systemd watchdog to restart the daemon");
                     }
                 }
             }

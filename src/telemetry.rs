@@ -96,7 +96,7 @@ pub mod names {
 }
 
 /// The `outcome` values of `notify_requests_total`.
-pub const NOTIFY_OUTCOMES: [&str; 10] = [
+pub const NOTIFY_OUTCOMES: [&str; 11] = [
     "ok",
     "repeat",
     "sign_invalid",
@@ -104,6 +104,7 @@ pub const NOTIFY_OUTCOMES: [&str; 10] = [
     "unknown_order",
     "malformed",
     "too_large",
+    "timeout",
     "return_fail",
     "mismatch",
     "db_error",

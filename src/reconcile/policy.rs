@@ -285,19 +285,10 @@ pub fn decide_close(
         Ok(CloseAnswer::OrderPaid) => None,
         // Never given up: an expired order still open at WeChat can still be paid. It stays
         // in `expired_open_orders` until the close goes through.
-        Err(e) => {
-            let late = now >= order.created_at + policy.give_up_after;
-            let retry = if late { CLOSE_RETRY_LATE } else { CLOSE_RETRY };
-            let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
-            let at = now
-                + TimeDelta::milliseconds(
-                    (retry.num_milliseconds() as f64 * stretch).round() as i64
-                );
-            Some(Decision::Reschedule {
-                at,
-                note: Some(format!("closeorder: {e}")),
-            })
-        }
+        Err(e) => Some(Decision::Reschedule {
+            at: close_retry_at(order, now, jitter, policy),
+            note: Some(format!("closeorder: {e}")),
+        }),
     }
 }
 
@@ -337,12 +328,28 @@ fn settle(report: &TradeReport, to: OrderState) -> Decision {
     })
 }
 
+/// When to try closing an expired order again: [`CLOSE_RETRY`] later, [`CLOSE_RETRY_LATE`]
+/// once past the give-up horizon, stretched by up to [`MAX_JITTER`].
+fn close_retry_at(
+    order: &OrderView,
+    now: DateTime<Utc>,
+    jitter: f64,
+    policy: &Policy,
+) -> DateTime<Utc> {
+    let late = now >= order.created_at + policy.give_up_after;
+    let retry = if late { CLOSE_RETRY_LATE } else { CLOSE_RETRY };
+    let stretch = 1.0 + MAX_JITTER * jitter.clamp(0.0, 1.0);
+    now + TimeDelta::milliseconds((retry.num_milliseconds() as f64 * stretch).round() as i64)
+}
+
 /// When to ask next after the query being decided, or `None` to give up: the interval for this
 /// query's position in [`SCHEDULE_SECONDS`], stretched by up to [`MAX_JITTER`], at least
 /// [`SLOW_DOWN`] after a rate limit, never past `give_up_after`, and no later than the time
 /// to close the order (with `close_expired`), so expired orders close on time. Past the
 /// schedule or the horizon, an order still to be closed is visited once more, at its close
-/// time: polling stops, the close does not.
+/// time: polling stops, the close does not. An order already due to be closed (a close that
+/// answered ORDERPAID, then a query that settled nothing) is never given up: it comes back
+/// for another close, which leads to another query.
 pub fn next_query_at(
     order: &OrderView,
     now: DateTime<Utc>,
@@ -350,6 +357,9 @@ pub fn next_query_at(
     policy: &Policy,
     slow_down: bool,
 ) -> Option<DateTime<Utc>> {
+    if policy.close_at(order).is_some_and(|at| at <= now) {
+        return Some(close_retry_at(order, now, jitter, policy));
+    }
     let close_at = policy.close_at(order).filter(|at| *at > now);
     let polled = usize::try_from(order.query_count)
         .ok()
@@ -783,6 +793,34 @@ mod tests {
             matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == late + CLOSE_RETRY_LATE),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn a_paid_answer_to_a_close_is_never_given_up() {
+        // closeorder answered ORDERPAID; the query that follows fails (or says NOTPAY), past
+        // the horizon and past the schedule: the order comes back to be closed (and so queried)
+        // again, never given up.
+        let mut o = order(100);
+        o.query_count = MAX_QUERIES - 1;
+        let policy = Policy::default();
+        for now in [t0() + TimeDelta::hours(3), t0() + TimeDelta::hours(30)] {
+            for outcome in [Err(WxPayError::Timeout), report(TradeState::NotPay, None)] {
+                let d = decide(&o, &outcome, now, 0.0, &policy);
+                let retry = if now >= t0() + policy.give_up_after {
+                    CLOSE_RETRY_LATE
+                } else {
+                    CLOSE_RETRY
+                };
+                assert!(
+                    matches!(&d, Decision::Reschedule { at, .. } if *at == now + retry),
+                    "{now}: {d:?}"
+                );
+                assert!(
+                    policy.should_close(&o, now + retry),
+                    "the next visit closes"
+                );
+            }
+        }
     }
 
     #[test]

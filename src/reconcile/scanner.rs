@@ -125,9 +125,12 @@ impl Scanner {
     }
 
     /// How long a scan may go without progress (a claim, a finished order) before it counts as
-    /// stuck: one lease, after which anything it still writes is fenced off anyway.
+    /// stuck: two leases. After one, anything it still writes is fenced off anyway; the second
+    /// covers an order that waits for the rate limiter, closes, then queries, all at their
+    /// timeouts.
     pub fn stall_limit(&self) -> Duration {
-        self.inner
+        2 * self
+            .inner
             .settings
             .lease
             .to_std()

@@ -129,9 +129,11 @@ impl PgStore {
         let mut single: Vec<usize> = (0..writes.len())
             .filter(|i| !settles.contains(i) && !reschedules.contains(i))
             .collect();
-        // A group of one, or one naming an order twice (an `UPDATE … FROM` would apply only
-        // one of the two), goes statement by statement.
-        let bulk = |group: &[usize]| group.len() > 1 && distinct_orders(writes, group);
+        // A group of one goes statement by statement; so does every write of a batch that
+        // names an order twice (an `UPDATE … FROM` would apply only one of the two, and the
+        // writes must apply in their order, as on the other backends).
+        let distinct = distinct_orders(writes);
+        let bulk = |group: &[usize]| distinct && group.len() > 1;
         let mut mark = |group: &[usize], done: Vec<i64>| {
             for &i in group {
                 if done.contains(&writes[i].guard.order_id) {
@@ -161,10 +163,10 @@ impl PgStore {
     }
 }
 
-/// Whether no order appears twice among `group` (an `UPDATE … FROM` would apply only one).
-fn distinct_orders(writes: &[Write<'_>], group: &[usize]) -> bool {
-    let mut seen = HashSet::with_capacity(group.len());
-    group.iter().all(|&i| seen.insert(writes[i].guard.order_id))
+/// Whether no order appears twice among `writes`.
+fn distinct_orders(writes: &[Write<'_>]) -> bool {
+    let mut seen = HashSet::with_capacity(writes.len());
+    writes.iter().all(|w| seen.insert(w.guard.order_id))
 }
 
 /// Every guarded settlement of `group` and its event, in one statement.

@@ -48,12 +48,13 @@ async fn serve_notify_for(
     format!("http://{addr}{NOTIFY_PATH}")
 }
 
-/// Runs a scan whose query of `otn` takes 200 ms, and while that query is in flight the
+/// Runs a scan whose query of `otn` takes a second, and while that query is in flight the
 /// merchant's application moves the order from NOTPAY to `state` in its table; returns once the
 /// scan is done. Clears the latency again.
 async fn app_moves_the_order_during_a_scan(e: &Engine, otn: &str, state: &str) {
+    // Long enough for the UPDATE to land first on a loaded machine.
     e.sim
-        .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
+        .faults(json!({"endpoint": "orderquery", "latency_ms": 1000}))
         .await;
     let scan = {
         let scanner = e.scanner.clone();
@@ -256,8 +257,8 @@ async fn a_notification_body_that_never_arrives_is_cut_off() {
     let head = format!(
         "POST {NOTIFY_PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n<xml>"
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
     let started = std::time::Instant::now();
+    conn.write_all(head.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 512];
     let n = tokio::time::timeout(
         notify::BODY_DEADLINE + Duration::from_secs(5),
