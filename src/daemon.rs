@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
@@ -308,15 +308,19 @@ async fn scan_loop(
         // The latest settings (SIGHUP) apply from the next scan on.
         let current = scanner.borrow().clone();
         let stall_limit = current.stall_limit();
-        let last_progress = std::sync::Mutex::new(Instant::now());
-        let progress = || *lock(&last_progress) = Instant::now();
+        // Milliseconds from the scan's start to its latest progress.
+        let started = Instant::now();
+        let last_progress = AtomicU64::new(0);
+        let progress = || last_progress.store(millis(started.elapsed()), Ordering::Relaxed);
         let scan = current.scan(&stop, &progress);
         tokio::pin!(scan);
         let result = loop {
             tokio::select! {
                 result = &mut scan => break result,
                 _ = pet.tick() => {
-                    let stalled = lock(&last_progress).elapsed();
+                    let stalled = started.elapsed().saturating_sub(Duration::from_millis(
+                        last_progress.load(Ordering::Relaxed),
+                    ));
                     if stalled <= stall_limit {
                         systemd::watchdog();
                     } else {
@@ -350,9 +354,8 @@ async fn scan_loop(
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A plain timestamp: consistent even after a panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What the gauge loop needs to know.

@@ -120,15 +120,14 @@ impl PgStore {
     ) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut applied = vec![Applied::NoOp; writes.len()];
-        let settles: Vec<usize> = (0..writes.len())
-            .filter(|&i| matches!(writes[i].change, Change::Settle { .. }))
-            .collect();
-        let reschedules: Vec<usize> = (0..writes.len())
-            .filter(|&i| matches!(writes[i].change, Change::Reschedule { .. }))
-            .collect();
-        let mut single: Vec<usize> = (0..writes.len())
-            .filter(|i| !settles.contains(i) && !reschedules.contains(i))
-            .collect();
+        let (mut settles, mut reschedules, mut single) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, w) in writes.iter().enumerate() {
+            match w.change {
+                Change::Settle { .. } => settles.push(i),
+                Change::Reschedule { .. } => reschedules.push(i),
+                Change::GiveUp { .. } | Change::Anomaly { .. } => single.push(i),
+            }
+        }
         // A group of one goes statement by statement; so does every write of a batch that
         // names an order twice (an `UPDATE … FROM` would apply only one of the two, and the
         // writes must apply in their order, as on the other backends).
