@@ -14,6 +14,7 @@
 //! - [`config`]: the TOML file + environment overrides, validated up front.
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT, with a drain deadline.
 //! - [`telemetry`]: logging, and metrics counted where they are logged.
+//! - [`text`]: how much of an outside value a message, a log line or a stored note quotes.
 
 pub mod commands;
 pub mod config;
@@ -27,4 +28,5 @@ pub mod shutdown;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod wxpay;

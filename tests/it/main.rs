@@ -7,6 +7,7 @@ mod db;
 mod engine;
 mod fixtures;
 mod helpers;
+mod hostile;
 mod interop;
 mod lifecycle;
 mod simulator;
