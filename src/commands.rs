@@ -67,6 +67,14 @@ pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
     ))
 }
 
+/// How many set-aside orders `status` lists.
+const SET_ASIDE_SHOWN: u32 = 20;
+
+/// Text from the database for a terminal: control characters escaped, at most `max` characters.
+fn cell(s: &str, max: usize) -> String {
+    crate::text::note(s).chars().take(max).collect()
+}
+
 fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> String {
     span((now - t).num_seconds())
 }
@@ -99,7 +107,10 @@ pub async fn status(
     let counts = store.count_by_state().await?;
     let open = store.open_summary(&request).await?;
     let paid_after_close = store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?;
-    let oldest_rows = store.oldest_open(oldest).await?;
+    let oldest_read = store.oldest_open(oldest).await?;
+    let oldest_rows: Vec<&OrderRow> = oldest_read.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let unreadable: Vec<_> = oldest_read.iter().filter_map(|r| r.as_ref().err()).collect();
+    let set_aside = store.set_aside_orders(SET_ASIDE_SHOWN).await?;
     let count_of = |s: OrderState| {
         counts
             .iter()
@@ -131,6 +142,20 @@ pub async fn status(
                 "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
                 "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
                 "last_error": r.last_error,
+            })).collect::<Vec<_>>(),
+            "unreadable_open": unreadable.iter().map(|u| json!({
+                "id": u.id,
+                "mch_id": u.mch_id,
+                "out_trade_no": u.out_trade_no,
+                "reason": u.reason,
+            })).collect::<Vec<_>>(),
+            "set_aside": set_aside.iter().map(|a| json!({
+                "id": a.id,
+                "mch_id": a.mch_id,
+                "out_trade_no": a.out_trade_no,
+                "state": a.state,
+                "set_aside_at": a.set_aside_at.map(|t| t.to_rfc3339()),
+                "reason": a.reason,
             })).collect::<Vec<_>>(),
             "paid_after_close": paid_after_close.iter().map(|e| json!({
                 "mch_id": e.mch_id,
@@ -200,37 +225,67 @@ pub async fn status(
             );
         }
     }
+    if !set_aside.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nSET ASIDE: a value in the row cannot be used; fix it, then clear set_aside_at (latest {})",
+            set_aside.len()
+        );
+        let _ = writeln!(
+            out,
+            "  {:>10} {:<12} {:<32} {:<10} {:<10}  REASON",
+            "ID", "MCH_ID", "OUT_TRADE_NO", "STATE", "SINCE"
+        );
+        for a in &set_aside {
+            let _ = writeln!(
+                out,
+                "  {:>10} {:<12} {:<32} {:<10} {:<10}  {}",
+                a.id,
+                cell(&a.mch_id, 12),
+                cell(&a.out_trade_no, 32),
+                cell(&a.state, 10),
+                a.set_aside_at.map(|t| age(now, t)).unwrap_or_default(),
+                cell(a.reason.as_deref().unwrap_or(""), 120)
+            );
+        }
+    }
     let _ = writeln!(out, "\nOldest open orders");
     let _ = writeln!(
         out,
         "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  LAST ERROR",
         "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "AGE", "QUERIES", "NEXT"
     );
-    if oldest_rows.is_empty() {
+    if oldest_read.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
+    for u in &unreadable {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<32} unreadable row (id {}): {}",
+            cell(u.mch_id.as_deref().unwrap_or("?"), 12),
+            cell(u.out_trade_no.as_deref().unwrap_or("?"), 32),
+            u.id,
+            cell(&u.reason, 120)
+        );
+    }
     for r in &oldest_rows {
-        let next = match (r.gave_up_at, r.next_query_at) {
-            (Some(_), _) => "gave up".to_owned(),
-            (None, Some(t)) if t > now => format!("in {}", span((t - now).num_seconds())),
+        let next = match (r.set_aside_at, r.gave_up_at, r.next_query_at) {
+            (Some(_), _, _) => "set aside".to_owned(),
+            (None, Some(_), _) => "gave up".to_owned(),
+            (None, None, Some(t)) if t > now => format!("in {}", span((t - now).num_seconds())),
             _ => "due".to_owned(),
         };
         let _ = writeln!(
             out,
             "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  {}",
-            r.mch_id,
-            r.out_trade_no,
+            cell(&r.mch_id, 12),
+            cell(&r.out_trade_no, 32),
             r.state.as_str(),
             r.total_fee,
             age(now, r.created_at),
             r.query_count,
             next,
-            r.last_error
-                .as_deref()
-                .unwrap_or("")
-                .chars()
-                .take(60)
-                .collect::<String>()
+            cell(r.last_error.as_deref().unwrap_or(""), 60)
         );
     }
     Ok(out)

@@ -164,6 +164,14 @@ text_id!(
     |b| b.is_ascii_alphanumeric()
 );
 
+text_id!(
+    /// A currency (`fee_type`): ISO 4217 letters as WeChat writes them (`CNY`, `USD`, …).
+    Currency,
+    "fee_type",
+    16,
+    |b| b.is_ascii_uppercase()
+);
+
 /// How WeChat Pay v2 messages are signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 pub enum SignType {

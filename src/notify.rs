@@ -187,6 +187,23 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
             );
         }
     };
+    if let Some(appid) = &report.appid
+        && appid.as_str() != row.appid
+    {
+        // Verified, but the order was registered for another app: never applied to it.
+        app.telemetry.notify_refused(
+            Some(&mch_id),
+            "mismatch",
+            &format!(
+                "order {out_trade_no} has appid {}, the notification {appid}",
+                crate::text::quote(&row.appid)
+            ),
+        );
+        return (
+            Some(mch_id),
+            Answer::fail(StatusCode::OK, "mismatch", "invalid notification"),
+        );
+    }
     let settler = Settler {
         store: &app.store,
         telemetry: &app.telemetry,

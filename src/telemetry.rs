@@ -383,6 +383,26 @@ impl Telemetry {
         self.with(|| counter!(names::GAVE_UP, "mch_id" => m).increment(1));
     }
 
+    /// An order set aside: a value in its row cannot be used, so it is neither queried nor
+    /// settled until a person fixes it. Counted by the `set_aside_orders` gauge (from the
+    /// database, so it survives restarts); the names come from the merchant's table and are
+    /// quoted.
+    pub fn set_aside(
+        &self,
+        mch_id: Option<&str>,
+        out_trade_no: Option<&str>,
+        order_id: i64,
+        reason: &str,
+    ) {
+        tracing::warn!(
+            mch_id = %crate::text::quote(mch_id.unwrap_or("?")),
+            out_trade_no = %crate::text::quote(out_trade_no.unwrap_or("?")),
+            order_id,
+            reason = %crate::text::quote_with(reason, 300),
+            "order set aside: a value in its row cannot be used; fix the row, then clear set_aside_at"
+        );
+    }
+
     pub fn scan_finished(&self, elapsed: Duration, claimed: usize, completed_at_unix: f64) {
         tracing::debug!(
             claimed,

@@ -101,6 +101,10 @@ impl Policy {
 pub struct OrderView {
     pub state: OrderState,
     pub total_fee: Fen,
+    /// The order's currency: a payment in another one is not this order's amount.
+    pub fee_type: String,
+    /// The order's own appid: a report from another appid is not about this order.
+    pub appid: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     /// Queries made before the one being decided.
@@ -162,6 +166,16 @@ pub fn decide(
             ),
         },
     };
+    if let Ok(QueryAnswer::Order(report)) = outcome
+        && let Some(other) = foreign_appid(order, report)
+    {
+        // Verified, but about a payment to another app: never settles this order.
+        return if order.state.is_open() {
+            again(Some(other), false)
+        } else {
+            Decision::Nothing { reason: other }
+        };
+    }
     if !order.state.is_open() {
         return decide_settled(order, outcome);
     }
@@ -220,7 +234,7 @@ fn decide_settled(order: &OrderView, outcome: &Result<QueryAnswer, WxPayError>) 
         Err(e) => return nothing(format!("order is {}; {e}", order.state)),
     };
     let paid = matches!(report.trade_state, TradeState::Success | TradeState::Refund);
-    let exact = report.total_fee == Some(order.total_fee);
+    let exact = report.total_fee == Some(order.total_fee) && currency(report) == order.fee_type;
     let reported = || Settlement {
         to: order.state,
         transaction_id: report.transaction_id.clone(),
@@ -292,7 +306,25 @@ pub fn decide_close(
     }
 }
 
-/// A paid report: the amount decides between the reported state and quarantine.
+/// The currency of a report: WeChat leaves `fee_type` out for CNY.
+fn currency(report: &TradeReport) -> &str {
+    report.fee_type.as_ref().map_or("CNY", |c| c.as_str())
+}
+
+/// Why a report is about another app than the order's (`None` when it is the order's, or says
+/// no appid, as a payment notification may not).
+fn foreign_appid(order: &OrderView, report: &TradeReport) -> Option<String> {
+    let appid = report.appid.as_ref()?;
+    (appid.as_str() != order.appid).then(|| {
+        format!(
+            "WeChat's report is for appid {appid}, the order's appid is {}",
+            crate::text::quote(&order.appid)
+        )
+    })
+}
+
+/// A paid report: the amount and its currency decide between the reported state and
+/// quarantine.
 fn paid(order: &OrderView, report: &TradeReport, to: OrderState) -> Decision {
     let settlement = |to, detail| Settlement {
         to,
@@ -301,6 +333,16 @@ fn paid(order: &OrderView, report: &TradeReport, to: OrderState) -> Decision {
         reported_fee: report.total_fee,
         detail,
     };
+    let currency = currency(report);
+    if currency != order.fee_type {
+        return Decision::Quarantine(settlement(
+            OrderState::AmountMismatch,
+            Some(format!(
+                "WeChat reports {to} in {currency}, the order is in {}",
+                crate::text::quote(&order.fee_type)
+            )),
+        ));
+    }
     match report.total_fee {
         Some(fee) if fee == order.total_fee => Decision::Settle(settlement(to, None)),
         Some(fee) => Decision::Quarantine(settlement(
@@ -401,6 +443,8 @@ mod tests {
         OrderView {
             state: OrderState::NotPay,
             total_fee: Fen::new(fee).unwrap(),
+            fee_type: "CNY".into(),
+            appid: "wxd930ea5d5a258f4f".into(),
             created_at: t0(),
             expires_at: None,
             query_count: 0,
@@ -417,6 +461,8 @@ mod tests {
             total_fee: fee.map(|f| Fen::new(f).unwrap()),
             cash_fee: None,
             time_end: paid.then(|| t0() + TimeDelta::seconds(5)),
+            fee_type: None,
+            appid: None,
         }))
     }
 

@@ -19,7 +19,8 @@ use super::policy::{self, OrderView, Policy};
 use super::settle::{self, Report, Settler, Verdict};
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::store::{
-    Applied, Backend, Change, ClaimRequest, ClaimedOrder, Guard, OrderRow, Store, StoreError, Write,
+    Applied, Backend, Change, ClaimRequest, Claimed, Guard, OrderRow, Store,
+    StoreError, UnreadableOrder, Write,
 };
 use crate::telemetry::Telemetry;
 use crate::wxpay::{
@@ -58,6 +59,8 @@ pub struct ScanReport {
     pub rescheduled: usize,
     pub noop: usize,
     pub abandoned: usize,
+    /// Orders set aside: a value in their row cannot be used.
+    pub set_aside: usize,
 }
 
 /// Claims, queries, decides and applies. Cheap to clone.
@@ -91,6 +94,7 @@ pub enum Processed {
     Rescheduled,
     NoOp,
     Abandoned,
+    SetAside,
 }
 
 impl Scanner {
@@ -235,10 +239,10 @@ impl Scanner {
         Ok(report)
     }
 
-    /// Queries one claimed order and applies the decision.
+    /// Queries one claimed order and applies the decision; sets aside a row it cannot use.
     async fn process(
         &self,
-        order: ClaimedOrder,
+        claimed: Claimed,
         stop: &CancellationToken,
         writes: &mpsc::Sender<WriteRequest>,
     ) -> Result<Processed, StoreError> {
@@ -246,6 +250,10 @@ impl Scanner {
         if stop.is_cancelled() {
             return Ok(Processed::Abandoned);
         }
+        let order = match claimed {
+            Claimed::Order(order) => order,
+            Claimed::Unreadable(row) => return self.set_aside(&row).await,
+        };
         let row = &order.row;
         let Some(merchant) = inner.merchants.get(&row.mch_id) else {
             // Not ours to query: look again later, in case the configuration gains it.
@@ -256,17 +264,19 @@ impl Scanner {
             tracing::warn!(mch_id = %row.mch_id, out_trade_no = %row.out_trade_no, "order of an unconfigured merchant");
             return self.write(row, order.guard(), change, writes).await;
         };
-        let Ok(out_trade_no) = OutTradeNo::parse(&row.out_trade_no) else {
-            let change = Change::GiveUp {
-                reason: format!(
-                    "out_trade_no {:?} is not one WeChat accepts",
-                    row.out_trade_no
-                ),
-            };
-            inner
-                .telemetry
-                .gave_up(&row.mch_id, &row.out_trade_no, "invalid out_trade_no");
-            return self.write(row, order.guard(), change, writes).await;
+        let out_trade_no = match usable(row, merchant) {
+            Ok(out_trade_no) => out_trade_no,
+            Err(reason) => {
+                return self
+                    .set_aside(&UnreadableOrder {
+                        id: row.id,
+                        lease: Some(order.lease),
+                        mch_id: Some(row.mch_id.clone()),
+                        out_trade_no: Some(row.out_trade_no.clone()),
+                        reason,
+                    })
+                    .await;
+            }
         };
 
         let policy = &inner.settings.policy;
@@ -360,6 +370,25 @@ impl Scanner {
             Verdict::StillOpen => Processed::Rescheduled,
             Verdict::Unchanged { .. } | Verdict::LeaseLost => Processed::NoOp,
         })
+    }
+
+    /// Sets a claimed order aside under its lease (a person must fix its row), and says so.
+    async fn set_aside(&self, row: &UnreadableOrder) -> Result<Processed, StoreError> {
+        let inner = &self.inner;
+        let applied = inner
+            .store
+            .set_aside(row.id, row.lease, &row.reason, Utc::now())
+            .await?;
+        if applied == Applied::NoOp {
+            return Ok(Processed::NoOp);
+        }
+        inner.telemetry.set_aside(
+            row.mch_id.as_deref(),
+            row.out_trade_no.as_deref(),
+            row.id,
+            &row.reason,
+        );
+        Ok(Processed::SetAside)
     }
 
     /// Writes a change through the scan's writer, counting a give-up.
@@ -528,6 +557,7 @@ fn tally(
         Ok(Ok(Processed::Rescheduled)) => report.rescheduled += 1,
         Ok(Ok(Processed::NoOp)) => report.noop += 1,
         Ok(Ok(Processed::Abandoned)) => report.abandoned += 1,
+        Ok(Ok(Processed::SetAside)) => report.set_aside += 1,
         Ok(Err(e)) => {
             telemetry.db_error("apply", &e);
             report.abandoned += 1;
@@ -577,12 +607,34 @@ pub fn report_applied(
     }
 }
 
+/// Whether a claimed order can be asked about: its out_trade_no is one WeChat accepts, its
+/// appid is its merchant's, its amount is a payable one. Otherwise why not (it is set aside:
+/// no query could settle it, and a report for another appid must never settle it).
+fn usable(row: &OrderRow, merchant: &Merchant) -> Result<OutTradeNo, String> {
+    let out_trade_no = OutTradeNo::parse(&row.out_trade_no)
+        .map_err(|e| format!("out_trade_no is not one WeChat accepts: {e}"))?;
+    if row.appid != merchant.appid.as_str() {
+        return Err(format!(
+            "appid {} is not the appid configured for merchant {} ({})",
+            crate::text::quote(&row.appid),
+            merchant.mch_id,
+            merchant.appid
+        ));
+    }
+    if Fen::new(row.total_fee).is_err() {
+        return Err(format!("total_fee {} is not a payable amount", row.total_fee));
+    }
+    Ok(out_trade_no)
+}
+
 /// The policy's view of a stored order.
 pub fn order_view(row: &OrderRow) -> OrderView {
     OrderView {
         state: row.state,
-        // The schema refuses amounts below 1.
+        // The schema refuses amounts below 1 (and the scan sets such a row aside).
         total_fee: Fen::new(row.total_fee).unwrap_or(Fen::ZERO),
+        fee_type: row.fee_type.clone(),
+        appid: row.appid.clone(),
         created_at: row.created_at,
         expires_at: row.expires_at,
         query_count: u32::try_from(row.query_count).unwrap_or(u32::MAX),

@@ -168,6 +168,81 @@ pub struct ClaimedOrder {
     pub lease: i64,
 }
 
+/// One claimed row: an order, or a row holding a value this program cannot read (which the
+/// scan sets aside; its batch-mates go on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    Order(ClaimedOrder),
+    Unreadable(UnreadableOrder),
+}
+
+impl Claimed {
+    /// The order, when the row could be read.
+    pub fn into_order(self) -> Option<ClaimedOrder> {
+        match self {
+            Claimed::Order(o) => Some(o),
+            Claimed::Unreadable(_) => None,
+        }
+    }
+}
+
+/// A row of `wxpay_orders` that could not be decoded: what is known of it, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableOrder {
+    pub id: i64,
+    /// The claim's lease, for a claimed row.
+    pub lease: Option<i64>,
+    pub mch_id: Option<String>,
+    pub out_trade_no: Option<String>,
+    /// Bounded ([`crate::text::note`]).
+    pub reason: String,
+}
+
+impl UnreadableOrder {
+    /// What can be read of a row whose full decode failed with `error`.
+    pub(crate) fn of<R: sqlx::Row>(r: &R, lease: Option<i64>, error: &StoreError) -> UnreadableOrder
+    where
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+        i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        // The id decodes whenever the query ran (an integer primary key); the two names are
+        // only for the log and `status`, so a row that lacks them is still set aside.
+        UnreadableOrder {
+            id: r.try_get("id").unwrap_or(-1),
+            lease,
+            mch_id: r.try_get("mch_id").map(|m: String| crate::text::note(&m)).ok(),
+            out_trade_no: r
+                .try_get("out_trade_no")
+                .map(|m: String| crate::text::note(&m))
+                .ok(),
+            reason: crate::text::note(&error.to_string()),
+        }
+    }
+}
+
+/// A row read by a listing (`status`): an order, or what can be read of an unreadable one.
+pub type OrderRead = Result<OrderRow, UnreadableOrder>;
+
+/// An order set aside, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAsideRow {
+    pub id: i64,
+    pub mch_id: String,
+    pub out_trade_no: String,
+    pub state: String,
+    pub set_aside_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+}
+
+/// Orders needing a person, per merchant: quarantined (`AMOUNT_MISMATCH`) and set aside.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attention {
+    pub mch_id: String,
+    pub amount_mismatch: i64,
+    pub set_aside: i64,
+}
+
 /// One row of `wxpay_orders`, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderRow {
@@ -186,6 +261,11 @@ pub struct OrderRow {
     pub last_queried_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub gave_up_at: Option<DateTime<Utc>>,
+    /// The order's currency (`CNY` unless the application set another).
+    pub fee_type: String,
+    /// Set when the daemon set the order aside (a value in its row it cannot use).
+    pub set_aside_at: Option<DateTime<Utc>>,
+    pub set_aside_reason: Option<String>,
 }
 
 /// One row of `wxpay_order_events`.
@@ -374,9 +454,34 @@ impl Store {
         dispatch!(self, s => s.ping().await)
     }
 
-    /// Claims due orders (see the module documentation).
-    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+    /// Claims due orders (see the module documentation). Each row is decoded on its own: an
+    /// unreadable one comes back as [`Claimed::Unreadable`], leased like the others.
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
         dispatch!(self, s => s.claim_due(req).await)
+    }
+
+    /// Sets an open order aside: it keeps its state and is no longer queried (`gave_up_at`
+    /// too, so the scan's indexes leave it out) until a person clears `set_aside_at`. Guarded
+    /// by the claim's lease when there is one; `reason` is bounded here.
+    pub async fn set_aside(
+        &self,
+        id: i64,
+        lease: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let reason = crate::text::note(reason);
+        dispatch!(self, s => s.set_aside(id, lease, &reason, now).await)
+    }
+
+    /// Quarantined and set-aside orders per merchant (the gauges of orders needing a person).
+    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
+        dispatch!(self, s => s.attention().await)
+    }
+
+    /// The orders set aside, latest first.
+    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
+        dispatch!(self, s => s.set_aside_orders(limit).await)
     }
 
     /// Applies one guarded change; `now` stamps it.
@@ -418,8 +523,8 @@ impl Store {
         dispatch!(self, s => s.count_by_state().await)
     }
 
-    /// The oldest open orders.
-    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRow>, StoreError> {
+    /// The oldest open orders; an unreadable one is listed as such.
+    pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRead>, StoreError> {
         let sql = reads::oldest_open();
         dispatch!(self, s => s.orders(&sql, &[Arg::Int(i64::from(limit))]).await)
     }
@@ -431,15 +536,15 @@ impl Store {
         out_trade_no: &str,
     ) -> Result<Option<OrderRow>, StoreError> {
         let sql = reads::find_of_merchant();
-        let mut rows = dispatch!(self, s => s.orders(&sql, &[Arg::Text(mch_id), Arg::Text(out_trade_no)]).await)?;
-        Ok(rows.pop())
+        let rows = dispatch!(self, s => s.orders(&sql, &[Arg::Text(mch_id), Arg::Text(out_trade_no)]).await)?;
+        Ok(readable(rows)?.pop())
     }
 
     /// One order by id.
     pub async fn order(&self, id: i64) -> Result<Option<OrderRow>, StoreError> {
         let sql = reads::by_id();
-        let mut rows = dispatch!(self, s => s.orders(&sql, &[Arg::Int(id)]).await)?;
-        Ok(rows.pop())
+        let rows = dispatch!(self, s => s.orders(&sql, &[Arg::Int(id)]).await)?;
+        Ok(readable(rows)?.pop())
     }
 
     /// The latest `PAID_AFTER_CLOSE` events, newest first: payments the merchant must refund
@@ -452,7 +557,7 @@ impl Store {
     /// Orders with this out_trade_no (one per merchant at most).
     pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
         let sql = reads::find();
-        dispatch!(self, s => s.orders(&sql, &[Arg::Text(out_trade_no)]).await)
+        readable(dispatch!(self, s => s.orders(&sql, &[Arg::Text(out_trade_no)]).await)?)
     }
 
     /// The events of one order, oldest first.
@@ -483,6 +588,18 @@ pub struct NewOrder<'a> {
     pub total_fee: i64,
 }
 
+/// The rows, or the error of the first one that cannot be read.
+fn readable(rows: Vec<OrderRead>) -> Result<Vec<OrderRow>, StoreError> {
+    rows.into_iter()
+        .map(|r| {
+            r.map_err(|u| StoreError::BadRow {
+                table: "wxpay_orders",
+                reason: format!("order {}: {}", u.id, u.reason),
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, StoreError> {
     OrderState::from_str(s).map_err(|e| StoreError::BadRow {
         table,
@@ -493,7 +610,7 @@ pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, St
 /// The columns every order read returns, in `OrderRow`'s order.
 pub(crate) const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, \
     transaction_id, paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, \
-    last_error, gave_up_at";
+    last_error, gave_up_at, fee_type, set_aside_at, set_aside_reason";
 
 /// The columns every event read returns, in `EventRow`'s order.
 pub(crate) const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, \
@@ -569,14 +686,17 @@ pub(crate) fn numbered(sql: &str) -> String {
 /// The SQL list of open states, for statements (`'NOTPAY', 'USERPAYING'`).
 pub(crate) const OPEN_STATES_SQL: &str = "'NOTPAY', 'USERPAYING'";
 
-/// The detail recorded with the event and in `last_error`.
-pub(crate) fn change_note(change: &Change) -> Option<&str> {
-    match change {
+/// The detail recorded with the event and in `last_error`, bounded to what every backend's
+/// column holds ([`crate::text::note`]): WeChat's descriptions and error texts are outside
+/// input of any length.
+pub(crate) fn change_note(change: &Change) -> Option<String> {
+    let note = match change {
         Change::Settle { settlement, .. } => settlement.detail.as_deref(),
         Change::Reschedule { note, .. } => note.as_deref(),
-        Change::GiveUp { reason } => Some(reason),
+        Change::GiveUp { reason } => Some(reason.as_str()),
         Change::Anomaly { report, .. } => report.detail.as_deref(),
-    }
+    };
+    note.map(crate::text::note)
 }
 
 #[cfg(test)]

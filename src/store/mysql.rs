@@ -12,9 +12,10 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 // only; values are always bound parameters.
 
 use super::{
-    Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
-    change_note, parse_state,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
+    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
+    SetAsideRow,
+    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -96,7 +97,7 @@ impl MySqlStore {
         Ok(())
     }
 
-    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let limit = i64::from(req.limit);
         // One range per open state, each read in index order: InnoDB then locks only the rows it
@@ -104,32 +105,30 @@ impl MySqlStore {
         let mut first: Vec<(i64, DateTime<Utc>)> = Vec::new();
         let mut next: Vec<(i64, DateTime<Utc>)> = Vec::new();
         for state in OrderState::OPEN {
-            first.extend(
-                sqlx::query_as::<_, (i64, DateTime<Utc>)>(
-                    "SELECT id, created_at FROM wxpay_orders
-                     WHERE state = ? AND gave_up_at IS NULL AND next_query_at IS NULL
-                       AND created_at <= ?
-                     ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
-                )
-                .bind(state.as_str())
-                .bind(req.now - req.grace)
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?,
-            );
-            next.extend(
-                sqlx::query_as::<_, (i64, DateTime<Utc>)>(
-                    "SELECT id, next_query_at FROM wxpay_orders
-                     WHERE state = ? AND gave_up_at IS NULL
-                       AND next_query_at IS NOT NULL AND next_query_at <= ?
-                     ORDER BY next_query_at LIMIT ? FOR UPDATE SKIP LOCKED",
-                )
-                .bind(state.as_str())
-                .bind(req.now)
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?,
-            );
+            let rows = sqlx::query(
+                "SELECT id, created_at AS due FROM wxpay_orders
+                 WHERE state = ? AND gave_up_at IS NULL AND next_query_at IS NULL
+                   AND created_at <= ?
+                 ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            )
+            .bind(state.as_str())
+            .bind(req.now - req.grace)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            first.extend(rows.iter().map(due_of).collect::<Result<Vec<_>, _>>()?);
+            let rows = sqlx::query(
+                "SELECT id, next_query_at AS due FROM wxpay_orders
+                 WHERE state = ? AND gave_up_at IS NULL
+                   AND next_query_at IS NOT NULL AND next_query_at <= ?
+                 ORDER BY next_query_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            )
+            .bind(state.as_str())
+            .bind(req.now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            next.extend(rows.iter().map(due_of).collect::<Result<Vec<_>, _>>()?);
         }
         // Most overdue first, as on the other backends.
         let mut due: Vec<(DateTime<Utc>, i64)> = first
@@ -164,11 +163,85 @@ impl MySqlStore {
         }
         let rows = select.fetch_all(&mut *tx).await?;
         tx.commit().await?;
+        rows.iter().map(claimed).collect()
+    }
+
+    pub async fn set_aside(
+        &self,
+        id: i64,
+        lease: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let done = sqlx::query(
+            "UPDATE wxpay_orders SET set_aside_at = ?, set_aside_reason = ?, gave_up_at = ?,
+                last_error = ?, updated_at = ?
+             WHERE id = ? AND (? IS NULL OR lease = ?) AND state IN ('NOTPAY', 'USERPAYING')
+               AND set_aside_at IS NULL",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(now)
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .bind(lease)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 0 {
+            Applied::NoOp
+        } else {
+            Applied::Done
+        })
+    }
+
+    /// Two ranges of two indexes (MySQL has no partial ones): the AMOUNT_MISMATCH range of
+    /// `wxpay_orders_open` and the non-NULL range of `wxpay_orders_set_aside`.
+    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mch_id, CAST(SUM(mismatched) AS SIGNED) AS mismatched,
+                    CAST(SUM(set_aside) AS SIGNED) AS set_aside FROM (
+                SELECT mch_id, COUNT(*) AS mismatched, 0 AS set_aside FROM wxpay_orders
+                WHERE state = 'AMOUNT_MISMATCH' GROUP BY mch_id
+                UNION ALL
+                SELECT mch_id, 0, COUNT(*) FROM wxpay_orders
+                WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+                GROUP BY mch_id
+             ) a GROUP BY mch_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
-                Ok(ClaimedOrder {
-                    lease: r.try_get("lease")?,
-                    row: order_row(r)?,
+                Ok(Attention {
+                    mch_id: r.try_get("mch_id")?,
+                    amount_mismatch: r.try_get("mismatched")?,
+                    set_aside: r.try_get("set_aside")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mch_id, out_trade_no, state, set_aside_at, set_aside_reason
+             FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+             ORDER BY set_aside_at DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SetAsideRow {
+                    id: r.try_get("id")?,
+                    mch_id: r.try_get("mch_id")?,
+                    out_trade_no: r.try_get("out_trade_no")?,
+                    state: r.try_get("state")?,
+                    // Written by the daemon; shown as missing rather than failing `status`.
+                    set_aside_at: r.try_get("set_aside_at").unwrap_or(None),
+                    reason: r.try_get("set_aside_reason")?,
                 })
             })
             .collect()
@@ -211,7 +284,8 @@ impl MySqlStore {
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
                     expired: r.try_get("expired")?,
-                    oldest_created_at: r.try_get("oldest")?,
+                    // A zero date is no age to show.
+                    oldest_created_at: r.try_get("oldest").unwrap_or(None),
                 })
             })
             .collect()
@@ -234,7 +308,7 @@ impl MySqlStore {
         &self,
         sql: &str,
         args: &[Arg<'_>],
-    ) -> Result<Vec<OrderRow>, StoreError> {
+    ) -> Result<Vec<OrderRead>, StoreError> {
         let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
         for a in args {
             q = match a {
@@ -243,7 +317,10 @@ impl MySqlStore {
             };
         }
         let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(order_row).collect()
+        Ok(rows
+            .iter()
+            .map(|r| order_row(r).map_err(|e| UnreadableOrder::of(r, None, &e)))
+            .collect())
     }
 
     /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
@@ -285,6 +362,7 @@ async fn apply_one(
     now: DateTime<Utc>,
 ) -> Result<Applied, StoreError> {
     let note = change_note(change);
+    let note = note.as_deref();
     // `lease <=> ?` is NULL-safe: a write without a lease (manual, notify) passes NULL and the
     // `? IS NULL` arm admits it.
     let updated = match change {
@@ -469,6 +547,25 @@ fn supported_version(version: &str) -> Result<(), String> {
     }
 }
 
+/// The id and due time of a due row. A due time that does not decode (a zero date, which a
+/// lax `sql_mode` lets in) sorts first: the row is claimed, then set aside, and never blocks
+/// the claim of the others.
+fn due_of(r: &MySqlRow) -> Result<(i64, DateTime<Utc>), StoreError> {
+    Ok((
+        r.try_get("id")?,
+        r.try_get("due").unwrap_or(DateTime::<Utc>::MIN_UTC),
+    ))
+}
+
+/// A claimed row, decoded on its own: an unreadable one is still leased and comes back as such.
+fn claimed(r: &MySqlRow) -> Result<Claimed, StoreError> {
+    let lease: i64 = r.try_get("lease")?;
+    Ok(match order_row(r) {
+        Ok(row) => Claimed::Order(ClaimedOrder { row, lease }),
+        Err(e) => Claimed::Unreadable(UnreadableOrder::of(r, Some(lease), &e)),
+    })
+}
+
 fn order_row(r: &MySqlRow) -> Result<OrderRow, StoreError> {
     let state: String = r.try_get("state")?;
     Ok(OrderRow {
@@ -487,6 +584,9 @@ fn order_row(r: &MySqlRow) -> Result<OrderRow, StoreError> {
         last_queried_at: r.try_get("last_queried_at")?,
         last_error: r.try_get("last_error")?,
         gave_up_at: r.try_get("gave_up_at")?,
+        fee_type: r.try_get("fee_type")?,
+        set_aside_at: r.try_get("set_aside_at")?,
+        set_aside_reason: r.try_get("set_aside_reason")?,
     })
 }
 

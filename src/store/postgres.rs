@@ -3,21 +3,127 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{
+    PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueFormat, PgValueRef,
+    Postgres,
+};
+use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 
 // Every dynamic statement below is built from this module's constants only; values are always
 // bound parameters.
 
 use super::{
-    Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
-    change_note, numbered, parse_state,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
+    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
+    SetAsideRow, StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered,
+    parse_state,
 };
 use crate::domain::OrderState;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// A `TIMESTAMPTZ` as stored. sqlx's own chrono conversion panics on `infinity`, `-infinity`
+/// and years chrono cannot hold, all of which the merchant's application may write; this one
+/// never does: every value is decoded into one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgTime {
+    At(DateTime<Utc>),
+    Infinity,
+    MinusInfinity,
+    /// A finite time outside chrono's range (PostgreSQL goes to the year 294276).
+    OutOfRange,
+}
+
+impl PgTime {
+    /// From PostgreSQL's binary form: microseconds since 2000-01-01 UTC, `i64::MAX` and
+    /// `i64::MIN` for the infinities.
+    pub fn from_micros(us: i64) -> PgTime {
+        const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
+        match us {
+            i64::MAX => PgTime::Infinity,
+            i64::MIN => PgTime::MinusInfinity,
+            us => DateTime::from_timestamp(PG_EPOCH_UNIX_SECONDS, 0)
+                .and_then(|epoch| epoch.checked_add_signed(TimeDelta::microseconds(us)))
+                .map_or(PgTime::OutOfRange, PgTime::At),
+        }
+    }
+
+    /// From PostgreSQL's binary form as bytes (the fuzz target feeds arbitrary ones).
+    pub fn from_binary(bytes: &[u8]) -> Result<PgTime, String> {
+        let raw: [u8; 8] = bytes
+            .try_into()
+            .map_err(|_| format!("a timestamp is 8 bytes, not {}", bytes.len()))?;
+        Ok(PgTime::from_micros(i64::from_be_bytes(raw)))
+    }
+
+    fn from_text(s: &str) -> PgTime {
+        match s {
+            "infinity" => PgTime::Infinity,
+            "-infinity" => PgTime::MinusInfinity,
+            _ => DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z")
+                .map_or(PgTime::OutOfRange, |t| PgTime::At(t.to_utc())),
+        }
+    }
+
+    /// A time every column needs; the infinities and out-of-range years are errors.
+    fn finite(self, column: &str) -> Result<DateTime<Utc>, StoreError> {
+        match self {
+            PgTime::At(t) => Ok(t),
+            other => Err(StoreError::BadRow {
+                table: "wxpay_orders",
+                reason: format!("{column} is {}", other.describe()),
+            }),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            PgTime::At(_) => "a time",
+            PgTime::Infinity => "'infinity'",
+            PgTime::MinusInfinity => "'-infinity'",
+            PgTime::OutOfRange => "a time outside the years this program can hold",
+        }
+    }
+}
+
+impl sqlx::Type<Postgres> for PgTime {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for PgTime {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(match value.format() {
+            PgValueFormat::Binary => PgTime::from_binary(value.as_bytes()?)?,
+            PgValueFormat::Text => PgTime::from_text(value.as_str()?),
+        })
+    }
+}
+
+fn ts(r: &PgRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
+    r.try_get::<PgTime, _>(column)?.finite(column)
+}
+
+fn opt_ts(r: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    r.try_get::<Option<PgTime>, _>(column)?
+        .map(|t| t.finite(column))
+        .transpose()
+}
+
+/// `expires_at`: `infinity` is PostgreSQL's "never", so no expiry; `-infinity` means nothing.
+fn expiry(r: &PgRow) -> Result<Option<DateTime<Utc>>, StoreError> {
+    match r.try_get::<Option<PgTime>, _>("expires_at")? {
+        None | Some(PgTime::Infinity) => Ok(None),
+        Some(t) => t.finite("expires_at").map(Some),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -66,7 +172,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
         let sql = format!(
             "WITH first_due AS (
                 SELECT id, created_at + $5 * INTERVAL '1 millisecond' AS due FROM wxpay_orders
@@ -99,11 +205,76 @@ impl PgStore {
             .bind(req.grace.num_milliseconds() as f64)
             .fetch_all(&self.pool)
             .await?;
+        rows.iter().map(claimed).collect()
+    }
+
+    pub async fn set_aside(
+        &self,
+        id: i64,
+        lease: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE wxpay_orders SET set_aside_at = $1, set_aside_reason = $2, gave_up_at = $1,
+                last_error = $2, updated_at = $1
+             WHERE id = $3 AND ($4::BIGINT IS NULL OR lease = $4) AND state IN ({OPEN_STATES_SQL})
+               AND set_aside_at IS NULL"
+        )))
+        .bind(now)
+        .bind(reason)
+        .bind(id)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 0 {
+            Applied::NoOp
+        } else {
+            Applied::Done
+        })
+    }
+
+    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mch_id,
+                    COUNT(*) FILTER (WHERE state = 'AMOUNT_MISMATCH') AS mismatched,
+                    COUNT(*) FILTER (WHERE set_aside_at IS NOT NULL
+                        AND state IN ('NOTPAY', 'USERPAYING')) AS set_aside
+             FROM wxpay_orders WHERE state = 'AMOUNT_MISMATCH' OR set_aside_at IS NOT NULL
+             GROUP BY mch_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
-                Ok(ClaimedOrder {
-                    lease: r.try_get("lease")?,
-                    row: order_row(r)?,
+                Ok(Attention {
+                    mch_id: r.try_get("mch_id")?,
+                    amount_mismatch: r.try_get("mismatched")?,
+                    set_aside: r.try_get("set_aside")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mch_id, out_trade_no, state, set_aside_at, set_aside_reason
+             FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+             ORDER BY set_aside_at DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SetAsideRow {
+                    id: r.try_get("id")?,
+                    mch_id: r.try_get("mch_id")?,
+                    out_trade_no: r.try_get("out_trade_no")?,
+                    state: r.try_get("state")?,
+                    // Written by the daemon; shown as missing rather than failing `status`.
+                    set_aside_at: opt_ts(r, "set_aside_at").unwrap_or(None),
+                    reason: r.try_get("set_aside_reason")?,
                 })
             })
             .collect()
@@ -297,6 +468,7 @@ async fn apply_one(
     now: DateTime<Utc>,
 ) -> Result<Applied, StoreError> {
     let note = change_note(change);
+    let note = note.as_deref();
     let affected = match change {
         // The guarded UPDATE and its event in one statement: one round trip, and the event
         // exists exactly when the UPDATE matched.
@@ -413,7 +585,8 @@ impl PgStore {
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
                     expired: r.try_get("expired")?,
-                    oldest_created_at: r.try_get("oldest")?,
+                    // An infinite or out-of-range creation time is no age to show.
+                    oldest_created_at: opt_ts(r, "oldest").unwrap_or(None),
                 })
             })
             .collect()
@@ -436,7 +609,7 @@ impl PgStore {
         &self,
         sql: &str,
         args: &[Arg<'_>],
-    ) -> Result<Vec<OrderRow>, StoreError> {
+    ) -> Result<Vec<OrderRead>, StoreError> {
         let mut q = sqlx::query(AssertSqlSafe(numbered(sql)));
         for a in args {
             q = match a {
@@ -445,7 +618,10 @@ impl PgStore {
             };
         }
         let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(order_row).collect()
+        Ok(rows
+            .iter()
+            .map(|r| order_row(r).map_err(|e| UnreadableOrder::of(r, None, &e)))
+            .collect())
     }
 
     /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
@@ -491,7 +667,16 @@ fn event_row(r: &PgRow) -> Result<EventRow, StoreError> {
         transaction_id: r.try_get("transaction_id")?,
         total_fee: r.try_get("total_fee")?,
         detail: r.try_get("detail")?,
-        created_at: r.try_get("created_at")?,
+        created_at: ts(r, "created_at")?,
+    })
+}
+
+/// A claimed row, decoded on its own: an unreadable one is still leased and comes back as such.
+fn claimed(r: &PgRow) -> Result<Claimed, StoreError> {
+    let lease: i64 = r.try_get("lease")?;
+    Ok(match order_row(r) {
+        Ok(row) => Claimed::Order(ClaimedOrder { row, lease }),
+        Err(e) => Claimed::Unreadable(UnreadableOrder::of(r, Some(lease), &e)),
     })
 }
 
@@ -505,13 +690,46 @@ fn order_row(r: &PgRow) -> Result<OrderRow, StoreError> {
         total_fee: r.try_get("total_fee")?,
         state: parse_state("wxpay_orders", &state)?,
         transaction_id: r.try_get("transaction_id")?,
-        paid_at: r.try_get("paid_at")?,
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
+        paid_at: opt_ts(r, "paid_at")?,
+        created_at: ts(r, "created_at")?,
+        expires_at: expiry(r)?,
         query_count: i64::from(r.try_get::<i32, _>("query_count")?),
-        next_query_at: r.try_get("next_query_at")?,
-        last_queried_at: r.try_get("last_queried_at")?,
+        next_query_at: opt_ts(r, "next_query_at")?,
+        last_queried_at: opt_ts(r, "last_queried_at")?,
         last_error: r.try_get("last_error")?,
-        gave_up_at: r.try_get("gave_up_at")?,
+        gave_up_at: opt_ts(r, "gave_up_at")?,
+        fee_type: r.try_get("fee_type")?,
+        set_aside_at: opt_ts(r, "set_aside_at")?,
+        set_aside_reason: r.try_get("set_aside_reason")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PgTime;
+
+    #[test]
+    fn every_stored_timestamp_decodes_without_panicking() {
+        assert_eq!(PgTime::from_micros(i64::MAX), PgTime::Infinity);
+        assert_eq!(PgTime::from_micros(i64::MIN), PgTime::MinusInfinity);
+        // About the year 287,000: PostgreSQL holds it (up to 294276), chrono does not.
+        assert_eq!(PgTime::from_micros(9_000_000_000_000_000_000), PgTime::OutOfRange);
+        assert_eq!(PgTime::from_micros(i64::MAX - 1), PgTime::OutOfRange);
+        assert_eq!(PgTime::from_micros(i64::MIN + 1), PgTime::OutOfRange);
+        match PgTime::from_micros(0) {
+            PgTime::At(t) => assert_eq!(t.to_rfc3339(), "2000-01-01T00:00:00+00:00"),
+            other => panic!("{other:?}"),
+        }
+        assert!(PgTime::from_binary(&[1, 2, 3]).is_err());
+        assert_eq!(PgTime::from_text("infinity"), PgTime::Infinity);
+        assert_eq!(PgTime::from_text("-infinity"), PgTime::MinusInfinity);
+        assert!(matches!(PgTime::from_text("2026-12-01 10:30:00.5+08"), PgTime::At(_)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_eight_bytes_decode(bytes in proptest::array::uniform8(proptest::prelude::any::<u8>())) {
+            let _decoded = PgTime::from_binary(&bytes);
+        }
+    }
 }

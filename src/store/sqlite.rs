@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -15,9 +15,9 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 // bound parameters.
 
 use super::{
-    Applied, Arg, Change, ClaimRequest, ClaimedOrder, ConnectOptions, EventRow, Guard, NewOrder,
-    OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRow, StoreError, SummaryRequest, Write,
-    change_note, parse_state,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
+    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
+    SetAsideRow, StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -28,14 +28,84 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
 }
 
-/// Parses SQLite's text form (fractional seconds optional).
+/// Parses a stored timestamp: SQLite's own form `YYYY-MM-DD HH:MM:SS[.fff]` (UTC), also
+/// with `T` for the space, and with a time zone its date functions read (`Z`, `+HH:MM`,
+/// `-HH:MM`, what Python's sqlite3 writes for an aware datetime), converted to UTC. Anything
+/// else, or a time that does not exist (February 31st), is an error, never a panic.
 pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
-    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
-        .map(|n| n.and_utc())
-        .map_err(|e| StoreError::BadRow {
-            table: "wxpay_orders",
-            reason: format!("timestamp {s:?} is not 'YYYY-MM-DD HH:MM:SS[.SSS]' UTC: {e}"),
-        })
+    parse_sqlite_time(s).map_err(|why| StoreError::BadRow {
+        table: "wxpay_orders",
+        reason: format!(
+            "timestamp {} is not a UTC time 'YYYY-MM-DD HH:MM:SS[.SSS]' (Z or ±HH:MM allowed): {why}",
+            crate::text::quote(s)
+        ),
+    })
+}
+
+/// [`parse_ts`] without the error type (for the fuzz target and the property tests).
+pub fn parse_sqlite_time(s: &str) -> Result<DateTime<Utc>, &'static str> {
+    let b = s.as_bytes();
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    if b.len() < 19
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !matches!(b[10], b' ' | b'T')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return Err("not YYYY-MM-DD HH:MM:SS");
+    }
+    let num = |range: std::ops::Range<usize>| {
+        b[range]
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4) as i32, num(5..7), num(8..10))
+        .ok_or("no such date")?;
+    let mut rest = &b[19..];
+    let mut nanos = 0u32;
+    if let Some((b'.', frac)) = rest.split_first() {
+        let n = frac.iter().take_while(|d| d.is_ascii_digit()).count();
+        if n == 0 {
+            return Err("a '.' without digits");
+        }
+        // Nanoseconds from the first nine digits; further digits are below what is kept.
+        for i in 0..9 {
+            nanos = nanos * 10 + frac.get(i).filter(|_| i < n).map_or(0, |d| u32::from(d - b'0'));
+        }
+        rest = &frac[n..];
+    }
+    let time = chrono::NaiveTime::from_hms_nano_opt(num(11..13), num(14..16), num(17..19), nanos)
+        .ok_or("no such time of day")?;
+    while let Some((b' ', tail)) = rest.split_first() {
+        rest = tail;
+    }
+    let offset_seconds: i32 = match rest {
+        [] | [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit()) =>
+        {
+            let hours = i32::from(h1 - b'0') * 10 + i32::from(h2 - b'0');
+            let minutes = i32::from(m1 - b'0') * 10 + i32::from(m2 - b'0');
+            if hours > 23 || minutes > 59 {
+                return Err("time zone offset out of range");
+            }
+            let seconds = hours * 3600 + minutes * 60;
+            if *sign == b'-' { -seconds } else { seconds }
+        }
+        _ => return Err("unexpected text after the time"),
+    };
+    let local = date.and_time(time);
+    local
+        .checked_sub_signed(chrono::TimeDelta::seconds(i64::from(offset_seconds)))
+        .map(|utc| utc.and_utc())
+        .ok_or("out of range")
 }
 
 fn opt_ts(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -145,7 +215,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<ClaimedOrder>, StoreError> {
+    pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
         let grace_modifier = format!(
             "+{:.3} seconds",
             req.grace.num_milliseconds() as f64 / 1000.0
@@ -176,11 +246,76 @@ impl SqliteStore {
             .bind(grace_modifier)
             .fetch_all(&self.pool)
             .await?;
+        rows.iter().map(claimed).collect()
+    }
+
+    pub async fn set_aside(
+        &self,
+        id: i64,
+        lease: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE wxpay_orders SET set_aside_at = ?1, set_aside_reason = ?2, gave_up_at = ?1,
+                last_error = ?2, updated_at = ?1
+             WHERE id = ?3 AND (?4 IS NULL OR lease = ?4) AND state IN ({OPEN_STATES_SQL})
+               AND set_aside_at IS NULL"
+        )))
+        .bind(ts(now))
+        .bind(reason)
+        .bind(id)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 0 {
+            Applied::NoOp
+        } else {
+            Applied::Done
+        })
+    }
+
+    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mch_id,
+                    SUM(CASE WHEN state = 'AMOUNT_MISMATCH' THEN 1 ELSE 0 END) AS mismatched,
+                    SUM(CASE WHEN set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+                        THEN 1 ELSE 0 END) AS set_aside
+             FROM wxpay_orders WHERE state = 'AMOUNT_MISMATCH' OR set_aside_at IS NOT NULL
+             GROUP BY mch_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
-                Ok(ClaimedOrder {
-                    lease: r.try_get("lease")?,
-                    row: order_row(r)?,
+                Ok(Attention {
+                    mch_id: r.try_get("mch_id")?,
+                    amount_mismatch: r.try_get("mismatched")?,
+                    set_aside: r.try_get("set_aside")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mch_id, out_trade_no, state, set_aside_at, set_aside_reason
+             FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+             ORDER BY set_aside_at DESC LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SetAsideRow {
+                    id: r.try_get("id")?,
+                    mch_id: r.try_get("mch_id")?,
+                    out_trade_no: r.try_get("out_trade_no")?,
+                    state: r.try_get("state")?,
+                    // Written by the daemon; shown as missing rather than failing `status`.
+                    set_aside_at: opt_ts(r, "set_aside_at").unwrap_or(None),
+                    reason: r.try_get("set_aside_reason")?,
                 })
             })
             .collect()
@@ -211,6 +346,7 @@ async fn apply_one(
     now: DateTime<Utc>,
 ) -> Result<Applied, StoreError> {
     let note = change_note(change);
+    let note = note.as_deref();
     let now_s = ts(now);
     let updated = match change {
         Change::Settle {
@@ -348,7 +484,8 @@ impl SqliteStore {
                     open: r.try_get("open")?,
                     stuck: r.try_get("stuck")?,
                     expired: r.try_get("expired")?,
-                    oldest_created_at: opt_ts(r, "oldest")?,
+                    // A creation time that is no time is no age to show.
+                    oldest_created_at: opt_ts(r, "oldest").unwrap_or(None),
                 })
             })
             .collect()
@@ -371,7 +508,7 @@ impl SqliteStore {
         &self,
         sql: &str,
         args: &[Arg<'_>],
-    ) -> Result<Vec<OrderRow>, StoreError> {
+    ) -> Result<Vec<OrderRead>, StoreError> {
         let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
         for a in args {
             q = match a {
@@ -380,7 +517,10 @@ impl SqliteStore {
             };
         }
         let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(order_row).collect()
+        Ok(rows
+            .iter()
+            .map(|r| order_row(r).map_err(|e| UnreadableOrder::of(r, None, &e)))
+            .collect())
     }
 
     /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
@@ -430,6 +570,15 @@ fn event_row(r: &SqliteRow) -> Result<EventRow, StoreError> {
     })
 }
 
+/// A claimed row, decoded on its own: an unreadable one is still leased and comes back as such.
+fn claimed(r: &SqliteRow) -> Result<Claimed, StoreError> {
+    let lease: i64 = r.try_get("lease")?;
+    Ok(match order_row(r) {
+        Ok(row) => Claimed::Order(ClaimedOrder { row, lease }),
+        Err(e) => Claimed::Unreadable(UnreadableOrder::of(r, Some(lease), &e)),
+    })
+}
+
 fn order_row(r: &SqliteRow) -> Result<OrderRow, StoreError> {
     let state: String = r.try_get("state")?;
     Ok(OrderRow {
@@ -448,5 +597,8 @@ fn order_row(r: &SqliteRow) -> Result<OrderRow, StoreError> {
         last_queried_at: opt_ts(r, "last_queried_at")?,
         last_error: r.try_get("last_error")?,
         gave_up_at: opt_ts(r, "gave_up_at")?,
+        fee_type: r.try_get("fee_type")?,
+        set_aside_at: opt_ts(r, "set_aside_at")?,
+        set_aside_reason: r.try_get("set_aside_reason")?,
     })
 }

@@ -14,6 +14,7 @@ use super::error::{ErrCode, WxPayError};
 use super::sign::{self, ApiKey};
 use super::xml::{self, Fields, MAX_BODY_BYTES};
 use crate::domain::{
+    Currency,
     AppId, Fen, MchId, OutTradeNo, SignType, TradeState, TransactionId, parse_wechat_time,
 };
 
@@ -77,6 +78,10 @@ pub struct TradeReport {
     pub cash_fee: Option<Fen>,
     /// When the customer paid (required for SUCCESS and REFUND).
     pub time_end: Option<DateTime<Utc>>,
+    /// The currency of `total_fee`; WeChat leaves it out for CNY.
+    pub fee_type: Option<Currency>,
+    /// The app the payment was made in, when the message says (replies and notifications do).
+    pub appid: Option<AppId>,
 }
 
 /// A definitive orderquery answer.
@@ -111,13 +116,16 @@ pub struct WxPayClient {
 static CRYPTO: Once = Once::new();
 
 /// A reqwest builder with TLS ready (rustls with *ring*; certificates checked against the
-/// platform's trust store). Every HTTP client of the process starts here.
+/// platform's trust store) that never follows a redirect: WeChat's API does not redirect, and
+/// following one would send a signed request to another host and trust its signed reply. A
+/// 3xx is an `http_status` error like any other non-2xx. Every HTTP client of the process
+/// starts here.
 pub fn http_client_builder() -> reqwest::ClientBuilder {
     CRYPTO.call_once(|| {
         // Err only means another provider is installed already, which serves as well.
         let _already_installed = rustls::crypto::ring::default_provider().install_default();
     });
-    reqwest::Client::builder()
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
 impl WxPayClient {
@@ -289,9 +297,24 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, WxPayE
     }
 }
 
-/// The checks every signed v2 message gets, replies and notifications alike: `return_code`
-/// SUCCESS, a valid signature, and `appid` / `mch_id` / `sub_mch_id` of this merchant.
+/// The checks every signed v2 reply gets: `return_code` SUCCESS, a valid signature of the
+/// merchant's own sign type, and `appid` / `mch_id` / `sub_mch_id` of this merchant (a
+/// `sub_mch_id` where the merchant has none is refused too).
 pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPayError> {
+    envelope(merchant, fields, std::slice::from_ref(&merchant.sign_type))
+}
+
+/// [`verify_envelope`] for a notification, whose sign type is its order's
+/// ([`sign::notification_sign_types`]: never weaker than the merchant's setting).
+pub fn verify_notification_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPayError> {
+    envelope(
+        merchant,
+        fields,
+        sign::notification_sign_types(merchant.sign_type),
+    )
+}
+
+fn envelope(merchant: &Merchant, fields: &Fields, accepted: &[SignType]) -> Result<(), WxPayError> {
     match fields.get("return_code") {
         Some("SUCCESS") => {}
         Some("FAIL") => {
@@ -303,17 +326,27 @@ pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPay
             return Err(WxPayError::BadField {
                 field: "return_code",
                 reason: format!(
-                    "{:?} is neither SUCCESS nor FAIL",
-                    other.unwrap_or_default()
+                    "{} is neither SUCCESS nor FAIL",
+                    crate::text::quote(other.unwrap_or_default())
                 ),
             });
         }
     }
-    sign::verify(fields, &merchant.key, merchant.sign_type)?;
+    sign::verify_any(fields, &merchant.key, accepted)?;
     echo("appid", merchant.appid.as_str(), fields.get("appid"))?;
     echo("mch_id", merchant.mch_id.as_str(), fields.get("mch_id"))?;
-    if let Some(sub) = &merchant.sub_mch_id {
-        echo("sub_mch_id", sub.as_str(), fields.get("sub_mch_id"))?;
+    match &merchant.sub_mch_id {
+        Some(sub) => echo("sub_mch_id", sub.as_str(), fields.get("sub_mch_id"))?,
+        // A message for a sub-merchant is not this merchant's own.
+        None => {
+            if let Some(sub) = fields.get_nonempty("sub_mch_id") {
+                return Err(WxPayError::Mismatch {
+                    field: "sub_mch_id",
+                    expected: String::new(),
+                    got: sub.chars().take(64).collect(),
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -392,6 +425,8 @@ pub fn parse_trade_report(fields: &Fields) -> Result<TradeReport, WxPayError> {
         total_fee: optional(fields, "total_fee", str::parse::<Fen>)?,
         cash_fee: optional(fields, "cash_fee", str::parse::<Fen>)?,
         time_end: optional(fields, "time_end", parse_wechat_time)?,
+        fee_type: optional(fields, "fee_type", Currency::parse)?,
+        appid: optional(fields, "appid", AppId::parse)?,
         trade_state,
     };
     if matches!(report.trade_state, TradeState::Success | TradeState::Refund) {

@@ -2,7 +2,7 @@
 //! orderquery reply is: strict decode, `return_code`, the merchant's signature and sign type,
 //! `appid` / `mch_id` / `sub_mch_id`, then the order fields. And the XML answer WeChat expects.
 
-use super::client::{Merchant, TradeReport, parse_trade_report, verify_envelope};
+use super::client::{Merchant, TradeReport, parse_trade_report, verify_notification_envelope};
 use super::error::WxPayError;
 use super::xml::{self, Fields};
 use crate::domain::{MchId, TradeState};
@@ -90,7 +90,7 @@ pub fn read_notification<'m>(
         .map_err(|_| NotifyError::UnknownMerchant(mch_id.chars().take(32).collect()))?;
     let merchant =
         merchant_of(&mch_id).ok_or_else(|| NotifyError::UnknownMerchant(mch_id.to_string()))?;
-    verify_envelope(merchant, &fields).map_err(|e| match e {
+    verify_notification_envelope(merchant, &fields).map_err(|e| match e {
         WxPayError::Sign(s) => NotifyError::Sign(mch_id.clone(), s.to_string()),
         WxPayError::Mismatch { .. } => NotifyError::Mismatch(mch_id.clone(), e.to_string()),
         other => NotifyError::Malformed(other.to_string()),

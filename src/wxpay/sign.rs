@@ -149,9 +149,73 @@ pub fn verify(fields: &Fields, key: &ApiKey, sign_type: SignType) -> Result<(), 
     }
 }
 
+/// The sign types a merchant accepts on a *notification*. WeChat signs a notification with the
+/// sign type of its order (the `sign_type` of `unifiedorder`), which need not be the merchant's
+/// setting, and often does not say which one it used. A merchant set to MD5 also accepts
+/// HMAC-SHA256 (the stronger one); one set to HMAC-SHA256 never accepts MD5 (no downgrade).
+pub fn notification_sign_types(configured: SignType) -> &'static [SignType] {
+    match configured {
+        SignType::Md5 => &[SignType::Md5, SignType::HmacSha256],
+        SignType::HmacSha256 => &[SignType::HmacSha256],
+    }
+}
+
+/// Checks a message signed with one of `accepted`: the one it declares in `sign_type`, or, when
+/// it declares none, whichever of them matches. Every comparison is in constant time.
+pub fn verify_any(fields: &Fields, key: &ApiKey, accepted: &[SignType]) -> Result<SignType, SignError> {
+    let first = *accepted.first().ok_or(SignError::Invalid)?;
+    if let Some(declared) = fields.get_nonempty("sign_type") {
+        let Some(st) = accepted.iter().find(|st| st.as_str() == declared) else {
+            return Err(SignError::WrongType {
+                expected: first,
+                got: declared.chars().take(16).collect(),
+            });
+        };
+        return verify(fields, key, *st).map(|()| *st);
+    }
+    let mut last = SignError::Invalid;
+    for st in accepted {
+        match verify(fields, key, *st) {
+            Ok(()) => return Ok(*st),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notifications_accept_the_stronger_sign_type_never_the_weaker() {
+        let key = doc_key();
+        let mut hmac = doc_fields();
+        sign_in_place(&mut hmac, &key, SignType::HmacSha256);
+        // Signed with HMAC-SHA256 without saying so, as a notification may be.
+        let mut hmac_undeclared = doc_fields();
+        let signature = sign(&hmac_undeclared, &key, SignType::HmacSha256);
+        hmac_undeclared.insert("sign", signature);
+        let mut md5 = doc_fields();
+        sign_in_place(&mut md5, &key, SignType::Md5);
+        let md5_merchant = notification_sign_types(SignType::Md5);
+        let hmac_merchant = notification_sign_types(SignType::HmacSha256);
+        assert_eq!(verify_any(&hmac, &key, md5_merchant), Ok(SignType::HmacSha256));
+        assert_eq!(verify_any(&hmac_undeclared, &key, md5_merchant), Ok(SignType::HmacSha256));
+        assert_eq!(verify_any(&md5, &key, md5_merchant), Ok(SignType::Md5));
+        assert_eq!(verify_any(&hmac, &key, hmac_merchant), Ok(SignType::HmacSha256));
+        assert_eq!(verify_any(&md5, &key, hmac_merchant), Err(SignError::Invalid));
+        let mut declared_md5 = md5.clone();
+        declared_md5.insert("sign_type", "MD5");
+        assert!(matches!(
+            verify_any(&declared_md5, &key, hmac_merchant),
+            Err(SignError::WrongType { .. })
+        ));
+        // Either way, another key is refused.
+        let other = ApiKey::parse("8934e7d15453e97507ef794cf7b0519d").unwrap();
+        assert!(verify_any(&hmac, &other, md5_merchant).is_err());
+        assert!(verify_any(&md5, &other, md5_merchant).is_err());
+    }
 
     fn doc_key() -> ApiKey {
         ApiKey::parse("192006250b4c09247ec02edce69f6a2d").unwrap()

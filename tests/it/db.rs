@@ -147,10 +147,18 @@ async fn postgres(base: &str) -> Result<TestDb, sqlx::Error> {
     })
     .await
     .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
-    store
-        .migrate()
-        .await
-        .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    {
+        // One migration at a time in this process: a migration's CREATE INDEX CONCURRENTLY
+        // waits for every older transaction of the database, including another test's wait
+        // for sqlx's migration lock, which is a deadlock. (One `migrate` at a time is also how
+        // the daemon is deployed.)
+        static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = MIGRATING.lock().await;
+        store
+            .migrate()
+            .await
+            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+    }
     let raw = PgPoolOptions::new()
         .max_connections(4)
         .connect(&url)
@@ -257,6 +265,34 @@ impl TestDb {
                 q.execute(p).await.unwrap().rows_affected()
             }
         }
+    }
+
+    /// [`TestDb::exec`], with the database's refusal as an error instead of a panic.
+    pub async fn try_exec(&self, sql: &str, binds: &[&str]) -> Result<u64, String> {
+        let done = match &self.raw {
+            Raw::Sqlite(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(sql.replace('$', "?")));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.map(|r| r.rows_affected())
+            }
+            Raw::Postgres(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.map(|r| r.rows_affected())
+            }
+            Raw::Mysql(p) => {
+                let mut q = sqlx::query(AssertSqlSafe(question_marks(sql)));
+                for b in binds {
+                    q = q.bind(*b);
+                }
+                q.execute(p).await.map(|r| r.rows_affected())
+            }
+        };
+        done.map_err(|e| e.to_string())
     }
 
     /// Runs several `;`-separated statements on one connection (a session of the merchant's

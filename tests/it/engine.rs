@@ -12,7 +12,7 @@ use wxpay_reconciler::config::{
 use wxpay_reconciler::daemon;
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::reconcile::scanner::{ScanReport, Scanner};
-use wxpay_reconciler::store::{DatabaseUrl, EventRow, NewOrder, OrderRow};
+use wxpay_reconciler::store::{Claimed, DatabaseUrl, EventRow, NewOrder, OrderRow};
 use wxpay_reconciler::telemetry::Telemetry;
 use wxpay_reconciler::wxpay::Merchant;
 
@@ -580,14 +580,20 @@ async fn a_stale_workers_late_write_is_refused_by_the_lease() {
             e.db.store
                 .claim_due(&claim(Utc::now() - TimeDelta::seconds(1)))
                 .await
-                .unwrap();
+                .unwrap()
+                .into_iter()
+                .filter_map(Claimed::into_order)
+                .collect::<Vec<_>>();
         assert_eq!(stale.len(), 1);
         // Its lease is already over: another worker claims the order again.
         let fresh =
             e.db.store
                 .claim_due(&claim(Utc::now() + TimeDelta::seconds(60)))
                 .await
-                .unwrap();
+                .unwrap()
+                .into_iter()
+                .filter_map(Claimed::into_order)
+                .collect::<Vec<_>>();
         assert_eq!(fresh.len(), 1);
         assert!(fresh[0].lease > stale[0].lease);
         let change = Change::Reschedule {
@@ -639,7 +645,10 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
                     limit: 10,
                 })
                 .await
-                .unwrap();
+                .unwrap()
+                .into_iter()
+                .filter_map(Claimed::into_order)
+                .collect::<Vec<_>>();
         assert_eq!(claimed.len(), 6);
         let by_otn = |otn: &str| claimed.iter().find(|c| c.row.out_trade_no == otn).unwrap();
         let paid = |n: u64| Change::Settle {
@@ -728,6 +737,9 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
                 })
                 .await
                 .unwrap()
+                .into_iter()
+                .filter_map(Claimed::into_order)
+                .collect::<Vec<_>>()
                 .into_iter()
                 .find(|c| c.row.out_trade_no == otn)
                 .unwrap();

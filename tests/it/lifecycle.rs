@@ -368,9 +368,11 @@ async fn forged_malformed_oversized_and_unknown_notifications_are_refused_and_ch
         };
         let mut unsigned = good.clone();
         unsigned.remove("sign");
-        // HMAC-SHA256 declared, but the merchant signs with MD5: no downgrade games either way.
+        // HMAC-SHA256 declared over an MD5 signature. (A genuine HMAC-SHA256 notification is
+        // accepted for an MD5 merchant, and an MD5 one refused for an HMAC merchant:
+        // hostile::wechat.)
         let mut wrong_type = good.clone();
-        sign::sign_in_place(&mut wrong_type, &m.key, SignType::HmacSha256);
+        wrong_type.insert("sign_type", "HMAC-SHA256");
 
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             (
