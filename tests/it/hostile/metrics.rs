@@ -134,12 +134,7 @@ async fn a_fresh_daemon_without_orders_exports_every_contract_metric_on_its_firs
     );
 
     // The series panels and rules look for, at zero before anything happened.
-    let value = |series: &str| {
-        samples
-            .iter()
-            .find(|(s, _)| *s == series)
-            .map(|(_, v)| *v)
-    };
+    let value = |series: &str| samples.iter().find(|(s, _)| *s == series).map(|(_, v)| *v);
     let p = "wxpay_reconciler_";
     let mut zero = vec![
         format!(r#"{p}transitions_total{{from="NOTPAY",to="SUCCESS",source="poll"}}"#),
@@ -164,7 +159,11 @@ async fn a_fresh_daemon_without_orders_exports_every_contract_metric_on_its_firs
         ]);
     }
     for series in &zero {
-        assert_eq!(value(series), Some(0.0), "{series} on the first scrape:\n{text}");
+        assert_eq!(
+            value(series),
+            Some(0.0),
+            "{series} on the first scrape:\n{text}"
+        );
     }
     // A transition no writer of a daemon can make is not exported (a zero series would be
     // noise): nothing leaves CLOSED, and `query --apply` counts in its own process.
