@@ -419,6 +419,7 @@ async fn gauge_loop(
                                 .oldest_created_at
                                 .and_then(|t| (now - t).to_std().ok())
                                 .unwrap_or_default(),
+                            ..OpenCounts::default()
                         })
                         .unwrap_or_default();
                     telemetry.open_orders(mch, &counts);

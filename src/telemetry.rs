@@ -19,7 +19,7 @@ use metrics_exporter_prometheus::{
 };
 use tracing_subscriber::EnvFilter;
 
-use crate::domain::{OrderState, Source};
+use crate::domain::{OrderState, Source, TradeState};
 
 /// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
 static LOG_FILTER: std::sync::OnceLock<
@@ -93,6 +93,8 @@ pub mod names {
     pub const EXPIRED_OPEN_ORDERS: &str = "wxpay_reconciler_expired_open_orders";
     pub const PAID_AFTER_CLOSE: &str = "wxpay_reconciler_paid_after_close_total";
     pub const CONFIG_RELOADS: &str = "wxpay_reconciler_config_reloads_total";
+    pub const AMOUNT_MISMATCH_ORDERS: &str = "wxpay_reconciler_amount_mismatch_orders";
+    pub const SET_ASIDE_ORDERS: &str = "wxpay_reconciler_set_aside_orders";
 }
 
 /// The `outcome` values of `notify_requests_total`.
@@ -127,6 +129,66 @@ pub const ORDERQUERY_OUTCOMES: [&str; 9] = [
     "malformed",
     "mismatch",
 ];
+
+/// The `op` values of `db_errors_total`.
+pub const DB_ERROR_OPS: [&str; 4] = ["claim", "apply", "gauges", "notify"];
+
+/// The `outcome` values of `notify_requests_total` that can come without a configured
+/// merchant (`mch_id="unknown"`): refused before a merchant is known, or naming another one.
+pub const NOTIFY_OUTCOMES_UNKNOWN_MERCHANT: [&str; 4] =
+    ["unknown_merchant", "malformed", "too_large", "timeout"];
+
+/// The `trade_state` values of `trade_state_total`: [`TradeState::label`] of every variant.
+pub fn trade_state_labels() -> [&'static str; 9] {
+    // Exhaustive on purpose: a new variant does not compile until it is listed below.
+    fn listed(s: &TradeState) {
+        match s {
+            TradeState::Success
+            | TradeState::Refund
+            | TradeState::NotPay
+            | TradeState::Closed
+            | TradeState::Revoked
+            | TradeState::UserPaying
+            | TradeState::PayError
+            | TradeState::Accept
+            | TradeState::Unknown(_) => {}
+        }
+    }
+    let all = [
+        TradeState::Success,
+        TradeState::Refund,
+        TradeState::NotPay,
+        TradeState::Closed,
+        TradeState::Revoked,
+        TradeState::UserPaying,
+        TradeState::PayError,
+        TradeState::Accept,
+        TradeState::Unknown(String::new()),
+    ];
+    all.iter().for_each(listed);
+    all.map(|s| s.label())
+}
+
+/// Every `(from, to, source)` of `transitions_total` a daemon's writers can count, per
+/// `reconcile::policy`: a poll takes an open order to any final state (and, after losing a
+/// race, SUCCESS to REFUND); a notification is always a payment (SUCCESS or
+/// AMOUNT_MISMATCH); an expiry closes (CLOSED). `query --apply` (source `manual`) counts in its
+/// own process, never in a daemon's `/metrics`.
+pub fn transition_series() -> Vec<(OrderState, OrderState, Source)> {
+    let finals = OrderState::ALL.into_iter().filter(|s| !s.is_open());
+    let mut series = Vec::new();
+    for from in OrderState::OPEN {
+        for to in finals.clone() {
+            series.push((from, to, Source::Poll));
+        }
+        for to in [OrderState::Success, OrderState::AmountMismatch] {
+            series.push((from, to, Source::Notify));
+        }
+        series.push((from, OrderState::Closed, Source::Expire));
+    }
+    series.push((OrderState::Success, OrderState::Refund, Source::Poll));
+    series
+}
 
 /// The daemon's metrics and event log.
 #[derive(Clone)]
@@ -242,13 +304,40 @@ impl Telemetry {
                 "Verified payments for orders closed locally: refund or fulfil them"
             );
             describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by outcome");
+            describe_gauge!(
+                AMOUNT_MISMATCH_ORDERS,
+                "Orders in state AMOUNT_MISMATCH (quarantined until a person decides)"
+            );
+            describe_gauge!(
+                SET_ASIDE_ORDERS,
+                "Orders set aside because a value in their row cannot be used"
+            );
             for outcome in ["ok", "error"] {
                 counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
             gauge!(LAST_SCAN_SUCCESS).set(0.0);
+            // Registering a histogram renders it with zero counts until its first sample.
+            let _ = histogram!(SCAN_DURATION);
+            let _ = histogram!(SCAN_CLAIMED);
+            for (from, to, source) in transition_series() {
+                counter!(TRANSITIONS, "from" => from.as_str(), "to" => to.as_str(), "source" => source.as_str())
+                    .absolute(0);
+            }
+            for outcome in NOTIFY_OUTCOMES_UNKNOWN_MERCHANT {
+                counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome).absolute(0);
+            }
+            let _ = histogram!(NOTIFY_DURATION, "mch_id" => "unknown");
             for m in &t.inner.merchants {
+                gauge!(AMOUNT_MISMATCH_ORDERS, "mch_id" => m.clone()).set(0.0);
+                gauge!(SET_ASIDE_ORDERS, "mch_id" => m.clone()).set(0.0);
+                let _ = histogram!(ORDERQUERY_DURATION, "mch_id" => m.clone());
+                let _ = histogram!(NOTIFY_DURATION, "mch_id" => m.clone());
+                for state in trade_state_labels() {
+                    counter!(TRADE_STATE, "mch_id" => m.clone(), "trade_state" => state)
+                        .absolute(0);
+                }
                 gauge!(STUCK_ORDERS, "mch_id" => m.clone()).set(0.0);
                 gauge!(OLDEST_UNPAID_AGE, "mch_id" => m.clone()).set(0.0);
                 gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
@@ -275,7 +364,7 @@ impl Telemetry {
             for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
                 counter!(NOOP, "source" => source.as_str()).absolute(0);
             }
-            for op in ["claim", "apply", "gauges", "notify"] {
+            for op in DB_ERROR_OPS {
                 counter!(DB_ERRORS, "op" => op).absolute(0);
             }
         });
@@ -429,7 +518,8 @@ impl Telemetry {
         self.with(|| counter!(names::DB_ERRORS, "op" => op).increment(1));
     }
 
-    /// Sets the stuck-order gauges of one merchant.
+    /// Sets the order gauges of one merchant (open, stuck, expired, oldest, AMOUNT_MISMATCH,
+    /// set aside).
     pub fn open_orders(&self, mch_id: &str, summary: &OpenCounts) {
         let m = self.mch_label(mch_id);
         let OpenCounts {
@@ -437,11 +527,16 @@ impl Telemetry {
             stuck,
             expired,
             oldest_age,
+            amount_mismatch,
+            set_aside,
         } = *summary;
         self.with(|| {
             gauge!(names::OPEN_ORDERS, "mch_id" => m.clone()).set(open as f64);
             gauge!(names::STUCK_ORDERS, "mch_id" => m.clone()).set(stuck as f64);
             gauge!(names::EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(expired as f64);
+            gauge!(names::AMOUNT_MISMATCH_ORDERS, "mch_id" => m.clone())
+                .set(amount_mismatch as f64);
+            gauge!(names::SET_ASIDE_ORDERS, "mch_id" => m.clone()).set(set_aside as f64);
             gauge!(names::OLDEST_UNPAID_AGE, "mch_id" => m).set(oldest_age.as_secs_f64());
         });
     }
@@ -454,6 +549,10 @@ pub struct OpenCounts {
     pub stuck: i64,
     pub expired: i64,
     pub oldest_age: Duration,
+    /// Orders in state AMOUNT_MISMATCH (any age): the mismatch alert fires while it is > 0.
+    pub amount_mismatch: i64,
+    /// Orders set aside because a value in their row cannot be used.
+    pub set_aside: i64,
 }
 
 impl Telemetry {
@@ -529,5 +628,218 @@ impl Telemetry {
             }
         };
         self.with(|| counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Fen, OutTradeNo, TransactionId};
+    use crate::reconcile::policy::{self, Decision, OrderView, Policy};
+    use crate::wxpay::{CloseAnswer, QueryAnswer, TradeReport};
+    use chrono::{TimeDelta, Utc};
+
+    const MCH: &str = "1900000109";
+
+    /// The value of the sample line `series` (name and labels, exactly as rendered).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_metric_and_its_known_series_exist_at_zero_before_any_event() {
+        let t = Telemetry::new([MCH]);
+        let text = t.render();
+        use names::*;
+        for name in [
+            STUCK_ORDERS,
+            OLDEST_UNPAID_AGE,
+            OPEN_ORDERS,
+            ORDERQUERY_REQUESTS,
+            ORDERQUERY_DURATION,
+            TRADE_STATE,
+            TRANSITIONS,
+            NOOP,
+            AMOUNT_MISMATCH,
+            GAVE_UP,
+            SCAN_DURATION,
+            SCAN_CLAIMED,
+            SCAN_OVERLAP_SKIPPED,
+            LAST_SCAN_SUCCESS,
+            DB_ERRORS,
+            BUILD_INFO,
+            NOTIFY_REQUESTS,
+            NOTIFY_DURATION,
+            CLOSEORDER_REQUESTS,
+            EXPIRED_OPEN_ORDERS,
+            PAID_AFTER_CLOSE,
+            CONFIG_RELOADS,
+            AMOUNT_MISMATCH_ORDERS,
+            SET_ASIDE_ORDERS,
+        ] {
+            let sampled = text
+                .lines()
+                .any(|l| l.starts_with(name) && !l.starts_with('#'));
+            assert!(sampled, "{name} has no series:\n{text}");
+        }
+        let m = format!("mch_id=\"{MCH}\"");
+        let mut zero = vec![
+            format!("{ORDERQUERY_DURATION}_count{{{m}}}"),
+            format!("{ORDERQUERY_DURATION}_bucket{{{m},le=\"+Inf\"}}"),
+            format!("{NOTIFY_DURATION}_count{{{m}}}"),
+            format!("{NOTIFY_DURATION}_count{{mch_id=\"unknown\"}}"),
+            format!("{SCAN_DURATION}_count"),
+            format!("{SCAN_CLAIMED}_count"),
+            format!("{AMOUNT_MISMATCH_ORDERS}{{{m}}}"),
+            format!("{SET_ASIDE_ORDERS}{{{m}}}"),
+            format!("{NOTIFY_REQUESTS}{{mch_id=\"unknown\",outcome=\"unknown_merchant\"}}"),
+        ];
+        zero.extend(
+            trade_state_labels().map(|s| format!("{TRADE_STATE}{{{m},trade_state=\"{s}\"}}")),
+        );
+        zero.extend(transition_series().into_iter().map(|(from, to, source)| {
+            format!("{TRANSITIONS}{{from=\"{from}\",to=\"{to}\",source=\"{source}\"}}")
+        }));
+        zero.extend(DB_ERROR_OPS.map(|op| format!("{DB_ERRORS}{{op=\"{op}\"}}")));
+        for series in &zero {
+            assert_eq!(sample(&text, series), Some(0.0), "{series}:\n{text}");
+        }
+        assert!(zero.contains(&format!(
+            "{TRANSITIONS}{{from=\"NOTPAY\",to=\"SUCCESS\",source=\"poll\"}}"
+        )));
+        // Bounded: every configured merchant, `unknown`, and nothing else.
+        for line in text.lines().filter(|l| l.contains("mch_id=")) {
+            assert!(
+                line.contains(&m) || line.contains("mch_id=\"unknown\""),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn unconfigured_merchants_count_under_unknown() {
+        let t = Telemetry::new([MCH]);
+        t.trade_state("1234567890", "SUCCESS");
+        t.orderquery("1234567890", "ok", Duration::from_millis(3));
+        let text = t.render();
+        let series = format!(
+            "{}{{mch_id=\"unknown\",trade_state=\"SUCCESS\"}}",
+            names::TRADE_STATE
+        );
+        assert_eq!(sample(&text, &series), Some(1.0), "{text}");
+        assert!(!text.contains("1234567890"), "{text}");
+    }
+
+    #[test]
+    fn open_orders_exports_the_mismatch_and_set_aside_gauges() {
+        let t = Telemetry::new([MCH, "10000100"]);
+        let counts = OpenCounts {
+            open: 7,
+            amount_mismatch: 2,
+            set_aside: 3,
+            ..OpenCounts::default()
+        };
+        t.open_orders(MCH, &counts);
+        let text = t.render();
+        let gauge = |name: &str, mch: &str| sample(&text, &format!("{name}{{mch_id=\"{mch}\"}}"));
+        assert_eq!(gauge(names::OPEN_ORDERS, MCH), Some(7.0));
+        assert_eq!(gauge(names::AMOUNT_MISMATCH_ORDERS, MCH), Some(2.0));
+        assert_eq!(gauge(names::SET_ASIDE_ORDERS, MCH), Some(3.0));
+        assert_eq!(gauge(names::AMOUNT_MISMATCH_ORDERS, "10000100"), Some(0.0));
+        assert_eq!(gauge(names::SET_ASIDE_ORDERS, "10000100"), Some(0.0));
+        // Back to zero when the orders are dealt with (a gauge, not a counter).
+        t.open_orders(MCH, &OpenCounts::default());
+        let text = t.render();
+        let series = format!("{}{{mch_id=\"{MCH}\"}}", names::AMOUNT_MISMATCH_ORDERS);
+        assert_eq!(sample(&text, &series), Some(0.0));
+    }
+
+    /// Every settlement the policy can decide, for each open state and each answer WeChat can
+    /// give, lands on a pre-registered `transitions_total` series: no panel or rate() rule
+    /// meets a series that appears only after its first event.
+    #[test]
+    fn transition_series_cover_every_move_the_policy_makes() {
+        let series = transition_series();
+        let registered = |from: OrderState, to: OrderState, source: Source| {
+            assert!(
+                series.contains(&(from, to, source)),
+                "{from} -> {to} ({source}) is not pre-registered"
+            );
+        };
+        let t0 = Utc::now() - TimeDelta::hours(3);
+        let fee = |f: i64| Fen::new(f).unwrap_or_else(|_| unreachable!());
+        let report = |state: TradeState, total_fee: Option<i64>| {
+            Ok(QueryAnswer::Order(TradeReport {
+                out_trade_no: OutTradeNo::parse("o1").unwrap(),
+                trade_state: state,
+                trade_state_desc: None,
+                transaction_id: Some(TransactionId::parse("4200000001").unwrap()),
+                total_fee: total_fee.map(fee),
+                cash_fee: None,
+                time_end: Some(t0),
+            }))
+        };
+        let policy = Policy::default();
+        let mut answers = vec![Ok(QueryAnswer::NotExist)];
+        for state in trade_state_labels() {
+            for total_fee in [Some(100), Some(99), None] {
+                answers.push(report(TradeState::parse(state), total_fee));
+            }
+        }
+        let moved = |d: &Decision| match d {
+            Decision::Settle(s) | Decision::Quarantine(s) => Some(s.to),
+            _ => None,
+        };
+        let mut seen = HashSet::new();
+        for from in OrderState::ALL {
+            for expires_at in [None, Some(t0), Some(Utc::now() + TimeDelta::hours(1))] {
+                let order = OrderView {
+                    state: from,
+                    total_fee: fee(100),
+                    created_at: t0,
+                    expires_at,
+                    query_count: 3,
+                };
+                for answer in &answers {
+                    let d = policy::decide(&order, answer, Utc::now(), 0.5, &policy);
+                    if let Some(to) = moved(&d) {
+                        registered(from, to, Source::Poll);
+                        seen.insert((from, to, Source::Poll));
+                        // A notification is read as a SUCCESS report.
+                        let notified = matches!(answer, Ok(QueryAnswer::Order(r)) if r.trade_state == TradeState::Success);
+                        if notified {
+                            registered(from, to, Source::Notify);
+                            seen.insert((from, to, Source::Notify));
+                        }
+                    }
+                }
+                // The scan closes only what `should_close` picks (open and expired).
+                let closes = if policy.should_close(&order, Utc::now()) {
+                    &[
+                        CloseAnswer::Closed,
+                        CloseAnswer::OrderPaid,
+                        CloseAnswer::OrderClosed,
+                        CloseAnswer::NotExist,
+                    ][..]
+                } else {
+                    &[]
+                };
+                for close in closes {
+                    let d = policy::decide_close(&order, &Ok(*close), Utc::now(), 0.5, &policy);
+                    if let Some(to) = d.as_ref().and_then(moved) {
+                        registered(from, to, Source::Expire);
+                        seen.insert((from, to, Source::Expire));
+                    }
+                }
+            }
+        }
+        // And nothing pre-registered is impossible (a zero series for it would be noise).
+        for s in &series {
+            assert!(
+                seen.contains(s),
+                "{s:?} is registered but the policy never makes it"
+            );
+        }
     }
 }

@@ -438,6 +438,22 @@ if missing:
     out("FAIL", f"{len(missing)} metrics named by the dashboard or the rules are not in the daemon's /metrics: {', '.join(missing)}")
 else:
     out("PASS", f"all {len(named)} metrics named by the dashboard and the rules are in the daemon's /metrics")
+
+# The merchant variable filters every dashboard query on a metric that has an mch_id label.
+with_mch = set()
+for line in open(metrics_path):
+    m = re.match(r"(wxpay_reconciler_\w+)\{[^}]*\bmch_id=", line)
+    if m:
+        with_mch.add(re.sub(r"_(bucket|sum|count)$", "", m.group(1)))
+unfiltered = []
+for where, expr in exprs:
+    for name, sel in re.findall(r"(wxpay_reconciler_\w+)(\{[^}]*\})?", expr):
+        if re.sub(r"_(bucket|sum|count)$", "", name) in with_mch and 'mch_id=~"$mch_id"' not in sel:
+            unfiltered.append(f"{where} ({name})")
+if unfiltered:
+    out("FAIL", f"{len(unfiltered)} dashboard queries ignore the $mch_id variable: {'; '.join(unfiltered)}")
+else:
+    out("PASS", f"every dashboard query on a metric with an mch_id label uses $mch_id ({len(with_mch)} such metrics)")
 sys.exit(1 if failures else 0)
 EOF
   ); then
