@@ -22,9 +22,7 @@ use wxpay_reconciler::daemon;
 use wxpay_reconciler::domain::{OrderState, Source, TransactionId};
 use wxpay_reconciler::reconcile::policy::Settlement;
 use wxpay_reconciler::sim::{self, RunningSimulator};
-use wxpay_reconciler::store::{
-    Change, ClaimRequest, Claimed, ConnectOptions, DatabaseUrl, Store,
-};
+use wxpay_reconciler::store::{Change, ClaimRequest, Claimed, ConnectOptions, DatabaseUrl, Store};
 use wxpay_reconciler::telemetry::Telemetry;
 use wxpay_reconciler::wxpay::{Fields, sign, xml};
 
@@ -225,9 +223,9 @@ async fn db_raw_rate(b: &Bench, n: u64, conc: usize) -> f64 {
             })
             .await
             .unwrap()
-                .into_iter()
-                .filter_map(Claimed::into_order)
-                .collect::<Vec<_>>();
+            .into_iter()
+            .filter_map(Claimed::into_order)
+            .collect::<Vec<_>>();
         if batch.is_empty() {
             break;
         }
@@ -337,9 +335,9 @@ async fn claim_time(db: Db, pg: Option<&str>, total: u64) -> Duration {
             })
             .await
             .unwrap()
-                .into_iter()
-                .filter_map(Claimed::into_order)
-                .collect::<Vec<_>>();
+            .into_iter()
+            .filter_map(Claimed::into_order)
+            .collect::<Vec<_>>();
         times.push(start.elapsed());
         assert_eq!(claimed.len(), 200);
         // Due again for the next round.

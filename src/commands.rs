@@ -109,7 +109,10 @@ pub async fn status(
     let paid_after_close = store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?;
     let oldest_read = store.oldest_open(oldest).await?;
     let oldest_rows: Vec<&OrderRow> = oldest_read.iter().filter_map(|r| r.as_ref().ok()).collect();
-    let unreadable: Vec<_> = oldest_read.iter().filter_map(|r| r.as_ref().err()).collect();
+    let unreadable: Vec<_> = oldest_read
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
     let set_aside = store.set_aside_orders(SET_ASIDE_SHOWN).await?;
     let count_of = |s: OrderState| {
         counts

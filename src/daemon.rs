@@ -404,11 +404,16 @@ async fn gauge_loop(
             stuck_before: now - gauges.stuck_after,
             expired_if_created_before: now - gauges.default_expiry,
         };
-        match store.open_summary(&request).await {
-            Ok(summary) => {
+        let read = async {
+            let summary = store.open_summary(&request).await?;
+            let attention = store.attention().await?;
+            Ok::<_, StoreError>((summary, attention))
+        };
+        match read.await {
+            Ok((summary, attention)) => {
                 health.db(true);
                 for mch in &merchants {
-                    let counts = summary
+                    let mut counts = summary
                         .iter()
                         .find(|s| &s.mch_id == mch)
                         .map(|s| OpenCounts {
@@ -422,6 +427,10 @@ async fn gauge_loop(
                             ..OpenCounts::default()
                         })
                         .unwrap_or_default();
+                    if let Some(a) = attention.iter().find(|a| &a.mch_id == mch) {
+                        counts.amount_mismatch = a.amount_mismatch;
+                        counts.set_aside = a.set_aside;
+                    }
                     telemetry.open_orders(mch, &counts);
                 }
             }

@@ -778,6 +778,8 @@ mod tests {
                 total_fee: total_fee.map(fee),
                 cash_fee: None,
                 time_end: Some(t0),
+                fee_type: None,
+                appid: None,
             }))
         };
         let policy = Policy::default();
@@ -797,6 +799,8 @@ mod tests {
                 let order = OrderView {
                     state: from,
                     total_fee: fee(100),
+                    fee_type: "CNY".into(),
+                    appid: "wxd930ea5d5a258f4f".into(),
                     created_at: t0,
                     expires_at,
                     query_count: 3,

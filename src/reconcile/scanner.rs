@@ -19,8 +19,8 @@ use super::policy::{self, OrderView, Policy};
 use super::settle::{self, Report, Settler, Verdict};
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::store::{
-    Applied, Backend, Change, ClaimRequest, Claimed, Guard, OrderRow, Store,
-    StoreError, UnreadableOrder, Write,
+    Applied, Backend, Change, ClaimRequest, Claimed, Guard, OrderRow, Store, StoreError,
+    UnreadableOrder, Write,
 };
 use crate::telemetry::Telemetry;
 use crate::wxpay::{
@@ -622,7 +622,10 @@ fn usable(row: &OrderRow, merchant: &Merchant) -> Result<OutTradeNo, String> {
         ));
     }
     if Fen::new(row.total_fee).is_err() {
-        return Err(format!("total_fee {} is not a payable amount", row.total_fee));
+        return Err(format!(
+            "total_fee {} is not a payable amount",
+            row.total_fee
+        ));
     }
     Ok(out_trade_no)
 }

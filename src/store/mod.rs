@@ -211,7 +211,10 @@ impl UnreadableOrder {
         UnreadableOrder {
             id: r.try_get("id").unwrap_or(-1),
             lease,
-            mch_id: r.try_get("mch_id").map(|m: String| crate::text::note(&m)).ok(),
+            mch_id: r
+                .try_get("mch_id")
+                .map(|m: String| crate::text::note(&m))
+                .ok(),
             out_trade_no: r
                 .try_get("out_trade_no")
                 .map(|m: String| crate::text::note(&m))

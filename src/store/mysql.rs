@@ -12,9 +12,8 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 // only; values are always bound parameters.
 
 use super::{
-    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
-    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
-    SetAsideRow,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
+    Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
     StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
 };
 use crate::domain::OrderState;

@@ -6,8 +6,7 @@ use std::str::FromStr;
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
-    PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueFormat, PgValueRef,
-    Postgres,
+    PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueFormat, PgValueRef, Postgres,
 };
 use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 
@@ -15,10 +14,9 @@ use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 // bound parameters.
 
 use super::{
-    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
-    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
-    SetAsideRow, StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered,
-    parse_state,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
+    Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
+    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -713,7 +711,10 @@ mod tests {
         assert_eq!(PgTime::from_micros(i64::MAX), PgTime::Infinity);
         assert_eq!(PgTime::from_micros(i64::MIN), PgTime::MinusInfinity);
         // About the year 287,000: PostgreSQL holds it (up to 294276), chrono does not.
-        assert_eq!(PgTime::from_micros(9_000_000_000_000_000_000), PgTime::OutOfRange);
+        assert_eq!(
+            PgTime::from_micros(9_000_000_000_000_000_000),
+            PgTime::OutOfRange
+        );
         assert_eq!(PgTime::from_micros(i64::MAX - 1), PgTime::OutOfRange);
         assert_eq!(PgTime::from_micros(i64::MIN + 1), PgTime::OutOfRange);
         match PgTime::from_micros(0) {
@@ -723,7 +724,10 @@ mod tests {
         assert!(PgTime::from_binary(&[1, 2, 3]).is_err());
         assert_eq!(PgTime::from_text("infinity"), PgTime::Infinity);
         assert_eq!(PgTime::from_text("-infinity"), PgTime::MinusInfinity);
-        assert!(matches!(PgTime::from_text("2026-12-01 10:30:00.5+08"), PgTime::At(_)));
+        assert!(matches!(
+            PgTime::from_text("2026-12-01 10:30:00.5+08"),
+            PgTime::At(_)
+        ));
     }
 
     proptest::proptest! {

@@ -15,9 +15,9 @@ use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
 // bound parameters.
 
 use super::{
-    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions,
-    EventRow, Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow,
-    SetAsideRow, StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
+    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
+    Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
+    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
 };
 use crate::domain::OrderState;
 
@@ -77,7 +77,11 @@ pub fn parse_sqlite_time(s: &str) -> Result<DateTime<Utc>, &'static str> {
         }
         // Nanoseconds from the first nine digits; further digits are below what is kept.
         for i in 0..9 {
-            nanos = nanos * 10 + frac.get(i).filter(|_| i < n).map_or(0, |d| u32::from(d - b'0'));
+            nanos = nanos * 10
+                + frac
+                    .get(i)
+                    .filter(|_| i < n)
+                    .map_or(0, |d| u32::from(d - b'0'));
         }
         rest = &frac[n..];
     }

@@ -14,8 +14,7 @@ use super::error::{ErrCode, WxPayError};
 use super::sign::{self, ApiKey};
 use super::xml::{self, Fields, MAX_BODY_BYTES};
 use crate::domain::{
-    Currency,
-    AppId, Fen, MchId, OutTradeNo, SignType, TradeState, TransactionId, parse_wechat_time,
+    AppId, Currency, Fen, MchId, OutTradeNo, SignType, TradeState, TransactionId, parse_wechat_time,
 };
 
 /// One merchant as the client needs it.
@@ -306,7 +305,10 @@ pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPay
 
 /// [`verify_envelope`] for a notification, whose sign type is its order's
 /// ([`sign::notification_sign_types`]: never weaker than the merchant's setting).
-pub fn verify_notification_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPayError> {
+pub fn verify_notification_envelope(
+    merchant: &Merchant,
+    fields: &Fields,
+) -> Result<(), WxPayError> {
     envelope(
         merchant,
         fields,

@@ -162,7 +162,11 @@ pub fn notification_sign_types(configured: SignType) -> &'static [SignType] {
 
 /// Checks a message signed with one of `accepted`: the one it declares in `sign_type`, or, when
 /// it declares none, whichever of them matches. Every comparison is in constant time.
-pub fn verify_any(fields: &Fields, key: &ApiKey, accepted: &[SignType]) -> Result<SignType, SignError> {
+pub fn verify_any(
+    fields: &Fields,
+    key: &ApiKey,
+    accepted: &[SignType],
+) -> Result<SignType, SignError> {
     let first = *accepted.first().ok_or(SignError::Invalid)?;
     if let Some(declared) = fields.get_nonempty("sign_type") {
         let Some(st) = accepted.iter().find(|st| st.as_str() == declared) else {
@@ -200,11 +204,23 @@ mod tests {
         sign_in_place(&mut md5, &key, SignType::Md5);
         let md5_merchant = notification_sign_types(SignType::Md5);
         let hmac_merchant = notification_sign_types(SignType::HmacSha256);
-        assert_eq!(verify_any(&hmac, &key, md5_merchant), Ok(SignType::HmacSha256));
-        assert_eq!(verify_any(&hmac_undeclared, &key, md5_merchant), Ok(SignType::HmacSha256));
+        assert_eq!(
+            verify_any(&hmac, &key, md5_merchant),
+            Ok(SignType::HmacSha256)
+        );
+        assert_eq!(
+            verify_any(&hmac_undeclared, &key, md5_merchant),
+            Ok(SignType::HmacSha256)
+        );
         assert_eq!(verify_any(&md5, &key, md5_merchant), Ok(SignType::Md5));
-        assert_eq!(verify_any(&hmac, &key, hmac_merchant), Ok(SignType::HmacSha256));
-        assert_eq!(verify_any(&md5, &key, hmac_merchant), Err(SignError::Invalid));
+        assert_eq!(
+            verify_any(&hmac, &key, hmac_merchant),
+            Ok(SignType::HmacSha256)
+        );
+        assert_eq!(
+            verify_any(&md5, &key, hmac_merchant),
+            Err(SignError::Invalid)
+        );
         let mut declared_md5 = md5.clone();
         declared_md5.insert("sign_type", "MD5");
         assert!(matches!(

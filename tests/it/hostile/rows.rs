@@ -36,7 +36,13 @@ struct Case {
     expect: Expect,
 }
 
-fn case(label: &'static str, column: &'static str, value: &str, legacy: bool, expect: Expect) -> Case {
+fn case(
+    label: &'static str,
+    column: &'static str,
+    value: &str,
+    legacy: bool,
+    expect: Expect,
+) -> Case {
     Case {
         label,
         column,
@@ -50,34 +56,130 @@ fn cases(kind: Kind) -> Vec<Case> {
     use Expect::*;
     let mut c = vec![
         case("plain", "total_fee", "100", false, Used),
-        case("other appid", "appid", "wxotherapp0000000001", false, SetAside),
+        case(
+            "other appid",
+            "appid",
+            "wxotherapp0000000001",
+            false,
+            SetAside,
+        ),
     ];
     match kind {
         Kind::Sqlite => c.extend([
             // What Python's sqlite3 writes for an aware datetime: stored as UTC by 0003.
-            case("offset", "expires_at", "2099-12-01 10:30:00+08:00", false, Used),
+            case(
+                "offset",
+                "expires_at",
+                "2099-12-01 10:30:00+08:00",
+                false,
+                Used,
+            ),
             case("Z", "expires_at", "2099-12-01 10:30:00Z", false, Used),
-            case("legacy offset", "expires_at", "2099-12-01 10:30:00+08:00", true, Used),
-            case("legacy Z created", "created_at", "2026-01-01 10:30:00.123456Z", true, Used),
-            case("legacy Feb 31", "expires_at", "2099-02-31 00:00:00", true, SetAside),
-            case("legacy 24h", "expires_at", "2099-12-01 24:00:00", true, SetAside),
-            case("legacy garbage", "expires_at", "2099-12-01 10:30:00 tomorrow", true, SetAside),
-            case("legacy garbage created", "created_at", "2026-01-01 10:30:00 ??", true, SetAside),
+            case(
+                "legacy offset",
+                "expires_at",
+                "2099-12-01 10:30:00+08:00",
+                true,
+                Used,
+            ),
+            case(
+                "legacy Z created",
+                "created_at",
+                "2026-01-01 10:30:00.123456Z",
+                true,
+                Used,
+            ),
+            case(
+                "legacy Feb 31",
+                "expires_at",
+                "2099-02-31 00:00:00",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy 24h",
+                "expires_at",
+                "2099-12-01 24:00:00",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy garbage",
+                "expires_at",
+                "2099-12-01 10:30:00 tomorrow",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy garbage created",
+                "created_at",
+                "2026-01-01 10:30:00 ??",
+                true,
+                SetAside,
+            ),
         ]),
         Kind::Postgres => c.extend([
             // PostgreSQL's ordinary "never": no expiry.
             case("infinity", "expires_at", "infinity", false, Used),
-            case("offset", "expires_at", "2099-12-01 10:30:00+08:00", false, Used),
-            case("legacy -infinity", "expires_at", "-infinity", true, SetAside),
-            case("legacy far future", "expires_at", "290000-01-01 00:00:00+00", true, SetAside),
-            case("legacy -infinity created", "created_at", "-infinity", true, SetAside),
-            case("legacy infinite paid_at", "paid_at", "infinity", true, SetAside),
+            case(
+                "offset",
+                "expires_at",
+                "2099-12-01 10:30:00+08:00",
+                false,
+                Used,
+            ),
+            case(
+                "legacy -infinity",
+                "expires_at",
+                "-infinity",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy far future",
+                "expires_at",
+                "290000-01-01 00:00:00+00",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy -infinity created",
+                "created_at",
+                "-infinity",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy infinite paid_at",
+                "paid_at",
+                "infinity",
+                true,
+                SetAside,
+            ),
         ]),
         Kind::Mysql => c.extend([
             // MySQL's own "no date": read as no expires_at (the default expiry applies).
-            case("legacy zero date", "expires_at", "0000-00-00 00:00:00", true, Used),
-            case("legacy zero month", "expires_at", "2099-00-10 00:00:00", true, SetAside),
-            case("legacy zero created", "created_at", "0000-00-00 00:00:00", true, SetAside),
+            case(
+                "legacy zero date",
+                "expires_at",
+                "0000-00-00 00:00:00",
+                true,
+                Used,
+            ),
+            case(
+                "legacy zero month",
+                "expires_at",
+                "2099-00-10 00:00:00",
+                true,
+                SetAside,
+            ),
+            case(
+                "legacy zero created",
+                "created_at",
+                "0000-00-00 00:00:00",
+                true,
+                SetAside,
+            ),
         ]),
     }
     c
@@ -93,7 +195,11 @@ async fn write(db: &TestDb, otn: &str, c: &Case) {
     let (appid, extra_col, extra_val) = match c.column {
         "appid" => (value.clone(), String::new(), String::new()),
         "total_fee" => (format!("'{APPID}'"), String::new(), String::new()),
-        column => (format!("'{APPID}'"), format!(", {column}"), format!(", {value}")),
+        column => (
+            format!("'{APPID}'"),
+            format!(", {column}"),
+            format!(", {value}"),
+        ),
     };
     let insert = format!(
         "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee{extra_col}) \
@@ -154,7 +260,10 @@ async fn one_bad_row_is_that_rows_problem() {
             + 1;
         assert_eq!(report.claimed, written.len() + 1, "{kind:?} {report:?}");
         let aside = e.db.store.set_aside_orders(100).await.unwrap();
-        assert_eq!(report.set_aside, set_aside_expected, "{kind:?} {report:?} {aside:#?}");
+        assert_eq!(
+            report.set_aside, set_aside_expected,
+            "{kind:?} {report:?} {aside:#?}"
+        );
 
         for (otn, c) in &written {
             match c.expect {
@@ -170,7 +279,9 @@ async fn one_bad_row_is_that_rows_problem() {
                         .unwrap_or_else(|| panic!("{kind:?} {} not set aside: {aside:?}", c.label));
                     assert_eq!(a.state, "NOTPAY", "{kind:?} {}", c.label);
                     assert!(
-                        a.reason.as_deref().is_some_and(|r| !r.is_empty() && r.len() < 2000),
+                        a.reason
+                            .as_deref()
+                            .is_some_and(|r| !r.is_empty() && r.len() < 2000),
                         "{kind:?} {}: {:?}",
                         c.label,
                         a.reason
@@ -179,11 +290,23 @@ async fn one_bad_row_is_that_rows_problem() {
                 }
             }
         }
-        let bad = aside.iter().find(|a| a.out_trade_no == bad_otn).expect("bad out_trade_no");
-        assert!(bad.reason.as_deref().unwrap().contains("out_trade_no"), "{bad:?}");
-        let other = written.iter().find(|(_, c)| c.label == "other appid").unwrap();
+        let bad = aside
+            .iter()
+            .find(|a| a.out_trade_no == bad_otn)
+            .expect("bad out_trade_no");
+        assert!(
+            bad.reason.as_deref().unwrap().contains("out_trade_no"),
+            "{bad:?}"
+        );
+        let other = written
+            .iter()
+            .find(|(_, c)| c.label == "other appid")
+            .unwrap();
         let other = aside.iter().find(|a| a.out_trade_no == other.0).unwrap();
-        assert!(other.reason.as_deref().unwrap().contains("appid"), "{other:?}");
+        assert!(
+            other.reason.as_deref().unwrap().contains("appid"),
+            "{other:?}"
+        );
 
         // Nothing set aside comes back; nothing else is left to do.
         let again = e.scan().await;
@@ -225,7 +348,13 @@ async fn times_the_application_writes_are_read_as_the_instants_they_name() {
         write(
             &db,
             &otn,
-            &case("offset", "expires_at", "2099-12-01 10:30:00+08:00", false, Expect::Used),
+            &case(
+                "offset",
+                "expires_at",
+                "2099-12-01 10:30:00+08:00",
+                false,
+                Expect::Used,
+            ),
         )
         .await;
         let legacy = unique_otn("tz").to_string();
@@ -233,7 +362,13 @@ async fn times_the_application_writes_are_read_as_the_instants_they_name() {
             write(
                 &db,
                 &legacy,
-                &case("legacy", "expires_at", "2099-12-01 10:30:00.5-01:30", true, Expect::Used),
+                &case(
+                    "legacy",
+                    "expires_at",
+                    "2099-12-01 10:30:00.5-01:30",
+                    true,
+                    Expect::Used,
+                ),
             )
             .await;
         }
@@ -248,7 +383,12 @@ async fn times_the_application_writes_are_read_as_the_instants_they_name() {
         }
         if kind == Kind::Postgres {
             let never = unique_otn("inf").to_string();
-            write(&db, &never, &case("inf", "expires_at", "infinity", false, Expect::Used)).await;
+            write(
+                &db,
+                &never,
+                &case("inf", "expires_at", "infinity", false, Expect::Used),
+            )
+            .await;
             let row = db.store.find(&never).await.unwrap().remove(0);
             assert_eq!(row.expires_at, None, "infinity is no expiry");
         }
@@ -300,7 +440,10 @@ async fn the_schema_refuses_from_now_on_what_cannot_be_meant() {
             &[],
         )
         .await;
-        assert_eq!(db.store.find(&otn.to_string()).await.unwrap()[0].fee_type, "USD");
+        assert_eq!(
+            db.store.find(&otn.to_string()).await.unwrap()[0].fee_type,
+            "USD"
+        );
         db.cleanup().await;
     }
 }
@@ -316,7 +459,11 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
     let mut values = Vec::new();
     for _ in 0..24 {
         let column = ["expires_at", "created_at", "out_trade_no", "appid"][values.len() % 4];
-        let pattern = if column.ends_with("_at") { timestamp } else { text };
+        let pattern = if column.ends_with("_at") {
+            timestamp
+        } else {
+            text
+        };
         let v = pattern.new_tree(&mut runner).unwrap().current();
         // Quotes doubled for the SQL literal; no backslash (an escape on MySQL) and no `$`
         // (the test's placeholder rewriting).
@@ -330,9 +477,19 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
         for (column, value) in &values {
             let otn = unique_otn("g").to_string();
             let (otn_sql, appid_sql, col, val) = match *column {
-                "out_trade_no" => (value.clone(), APPID.to_owned(), String::new(), String::new()),
+                "out_trade_no" => (
+                    value.clone(),
+                    APPID.to_owned(),
+                    String::new(),
+                    String::new(),
+                ),
                 "appid" => (otn.clone(), value.clone(), String::new(), String::new()),
-                c => (otn.clone(), APPID.to_owned(), format!(", {c}"), format!(", '{value}'")),
+                c => (
+                    otn.clone(),
+                    APPID.to_owned(),
+                    format!(", {c}"),
+                    format!(", '{value}'"),
+                ),
             };
             let insert = format!(
                 "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee{col}) \
@@ -345,7 +502,11 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
             }
         }
         let report = e.scan().await;
-        assert_eq!(report.claimed, report.settled + report.rescheduled + report.set_aside + report.noop, "{kind:?} {report:?}");
+        assert_eq!(
+            report.claimed,
+            report.settled + report.rescheduled + report.set_aside + report.noop,
+            "{kind:?} {report:?}"
+        );
         assert_eq!(report.abandoned, 0, "{kind:?} {report:?}");
         // Every row is now either set aside or was worked on (queried, rescheduled, closed).
         let aside = e.db.store.set_aside_orders(1000).await.unwrap();
@@ -364,6 +525,70 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
         }
         // The daemon's own reads of the table still work.
         commands::status(&e.settings, true, 100).await.unwrap();
+        e.finish().await;
+    }
+}
+
+/// The gauges of orders needing a person come from the database: they hold while the orders
+/// stay as they are (and survive a restart), unlike a counter's increase.
+#[tokio::test]
+async fn quarantined_and_set_aside_orders_are_gauged_from_the_table() {
+    for db in backends().await {
+        let kind = db.kind;
+        let e = Engine::new(db).await;
+        let quarantined = unique_otn("q").to_string();
+        write(
+            &e.db,
+            &quarantined,
+            &case("q", "total_fee", "100", false, Expect::Used),
+        )
+        .await;
+        e.db.exec(
+            "UPDATE wxpay_orders SET state = 'AMOUNT_MISMATCH' WHERE out_trade_no = $1",
+            &[&quarantined],
+        )
+        .await;
+        let aside = unique_otn("a").to_string();
+        write(
+            &e.db,
+            &aside,
+            &case(
+                "a",
+                "appid",
+                "wxotherapp0000000001",
+                false,
+                Expect::SetAside,
+            ),
+        )
+        .await;
+        e.scan().await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let daemon = wxpay_reconciler::daemon::Daemon::start(&e.settings, stop.clone())
+            .await
+            .unwrap();
+        let url = format!("http://{}/metrics", daemon.metrics_addr);
+        let running = tokio::spawn(daemon.wait());
+        let client = reqwest::Client::new();
+        let want = [
+            format!("wxpay_reconciler_amount_mismatch_orders{{mch_id=\"{MCH}\"}} 1"),
+            format!("wxpay_reconciler_set_aside_orders{{mch_id=\"{MCH}\"}} 1"),
+        ];
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = client.get(&url).send().await.unwrap().text().await.unwrap();
+            if want.iter().all(|w| text.lines().any(|l| l == w)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        for w in &want {
+            assert!(
+                text.lines().any(|l| l == w),
+                "{kind:?}: no `{w}` in\n{text}"
+            );
+        }
+        stop.cancel();
+        running.await.unwrap().unwrap();
         e.finish().await;
     }
 }
