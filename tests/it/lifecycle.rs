@@ -20,7 +20,7 @@ use crate::engine::{Engine, metric_value};
 use crate::helpers::{MD5_KEY, fixture, hmac_merchant, md5_merchant, merchant, unique_otn};
 
 /// A notify endpoint on a free port, for `store` and `merchants`; returns its URL.
-async fn serve_notify(e: &Engine) -> String {
+pub(crate) async fn serve_notify(e: &Engine) -> String {
     serve_notify_for(
         &e.db,
         e.telemetry.clone(),
@@ -76,7 +76,7 @@ async fn app_moves_the_order_during_a_scan(e: &Engine, otn: &str, state: &str) {
 }
 
 /// A payment notification as WeChat sends it, signed with the merchant's key and sign type.
-fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fields {
+pub(crate) fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fields {
     let mut f = Fields::new()
         .with("appid", m.appid.as_str())
         .with("bank_type", "CFT")
@@ -97,12 +97,12 @@ fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fiel
     f
 }
 
-fn body(f: &Fields) -> String {
+pub(crate) fn body(f: &Fields) -> String {
     xml::encode(f).unwrap()
 }
 
 /// POSTs a body; returns the HTTP status and WeChat's `return_code`.
-async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+pub(crate) async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
     let resp = reqwest::Client::new()
         .post(url)
         .header("content-type", "text/xml")
