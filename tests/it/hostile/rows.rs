@@ -441,7 +441,7 @@ async fn the_schema_refuses_from_now_on_what_cannot_be_meant() {
         )
         .await;
         assert_eq!(
-            db.store.find(&otn.to_string()).await.unwrap()[0].fee_type,
+            db.store.find(otn.as_ref()).await.unwrap()[0].fee_type,
             "USD"
         );
         db.cleanup().await;
