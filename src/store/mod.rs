@@ -15,7 +15,8 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
-pub use sqlite::InstanceLock;
+pub use postgres::PgTime;
+pub use sqlite::{InstanceLock, parse_sqlite_time};
 
 use std::fmt;
 use std::str::FromStr;
