@@ -93,6 +93,7 @@ pub mod names {
     pub const EXPIRED_OPEN_ORDERS: &str = "wxpay_reconciler_expired_open_orders";
     pub const PAID_AFTER_CLOSE: &str = "wxpay_reconciler_paid_after_close_total";
     pub const CONFIG_RELOADS: &str = "wxpay_reconciler_config_reloads_total";
+    pub const LISTENER_REFUSED: &str = "wxpay_reconciler_listener_refused_connections_total";
 }
 
 /// The `outcome` values of `notify_requests_total`.
@@ -244,6 +245,13 @@ impl Telemetry {
             describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by outcome");
             for outcome in ["ok", "error"] {
                 counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
+            }
+            describe_counter!(
+                LISTENER_REFUSED,
+                "Connections closed because their listener was at max_connections"
+            );
+            for listener in crate::listener::Listener::ALL {
+                counter!(LISTENER_REFUSED, "listener" => listener.as_str()).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
@@ -509,5 +517,11 @@ impl Telemetry {
             }
         };
         self.with(|| counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1));
+    }
+
+    /// A connection closed because its listener was at `max_connections` (the oldest one not
+    /// in a request, or the new one). Counted only: the listener logs it, rate-limited.
+    pub fn listener_refused(&self, listener: &'static str) {
+        self.with(|| counter!(names::LISTENER_REFUSED, "listener" => listener).increment(1));
     }
 }
