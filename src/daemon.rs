@@ -394,8 +394,9 @@ impl Daemon {
     /// panicked on its own.
     pub async fn wait(mut self) -> Result<(), DaemonError> {
         let failed = tokio::select! {
+            biased;
             _ = self.stop.cancelled() => None,
-            Some((task, result)) = self.tasks.next() => {
+            Some((task, result)) = self.tasks.next(), if !self.stop.is_cancelled() => {
                 let how = how_it_ended(&result);
                 // Readiness fails and the watchdog pings stop before anything else happens.
                 self.health.task_stopped(task);

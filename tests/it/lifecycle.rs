@@ -76,7 +76,7 @@ async fn app_moves_the_order_during_a_scan(e: &Engine, otn: &str, state: &str) {
 }
 
 /// A payment notification as WeChat sends it, signed with the merchant's key and sign type.
-fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fields {
+pub(crate) fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fields {
     let mut f = Fields::new()
         .with("appid", m.appid.as_str())
         .with("bank_type", "CFT")
@@ -97,12 +97,12 @@ fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &str) -> Fiel
     f
 }
 
-fn body(f: &Fields) -> String {
+pub(crate) fn body(f: &Fields) -> String {
     xml::encode(f).unwrap()
 }
 
 /// POSTs a body; returns the HTTP status and WeChat's `return_code`.
-async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+pub(crate) async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
     let resp = reqwest::Client::new()
         .post(url)
         .header("content-type", "text/xml")
