@@ -175,7 +175,14 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A connection that never finishes its request: nothing at all, or the start of one.
 async fn hold(addr: SocketAddr, partial: Option<&str>) -> TcpStream {
-    let mut conn = TcpStream::connect(addr).await.unwrap();
+    // The old listeners stopped accepting at the descriptor limit: the backlog filled up.
+    let mut conn = within(
+        "a connection to the listener",
+        Duration::from_secs(10),
+        TcpStream::connect(addr),
+    )
+    .await
+    .unwrap();
     if let Some(head) = partial {
         conn.write_all(head.as_bytes()).await.unwrap();
     }
