@@ -344,3 +344,41 @@ impl HttpBody for Tracked {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_oldest_connection_not_in_a_request_makes_room() {
+        let slots = Slots::default();
+        let (first, evicted) = slots.admit(1, 2).unwrap();
+        assert!(!evicted);
+        let (second, _) = slots.admit(2, 2).unwrap();
+        // The oldest is in a request: the next oldest goes.
+        let busy = Busy::enter(first.clone());
+        let (_third, evicted) = slots.admit(3, 2).unwrap();
+        assert!(evicted);
+        assert!(second.evict.is_cancelled() && !first.evict.is_cancelled());
+        assert_eq!(slots.lock().keys().copied().collect::<Vec<_>>(), [1, 3]);
+        // Every place in a request: the new connection is refused, nothing is evicted.
+        let _busy_too = Busy::enter(slots.lock()[&3].clone());
+        assert!(slots.admit(4, 2).is_none());
+        assert_eq!(slots.lock().len(), 2);
+        // A finished request makes its connection evictable again.
+        drop(busy);
+        assert!(slots.admit(5, 2).unwrap().1);
+        assert!(first.evict.is_cancelled());
+        slots.release(5);
+        assert_eq!(slots.lock().keys().copied().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_rate_limited_log_logs_the_first_and_counts_the_rest() {
+        let log = RateLimitedLog::new();
+        assert_eq!(log.admit(), Some(0));
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
+    }
+}
