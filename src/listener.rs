@@ -373,6 +373,52 @@ mod tests {
         assert_eq!(slots.lock().keys().copied().collect::<Vec<_>>(), [3]);
     }
 
+    #[tokio::test]
+    async fn a_full_size_notification_body_and_large_headers_pass_oversized_headers_do_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+        );
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(5),
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            Listener::Notify,
+            limits,
+            Telemetry::new([]),
+            stop.clone(),
+        ));
+        let client = crate::wxpay::client::http_client_builder().build().unwrap();
+        let post = |header: usize, body: usize| {
+            client
+                .post(format!("http://{addr}/"))
+                .header("x-pad", "a".repeat(header))
+                .body(vec![b'x'; body])
+                .send()
+        };
+        let ok = post(16 * 1024, crate::wxpay::xml::MAX_BODY_BYTES)
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(
+            ok.text().await.unwrap(),
+            crate::wxpay::xml::MAX_BODY_BYTES.to_string()
+        );
+        let refused = post(MAX_BUF_BYTES + 1, 10).await.unwrap();
+        assert_eq!(refused.status(), 431);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn a_rate_limited_log_logs_the_first_and_counts_the_rest() {
         let log = RateLimitedLog::new();
