@@ -52,9 +52,6 @@ pub enum DaemonError {
     },
 }
 
-/// The daemon's tasks, by the name logs, `/readyz` and [`DaemonError::TaskFailed`] use.
-pub const TASKS: [&str; 4] = ["metrics", "notify", "scan", "gauges"];
-
 /// How a test makes a task fail ([`TaskHooks::fail`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +89,8 @@ impl TaskHooks {
     }
 }
 
-/// The daemon's tasks, each known by name.
+/// The daemon's tasks, each known by the name logs, `/readyz` and [`DaemonError::TaskFailed`]
+/// use: `metrics`, `notify`, `scan`, `gauges`.
 struct Tasks {
     set: JoinSet<()>,
     names: HashMap<tokio::task::Id, &'static str>,
