@@ -56,12 +56,50 @@ pub struct Settings {
 }
 
 /// `[notify]`: WeChat's payment notifications, received directly (off unless `listen` is set).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifySettings {
     /// Serves `POST /wxpay/v2/notify` (behind the merchant's HTTPS reverse proxy).
     pub listen: Option<SocketAddr>,
+    /// Connections open at once; beyond it the oldest not in a request is closed.
+    pub max_connections: u32,
+    /// A request's headers (and a keep-alive connection's next request) must arrive within it.
+    pub header_timeout_seconds: u64,
 }
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            listen: None,
+            max_connections: 256,
+            header_timeout_seconds: 10,
+        }
+    }
+}
+
+impl NotifySettings {
+    pub fn limits(&self) -> crate::listener::Limits {
+        listener_limits(self.max_connections, self.header_timeout_seconds)
+    }
+}
+
+impl MetricsSettings {
+    pub fn limits(&self) -> crate::listener::Limits {
+        listener_limits(self.max_connections, self.header_timeout_seconds)
+    }
+}
+
+fn listener_limits(max_connections: u32, header_timeout_seconds: u64) -> crate::listener::Limits {
+    crate::listener::Limits {
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_secs(header_timeout_seconds),
+    }
+}
+
+/// The range of `max_connections` of a listener (well below systemd's `LimitNOFILE=65536`).
+const MAX_CONNECTIONS: std::ops::RangeInclusive<u32> = 1..=10_000;
+/// The range of `header_timeout_seconds` of a listener.
+const HEADER_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=300;
 
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +190,10 @@ pub struct MetricsSettings {
     pub refresh_seconds: u64,
     /// `/readyz` fails when no scan completed for this long.
     pub ready_max_scan_age_seconds: u64,
+    /// Connections open at once; beyond it the oldest not in a request is closed.
+    pub max_connections: u32,
+    /// A request's headers (and a keep-alive connection's next request) must arrive within it.
+    pub header_timeout_seconds: u64,
 }
 
 impl Default for MetricsSettings {
@@ -161,6 +203,8 @@ impl Default for MetricsSettings {
             stuck_after_seconds: 300,
             refresh_seconds: 15,
             ready_max_scan_age_seconds: 120,
+            max_connections: 64,
+            header_timeout_seconds: 10,
         }
     }
 }
@@ -394,6 +438,35 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             "metrics.ready_max_scan_age_seconds",
             "must be at least 1".into(),
         ));
+    }
+    for (section, max_connections, header_timeout_seconds) in [
+        ("metrics", m.max_connections, m.header_timeout_seconds),
+        (
+            "notify",
+            raw.notify.max_connections,
+            raw.notify.header_timeout_seconds,
+        ),
+    ] {
+        if !MAX_CONNECTIONS.contains(&max_connections) {
+            return Err(invalid(
+                &format!("{section}.max_connections"),
+                format!(
+                    "must be {} to {}",
+                    MAX_CONNECTIONS.start(),
+                    MAX_CONNECTIONS.end()
+                ),
+            ));
+        }
+        if !HEADER_TIMEOUT_SECONDS.contains(&header_timeout_seconds) {
+            return Err(invalid(
+                &format!("{section}.header_timeout_seconds"),
+                format!(
+                    "must be {} to {}",
+                    HEADER_TIMEOUT_SECONDS.start(),
+                    HEADER_TIMEOUT_SECONDS.end()
+                ),
+            ));
+        }
     }
 
     let base_dir = path.parent().unwrap_or(Path::new("."));
@@ -654,6 +727,18 @@ mod tests {
             ("[schedule]\nlease_seconds = 5\n", "schedule.lease_seconds"),
             ("[database]\nurl = \"oracle://x\"\n", "database.url"),
             ("[metrics]\nlisten = \"not an address\"\n", "metrics.listen"),
+            (
+                "[metrics]\nmax_connections = 0\n",
+                "metrics.max_connections",
+            ),
+            (
+                "[notify]\nheader_timeout_seconds = 0\n",
+                "notify.header_timeout_seconds",
+            ),
+            (
+                "[notify]\nmax_connections = 20000\n",
+                "notify.max_connections",
+            ),
             (
                 "[metrics]\nlisten = \"127.0.0.1:9187\"\n[notify]\nlisten = \"127.0.0.1:9187\"\n",
                 "notify.listen",

@@ -1,20 +1,27 @@
 //! `wxpay-reconciler run`: the scheduler, the scan loop, the gauge refresher, the HTTP
 //! listener and the optional notify listener as tasks of one `JoinSet`, stopped through one `CancellationToken` and drained
 //! within [`DRAIN_DEADLINE`](crate::shutdown::DRAIN_DEADLINE).
+//!
+//! The tasks are supervised: one that ends or panics while the daemon is not stopping is
+//! logged at once, fails `/readyz` ("task X stopped"), stops the systemd watchdog pings, and
+//! the daemon drains the rest and [`Daemon::wait`] returns [`DaemonError::TaskFailed`], so that
+//! `run` exits non-zero and systemd restarts it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinError, JoinSet};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::http::{self, Health};
+use crate::listener::{self, Listener};
 use crate::notify::{self, NotifyApp};
 use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
@@ -37,6 +44,107 @@ pub enum DaemonError {
     Scheduler(String),
     #[error("WeChat Pay client: {0}")]
     Client(#[from] WxPayError),
+    /// A task ended or panicked while the daemon was running; the rest was drained.
+    #[error("task {task} {how} while the daemon was running; stopped so that it can be restarted")]
+    TaskFailed {
+        task: &'static str,
+        how: &'static str,
+    },
+}
+
+/// How a test makes a task fail ([`TaskHooks::fail`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskFailure {
+    /// The task's future returns, as if its loop had ended.
+    End,
+    /// The task panics.
+    Panic,
+}
+
+/// A test hook, and nothing else: makes one of the daemon's tasks end or panic, so that tests
+/// can watch the supervision (the daemon has no real way to lose a task on purpose). The
+/// binary uses it only in debug builds, through `WXPAY_RECONCILER_TEST_FAIL_TASK`.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TaskHooks {
+    fail: Arc<Mutex<HashMap<&'static str, oneshot::Sender<TaskFailure>>>>,
+}
+
+impl std::fmt::Debug for TaskHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHooks").finish_non_exhaustive()
+    }
+}
+
+impl TaskHooks {
+    /// Makes `task` fail as `how`; false when there is no such task (or it was already used).
+    pub fn fail(&self, task: &str, how: TaskFailure) -> bool {
+        let sender = self
+            .fail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(task);
+        sender.is_some_and(|s| s.send(how).is_ok())
+    }
+}
+
+/// The daemon's tasks, each known by the name logs, `/readyz` and [`DaemonError::TaskFailed`]
+/// use: `metrics`, `notify`, `scan`, `gauges`.
+struct Tasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+    hooks: TaskHooks,
+}
+
+impl Tasks {
+    fn new() -> Tasks {
+        Tasks {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+            hooks: TaskHooks::default(),
+        }
+    }
+
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let (fail_tx, fail_rx) = oneshot::channel();
+        self.hooks
+            .fail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, fail_tx);
+        let handle = self.set.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                Ok(how) = fail_rx => match how {
+                    TaskFailure::End => {}
+                    TaskFailure::Panic => panic!("task {name}: panic injected by a test hook"),
+                },
+            }
+        });
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to finish: its name and how it ended (`None` when there are none left).
+    async fn next(&mut self) -> Option<(&'static str, Result<(), JoinError>)> {
+        let joined = self.set.join_next_with_id().await?;
+        let id = match &joined {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let name = self.names.remove(&id).unwrap_or("unknown");
+        Some((name, joined.map(|_| ())))
+    }
+}
+
+/// "ended", "panicked" or "was cancelled" (a panic's message is on stderr already, from the
+/// panic hook).
+fn how_it_ended(result: &Result<(), JoinError>) -> &'static str {
+    match result {
+        Ok(()) => "ended",
+        Err(e) if e.is_panic() => "panicked",
+        Err(_) => "was cancelled",
+    }
 }
 
 /// Opens the configured database (`create_if_missing` only for `migrate`).
@@ -94,7 +202,12 @@ pub struct Daemon {
     /// Applies a reloaded configuration (SIGHUP).
     pub reloader: Reloader,
     stop: CancellationToken,
-    tasks: JoinSet<()>,
+    /// Stops the scan, the gauges and the notify listener (a child of `stop`).
+    work_stop: CancellationToken,
+    /// Stops the metrics listener (a child of `stop`): after the others when a task failed,
+    /// so that `/readyz` tells why while they drain.
+    metrics_stop: CancellationToken,
+    tasks: Tasks,
     scheduler: JobScheduler,
     /// SQLite: held while running, so a second daemon on the same file refuses to start.
     _instance_lock: Option<InstanceLock>,
@@ -137,17 +250,20 @@ impl Daemon {
                 source,
             })?;
 
-        let mut tasks = JoinSet::new();
-        let app = http::router(telemetry.clone(), health.clone());
-        let http_stop = stop.clone();
-        tasks.spawn(async move {
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(%error, "metrics listener failed");
-            }
-        });
+        let mut tasks = Tasks::new();
+        let work_stop = stop.child_token();
+        let metrics_stop = stop.child_token();
+        tasks.spawn(
+            "metrics",
+            listener::serve(
+                listener,
+                http::router(telemetry.clone(), health.clone()),
+                Listener::Metrics,
+                settings.metrics.limits(),
+                telemetry.clone(),
+                metrics_stop.clone(),
+            ),
+        );
 
         let notify_addr = match settings.notify.listen {
             Some(addr) => {
@@ -163,15 +279,17 @@ impl Daemon {
                     policy(settings),
                     &settings.merchants,
                 )));
-                let notify_stop = stop.clone();
-                tasks.spawn(async move {
-                    if let Err(error) = axum::serve(listener, app)
-                        .with_graceful_shutdown(notify_stop.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(%error, "notify listener failed");
-                    }
-                });
+                tasks.spawn(
+                    "notify",
+                    listener::serve(
+                        listener,
+                        app,
+                        Listener::Notify,
+                        settings.notify.limits(),
+                        telemetry.clone(),
+                        work_stop.clone(),
+                    ),
+                );
                 Some(bound)
             }
             None => None,
@@ -180,26 +298,32 @@ impl Daemon {
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let scanning = Arc::new(AtomicBool::new(false));
         let (scanner_tx, scanner_rx) = watch::channel(scanner);
-        tasks.spawn(scan_loop(
-            scanner_rx,
-            tick_rx,
-            scanning.clone(),
-            health.clone(),
-            stop.clone(),
-        ));
+        tasks.spawn(
+            "scan",
+            scan_loop(
+                scanner_rx,
+                tick_rx,
+                scanning.clone(),
+                health.clone(),
+                work_stop.clone(),
+            ),
+        );
         let (gauges_tx, gauges_rx) = watch::channel(GaugeSettings::of(settings));
-        tasks.spawn(gauge_loop(
-            store.clone(),
-            settings
-                .merchants
-                .iter()
-                .map(|m| m.mch_id.to_string())
-                .collect(),
-            gauges_rx,
-            telemetry.clone(),
-            health.clone(),
-            stop.clone(),
-        ));
+        tasks.spawn(
+            "gauges",
+            gauge_loop(
+                store.clone(),
+                settings
+                    .merchants
+                    .iter()
+                    .map(|m| m.mch_id.to_string())
+                    .collect(),
+                gauges_rx,
+                telemetry.clone(),
+                health.clone(),
+                work_stop.clone(),
+            ),
+        );
 
         let scheduler = JobScheduler::new()
             .await
@@ -248,35 +372,73 @@ impl Daemon {
             health,
             reloader,
             stop,
+            work_stop,
+            metrics_stop,
             tasks,
             scheduler,
             _instance_lock: instance_lock,
         })
     }
 
-    /// Waits for the stop token, then stops claiming, lets in-flight queries finish within
-    /// [`DRAIN_DEADLINE`] (abandoned ones come back when their lease passes) and returns.
+    /// The test hook that makes a task fail ([`TaskHooks`]).
+    #[doc(hidden)]
+    pub fn task_hooks(&self) -> TaskHooks {
+        self.tasks.hooks.clone()
+    }
+
+    /// Runs until the stop token fires or a task ends, then stops claiming, lets in-flight
+    /// queries finish within [`DRAIN_DEADLINE`] (abandoned ones come back when their lease
+    /// passes) and returns: `Ok` after a stop, [`DaemonError::TaskFailed`] after a task ended or
+    /// panicked on its own.
     pub async fn wait(mut self) -> Result<(), DaemonError> {
-        self.stop.cancelled().await;
+        let failed = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => None,
+            Some((task, result)) = self.tasks.next(), if !self.stop.is_cancelled() => {
+                let how = how_it_ended(&result);
+                // Readiness fails and the watchdog pings stop before anything else happens.
+                self.health.task_stopped(task);
+                tracing::error!(task, how, "a task of the daemon stopped while it was running; /readyz fails, the systemd watchdog is no longer fed, draining and exiting");
+                Some(DaemonError::TaskFailed { task, how })
+            }
+        };
         systemd::stopping();
+        // After a failure the metrics listener answers (/readyz: not ready, and why) until the
+        // rest has drained.
+        self.work_stop.cancel();
+        if failed.is_none() {
+            self.metrics_stop.cancel();
+        }
         if let Err(error) = self.scheduler.shutdown().await {
             tracing::warn!(%error, "scheduler did not stop cleanly");
         }
         let tasks = &mut self.tasks;
+        let metrics_stop = &self.metrics_stop;
         let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
-            while let Some(joined) = tasks.join_next().await {
-                if let Err(error) = joined {
-                    tracing::error!(%error, "task failed");
+            loop {
+                if tasks.names.values().all(|name| *name == "metrics") {
+                    metrics_stop.cancel();
+                }
+                let Some((task, result)) = tasks.next().await else {
+                    break;
+                };
+                if let Err(error) = result {
+                    tracing::error!(task, %error, "task failed while draining");
                 }
             }
         })
         .await;
         if drained.is_err() {
             tracing::warn!(deadline = ?DRAIN_DEADLINE, "in-flight work abandoned at the drain deadline; its leases will expire");
-            self.tasks.abort_all();
+            self.tasks.set.abort_all();
         }
+        // Ends what else watches the token (the SIGHUP handler of `run`).
+        self.stop.cancel();
         tracing::info!("reconciler stopped");
-        Ok(())
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -299,7 +461,7 @@ async fn scan_loop(
         tokio::select! {
             tick = ticks.recv() => if tick.is_none() { break },
             _ = pet.tick() => {
-                systemd::watchdog();
+                pet_watchdog(&health);
                 continue;
             }
             _ = stop.cancelled() => break,
@@ -322,7 +484,7 @@ async fn scan_loop(
                         last_progress.load(Ordering::Relaxed),
                     ));
                     if stalled <= stall_limit {
-                        systemd::watchdog();
+                        pet_watchdog(&health);
                     } else {
                         tracing::error!(stalled_seconds = stalled.as_secs(), "scan made no progress for two leases; leaving the systemd watchdog to restart the daemon");
                     }
@@ -350,6 +512,14 @@ async fn scan_loop(
             }
         }
         scanning.store(false, Ordering::Release);
+        pet_watchdog(&health);
+    }
+}
+
+/// WATCHDOG=1, unless a task of the daemon has stopped: then systemd is left to notice (if
+/// the daemon does not exit first).
+fn pet_watchdog(health: &Health) {
+    if health.failed_task().is_none() {
         systemd::watchdog();
     }
 }
@@ -591,7 +761,7 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if format!("{:?}", old.metrics) != format!("{:?}", new.metrics) {
         changed.push("metrics");
     }
-    if old.notify.listen != new.notify.listen {
+    if format!("{:?}", old.notify) != format!("{:?}", new.notify) {
         changed.push("notify");
     }
     changed

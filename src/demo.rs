@@ -132,6 +132,7 @@ pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Setti
         },
         notify: NotifySettings {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..NotifySettings::default()
         },
         log: LogSettings::default(),
     }

@@ -1,8 +1,9 @@
 //! The operator's HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process answers)
-//! and `/readyz` (the database answered recently and a scan completed recently).
+//! and `/readyz` (every task of the daemon runs, the database answered recently and a scan
+//! completed recently).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,6 +21,8 @@ pub struct Health {
     last_scan_ok_ms: AtomicI64,
     started_ms: i64,
     max_scan_age: Duration,
+    /// The first task of the daemon that stopped while it ran (`Daemon::wait`).
+    failed_task: OnceLock<&'static str>,
 }
 
 fn now_ms() -> i64 {
@@ -33,7 +36,18 @@ impl Health {
             last_scan_ok_ms: AtomicI64::new(0),
             started_ms: now_ms(),
             max_scan_age,
+            failed_task: OnceLock::new(),
         })
+    }
+
+    /// A task of the daemon ended or panicked: not ready from now on.
+    pub fn task_stopped(&self, task: &'static str) {
+        let _first = self.failed_task.set(task);
+    }
+
+    /// The task that stopped, if one did.
+    pub fn failed_task(&self) -> Option<&'static str> {
+        self.failed_task.get().copied()
     }
 
     pub fn db(&self, ok: bool) {
@@ -47,6 +61,9 @@ impl Health {
 
     /// `Ok` when ready, else why not.
     pub fn readiness(&self) -> Result<(), String> {
+        if let Some(task) = self.failed_task() {
+            return Err(format!("task {task} stopped"));
+        }
         if !self.db_ok.load(Ordering::Relaxed) {
             return Err("database unreachable".into());
         }

@@ -8,6 +8,7 @@
 //! - [`store`]: the only module with SQL (SQLite, PostgreSQL, MySQL/MariaDB).
 //! - [`daemon`]: `run`: scheduler, scan loop, gauges, HTTP, drained through one token.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`listener`]: the accept loop of both listeners: timeouts and a connection cap.
 //! - [`notify`]: `POST /wxpay/v2/notify`, WeChat's payment notifications, on its own listener.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
 //! - [`sim`]: a WeChat Pay v2 server for tests, the demo, benchmarks and staging.
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod demo;
 pub mod domain;
 pub mod http;
+pub mod listener;
 pub mod notify;
 pub mod reconcile;
 pub mod shutdown;

@@ -113,6 +113,33 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// A test hook of debug builds only: with `WXPAY_RECONCILER_TEST_FAIL_TASK=TASK:end|panic`,
+/// SIGUSR1 makes that task of the daemon end or panic (tests/it/hostile/tasks.rs watches what
+/// the supervision does then). Release builds do not read the variable.
+#[cfg(debug_assertions)]
+fn fail_task_on_sigusr1(daemon: &daemon::Daemon) -> anyhow::Result<()> {
+    let Ok(spec) = std::env::var("WXPAY_RECONCILER_TEST_FAIL_TASK") else {
+        return Ok(());
+    };
+    let (task, how) = match spec.split_once(':') {
+        Some((task, "end")) => (task.to_owned(), daemon::TaskFailure::End),
+        Some((task, "panic")) => (task.to_owned(), daemon::TaskFailure::Panic),
+        _ => anyhow::bail!(
+            "WXPAY_RECONCILER_TEST_FAIL_TASK={spec:?}: expected TASK:end or TASK:panic"
+        ),
+    };
+    let hooks = daemon.task_hooks();
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot install the SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::warn!(task, ?how, "SIGUSR1: test hook fails a task");
+            hooks.fail(&task, how);
+        }
+    });
+    Ok(())
+}
+
 fn load(cli: &Cli) -> anyhow::Result<config::Settings> {
     let path = config::resolve_path(cli.config.as_deref());
     Ok(config::load(&path)?)
@@ -132,6 +159,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stop = shutdown::on_signals().context("cannot install signal handlers")?;
             let mut hangups = shutdown::hangups().context("cannot install signal handlers")?;
             let daemon = daemon::Daemon::start(&settings, stop.clone()).await?;
+            #[cfg(debug_assertions)]
+            fail_task_on_sigusr1(&daemon)?;
             let reloader = daemon.reloader.clone();
             // SIGHUP (`systemctl reload`): read the file again and apply what can be applied.
             tokio::spawn(async move {

@@ -95,6 +95,7 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "wxpay_reconciler_config_reloads_total";
     pub const AMOUNT_MISMATCH_ORDERS: &str = "wxpay_reconciler_amount_mismatch_orders";
     pub const SET_ASIDE_ORDERS: &str = "wxpay_reconciler_set_aside_orders";
+    pub const LISTENER_REFUSED: &str = "wxpay_reconciler_listener_refused_connections_total";
 }
 
 /// The `outcome` values of `notify_requests_total`.
@@ -314,6 +315,13 @@ impl Telemetry {
             );
             for outcome in ["ok", "error"] {
                 counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
+            }
+            describe_counter!(
+                LISTENER_REFUSED,
+                "Connections closed because their listener was at max_connections"
+            );
+            for listener in crate::listener::Listener::ALL {
+                counter!(LISTENER_REFUSED, "listener" => listener.as_str()).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
@@ -628,6 +636,12 @@ impl Telemetry {
             }
         };
         self.with(|| counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1));
+    }
+
+    /// A connection closed because its listener was at `max_connections` (the oldest one not
+    /// in a request, or the new one). Counted only: the listener logs it, rate-limited.
+    pub fn listener_refused(&self, listener: &'static str) {
+        self.with(|| counter!(names::LISTENER_REFUSED, "listener" => listener).increment(1));
     }
 }
 

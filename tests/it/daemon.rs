@@ -18,10 +18,10 @@ use crate::db::{Kind, backends};
 use crate::engine::{Engine, metric_value};
 use crate::helpers::{TestSim, md5_merchant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
 
 /// Writes a config for `db_url` and `sim_url` (the default simulator merchants, keys in files).
-fn write_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf {
     std::fs::write(dir.join("md5.key"), crate::helpers::MD5_KEY).unwrap();
     std::fs::write(dir.join("hmac.key"), crate::helpers::HMAC_KEY).unwrap();
     let path = dir.join("config.toml");
@@ -131,7 +131,7 @@ fn spawn_run_logging(
     (child, addr, lines)
 }
 
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let client = wxpay_reconciler::wxpay::client::http_client_builder()
         .build()
         .unwrap();
@@ -154,7 +154,7 @@ fn wait_exit(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
     }
 }
 
-async fn wait_for(what: &str, bound: Duration, mut check: impl AsyncFnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, bound: Duration, mut check: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !check().await {
         assert!(start.elapsed() < bound, "timed out waiting for {what}");
@@ -492,15 +492,15 @@ async fn a_database_outage_mid_run_is_survived_and_caught_up() {
 }
 
 /// What the real binary told systemd through `$NOTIFY_SOCKET`, each with when it arrived.
-struct SystemdListener {
+pub(crate) struct SystemdListener {
     received: Arc<Mutex<Vec<(Instant, String)>>>,
     done: Arc<std::sync::atomic::AtomicBool>,
     reader: std::thread::JoinHandle<()>,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl SystemdListener {
-    fn bind(dir: &Path) -> SystemdListener {
+    pub(crate) fn bind(dir: &Path) -> SystemdListener {
         use std::os::unix::net::UnixDatagram;
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
@@ -529,12 +529,23 @@ impl SystemdListener {
         }
     }
 
-    fn has(&self, what: &str) -> bool {
+    pub(crate) fn has(&self, what: &str) -> bool {
         self.received
             .lock()
             .unwrap()
             .iter()
             .any(|(_, m)| m.contains(what))
+    }
+
+    /// When each message containing `what` arrived.
+    pub(crate) fn times_of(&self, what: &str) -> Vec<Instant> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| m.contains(what))
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// The longest time between two WATCHDOG=1 in `[from, to]` (the window's edges count).
@@ -552,7 +563,7 @@ impl SystemdListener {
         times.windows(2).map(|w| w[1] - w[0]).max().unwrap()
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         self.done.store(true, std::sync::atomic::Ordering::Relaxed);
         self.reader.join().unwrap();
     }
