@@ -17,6 +17,11 @@ use super::{
 };
 use crate::domain::OrderState;
 
+/// The driver's options for `url`; its errors never show the password.
+pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url.expose()).map_err(|e| url.config_error(e))
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 #[derive(Debug, Clone)]
@@ -26,9 +31,7 @@ pub struct PgStore {
 
 impl PgStore {
     pub fn connect(options: &ConnectOptions) -> Result<PgStore, StoreError> {
-        let connect = PgConnectOptions::from_str(options.url.expose())
-            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?
-            .application_name("wxpay-reconciler");
+        let connect = self::options(&options.url)?.application_name("wxpay-reconciler");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
