@@ -30,10 +30,17 @@ fn filter(level: &str) -> EnvFilter {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     // tokio-cron-scheduler logs a spurious ERROR ("Error receiving job removal Closed") from
     // this module whenever it shuts down; an operator must not see an error on every stop.
-    match "tokio_cron_scheduler::simple::to_code=off".parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    }
+    // sqlx's PostgreSQL URL parser warns with the value of an unknown parameter (a mistyped
+    // `pasword=`) and with whole lines of `.pgpass`: secrets (store::postgres says which).
+    [
+        "tokio_cron_scheduler::simple::to_code=off",
+        "sqlx_postgres::options=off",
+    ]
+    .into_iter()
+    .fold(filter, |f, d| match d.parse() {
+        Ok(directive) => f.add_directive(directive),
+        Err(_) => f,
+    })
 }
 
 /// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.

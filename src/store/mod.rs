@@ -66,7 +66,15 @@ impl DatabaseUrl {
         let backend = self.backend()?;
         match backend {
             Backend::Sqlite => sqlite::options(self).map(|_| ()),
-            Backend::Postgres => postgres::options(self).map(|_| ()),
+            Backend::Postgres => {
+                for p in postgres::unknown_parameters(self) {
+                    tracing::warn!(
+                        parameter = %crate::text::quote(&p),
+                        "database.url: ignoring an unknown connection parameter (its value is not shown)"
+                    );
+                }
+                postgres::options(self).map(|_| ())
+            }
             Backend::Mysql => mysql::options(self).map(|_| ()),
         }?;
         Ok(backend)
@@ -106,8 +114,40 @@ impl DatabaseUrl {
     }
 }
 
+/// Connection parameters of the three drivers whose values are shown in a redacted URL.
+const PLAIN_PARAMETERS: [&str; 27] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    "options",
+    "socket",
+    "timezone",
+    "charset",
+    "collation",
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+    "connect_timeout",
+];
+
 /// The byte ranges of `url` that are secret, in order and disjoint: the password of the
-/// userinfo (`scheme://user:PASSWORD@host`) and the values of `password=` parameters. Found by
+/// userinfo (`scheme://user:PASSWORD@host`) and the values of parameters that may hold one
+/// (any but [`PLAIN_PARAMETERS`]). Found by
 /// hand, so that a URL no parser accepts (a port out of range, a bad IPv6 literal or host
 /// character, an unencoded `/` in the password) is redacted too; on doubt more is hidden.
 fn secret_spans(url: &str) -> Vec<std::ops::Range<usize>> {
@@ -133,18 +173,20 @@ fn secret_spans(url: &str) -> Vec<std::ops::Range<usize>> {
     {
         spans.push(start + colon + 1..start + end);
     }
-    let lower = url.to_ascii_lowercase();
-    for sep in ["?password=", "&password="] {
-        let mut from = 0;
-        while let Some(i) = lower[from..].find(sep) {
-            let value = from + i + sep.len();
-            let end = url[value..]
-                .find(['&', '#'])
-                .map_or(url.len(), |j| value + j);
-            if value < end {
-                spans.push(value..end);
+    // Parameters: the value of any but those known to hold no secret (`password=`, and a
+    // mistyped `pasword=` the driver would ignore) is hidden.
+    if let Some(q) = url.find('?') {
+        let query_end = url[q..].find('#').map_or(url.len(), |i| q + i);
+        let mut at = q + 1;
+        for pair in url[q + 1..query_end].split('&') {
+            if let Some((name, value)) = pair.split_once('=')
+                && !value.is_empty()
+                && !PLAIN_PARAMETERS.contains(&name.to_ascii_lowercase().as_str())
+            {
+                let value_start = at + name.len() + 1;
+                spans.push(value_start..value_start + value.len());
             }
-            from = value;
+            at += pair.len() + 1;
         }
     }
     spans.sort_by_key(|s| s.start);
@@ -713,6 +755,10 @@ mod tests {
                 "postgres://db/x?sslmode=require&password=***",
             ),
             ("postgres://app@db/x", "postgres://app@db/x"),
+            (
+                "postgres://app@db/x?application_name=a&pasword=pw123#f",
+                "postgres://app@db/x?application_name=a&pasword=***#f",
+            ),
             (
                 "sqlite:///var/lib/x.db?mode=rwc",
                 "sqlite:///var/lib/x.db?mode=rwc",

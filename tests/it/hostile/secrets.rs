@@ -205,3 +205,26 @@ fn an_api_key_where_its_file_variable_or_credential_name_belongs_is_never_echoed
     let err = fails(&cfg, "check-config", &[]);
     assert!(err.contains("WXPAY_MD5_KEY"), "{err}");
 }
+
+#[test]
+fn a_mistyped_password_parameter_is_named_but_its_value_never_logged() {
+    let dir = dir_with_key();
+    let cfg = dir.path().join("config.toml");
+    // sqlx warns about a parameter it does not know with its value; `sslmode=bogus` then makes
+    // the URL fail before any connection is tried.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"postgres://app@db/shop?pasword={PASSWORD}&sslmode=bogus\"\n{MERCHANT}"
+        ),
+    )
+    .unwrap();
+    for command in ["check-config", "migrate", "run"] {
+        let err = fails(&cfg, command, &[]);
+        assert!(!err.contains(PASSWORD), "{command}: {err}");
+        assert!(
+            err.contains("pasword"),
+            "{command}: the parameter is named: {err}"
+        );
+    }
+}
