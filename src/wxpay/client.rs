@@ -303,8 +303,8 @@ pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPay
             return Err(WxPayError::BadField {
                 field: "return_code",
                 reason: format!(
-                    "{:?} is neither SUCCESS nor FAIL",
-                    other.unwrap_or_default()
+                    "{} is neither SUCCESS nor FAIL",
+                    crate::text::quote(other.unwrap_or_default())
                 ),
             });
         }
@@ -340,8 +340,8 @@ fn result_code(fields: &Fields) -> Result<Result<(), ErrCode>, WxPayError> {
         other => Err(WxPayError::BadField {
             field: "result_code",
             reason: format!(
-                "{:?} is neither SUCCESS nor FAIL",
-                other.unwrap_or_default()
+                "{} is neither SUCCESS nor FAIL",
+                crate::text::quote(other.unwrap_or_default())
             ),
         }),
     }

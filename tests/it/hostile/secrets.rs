@@ -228,3 +228,81 @@ fn a_mistyped_password_parameter_is_named_but_its_value_never_logged() {
         );
     }
 }
+
+/// A FAIL answer to a notification tells an unauthenticated caller nothing about the
+/// merchants: not which exist, not which sign type each uses, nothing it sent.
+#[tokio::test]
+async fn fail_answers_reveal_neither_merchants_nor_sign_types() {
+    use super::logs::{
+        RunningDaemon, forged_notification, http, notification, post, stranger_notification,
+    };
+    use crate::helpers::{hmac_merchant, md5_merchant};
+    use wxpay_reconciler::domain::SignType;
+    use wxpay_reconciler::wxpay::xml;
+
+    let daemon = RunningDaemon::start(&crate::helpers::closed_port_url().await).await;
+    let http = http();
+    let other_key = "0123456789abcdef0123456789abcdef";
+    let (md5, hmac) = (md5_merchant(), hmac_merchant());
+    let mut unsigned = notification(&md5, other_key, SignType::Md5);
+    unsigned.remove("sign");
+    let cases = [
+        ("unknown merchant", stranger_notification()),
+        ("MD5 merchant, another key", forged_notification()),
+        (
+            "HMAC merchant, another key",
+            notification(&hmac, other_key, SignType::HmacSha256),
+        ),
+        // A probe for the sign type: the other one declared, with a key the prober does not have.
+        (
+            "MD5 merchant, HMAC-SHA256 declared",
+            notification(&md5, other_key, SignType::HmacSha256),
+        ),
+        (
+            "HMAC merchant, MD5 declared",
+            notification(&hmac, other_key, SignType::Md5),
+        ),
+        ("MD5 merchant, unsigned", unsigned),
+    ];
+    let mut answers = Vec::new();
+    for (what, fields) in &cases {
+        let (status, answer) = post(&http, &daemon.notify_url, xml::encode(fields).unwrap()).await;
+        assert_eq!(
+            (status, answer.get("return_code")),
+            (200, Some("FAIL")),
+            "{what}"
+        );
+        let msg = answer.get("return_msg").unwrap_or_default().to_owned();
+        for secret in [
+            "10000100",
+            "1900000109",
+            "1234567890",
+            "MD5",
+            "HMAC",
+            "SHA",
+            "configured",
+            "sign_type",
+            "signed with",
+        ] {
+            assert!(
+                !msg.to_ascii_uppercase()
+                    .contains(&secret.to_ascii_uppercase()),
+                "{what}: the answer {msg:?} tells {secret:?}"
+            );
+        }
+        answers.push((what, msg));
+    }
+    assert!(
+        answers.iter().all(|(_, m)| *m == answers[0].1),
+        "one answer for an unknown merchant and a bad signature: {answers:?}"
+    );
+    // The operator still sees the precise reasons.
+    daemon.settle_log().await;
+    let log = String::from_utf8_lossy(&daemon.log()).into_owned();
+    assert!(
+        log.contains("1234567890") && log.contains("not configured"),
+        "{log}"
+    );
+    assert!(log.contains("signature"), "{log}");
+    daemon.stop().await;
+}
