@@ -109,7 +109,7 @@ pub fn read_notification<'m>(
         .get_nonempty("mch_id")
         .ok_or_else(|| NotifyError::Malformed("mch_id is missing".into()))?;
     let mch_id = MchId::parse(mch_id)
-        .map_err(|_| NotifyError::UnknownMerchant(mch_id.chars().take(64).collect()))?;
+        .map_err(|_| NotifyError::UnknownMerchant(mch_id.chars().take(32).collect()))?;
     let merchant =
         merchant_of(&mch_id).ok_or_else(|| NotifyError::UnknownMerchant(mch_id.to_string()))?;
     verify_envelope(merchant, &fields).map_err(|e| match e {
