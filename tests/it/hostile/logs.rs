@@ -23,7 +23,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
 /// The real daemon (`run`, SQLite, both test merchants, the notify endpoint on), its stderr
 /// collected byte for byte.
 pub(super) struct RunningDaemon {
-    child: Child,
+    child: KillOnDrop,
     pub notify_url: String,
     pub metrics: SocketAddr,
     log: Arc<Mutex<Vec<u8>>>,
@@ -81,7 +81,7 @@ impl RunningDaemon {
         };
         let notify = field("notify=");
         RunningDaemon {
-            child,
+            child: KillOnDrop(child),
             notify_url: format!("http://{notify}{NOTIFY_PATH}"),
             metrics: field("metrics="),
             log,
@@ -137,17 +137,29 @@ impl RunningDaemon {
 
     pub async fn stop(mut self) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &self.child.0.id().to_string()])
             .status();
         let started = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
+        while self.child.0.try_wait().unwrap().is_none() {
             if started.elapsed() > Duration::from_secs(12) {
-                let _ = self.child.kill();
+                let _ = self.child.0.kill();
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.db.cleanup().await;
+    }
+}
+
+/// The daemon is killed when a test fails before stopping it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -410,10 +422,12 @@ async fn refused_notifications_write_short_lines_at_a_bounded_rate() {
         line.contains("1234567890") && line.contains("not configured"),
         "the precise reason is logged: {line}"
     );
-    assert!(
-        line.contains("suppressed="),
-        "the lines left out are counted: {line}"
-    );
+    if lines < sent.load(Ordering::Relaxed) {
+        assert!(
+            line.contains("suppressed="),
+            "the lines left out are counted: {line}"
+        );
+    }
     let all = String::from_utf8_lossy(&daemon.log()).into_owned();
     assert!(foreign_lines(&all).is_empty(), "{:?}", foreign_lines(&all));
     daemon.stop().await;
