@@ -473,11 +473,7 @@ fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, S
     }
     if let Some(name) = &m.api_key_credential {
         let k = "api_key_credential";
-        if name.is_empty()
-            || name.contains('/')
-            || name.starts_with('.')
-            || name.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err((
                 k,
                 format!("not a credential name (no '/', no leading '.'); {NOT_SHOWN}"),
