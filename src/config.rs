@@ -310,6 +310,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::NotFound(path.to_owned()));
     }
+    check_syntax(path)?;
     let figment =
         Figment::from(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__"));
     let raw: RawSettings = figment.extract().map_err(|e| from_figment(path, e))?;
@@ -349,7 +350,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 
     let db = &raw.database;
     let url = DatabaseUrl::new(&db.url);
-    url.backend()
+    url.check()
         .map_err(|e| invalid("database.url", e.to_string()))?;
     if !(1..=1000).contains(&db.max_connections) {
         return Err(invalid(
@@ -544,46 +545,89 @@ fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, S
         }
     }
     if let Some(name) = &m.api_key_credential {
+        let k = "api_key_credential";
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err((
-                "api_key_credential",
-                format!("{name:?} is not a credential name (no '/', no leading '.')"),
+                k,
+                format!("not a credential name (no '/', no leading '.'); {NOT_SHOWN}"),
             ));
         }
-        let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or((
-            "api_key_credential",
-            format!(
-                "${CREDENTIALS_DIRECTORY} is not set: run under systemd with LoadCredential={name}:/path/to/key, or use api_key_file"
-            ),
-        ))?;
-        let file = Path::new(&dir).join(name);
-        let raw = std::fs::read_to_string(&file).map_err(|e| {
+        let shown = shown_name(name);
+        let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or_else(|| {
             (
-                "api_key_credential",
-                format!("cannot read {}: {e}", file.display()),
+                k,
+                format!(
+                    "${CREDENTIALS_DIRECTORY} is not set: run under systemd with LoadCredential={}:/path/to/key, or use api_key_file",
+                    if may_be_secret(name) { "NAME" } else { name }
+                ),
             )
         })?;
-        return ApiKey::parse(&raw)
-            .map_err(|e| ("api_key_credential", format!("{}: {e}", file.display())));
+        let file = Path::new(&dir).join(name);
+        let raw = std::fs::read_to_string(&file)
+            .map_err(|e| (k, format!("cannot read credential {shown}: {e}")))?;
+        return ApiKey::parse(&raw).map_err(|e| (k, format!("credential {shown}: {e}")));
     }
     match (&m.api_key_file, &m.api_key_env) {
         (Some(file), _) => {
+            let k = "api_key_file";
+            let shown = match file.to_str() {
+                Some(f) if may_be_secret(f) => NAME_NOT_SHOWN.to_owned(),
+                _ => base_dir.join(file).display().to_string(),
+            };
             let file = base_dir.join(file);
-            let raw = std::fs::read_to_string(&file).map_err(|e| {
-                (
-                    "api_key_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            ApiKey::parse(&raw).map_err(|e| ("api_key_file", format!("{}: {e}", file.display())))
+            let raw = std::fs::read_to_string(&file)
+                .map_err(|e| (k, format!("cannot read {shown}: {e}")))?;
+            ApiKey::parse(&raw).map_err(|e| (k, format!("{shown}: {e}")))
         }
         (None, Some(var)) => {
-            let raw = std::env::var(var)
-                .map_err(|e| ("api_key_env", format!("environment variable {var}: {e}")))?;
-            ApiKey::parse(&raw)
-                .map_err(|e| ("api_key_env", format!("environment variable {var}: {e}")))
+            let k = "api_key_env";
+            let valid = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err((
+                    k,
+                    format!("not a valid environment variable name; {NOT_SHOWN}"),
+                ));
+            }
+            let shown = shown_name(var);
+            let raw = std::env::var(var).map_err(|e| {
+                let why = match e {
+                    std::env::VarError::NotPresent => "is not set",
+                    // Its Display would print the value: the key.
+                    std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+                };
+                (k, format!("environment variable {shown} {why}"))
+            })?;
+            ApiKey::parse(&raw).map_err(|e| (k, format!("environment variable {shown}: {e}")))
         }
         (None, None) => Err(("api_key_file", "missing".into())),
+    }
+}
+
+/// Said instead of a value that is not a valid path or name and may be a key put in its place.
+const NOT_SHOWN: &str = "the value is not shown: it may be a key";
+/// Said instead of a file, variable or credential name that looks like a key itself.
+const NAME_NOT_SHOWN: &str =
+    "(the value is not shown: it looks like a key, and this setting names where the key is kept)";
+
+/// Whether a value given where a file, variable or credential name belongs could hold the
+/// API key itself (`KEY`, ` KEY `, `NAME=KEY`, `/path/KEY`): any run of letters and digits in it
+/// that is a valid key, or 16 or more of both. No message shows such a value.
+fn may_be_secret(s: &str) -> bool {
+    s.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| {
+        ApiKey::parse(w).is_ok()
+            || (w.len() >= 16
+                && w.bytes().any(|b| b.is_ascii_digit())
+                && w.bytes().any(|b| b.is_ascii_alphabetic()))
+    })
+}
+
+/// A variable or credential name for a message, unless it may be a key.
+fn shown_name(name: &str) -> String {
+    if may_be_secret(name) {
+        NAME_NOT_SHOWN.to_owned()
+    } else {
+        name.to_owned()
     }
 }
 
@@ -635,6 +679,89 @@ fn display_key(path: &[String]) -> String {
     out
 }
 
+/// Parses the file as TOML before figment does, so that a syntax error is told by its position
+/// and key alone: figment (through toml) quotes the offending line, and that line may be
+/// `url = "postgres://app:PASSWORD@…` with a quote missing.
+fn check_syntax(path: &Path) -> Result<(), ConfigError> {
+    let syntax = |message: String| ConfigError::Syntax {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| syntax(format!("cannot read: {e}")))?;
+    let Err(e) = toml::from_str::<toml::Table>(&text) else {
+        return Ok(());
+    };
+    let mut message = "TOML syntax error".to_owned();
+    if let Some(span) = e.span() {
+        let at = span.start.min(text.len());
+        let before = text.get(..at).unwrap_or_default();
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .count()
+            + 1;
+        message.push_str(&format!(" at line {line}, column {column}"));
+        if let Some(key) = key_at(&text, line) {
+            message.push_str(&format!(" (key `{key}`)"));
+        }
+    }
+    // toml's description ("invalid basic string", "expected `\"`"), never the line itself.
+    let what: Vec<&str> = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if !what.is_empty() {
+        message.push_str(": ");
+        message.push_str(&what.join("; "));
+    }
+    message.push_str(" (the line is not shown: it may hold a secret)");
+    Err(syntax(message))
+}
+
+/// The key set on line `line` (1-based) of a TOML text, with its table (`database.url`,
+/// `merchants[1].api_key_file`), when the line starts with a bare key and `=`.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let bare = |s: &str| {
+        let parts: Vec<&str> = s.split('.').map(str::trim).collect();
+        parts
+            .iter()
+            .all(|p| {
+                !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+            .then(|| parts.join("."))
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let key = bare(lines.get(line.checked_sub(1)?)?.split_once('=')?.0)?;
+    let mut table = None;
+    for (i, l) in lines[..line - 1].iter().enumerate().rev() {
+        let l = l.split('#').next().unwrap_or_default().trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            let name = bare(name)?;
+            let index = lines[..i]
+                .iter()
+                .filter(|o| o.split('#').next().unwrap_or_default().trim() == l)
+                .count();
+            table = Some(format!("{name}[{index}]"));
+            break;
+        }
+        if let Some(name) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = Some(bare(name)?);
+            break;
+        }
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    })
+}
+
 fn from_figment(path: &Path, e: figment::Error) -> ConfigError {
     // Report the first error; fixing it reveals the next.
     let e = e
@@ -654,7 +781,22 @@ fn from_figment(path: &Path, e: figment::Error) -> ConfigError {
     ConfigError::Invalid {
         origin,
         key: display_key(&e.path),
-        message: e.kind.to_string(),
+        message: kind_message(&e.kind),
+    }
+}
+
+/// figment's message, without the string it found where another type was expected: that
+/// string may be a secret in the wrong place (`WXPAY_RECONCILER__DATABASE=postgres://…`).
+fn kind_message(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    match kind {
+        Kind::InvalidType(Actual::Str(_), expected) => {
+            format!("invalid type: found a string (not shown), expected {expected}")
+        }
+        Kind::InvalidValue(Actual::Str(_), expected) => {
+            format!("invalid value: a string (not shown), expected {expected}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -675,7 +817,7 @@ mod tests {
         let cfg = write(
             dir.path(),
             "c.toml",
-            "[wechat]\nbase_url = \"http://127.0.0.1:9300\"\n\n[[merchants]]\nmch_id = \"10000100\"\nappid = \"wxd930ea5d5a258f4f\"\nsign_type = \"HMAC-SHA256\"\napi_key_file = \"key\"\n",
+            "[database]\nurl = \"postgres://app:db-s3cret@db/shop\"\n[wechat]\nbase_url = \"http://127.0.0.1:9300\"\n\n[[merchants]]\nmch_id = \"10000100\"\nappid = \"wxd930ea5d5a258f4f\"\nsign_type = \"HMAC-SHA256\"\napi_key_file = \"key\"\n",
         );
         let s = load(&cfg).unwrap();
         assert_eq!(s.merchants.len(), 1);
@@ -683,7 +825,7 @@ mod tests {
         assert_eq!(s.wechat.timeout_ms, 5000);
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("192006250b4c09247ec02edce69f6a2d"),
+            !debug.contains("192006250b4c09247ec02edce69f6a2d") && !debug.contains("db-s3cret"),
             "{debug}"
         );
     }

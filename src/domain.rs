@@ -9,8 +9,10 @@ use std::str::FromStr;
 
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
 
+use crate::text::quote;
+
 /// Why a value could not be parsed. Says what was expected, never echoes secrets (none of these
-/// types hold one).
+/// types hold one), and quotes the input bounded and escaped ([`quote`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what}: {reason}")]
 pub struct ParseError {
@@ -55,7 +57,7 @@ impl FromStr for Fen {
         if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ParseError::new(
                 "amount",
-                format!("{s:?} is not a whole number of fen"),
+                format!("{} is not a whole number of fen", quote(s)),
             ));
         }
         // At most 18 digits always fits an i64.
@@ -91,13 +93,13 @@ macro_rules! text_id {
                 if s.is_empty() || s.len() > $max {
                     return Err(ParseError::new(
                         $what,
-                        format!("{s:?} must be 1 to {} characters", $max),
+                        format!("{} must be 1 to {} characters", quote(s), $max),
                     ));
                 }
                 if let Some(bad) = s.bytes().find(|b| !ok(*b)) {
                     return Err(ParseError::new(
                         $what,
-                        format!("{s:?} contains the character {:?}", bad as char),
+                        format!("{} contains the character {:?}", quote(s), bad as char),
                     ));
                 }
                 Ok(Self(s.to_owned()))
@@ -199,7 +201,7 @@ impl FromStr for SignType {
             "HMAC-SHA256" => Ok(SignType::HmacSha256),
             other => Err(ParseError::new(
                 "sign_type",
-                format!("{other:?} is neither \"MD5\" nor \"HMAC-SHA256\""),
+                format!("{} is neither \"MD5\" nor \"HMAC-SHA256\"", quote(other)),
             )),
         }
     }
@@ -337,7 +339,9 @@ impl FromStr for OrderState {
         OrderState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| ParseError::new("order state", format!("{s:?} is not a known state")))
+            .ok_or_else(|| {
+                ParseError::new("order state", format!("{} is not a known state", quote(s)))
+            })
     }
 }
 
@@ -407,16 +411,16 @@ pub fn parse_wechat_time(s: &str) -> Result<DateTime<Utc>, ParseError> {
     if s.len() != 14 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ParseError::new(
             "time",
-            format!("{s:?} is not yyyyMMddHHmmss"),
+            format!("{} is not yyyyMMddHHmmss", quote(s)),
         ));
     }
     let naive = NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S")
-        .map_err(|e| ParseError::new("time", format!("{s:?}: {e}")))?;
+        .map_err(|e| ParseError::new("time", format!("{}: {e}", quote(s))))?;
     china_standard_time()
         .from_local_datetime(&naive)
         .single()
         .map(|t| t.with_timezone(&Utc))
-        .ok_or_else(|| ParseError::new("time", format!("{s:?} is not a valid time")))
+        .ok_or_else(|| ParseError::new("time", format!("{} is not a valid time", quote(s))))
 }
 
 /// Formats a UTC time as WeChat's `yyyyMMddHHmmss` in China Standard Time.
@@ -429,6 +433,24 @@ pub fn format_wechat_time(t: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_error_quotes_a_huge_input_short_and_escaped() {
+        let huge = format!("\"\n{}", "\"".repeat(40_000));
+        let errors = [
+            OutTradeNo::parse(&huge).unwrap_err(),
+            huge.parse::<Fen>().unwrap_err(),
+            huge.parse::<SignType>().unwrap_err(),
+            huge.parse::<OrderState>().unwrap_err(),
+            parse_wechat_time(&huge).unwrap_err(),
+            MchId::parse("1\nERROR forged").unwrap_err(),
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(shown.len() < 300, "{} bytes: {shown}", shown.len());
+            assert!(!shown.contains('\n'), "{shown}");
+        }
+    }
 
     #[test]
     fn fen_accepts_only_plain_digits() {

@@ -20,7 +20,7 @@ use crate::reconcile::policy::Policy;
 use crate::reconcile::settle::{Report, Settler, Verdict};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
-use crate::wxpay::notify::{ANSWER_SUCCESS, Notified, answer_fail, read_notification};
+use crate::wxpay::notify::{ANSWER_SUCCESS, Notified, UNAVAILABLE, answer_fail, read_notification};
 use crate::wxpay::xml::MAX_BODY_BYTES;
 use crate::wxpay::{Merchant, QueryAnswer};
 
@@ -144,7 +144,7 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
                 .notify_refused(mch_id.as_deref(), e.outcome(), &e.to_string());
             return (
                 mch_id,
-                Answer::fail(StatusCode::OK, e.outcome(), &e.to_string()),
+                Answer::fail(StatusCode::OK, e.outcome(), e.answer()),
             );
         }
     };
@@ -179,11 +179,7 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
             app.telemetry.db_error("notify", &e);
             return (
                 Some(mch_id),
-                Answer::fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "db_error",
-                    "temporarily unavailable",
-                ),
+                Answer::fail(StatusCode::SERVICE_UNAVAILABLE, "db_error", UNAVAILABLE),
             );
         }
     };
@@ -227,15 +223,11 @@ async fn handle(app: &NotifyApp, headers: &HeaderMap, body: Body) -> (Option<Str
         Ok(v) => {
             // Cannot happen for a payment report without a lease; never acknowledge on doubt.
             tracing::warn!(mch_id, out_trade_no, verdict = ?v, "notification not applied");
-            Answer::fail(StatusCode::OK, "db_error", "not applied")
+            Answer::fail(StatusCode::OK, "db_error", UNAVAILABLE)
         }
         Err(e) => {
             app.telemetry.db_error("notify", &e);
-            Answer::fail(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "db_error",
-                "temporarily unavailable",
-            )
+            Answer::fail(StatusCode::SERVICE_UNAVAILABLE, "db_error", UNAVAILABLE)
         }
     };
     (Some(mch_id), answer)

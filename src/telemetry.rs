@@ -30,10 +30,17 @@ fn filter(level: &str) -> EnvFilter {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     // tokio-cron-scheduler logs a spurious ERROR ("Error receiving job removal Closed") from
     // this module whenever it shuts down; an operator must not see an error on every stop.
-    match "tokio_cron_scheduler::simple::to_code=off".parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    }
+    // sqlx's PostgreSQL URL parser warns with the value of an unknown parameter (a mistyped
+    // `pasword=`) and with whole lines of `.pgpass`: secrets (store::postgres says which).
+    [
+        "tokio_cron_scheduler::simple::to_code=off",
+        "sqlx_postgres::options=off",
+    ]
+    .into_iter()
+    .fold(filter, |f, d| match d.parse() {
+        Ok(directive) => f.add_directive(directive),
+        Err(_) => f,
+    })
 }
 
 /// Installs the global log subscriber (stderr, `RUST_LOG`, else `default`). Safe to call twice.
@@ -201,6 +208,7 @@ struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     merchants: HashSet<String>,
+    refusals: RefusalLog,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -239,6 +247,7 @@ impl Telemetry {
                 recorder,
                 handle,
                 merchants: merchants.into_iter().map(str::to_owned).collect(),
+                refusals: RefusalLog::default(),
             }),
         };
         t.with(|| {
@@ -550,6 +559,47 @@ impl Telemetry {
     }
 }
 
+/// Refusal lines of the notify endpoint written per outcome and second, at most.
+pub const REFUSAL_LINES_PER_SECOND: u32 = 10;
+/// The most characters of a refusal's reason a log line keeps.
+const REFUSAL_REASON_CHARS: usize = 320;
+
+/// The refusal lines written in the current second, per outcome (a bounded set of labels).
+#[derive(Default)]
+struct RefusalLog {
+    windows: std::sync::Mutex<std::collections::HashMap<&'static str, RefusalWindow>>,
+}
+
+struct RefusalWindow {
+    started: std::time::Instant,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// `Some(lines left out since the last one written)` when this refusal may be logged.
+    fn admit(&self, outcome: &'static str, now: std::time::Instant) -> Option<u64> {
+        // Plain counters: a panic elsewhere cannot leave them inconsistent.
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = windows.entry(outcome).or_insert(RefusalWindow {
+            started: now,
+            lines: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(w.started) >= Duration::from_secs(1) {
+            w.started = now;
+            w.lines = 0;
+        }
+        if w.lines < REFUSAL_LINES_PER_SECOND {
+            w.lines += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
 /// One merchant's open orders, for [`Telemetry::open_orders`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenCounts {
@@ -575,13 +625,25 @@ impl Telemetry {
     }
 
     /// A notification refused: logged as a warning when it suggests a wrong key or a forgery.
+    /// Anyone can post to the endpoint, so the reason is quoted bounded and escaped, and at most
+    /// [`REFUSAL_LINES_PER_SECOND`] lines per outcome are written each second; the next line
+    /// written says how many were left out (`suppressed`). The metric counts every refusal.
     pub fn notify_refused(&self, mch_id: Option<&str>, outcome: &'static str, reason: &str) {
+        let Some(suppressed) = self
+            .inner
+            .refusals
+            .admit(outcome, std::time::Instant::now())
+        else {
+            return;
+        };
+        let suppressed = (suppressed > 0).then_some(suppressed);
         let mch_id = mch_id.unwrap_or_default();
+        let reason = crate::text::quote_with(reason, REFUSAL_REASON_CHARS);
         match outcome {
             "sign_invalid" | "mismatch" | "unknown_merchant" => {
-                tracing::warn!(mch_id, outcome, reason, "notification refused");
+                tracing::warn!(mch_id, outcome, %reason, suppressed, "notification refused");
             }
-            _ => tracing::info!(mch_id, outcome, reason, "notification refused"),
+            _ => tracing::info!(mch_id, outcome, %reason, suppressed, "notification refused"),
         }
     }
 
@@ -859,5 +921,27 @@ mod tests {
                 "{s:?} is registered but the policy never makes it"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn refusal_lines_are_limited_per_outcome_and_second_and_count_what_they_left_out() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        for _ in 0..REFUSAL_LINES_PER_SECOND {
+            assert_eq!(log.admit("malformed", t0), Some(0));
+        }
+        assert_eq!(log.admit("malformed", t0), None);
+        assert_eq!(log.admit("malformed", t0), None);
+        // Another outcome has its own budget.
+        assert_eq!(log.admit("sign_invalid", t0), Some(0));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.admit("malformed", t1), Some(2));
+        assert_eq!(log.admit("malformed", t1), Some(0));
     }
 }

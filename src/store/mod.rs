@@ -61,18 +61,145 @@ impl DatabaseUrl {
         }
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The backend, once its driver has parsed the URL (without connecting): a port out of
+    /// range or a bad host is refused here, with the password redacted.
+    pub fn check(&self) -> Result<Backend, StoreError> {
+        let backend = self.backend()?;
+        match backend {
+            Backend::Sqlite => sqlite::options(self).map(|_| ()),
+            Backend::Postgres => {
+                for p in postgres::unknown_parameters(self) {
+                    tracing::warn!(
+                        parameter = %crate::text::quote(&p),
+                        "database.url: ignoring an unknown connection parameter (its value is not shown)"
+                    );
+                }
+                postgres::options(self).map(|_| ())
+            }
+            Backend::Mysql => mysql::options(self).map(|_| ()),
+        }?;
+        Ok(backend)
+    }
+
+    /// A driver's error about this URL, as a configuration error that never shows the
+    /// password: the URL redacted, and the password scrubbed from the driver's own text.
+    fn config_error(&self, e: impl fmt::Display) -> StoreError {
+        StoreError::Config(format!("{self}: {}", self.scrub(&e.to_string())))
+    }
+
+    /// `message` with every secret of this URL replaced by `***`.
+    pub fn scrub(&self, message: &str) -> String {
+        let url = self.expose();
+        let mut out = message.to_owned();
+        for span in secret_spans(url) {
+            let secret = &url[span];
+            if !secret.is_empty() {
+                out = out.replace(secret, "***");
+            }
+        }
+        out
+    }
+
+    /// The URL with any password replaced by `***`, whether or not it parses.
     pub fn redacted(&self) -> String {
         let url = self.expose();
-        match reqwest::Url::parse(url) {
-            Ok(mut u) if u.password().is_some() => {
-                // Setting a password only fails for URLs that cannot have one.
-                let _ = u.set_password(Some("***"));
-                u.to_string()
+        let mut out = String::with_capacity(url.len());
+        let mut at = 0;
+        for span in secret_spans(url) {
+            out.push_str(&url[at..span.start]);
+            out.push_str("***");
+            at = span.end;
+        }
+        out.push_str(&url[at..]);
+        out
+    }
+}
+
+/// Connection parameters of the three drivers whose values are shown in a redacted URL.
+const PLAIN_PARAMETERS: [&str; 27] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    "options",
+    "socket",
+    "timezone",
+    "charset",
+    "collation",
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+    "connect_timeout",
+];
+
+/// The byte ranges of `url` that are secret, in order and disjoint: the password of the
+/// userinfo (`scheme://user:PASSWORD@host`) and the values of parameters that may hold one
+/// (any but [`PLAIN_PARAMETERS`]). Found by
+/// hand, so that a URL no parser accepts (a port out of range, a bad IPv6 literal or host
+/// character, an unencoded `/` in the password) is redacted too; on doubt more is hidden.
+fn secret_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let start = match url.find("://") {
+        Some(i) => i + 3,
+        None => url.find(':').map_or(0, |i| i + 1),
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let userinfo_end = rest[..authority_end].rfind('@').or_else(|| {
+        // No `@` before the first `/`, `?` or `#`: in a URL that does not parse, the password
+        // itself may hold one of those.
+        if reqwest::Url::parse(url).is_ok() {
+            None
+        } else {
+            rest.rfind('@')
+        }
+    });
+    if let Some(end) = userinfo_end
+        && let Some(colon) = rest[..end].find(':')
+        && colon + 1 < end
+    {
+        spans.push(start + colon + 1..start + end);
+    }
+    // Parameters: the value of any but those known to hold no secret (`password=`, and a
+    // mistyped `pasword=` the driver would ignore) is hidden.
+    if let Some(q) = url.find('?') {
+        let query_end = url[q..].find('#').map_or(url.len(), |i| q + i);
+        let mut at = q + 1;
+        for pair in url[q + 1..query_end].split('&') {
+            if let Some((name, value)) = pair.split_once('=')
+                && !value.is_empty()
+                && !PLAIN_PARAMETERS.contains(&name.to_ascii_lowercase().as_str())
+            {
+                let value_start = at + name.len() + 1;
+                spans.push(value_start..value_start + value.len());
             }
-            _ => url.to_owned(),
+            at += pair.len() + 1;
         }
     }
+    spans.sort_by_key(|s| s.start);
+    // Overlapping spans (a `?password=` inside a password) become one.
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match merged.last_mut() {
+            Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
+            _ => merged.push(s),
+        }
+    }
+    merged
 }
 
 impl fmt::Display for DatabaseUrl {
@@ -735,5 +862,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("pw123"), "{err}");
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_redacted_too() {
+        for (url, shown) in [
+            (
+                "postgres://app:pw123@db:99999/x",
+                "postgres://app:***@db:99999/x",
+            ),
+            ("postgres://app:pw123@[::1/x", "postgres://app:***@[::1/x"),
+            ("mysql://app:pw123@d b/x", "mysql://app:***@d b/x"),
+            ("mysql://app:pw/12@3@db/x", "mysql://app:***@db/x"),
+            (
+                "postgres://db/x?sslmode=require&password=pw123",
+                "postgres://db/x?sslmode=require&password=***",
+            ),
+            ("postgres://app@db/x", "postgres://app@db/x"),
+            (
+                "postgres://app@db/x?application_name=a&pasword=pw123#f",
+                "postgres://app@db/x?application_name=a&pasword=***#f",
+            ),
+            (
+                "sqlite:///var/lib/x.db?mode=rwc",
+                "sqlite:///var/lib/x.db?mode=rwc",
+            ),
+        ] {
+            let u = DatabaseUrl::new(url);
+            assert_eq!(u.redacted(), shown);
+            assert_eq!(format!("{u:?}"), format!("DatabaseUrl({shown})"));
+            let secret = if url.contains("pw/12@3") {
+                "pw/12@3"
+            } else {
+                "pw123"
+            };
+            assert!(
+                !shown.contains("***") || !u.scrub(&format!("at {secret}")).contains(secret),
+                "{url}"
+            );
+        }
+        let err = DatabaseUrl::new("postgres://app:pw123@db:99999/x")
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app:***@db") && !err.contains("pw123"),
+            "{err}"
+        );
+        assert!(
+            DatabaseUrl::new("postgres://app:pw123@db/x")
+                .check()
+                .is_ok()
+        );
     }
 }

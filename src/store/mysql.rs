@@ -25,6 +25,13 @@ pub struct MySqlStore {
     pool: MySqlPool,
 }
 
+/// The driver's options for `url` (`mariadb://` read as `mysql://`); its errors never show
+/// the password.
+pub(super) fn options(url: &super::DatabaseUrl) -> Result<MySqlConnectOptions, StoreError> {
+    let raw = url.expose().replacen("mariadb://", "mysql://", 1);
+    MySqlConnectOptions::from_str(&raw).map_err(|e| url.config_error(e))
+}
+
 /// `?, ?, …` for `n` values.
 fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
@@ -32,9 +39,7 @@ fn placeholders(n: usize) -> String {
 
 impl MySqlStore {
     pub fn connect(options: &ConnectOptions) -> Result<MySqlStore, StoreError> {
-        let url = options.url.expose().replacen("mariadb://", "mysql://", 1);
-        let connect = MySqlConnectOptions::from_str(&url)
-            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?
+        let connect = self::options(&options.url)?
             // Timestamps are UTC on the wire and in the table, whatever the server's zone.
             .timezone(Some("+00:00".into()));
         let pool = MySqlPoolOptions::new()

@@ -20,6 +20,45 @@ use super::{
 };
 use crate::domain::OrderState;
 
+/// The driver's options for `url`; its errors never show the password.
+pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url.expose()).map_err(|e| url.config_error(e))
+}
+
+/// The query parameters of `url` the driver ignores. The driver's own warning about them
+/// prints their value (a mistyped `pasword=`), and its `.pgpass` warnings a whole line: its
+/// `options` module is silenced in the log filter, and this names the parameter alone.
+pub(super) fn unknown_parameters(url: &super::DatabaseUrl) -> Vec<String> {
+    const KNOWN: [&str; 19] = [
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+        "statement-cache-capacity",
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "application_name",
+        "options",
+        "",
+    ];
+    let Ok(u) = reqwest::Url::parse(url.expose()) else {
+        return Vec::new();
+    };
+    u.query_pairs()
+        .map(|(k, _)| k.into_owned())
+        .filter(|k| !KNOWN.contains(&k.as_str()) && !k.starts_with("options["))
+        .collect()
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A `TIMESTAMPTZ` as stored. sqlx's own chrono conversion panics on `infinity`, `-infinity`
@@ -130,9 +169,7 @@ pub struct PgStore {
 
 impl PgStore {
     pub fn connect(options: &ConnectOptions) -> Result<PgStore, StoreError> {
-        let connect = PgConnectOptions::from_str(options.url.expose())
-            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?
-            .application_name("wxpay-reconciler");
+        let connect = self::options(&options.url)?.application_name("wxpay-reconciler");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)

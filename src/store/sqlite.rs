@@ -132,11 +132,15 @@ pub struct InstanceLock {
     _file: std::fs::File,
 }
 
+/// The driver's options for `url`; its errors never show a password.
+pub(super) fn options(url: &super::DatabaseUrl) -> Result<SqliteConnectOptions, StoreError> {
+    SqliteConnectOptions::from_str(url.expose()).map_err(|e| url.config_error(e))
+}
+
 impl SqliteStore {
     pub async fn connect(options: &ConnectOptions) -> Result<SqliteStore, StoreError> {
         let url = options.url.expose();
-        let connect = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("{}: {e}", options.url)))?;
+        let connect = self::options(&options.url)?;
         let path = connect.get_filename().to_owned();
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         if !options.create_if_missing && !in_memory && !path.exists() {

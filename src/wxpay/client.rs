@@ -375,8 +375,8 @@ fn result_code(fields: &Fields) -> Result<Result<(), ErrCode>, WxPayError> {
         other => Err(WxPayError::BadField {
             field: "result_code",
             reason: format!(
-                "{:?} is neither SUCCESS nor FAIL",
-                other.unwrap_or_default()
+                "{} is neither SUCCESS nor FAIL",
+                crate::text::quote(other.unwrap_or_default())
             ),
         }),
     }

@@ -5,6 +5,7 @@
 
 use super::sign::SignError;
 use super::xml::{EncodeError, XmlError};
+use crate::text::quote;
 
 /// A `result_code=FAIL` error code. The ones the daemon acts on are named; the rest are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +43,18 @@ impl ErrCode {
 }
 
 impl std::fmt::Display for ErrCode {
+    /// A code WeChat did not document is quoted, bounded and escaped: it is outside input.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            ErrCode::Other(s) => f.write_str(&quote(s)),
+            known => f.write_str(known.as_str()),
+        }
     }
 }
 
-/// Why a reply cannot be used. None of these messages contains a key or a signature.
+/// Why a reply cannot be used. None of these messages contains a key or a signature, and each
+/// quotes what the reply said through [`quote`] (bounded, control characters escaped): an
+/// unsigned `return_msg` with a newline cannot forge a log line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WxPayError {
     #[error("no reply within the timeout")]
@@ -60,17 +67,21 @@ pub enum WxPayError {
     Malformed(#[from] XmlError),
     #[error("reply field {field}: {reason}")]
     BadField { field: &'static str, reason: String },
-    #[error("WeChat refused the request (return_code FAIL): {0}")]
+    #[error("WeChat refused the request (return_code FAIL): {}", quote(.0))]
     ReturnFail(String),
     #[error("reply rejected: {0}")]
     Sign(#[from] SignError),
-    #[error("reply field {field} is {got:?}, the request had {expected:?}")]
+    #[error(
+        "reply field {field} is {}, the request had {}",
+        quote(got),
+        quote(expected)
+    )]
     Mismatch {
         field: &'static str,
         expected: String,
         got: String,
     },
-    #[error("WeChat answered result_code FAIL: {code} ({description})")]
+    #[error("WeChat answered result_code FAIL: {code} ({})", quote(description))]
     ResultFail { code: ErrCode, description: String },
     #[error("request could not be encoded: {0}")]
     Encode(#[from] EncodeError),

@@ -6,15 +6,25 @@ use super::client::{Merchant, TradeReport, parse_trade_report, verify_notificati
 use super::error::WxPayError;
 use super::xml::{self, Fields};
 use crate::domain::{MchId, TradeState};
+use crate::text::quote;
 
-/// Why a notification cannot be used; each maps to one `outcome` label and one FAIL answer.
+/// The FAIL answer to a body that is not a usable notification.
+pub const INVALID_NOTIFICATION: &str = "invalid notification";
+/// The FAIL answer to a notification that is not verified (unknown merchant included).
+pub const INVALID_SIGNATURE: &str = "invalid signature";
+/// The FAIL answer when the daemon cannot record a verified notification now.
+pub const UNAVAILABLE: &str = "temporarily unavailable";
+
+/// Why a notification cannot be used; each maps to one `outcome` label and one generic FAIL
+/// answer ([`NotifyError::answer`]). The message is for the log: it names the merchant and
+/// what failed, and quotes the body's values through [`quote`] (bounded, escaped).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotifyError {
     #[error("malformed notification: {0}")]
     Malformed(String),
-    #[error("return_code FAIL: {0}")]
+    #[error("return_code FAIL: {}", quote(.0))]
     ReturnFail(String),
-    #[error("merchant {0} is not configured")]
+    #[error("merchant {} is not configured", quote(.0))]
     UnknownMerchant(String),
     #[error("merchant {0}: signature: {1}")]
     Sign(MchId, String),
@@ -31,6 +41,18 @@ impl NotifyError {
             NotifyError::UnknownMerchant(_) => "unknown_merchant",
             NotifyError::Sign(..) => "sign_invalid",
             NotifyError::Mismatch(..) => "mismatch",
+        }
+    }
+
+    /// What WeChat is answered: a short, stable reason per class that tells an unauthenticated
+    /// caller nothing it did not send (no merchant, no sign type, no echo). An unknown merchant
+    /// and a bad signature get the same answer; the precise reason is logged.
+    pub fn answer(&self) -> &'static str {
+        match self {
+            NotifyError::Malformed(_) | NotifyError::ReturnFail(_) => INVALID_NOTIFICATION,
+            NotifyError::UnknownMerchant(_) | NotifyError::Sign(..) | NotifyError::Mismatch(..) => {
+                INVALID_SIGNATURE
+            }
         }
     }
 
@@ -153,5 +175,26 @@ mod tests {
         let f = xml::decode(fail.as_bytes()).unwrap();
         assert_eq!(f.get("return_code"), Some("FAIL"));
         assert_eq!(f.get("return_msg"), Some("bad  sign x"));
+    }
+
+    #[test]
+    fn answers_name_a_class_and_messages_quote_the_body_bounded() {
+        let errors = [
+            NotifyError::UnknownMerchant("1\nERROR forged".into()),
+            NotifyError::Sign(
+                MchId::parse("10000100").unwrap(),
+                "the message is signed with HMAC-SHA256, expected MD5".into(),
+            ),
+            NotifyError::ReturnFail(format!("x\nERROR forged{}", "\"".repeat(40_000))),
+        ];
+        assert_eq!(errors[0].answer(), errors[1].answer());
+        for e in &errors {
+            let (answer, message) = (e.answer(), e.to_string());
+            assert!(
+                !answer.contains("10000100") && !answer.contains("MD5"),
+                "{answer}"
+            );
+            assert!(message.len() < 300 && !message.contains('\n'), "{message}");
+        }
     }
 }

@@ -69,7 +69,10 @@ pub enum SignError {
     Missing,
     #[error("the message's signature does not match")]
     Invalid,
-    #[error("the message is signed with {got}, expected {expected}")]
+    #[error(
+        "the message is signed with {}, expected {expected}",
+        crate::text::quote(got)
+    )]
     WrongType { expected: SignType, got: String },
 }
 

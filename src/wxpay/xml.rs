@@ -90,19 +90,19 @@ pub enum XmlError {
     Doctype,
     #[error("processing instructions are not accepted")]
     ProcessingInstruction,
-    #[error("root element is <{0}>, expected <xml>")]
+    #[error("root element is {}, expected <xml>", crate::text::quote(.0))]
     WrongRoot(String),
     #[error("no <xml> root element")]
     NoRoot,
-    #[error("field <{0}> contains an element: nested elements are not accepted")]
+    #[error("field {} contains an element: nested elements are not accepted", crate::text::quote(.0))]
     Nested(String),
-    #[error("field <{0}> appears more than once")]
+    #[error("field {} appears more than once", crate::text::quote(.0))]
     Repeated(String),
-    #[error("element <{0}> has attributes, which are not accepted")]
+    #[error("element {} has attributes, which are not accepted", crate::text::quote(.0))]
     Attributes(String),
-    #[error("element name {0:?} is not a valid field name")]
+    #[error("element name {} is not a valid field name", crate::text::quote(.0))]
     BadName(String),
-    #[error("entity reference &{0}; is not accepted")]
+    #[error("entity reference {} is not accepted", crate::text::quote(.0))]
     Entity(String),
     #[error("character U+{0:04X} is not allowed in XML")]
     InvalidChar(u32),
@@ -132,7 +132,8 @@ pub fn decode(body: &[u8]) -> Result<Fields, XmlError> {
 
     let malformed = |reader: &Reader<&[u8]>, e: quick_xml::Error| XmlError::Malformed {
         position: reader.error_position(),
-        message: e.to_string(),
+        // quick-xml's messages quote names from the body.
+        message: crate::text::quote(&e.to_string()),
     };
 
     enum At {
