@@ -259,9 +259,17 @@ impl Scanner {
             // Not ours to query: look again later, in case the configuration gains it.
             let change = Change::Reschedule {
                 at: Utc::now() + TimeDelta::minutes(10),
-                note: Some(format!("merchant {} is not configured", row.mch_id)),
+                note: Some(format!(
+                    "merchant {} is not configured",
+                    crate::text::quote(&row.mch_id)
+                )),
             };
-            tracing::warn!(mch_id = %row.mch_id, out_trade_no = %row.out_trade_no, "order of an unconfigured merchant");
+            // Both names come from the application's table: quoted, never raw.
+            tracing::warn!(
+                mch_id = %crate::text::quote(&row.mch_id),
+                out_trade_no = %crate::text::quote(&row.out_trade_no),
+                "order of an unconfigured merchant"
+            );
             return self.write(row, order.guard(), change, writes).await;
         };
         let out_trade_no = match usable(row, merchant) {
