@@ -366,6 +366,57 @@ pub struct SetAsideRow {
     pub reason: Option<String>,
 }
 
+impl SetAsideRow {
+    /// A row of [`reads::SET_ASIDE`] (its `set_aside_at` decoded by the backend).
+    pub(crate) fn of<R: sqlx::Row>(
+        r: &R,
+        set_aside_at: Option<DateTime<Utc>>,
+    ) -> Result<SetAsideRow, StoreError>
+    where
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+        i64: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+        String: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(SetAsideRow {
+            id: r.try_get("id")?,
+            mch_id: r.try_get("mch_id")?,
+            out_trade_no: r.try_get("out_trade_no")?,
+            state: r.try_get("state")?,
+            set_aside_at,
+            reason: r.try_get("set_aside_reason")?,
+        })
+    }
+}
+
+impl Attention {
+    /// A row of [`reads::ATTENTION`].
+    pub(crate) fn of<R: sqlx::Row>(r: &R) -> Result<Attention, StoreError>
+    where
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+        i64: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+        String: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(Attention {
+            mch_id: r.try_get("mch_id")?,
+            amount_mismatch: r.try_get("mismatched")?,
+            set_aside: r.try_get("set_aside")?,
+        })
+    }
+}
+
+impl Applied {
+    /// A guarded statement's result: zero rows means someone else got there first.
+    pub(crate) fn of(rows_affected: u64) -> Applied {
+        if rows_affected == 0 {
+            Applied::NoOp
+        } else {
+            Applied::Done
+        }
+    }
+}
+
 /// Orders needing a person, per merchant: quarantined (`AMOUNT_MISMATCH`) and set aside.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Attention {
@@ -756,7 +807,7 @@ pub(crate) enum Arg<'a> {
 
 /// The read queries every backend shares, written once with `?` placeholders (SQLite and
 /// MySQL take them as they are; PostgreSQL gets them [`numbered`]).
-mod reads {
+pub(crate) mod reads {
     use super::{EVENT_COLUMNS, OPEN_STATES_SQL, ORDER_COLUMNS};
     use crate::domain::Anomaly;
 
@@ -796,6 +847,21 @@ mod reads {
     pub fn events_after() -> String {
         format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > ? ORDER BY id LIMIT ?")
     }
+
+    /// Quarantined and set-aside open orders per merchant, through the partial index of
+    /// migration 0003 (SQLite) / 0004 (PostgreSQL). MySQL has its own.
+    pub const ATTENTION: &str = "SELECT mch_id,
+            SUM(CASE WHEN state = 'AMOUNT_MISMATCH' THEN 1 ELSE 0 END) AS mismatched,
+            SUM(CASE WHEN set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+                THEN 1 ELSE 0 END) AS set_aside
+        FROM wxpay_orders WHERE state = 'AMOUNT_MISMATCH' OR set_aside_at IS NOT NULL
+        GROUP BY mch_id";
+
+    /// The open orders set aside, latest first.
+    pub const SET_ASIDE: &str = "SELECT id, mch_id, out_trade_no, state, set_aside_at,
+            set_aside_reason
+        FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+        ORDER BY set_aside_at DESC LIMIT ?";
 }
 
 /// `?` placeholders → PostgreSQL's `$1`, `$2`, … (the shared reads hold no `?` in literals).

@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Executor, Row, migrate::Migrator};
 use super::{
     Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
     Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
-    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state,
+    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state, reads,
 };
 use crate::domain::OrderState;
 
@@ -193,11 +193,7 @@ impl MySqlStore {
         .bind(lease)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() == 0 {
-            Applied::NoOp
-        } else {
-            Applied::Done
-        })
+        Ok(Applied::of(done.rows_affected()))
     }
 
     /// Two ranges of two indexes (MySQL has no partial ones): the AMOUNT_MISMATCH range of
@@ -216,38 +212,17 @@ impl MySqlStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Attention {
-                    mch_id: r.try_get("mch_id")?,
-                    amount_mismatch: r.try_get("mismatched")?,
-                    set_aside: r.try_get("set_aside")?,
-                })
-            })
-            .collect()
+        rows.iter().map(Attention::of).collect()
     }
 
     pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mch_id, out_trade_no, state, set_aside_at, set_aside_reason
-             FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
-             ORDER BY set_aside_at DESC LIMIT ?",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(reads::SET_ASIDE)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        // Written by the daemon; shown as missing rather than failing `status`.
         rows.iter()
-            .map(|r| {
-                Ok(SetAsideRow {
-                    id: r.try_get("id")?,
-                    mch_id: r.try_get("mch_id")?,
-                    out_trade_no: r.try_get("out_trade_no")?,
-                    state: r.try_get("state")?,
-                    // Written by the daemon; shown as missing rather than failing `status`.
-                    set_aside_at: r.try_get("set_aside_at").unwrap_or(None),
-                    reason: r.try_get("set_aside_reason")?,
-                })
-            })
+            .map(|r| SetAsideRow::of(r, r.try_get("set_aside_at").unwrap_or(None)))
             .collect()
     }
 

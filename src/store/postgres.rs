@@ -16,7 +16,7 @@ use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 use super::{
     Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
     Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
-    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered, parse_state,
+    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered, parse_state, reads,
 };
 use crate::domain::OrderState;
 
@@ -262,56 +262,24 @@ impl PgStore {
         .bind(lease)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() == 0 {
-            Applied::NoOp
-        } else {
-            Applied::Done
-        })
+        Ok(Applied::of(done.rows_affected()))
     }
 
     pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mch_id,
-                    COUNT(*) FILTER (WHERE state = 'AMOUNT_MISMATCH') AS mismatched,
-                    COUNT(*) FILTER (WHERE set_aside_at IS NOT NULL
-                        AND state IN ('NOTPAY', 'USERPAYING')) AS set_aside
-             FROM wxpay_orders WHERE state = 'AMOUNT_MISMATCH' OR set_aside_at IS NOT NULL
-             GROUP BY mch_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Attention {
-                    mch_id: r.try_get("mch_id")?,
-                    amount_mismatch: r.try_get("mismatched")?,
-                    set_aside: r.try_get("set_aside")?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(AssertSqlSafe(numbered(reads::ATTENTION)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Attention::of).collect()
     }
 
     pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mch_id, out_trade_no, state, set_aside_at, set_aside_reason
-             FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
-             ORDER BY set_aside_at DESC LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(AssertSqlSafe(numbered(reads::SET_ASIDE)))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        // Written by the daemon; shown as missing rather than failing `status`.
         rows.iter()
-            .map(|r| {
-                Ok(SetAsideRow {
-                    id: r.try_get("id")?,
-                    mch_id: r.try_get("mch_id")?,
-                    out_trade_no: r.try_get("out_trade_no")?,
-                    state: r.try_get("state")?,
-                    // Written by the daemon; shown as missing rather than failing `status`.
-                    set_aside_at: opt_ts(r, "set_aside_at").unwrap_or(None),
-                    reason: r.try_get("set_aside_reason")?,
-                })
-            })
+            .map(|r| SetAsideRow::of(r, opt_ts(r, "set_aside_at").unwrap_or(None)))
             .collect()
     }
 
