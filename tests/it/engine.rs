@@ -105,6 +105,17 @@ impl Engine {
         otn
     }
 
+    /// An order the customer paid at WeChat whose notification was lost: its out_trade_no and
+    /// transaction_id.
+    pub async fn paid_order(&self, m: &Merchant, fee: i64) -> (String, String) {
+        let otn = self.order(m, fee).await;
+        let txid = self
+            .sim
+            .pay(m, &otn.parse().unwrap(), json!({"notify": "drop"}))
+            .await;
+        (otn, txid)
+    }
+
     pub async fn pay(&self, m: &Merchant, otn: &str, body: serde_json::Value) {
         self.sim.pay(m, &otn.parse().unwrap(), body).await;
     }

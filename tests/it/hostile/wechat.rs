@@ -97,11 +97,7 @@ async fn a_payment_in_another_currency_is_never_this_orders_amount() {
         let e = Engine::new(db).await;
         let url = serve_notify(&e).await;
         let m = md5_merchant();
-        let otn = e.order(&m, 100).await;
-        let txid = e
-            .sim
-            .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
-            .await;
+        let (otn, txid) = e.paid_order(&m, 100).await;
         // Signed by the merchant's key, total_fee as stored, but in US dollars.
         let usd = changed(&m, &otn, &txid, &[("fee_type", "USD")]);
         assert_eq!(
@@ -115,16 +111,12 @@ async fn a_payment_in_another_currency_is_never_this_orders_amount() {
         assert!(detail.contains("USD"), "{kind:?}: {detail}");
 
         // An order the application registered in USD is paid by a USD payment, not a CNY one.
-        let dollars = e.order(&m, 100).await;
+        let (dollars, txid) = e.paid_order(&m, 100).await;
         e.db.exec(
             "UPDATE wxpay_orders SET fee_type = 'USD' WHERE out_trade_no = $1",
             &[&dollars],
         )
         .await;
-        let txid = e
-            .sim
-            .pay(&m, &dollars.parse().unwrap(), json!({"notify": "drop"}))
-            .await;
         let cny = changed(&m, &dollars, &txid, &[("fee_type", "CNY")]);
         post_body(&url, body(&cny)).await;
         assert_eq!(
@@ -144,16 +136,12 @@ async fn a_report_for_another_app_or_a_sub_merchant_settles_nothing() {
         let url = serve_notify(&e).await;
         let m = md5_merchant();
         // Registered for app B; the merchant's configured (and reported) app is A.
-        let other_app = e.order(&m, 100).await;
+        let (other_app, txid) = e.paid_order(&m, 100).await;
         e.db.exec(
             "UPDATE wxpay_orders SET appid = 'wxotherapp0000000001' WHERE out_trade_no = $1",
             &[&other_app],
         )
         .await;
-        let txid = e
-            .sim
-            .pay(&m, &other_app.parse().unwrap(), json!({"notify": "drop"}))
-            .await;
         let n = notification(&m, &other_app, 100, &txid);
         assert_eq!(
             post_body(&url, body(&n)).await,
@@ -167,11 +155,7 @@ async fn a_report_for_another_app_or_a_sub_merchant_settles_nothing() {
         );
 
         // The merchant has no sub-merchant: a notification naming one is not its own.
-        let otn = e.order(&m, 100).await;
-        let txid = e
-            .sim
-            .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
-            .await;
+        let (otn, txid) = e.paid_order(&m, 100).await;
         let sub = changed(&m, &otn, &txid, &[("sub_mch_id", "1900000888")]);
         assert_eq!(
             post_body(&url, body(&sub)).await,
@@ -209,11 +193,7 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
         // notification with HMAC-SHA256, declared or not.
         let m = md5_merchant();
         for declared in [true, false] {
-            let otn = e.order(&m, 100).await;
-            let txid = e
-                .sim
-                .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
-                .await;
+            let (otn, txid) = e.paid_order(&m, 100).await;
             let mut n = notification(&m, &otn, 100, &txid);
             n.remove("sign");
             if declared {
@@ -235,11 +215,7 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
         }
         // A merchant set to HMAC-SHA256 never takes MD5, whatever the message declares.
         let h = hmac_merchant();
-        let otn = e.order(&h, 100).await;
-        let txid = e
-            .sim
-            .pay(&h, &otn.parse().unwrap(), json!({"notify": "drop"}))
-            .await;
+        let (otn, txid) = e.paid_order(&h, 100).await;
         let mut n = notification(&h, &otn, 100, &txid);
         n.remove("sign_type");
         sign::sign_in_place(&mut n, &h.key, SignType::Md5);
