@@ -56,7 +56,7 @@ pub struct Settings {
 }
 
 /// `[notify]`: WeChat's payment notifications, received directly (off unless `listen` is set).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifySettings {
     /// Serves `POST /wxpay/v2/notify` (behind the merchant's HTTPS reverse proxy).
@@ -179,7 +179,7 @@ impl Default for ScheduleSettings {
 }
 
 /// `[metrics]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
     /// Serves `/metrics`, `/healthz` and `/readyz`.
@@ -210,7 +210,7 @@ impl Default for MetricsSettings {
 }
 
 /// `[wechat]`: how to reach WeChat Pay.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WechatSettings {
     pub base_url: String,

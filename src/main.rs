@@ -157,32 +157,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             telemetry::set_log_level(&settings.log.level).map_err(anyhow::Error::msg)?;
             let stop = shutdown::on_signals().context("cannot install signal handlers")?;
-            let mut hangups = shutdown::hangups().context("cannot install signal handlers")?;
+            let hangups = shutdown::hangups().context("cannot install signal handlers")?;
             let daemon = daemon::Daemon::start(&settings, stop.clone()).await?;
             #[cfg(debug_assertions)]
             fail_task_on_sigusr1(&daemon)?;
-            let reloader = daemon.reloader.clone();
             // SIGHUP (`systemctl reload`): read the file again and apply what can be applied.
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        hup = hangups.recv() => if hup.is_none() { break },
-                        _ = stop.cancelled() => break,
-                    }
-                    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                    let reloaded = match config::load(&path) {
-                        Ok(new) => reloader
-                            .reload(&new)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Err(error) = reloaded {
-                        reloader.rejected(&error);
-                    }
-                }
-            });
+            tokio::spawn(daemon.reloader.clone().watch_hangups(hangups, path, stop));
             daemon.wait().await?;
         }
         Command::Demo { orders, serve } => {
