@@ -145,26 +145,29 @@ fn load(cli: &Cli) -> anyhow::Result<config::Settings> {
     Ok(config::load(&path)?)
 }
 
+/// `run`: the daemon until SIGTERM/SIGINT, reloading its configuration at each SIGHUP.
+async fn run_daemon(cli: &Cli) -> anyhow::Result<()> {
+    let path = config::resolve_path(cli.config.as_deref());
+    let settings = config::load(&path)?;
+    anyhow::ensure!(
+        !settings.merchants.is_empty(),
+        "config file {}: no [[merchants]] configured",
+        settings.path.display()
+    );
+    telemetry::set_log_level(&settings.log.level).map_err(anyhow::Error::msg)?;
+    let stop = shutdown::on_signals().context("cannot install signal handlers")?;
+    let hangups = shutdown::hangups().context("cannot install signal handlers")?;
+    let daemon = daemon::Daemon::start(&settings, stop.clone()).await?;
+    #[cfg(debug_assertions)]
+    fail_task_on_sigusr1(&daemon)?;
+    // SIGHUP (`systemctl reload`): read the file again and apply what can be applied.
+    tokio::spawn(daemon.reloader.clone().watch_hangups(hangups, path, stop));
+    Ok(daemon.wait().await?)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Run => {
-            let path = config::resolve_path(cli.config.as_deref());
-            let settings = config::load(&path)?;
-            anyhow::ensure!(
-                !settings.merchants.is_empty(),
-                "config file {}: no [[merchants]] configured",
-                settings.path.display()
-            );
-            telemetry::set_log_level(&settings.log.level).map_err(anyhow::Error::msg)?;
-            let stop = shutdown::on_signals().context("cannot install signal handlers")?;
-            let hangups = shutdown::hangups().context("cannot install signal handlers")?;
-            let daemon = daemon::Daemon::start(&settings, stop.clone()).await?;
-            #[cfg(debug_assertions)]
-            fail_task_on_sigusr1(&daemon)?;
-            // SIGHUP (`systemctl reload`): read the file again and apply what can be applied.
-            tokio::spawn(daemon.reloader.clone().watch_hangups(hangups, path, stop));
-            daemon.wait().await?;
-        }
+        Command::Run => run_daemon(&cli).await?,
         Command::Demo { orders, serve } => {
             let stop = shutdown::on_signals().context("cannot install signal handlers")?;
             let summary = demo::run(
