@@ -42,6 +42,20 @@ pub(super) enum Overlap {
     Wait,
 }
 
+impl Overlap {
+    /// Whether a tick during a run is taken and dropped rather than left waiting.
+    fn skips(self) -> bool {
+        matches!(self, Overlap::SkipAndCount(_))
+    }
+
+    /// A tick was dropped: counted, under [`Overlap::SkipAndCount`].
+    fn dropped(self, telemetry: &Telemetry) {
+        if let Overlap::SkipAndCount(count) = self {
+            count(telemetry);
+        }
+    }
+}
+
 /// One run of a job, started by [`Job::start`].
 pub(super) struct Run<F> {
     pub work: F,
@@ -147,10 +161,6 @@ async fn run_job<J: Job>(job: J, mut ticks: Ticks, ctx: JobContext) {
 /// One run, feeding the watchdog while it progresses (for a job that feeds it), and applying
 /// the overlap rule to the ticks that come meanwhile.
 async fn run_once<J: Job>(job: &J, ticks: &mut Ticks, pet: &mut Interval, ctx: &JobContext) {
-    let skipped = match J::OVERLAP {
-        Overlap::SkipAndCount(count) => Some(count),
-        Overlap::Wait => None,
-    };
     let progress = Progress::new();
     let Run { work, stall_limit } = job.start(&progress, &ctx.stop);
     tokio::pin!(work);
@@ -166,10 +176,12 @@ async fn run_once<J: Job>(job: &J, ticks: &mut Ticks, pet: &mut Interval, ctx: &
                     tracing::error!(job = J::NAME, stalled_seconds = stalled.as_secs(), "{}", J::STALLED);
                 }
             }
-            more = ticks.next(), if ticking && skipped.is_some() => match (more, skipped) {
-                (true, Some(count)) => count(&ctx.telemetry),
-                _ => ticking = false,
-            },
+            more = ticks.next(), if ticking && J::OVERLAP.skips() => {
+                ticking = more;
+                if more {
+                    J::OVERLAP.dropped(&ctx.telemetry);
+                }
+            }
         }
     }
 }
@@ -203,10 +215,8 @@ impl Ticker {
     async fn add(&self, cron: &JobScheduler, expr: &str) -> Result<uuid::Uuid, DaemonError> {
         let ticker = self.clone();
         let job = CronJob::new_async(expr, move |_, _| {
-            if ticker.tick.try_send(()).is_err()
-                && let Overlap::SkipAndCount(count) = ticker.overlap
-            {
-                count(&ticker.telemetry);
+            if ticker.tick.try_send(()).is_err() {
+                ticker.overlap.dropped(&ticker.telemetry);
             }
             Box::pin(async {})
         })
