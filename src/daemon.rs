@@ -20,6 +20,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::gateway::Gateway;
 use crate::http::{self, Health};
 use crate::listener::{self, Listener};
 use crate::notify::{self, NotifyApp};
@@ -27,7 +28,7 @@ use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::shutdown::{DRAIN_DEADLINE, systemd};
 use crate::store::{ConnectOptions, InstanceLock, Store, StoreError, SummaryRequest};
-use crate::telemetry::{OpenCounts, Telemetry};
+use crate::telemetry::{DbOp, OpenCounts, Telemetry};
 use crate::wxpay::{WxPayClient, WxPayError};
 
 /// Why the daemon could not start or stop cleanly.
@@ -164,7 +165,9 @@ pub fn scanner(
     store: Store,
     telemetry: Telemetry,
 ) -> Result<Scanner, DaemonError> {
-    let client = Arc::new(WxPayClient::new(settings.wechat.client_config())?);
+    let client = Arc::new(Gateway::V2(WxPayClient::new(
+        settings.wechat.client_config(),
+    )?));
     let s = &settings.schedule;
     Ok(Scanner::new(
         store,
@@ -606,7 +609,7 @@ async fn gauge_loop(
             }
             Err(error) => {
                 health.db(false);
-                telemetry.db_error("gauges", &error);
+                telemetry.db_error(DbOp::Gauges, &error);
             }
         }
     }
@@ -748,13 +751,11 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
         changed.push("wechat");
     }
     let same_merchants = old.merchants.len() == new.merchants.len()
-        && old.merchants.iter().zip(&new.merchants).all(|(a, b)| {
-            a.mch_id == b.mch_id
-                && a.appid == b.appid
-                && a.sub_mch_id == b.sub_mch_id
-                && a.sign_type == b.sign_type
-                && a.key.same_as(&b.key)
-        });
+        && old
+            .merchants
+            .iter()
+            .zip(&new.merchants)
+            .all(|(a, b)| a.same_as(b));
     if !same_merchants {
         changed.push("merchants");
     }

@@ -5,11 +5,14 @@ pub mod client;
 pub mod error;
 pub mod notify;
 pub mod sign;
+pub mod time;
 pub mod xml;
 
-pub use client::{
-    ClientConfig, CloseAnswer, Merchant, OrderRef, QueryAnswer, TradeReport, WxPayClient,
+pub use client::{ClientConfig, WxPayClient};
+pub use error::{ErrCode, WxPayError};
+// The neutral types this client answers in, where its callers have always found them.
+pub use crate::gateway::{
+    CloseAnswer, Credentials, Merchant, OrderRef, QueryAnswer, RetryHint, TradeReport,
 };
-pub use error::{ErrCode, RetryHint, WxPayError};
-pub use sign::{ApiKey, SignError};
+pub use sign::{ApiKey, SignError, SignType};
 pub use xml::{Fields, XmlError};
