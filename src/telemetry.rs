@@ -20,7 +20,7 @@ use metrics_exporter_prometheus::{
 use tracing_subscriber::EnvFilter;
 
 use crate::domain::{OrderState, Source, TradeState};
-use crate::gateway::{CloseAnswer, Failure, GatewayError, QueryAnswer};
+use crate::gateway::report::{CloseAnswer, Failure, GatewayError, QueryAnswer};
 
 /// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
 static LOG_FILTER: std::sync::OnceLock<
@@ -862,7 +862,7 @@ impl Telemetry {
 mod tests {
     use super::*;
     use crate::domain::{Currency, Fen, OutTradeNo, TransactionId};
-    use crate::gateway::TradeReport;
+    use crate::gateway::report::TradeReport;
     use crate::reconcile::policy::{self, Decision, OrderView, Policy};
     use chrono::{TimeDelta, Utc};
 

@@ -12,7 +12,7 @@ pub use report::{
 };
 
 use crate::domain::OutTradeNo;
-use crate::wxpay::WxPayClient;
+use crate::wxpay::client::WxPayClient;
 
 /// The protocol clients, one per API version. Cheap to share (`Arc`) across tasks; each keeps
 /// its connection pool and failover state for as long as it lives.

@@ -20,8 +20,8 @@ use super::settle::{self, Planned, Report, Reported, Settler, Verdict, order_vie
 use crate::domain::{Fen, OutTradeNo, Source};
 use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, RetryHint};
 use crate::store::{
-    Applied, Backend, Change, ClaimRequest, Claimed, Guard, OrderRow, Store, StoreError,
-    UnreadableOrder, Write,
+    Applied, Backend, Change, ClaimRequest, Claimed, ClaimedOrder, Guard, OrderRow, Store,
+    StoreError, UnreadableOrder, Write,
 };
 use crate::telemetry::{DbOp, Telemetry};
 
@@ -254,21 +254,7 @@ impl Scanner {
         };
         let row = &order.row;
         let Some(merchant) = inner.merchants.get(&row.mch_id) else {
-            // Not ours to query: look again later, in case the configuration gains it.
-            let change = Change::Reschedule {
-                at: Utc::now() + TimeDelta::minutes(10),
-                note: Some(format!(
-                    "merchant {} is not configured",
-                    crate::text::quote(&row.mch_id)
-                )),
-            };
-            // Both names come from the application's table: quoted, never raw.
-            tracing::warn!(
-                mch_id = %crate::text::quote(&row.mch_id),
-                out_trade_no = %crate::text::quote(&row.out_trade_no),
-                "order of an unconfigured merchant"
-            );
-            return self.write(row, order.guard(), change, writes).await;
+            return self.unconfigured(&order, writes).await;
         };
         let out_trade_no = match usable(row, merchant) {
             Ok(out_trade_no) => out_trade_no,
@@ -284,8 +270,46 @@ impl Scanner {
                     .await;
             }
         };
+        self.visit(&order, merchant, out_trade_no, stop, writes)
+            .await
+    }
 
-        if inner
+    /// An order of a merchant not configured here: not ours to query; look again later, in
+    /// case the configuration gains it.
+    async fn unconfigured(
+        &self,
+        order: &ClaimedOrder,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let row = &order.row;
+        let change = Change::Reschedule {
+            at: Utc::now() + TimeDelta::minutes(10),
+            note: Some(format!(
+                "merchant {} is not configured",
+                crate::text::quote(&row.mch_id)
+            )),
+        };
+        // Both names come from the application's table: quoted, never raw.
+        tracing::warn!(
+            mch_id = %crate::text::quote(&row.mch_id),
+            out_trade_no = %crate::text::quote(&row.out_trade_no),
+            "order of an unconfigured merchant"
+        );
+        self.write(row, order.guard(), change, writes).await
+    }
+
+    /// Closes an expired order or queries it, in its turn, and writes what the answer decides.
+    async fn visit(
+        &self,
+        order: &ClaimedOrder,
+        merchant: &Merchant,
+        out_trade_no: OutTradeNo,
+        stop: &CancellationToken,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let row = &order.row;
+        if self
+            .inner
             .settings
             .policy
             .should_close(&order_view(row), Utc::now())
@@ -293,7 +317,7 @@ impl Scanner {
             if !self.take_turn(stop).await {
                 return Ok(Processed::Abandoned);
             }
-            if let Some(processed) = self.close(&order, merchant, &out_trade_no, writes).await? {
+            if let Some(processed) = self.close(order, merchant, &out_trade_no, writes).await? {
                 return Ok(processed);
             }
             // ORDERPAID: the customer paid at the last moment; query and settle it.
@@ -302,6 +326,19 @@ impl Scanner {
         if !self.take_turn(stop).await {
             return Ok(Processed::Abandoned);
         }
+        self.query(order, merchant, out_trade_no, writes).await
+    }
+
+    /// Queries an order and writes what the answer decides; after a lost write, applies the
+    /// verified report to what the order has become.
+    async fn query(
+        &self,
+        order: &ClaimedOrder,
+        merchant: &Merchant,
+        out_trade_no: OutTradeNo,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let (inner, row) = (&self.inner, &order.row);
         let started = Instant::now();
         let outcome = inner
             .gateway
@@ -323,9 +360,7 @@ impl Scanner {
             Planned::Nothing { .. } => return Ok(Processed::NoOp),
         };
         let moves = matches!(change, Change::Settle { .. } | Change::Anomaly { .. });
-        let processed = self
-            .write_change(row, order.guard(), change, writes)
-            .await?;
+        let processed = self.write(row, order.guard(), change, writes).await?;
         if processed != Processed::NoOp || !moves {
             return Ok(processed);
         }
@@ -344,7 +379,7 @@ impl Scanner {
     /// WeChat says it is paid (query it instead).
     async fn close(
         &self,
-        order: &crate::store::ClaimedOrder,
+        order: &ClaimedOrder,
         merchant: &Merchant,
         out_trade_no: &OutTradeNo,
         writes: &mpsc::Sender<WriteRequest>,
@@ -367,10 +402,7 @@ impl Scanner {
             return Ok(None);
         };
         Ok(Some(match settle::plan(decision, Source::Expire) {
-            Planned::Write(change) => {
-                self.write_change(row, order.guard(), change, writes)
-                    .await?
-            }
+            Planned::Write(change) => self.write(row, order.guard(), change, writes).await?,
             Planned::Nothing { .. } => Processed::NoOp,
         }))
     }
@@ -401,8 +433,9 @@ impl Scanner {
         Ok(Processed::SetAside)
     }
 
-    /// Writes a change through the scan's writer, counting a give-up.
-    async fn write_change(
+    /// Hands a change to the scan's writer, waits for its commit, and reports it (a give-up
+    /// is counted as it is handed over).
+    async fn write(
         &self,
         row: &OrderRow,
         guard: Guard,
@@ -414,17 +447,6 @@ impl Scanner {
                 .telemetry
                 .gave_up(&row.mch_id, &row.out_trade_no, reason);
         }
-        self.write(row, guard, change, writes).await
-    }
-
-    /// Hands a change to the scan's writer, waits for its commit, and reports it.
-    async fn write(
-        &self,
-        row: &OrderRow,
-        guard: Guard,
-        change: Change,
-        writes: &mpsc::Sender<WriteRequest>,
-    ) -> Result<Processed, StoreError> {
         let (reply, done) = oneshot::channel();
         let request = WriteRequest {
             row: row.clone(),

@@ -13,7 +13,8 @@ use super::sign::{self, SignType};
 use super::time::parse_wechat_time;
 use super::xml::{self, Fields, MAX_BODY_BYTES};
 use crate::domain::{AppId, Currency, Fen, OutTradeNo, TradeState, TransactionId};
-use crate::gateway::{CloseAnswer, Merchant, OrderRef, QueryAnswer, TradeReport};
+use crate::gateway::merchant::Merchant;
+use crate::gateway::report::{CloseAnswer, OrderRef, QueryAnswer, TradeReport};
 
 /// Where and how patiently to talk to WeChat.
 #[derive(Debug, Clone)]

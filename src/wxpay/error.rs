@@ -5,7 +5,7 @@
 
 use super::sign::SignError;
 use super::xml::{EncodeError, XmlError};
-use crate::gateway::{Failure, GatewayError, RetryHint};
+use crate::gateway::report::{Failure, GatewayError, RetryHint};
 use crate::text::quote;
 
 /// A `result_code=FAIL` error code. The ones the daemon acts on are named; the rest are kept.

@@ -11,8 +11,7 @@ pub mod xml;
 pub use client::{ClientConfig, WxPayClient};
 pub use error::{ErrCode, WxPayError};
 // The neutral types this client answers in, where its callers have always found them.
-pub use crate::gateway::{
-    CloseAnswer, Credentials, Merchant, OrderRef, QueryAnswer, RetryHint, TradeReport,
-};
+pub use crate::gateway::merchant::{Credentials, Merchant};
+pub use crate::gateway::report::{CloseAnswer, OrderRef, QueryAnswer, RetryHint, TradeReport};
 pub use sign::{ApiKey, SignError, SignType};
 pub use xml::{Fields, XmlError};

@@ -6,7 +6,8 @@ use super::client::{order_fields, verify_notification_envelope};
 use super::error::WxPayError;
 use super::xml::{self, Fields};
 use crate::domain::{MchId, TradeState};
-use crate::gateway::{Merchant, TradeReport};
+use crate::gateway::merchant::Merchant;
+use crate::gateway::report::TradeReport;
 use crate::telemetry::NotifyOutcome;
 use crate::text::quote;
 

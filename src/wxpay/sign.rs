@@ -236,6 +236,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bad_sign_type_is_quoted_short_and_escaped() {
+        let huge = format!("\"\n{}", "\"".repeat(40_000));
+        let shown = huge.parse::<SignType>().unwrap_err().to_string();
+        assert!(shown.len() < 300 && !shown.contains('\n'), "{shown}");
+        assert_eq!("HMAC-SHA256".parse(), Ok(SignType::HmacSha256));
+    }
+
+    #[test]
     fn notifications_accept_the_stronger_sign_type_never_the_weaker() {
         let key = doc_key();
         let mut hmac = doc_fields();
