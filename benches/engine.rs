@@ -177,7 +177,7 @@ async fn sim_raw_rate(seconds: u64, conns: usize) -> f64 {
         .with("mch_id", MD5_MCH)
         .with("nonce_str", "5K8264ILTKCH16CQ2502SI8ZNMTM67VS")
         .with("out_trade_no", otn);
-    sign::sign_in_place(&mut f, &m.key, m.sign_type);
+    sign::sign_in_place(&mut f, m.v2_key(), m.v2_sign_type());
     let body = xml::encode(&f).unwrap();
     let url = format!("{}/pay/orderquery", s.base_url());
     let ok = Arc::new(AtomicU64::new(0));

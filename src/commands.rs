@@ -2,7 +2,6 @@
 //! Each returns what it prints, so tests can read it.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -10,10 +9,11 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::daemon::{DaemonError, open_store, policy};
 use crate::domain::{OrderState, OutTradeNo, Source};
-use crate::reconcile::settle::{Report, Settler, Verdict};
+use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, QueryAnswer};
+use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
 use crate::store::{OrderRow, Store, StoreError, SummaryRequest};
 use crate::telemetry::Telemetry;
-use crate::wxpay::{Merchant, OrderRef, QueryAnswer, WxPayClient, WxPayError};
+use crate::wxpay::{WxPayClient, WxPayError};
 
 /// `status` lists at most this many PAID_AFTER_CLOSE events.
 const PAID_AFTER_CLOSE_SHOWN: u32 = 50;
@@ -52,7 +52,7 @@ pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
     let merchants: Vec<String> = settings
         .merchants
         .iter()
-        .map(|m| format!("{} ({}, {})", m.mch_id, m.appid, m.sign_type))
+        .map(|m| format!("{} ({}, {})", m.mch_id, m.appid, m.signing()))
         .collect();
     Ok(format!(
         "config {} is valid\ndatabase {} answers, schema up to date\nWeChat Pay {}\nmerchants: {}\n",
@@ -341,8 +341,8 @@ pub async fn query(
         )));
     }
 
-    let client = Arc::new(WxPayClient::new(settings.wechat.client_config())?);
-    let answer = client
+    let gateway = Gateway::V2(WxPayClient::new(settings.wechat.client_config())?);
+    let answer = gateway
         .order_query(merchant, &OrderRef::OutTradeNo(otn))
         .await;
     let mut out = String::new();
@@ -367,18 +367,18 @@ pub async fn query(
                 out,
                 "wechat: trade_state {} ({}) total_fee {} cash_fee {} transaction_id {} time_end {} (verified reply)",
                 rep.trade_state,
-                rep.trade_state_desc.as_deref().unwrap_or("-"),
-                rep.total_fee
+                rep.state_desc.as_deref().unwrap_or("-"),
+                rep.amount
                     .map(|f| f.to_string())
                     .unwrap_or_else(|| "-".into()),
-                rep.cash_fee
+                rep.payer_amount
                     .map(|f| f.to_string())
                     .unwrap_or_else(|| "-".into()),
                 rep.transaction_id
                     .as_ref()
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| "-".into()),
-                rep.time_end
+                rep.paid_at
                     .map(|t| t.to_rfc3339())
                     .unwrap_or_else(|| "-".into()),
             );
@@ -403,7 +403,7 @@ async fn apply_manual(
     store: &Store,
     settings: &Settings,
     row: &OrderRow,
-    answer: &Result<QueryAnswer, WxPayError>,
+    answer: &Result<QueryAnswer, GatewayError>,
 ) -> Result<String, CommandError> {
     let telemetry = Telemetry::new(std::iter::empty());
     let policy = policy(settings);
@@ -413,9 +413,8 @@ async fn apply_manual(
         policy: &policy,
     };
     let report = Report {
-        outcome: answer,
+        reported: Reported::Query(answer),
         source: Source::Manual,
-        queried: false,
     };
     Ok(
         match settler.apply_report(row.clone(), None, report).await? {

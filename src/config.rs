@@ -15,9 +15,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
-use crate::domain::{AppId, MchId, SignType};
+use crate::domain::{AppId, MchId};
+use crate::gateway::{Credentials, Merchant};
 use crate::store::DatabaseUrl;
-use crate::wxpay::{ApiKey, ClientConfig, Merchant};
+use crate::wxpay::{ApiKey, ClientConfig, SignType};
 
 /// Where the config file is looked for when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/wxpay-reconciler/config.toml";
@@ -489,8 +490,10 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             mch_id: m.mch_id,
             appid: m.appid,
             sub_mch_id: m.sub_mch_id,
-            sign_type: m.sign_type,
-            key,
+            credentials: Credentials::V2 {
+                sign_type: m.sign_type,
+                key,
+            },
         });
     }
     Ok(Settings {
@@ -821,7 +824,7 @@ mod tests {
         );
         let s = load(&cfg).unwrap();
         assert_eq!(s.merchants.len(), 1);
-        assert_eq!(s.merchants[0].sign_type, SignType::HmacSha256);
+        assert_eq!(s.merchants[0].v2_sign_type(), SignType::HmacSha256);
         assert_eq!(s.wechat.timeout_ms, 5000);
         let debug = format!("{s:?}");
         assert!(

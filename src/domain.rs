@@ -7,7 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::text::quote;
 
@@ -21,7 +21,7 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    fn new(what: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(what: &'static str, reason: impl Into<String>) -> Self {
         Self {
             what,
             reason: reason.into(),
@@ -174,42 +174,10 @@ text_id!(
     |b| b.is_ascii_uppercase()
 );
 
-/// How WeChat Pay v2 messages are signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
-pub enum SignType {
-    #[serde(rename = "MD5")]
-    Md5,
-    #[serde(rename = "HMAC-SHA256")]
-    HmacSha256,
-}
-
-impl SignType {
-    /// The value of the `sign_type` field.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SignType::Md5 => "MD5",
-            SignType::HmacSha256 => "HMAC-SHA256",
-        }
-    }
-}
-
-impl FromStr for SignType {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "MD5" => Ok(SignType::Md5),
-            "HMAC-SHA256" => Ok(SignType::HmacSha256),
-            other => Err(ParseError::new(
-                "sign_type",
-                format!("{} is neither \"MD5\" nor \"HMAC-SHA256\"", quote(other)),
-            )),
-        }
-    }
-}
-
-impl fmt::Display for SignType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+impl Currency {
+    /// China's yuan, the currency of an order that names none.
+    pub fn cny() -> Currency {
+        Currency("CNY".to_owned())
     }
 }
 
@@ -351,6 +319,18 @@ impl fmt::Display for OrderState {
     }
 }
 
+/// A state change to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub to: OrderState,
+    pub transaction_id: Option<TransactionId>,
+    pub paid_at: Option<DateTime<Utc>>,
+    /// What WeChat reported.
+    pub reported_fee: Option<Fen>,
+    /// Why, in words (recorded with the event).
+    pub detail: Option<String>,
+}
+
 /// An event that records a fact without changing the order's state (`wxpay_order_events.to_state`
 /// holds its name; it cannot collide with a state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -384,6 +364,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// Whether a write from this source follows the scan's own query (a poll, or a close at
+    /// expiry): only such a write counts in `query_count` and writes a schedule (the next
+    /// query, or the end of polling).
+    pub fn is_scan(self) -> bool {
+        match self {
+            Source::Poll | Source::Expire => true,
+            Source::Notify | Source::Manual => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Poll => "poll",
@@ -400,36 +390,6 @@ impl fmt::Display for Source {
     }
 }
 
-/// China Standard Time, the zone of every WeChat Pay v2 timestamp.
-pub fn china_standard_time() -> FixedOffset {
-    // 8 hours is always a valid offset.
-    FixedOffset::east_opt(8 * 3600).unwrap_or_else(|| unreachable!("UTC+8 is a valid offset"))
-}
-
-/// Parses WeChat's `yyyyMMddHHmmss` (China Standard Time, e.g. `time_end`) into UTC.
-pub fn parse_wechat_time(s: &str) -> Result<DateTime<Utc>, ParseError> {
-    if s.len() != 14 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ParseError::new(
-            "time",
-            format!("{} is not yyyyMMddHHmmss", quote(s)),
-        ));
-    }
-    let naive = NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S")
-        .map_err(|e| ParseError::new("time", format!("{}: {e}", quote(s))))?;
-    china_standard_time()
-        .from_local_datetime(&naive)
-        .single()
-        .map(|t| t.with_timezone(&Utc))
-        .ok_or_else(|| ParseError::new("time", format!("{} is not a valid time", quote(s))))
-}
-
-/// Formats a UTC time as WeChat's `yyyyMMddHHmmss` in China Standard Time.
-pub fn format_wechat_time(t: DateTime<Utc>) -> String {
-    t.with_timezone(&china_standard_time())
-        .format("%Y%m%d%H%M%S")
-        .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,9 +400,7 @@ mod tests {
         let errors = [
             OutTradeNo::parse(&huge).unwrap_err(),
             huge.parse::<Fen>().unwrap_err(),
-            huge.parse::<SignType>().unwrap_err(),
             huge.parse::<OrderState>().unwrap_err(),
-            parse_wechat_time(&huge).unwrap_err(),
             MchId::parse("1\nERROR forged").unwrap_err(),
         ];
         for e in errors {
@@ -491,14 +449,5 @@ mod tests {
         let unknown = TradeState::parse("SOMETHING_NEW");
         assert_eq!(unknown.as_str(), "SOMETHING_NEW");
         assert_eq!(unknown.label(), "unknown");
-    }
-
-    #[test]
-    fn wechat_time_is_china_standard_time() {
-        let t = parse_wechat_time("20141111170043").unwrap();
-        assert_eq!(t.to_rfc3339(), "2014-11-11T09:00:43+00:00");
-        assert_eq!(format_wechat_time(t), "20141111170043");
-        assert!(parse_wechat_time("20141311170043").is_err());
-        assert!(parse_wechat_time("2014-11-11").is_err());
     }
 }

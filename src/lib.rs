@@ -10,6 +10,8 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`listener`]: the accept loop of both listeners: timeouts and a connection cap.
 //! - [`notify`]: `POST /wxpay/v2/notify`, WeChat's payment notifications, on its own listener.
+//! - [`gateway`]: the protocol-neutral answers, reports and errors, and `Gateway`, which
+//!   dispatches each call to the merchant's protocol client.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
 //! - [`sim`]: a WeChat Pay v2 server for tests, the demo, benchmarks and staging.
 //! - [`config`]: the TOML file + environment overrides, validated up front.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod domain;
+pub mod gateway;
 pub mod http;
 pub mod listener;
 pub mod notify;

@@ -203,7 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the simulator")?;
             let ids: Vec<String> = merchants
                 .iter()
-                .map(|m| format!("{} ({})", m.mch_id, m.sign_type))
+                .map(|m| format!("{} ({})", m.mch_id, m.signing()))
                 .collect();
             tracing::info!(addr = %running.addr, merchants = %ids.join(", "), "simulator listening");
             // Print the address on stdout for scripts that started us on port 0.

@@ -20,6 +20,7 @@ use metrics_exporter_prometheus::{
 use tracing_subscriber::EnvFilter;
 
 use crate::domain::{OrderState, Source, TradeState};
+use crate::gateway::report::{CloseAnswer, Failure, GatewayError, QueryAnswer};
 
 /// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
 static LOG_FILTER: std::sync::OnceLock<
@@ -105,46 +106,153 @@ pub mod names {
     pub const LISTENER_REFUSED: &str = "wxpay_reconciler_listener_refused_connections_total";
 }
 
-/// The `outcome` values of `notify_requests_total`.
-pub const NOTIFY_OUTCOMES: [&str; 11] = [
-    "ok",
-    "repeat",
-    "sign_invalid",
-    "unknown_merchant",
-    "unknown_order",
-    "malformed",
-    "too_large",
-    "timeout",
-    "return_fail",
-    "mismatch",
-    "db_error",
-];
+/// The `outcome` of `orderquery_requests_total`: a verified answer, or why there was none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryOutcome {
+    Ok,
+    Failed(Failure),
+}
 
-/// The `outcome` values of `closeorder_requests_total`: WeChat's answers, then the errors of
-/// [`ORDERQUERY_OUTCOMES`].
-pub const CLOSEORDER_ANSWERS: [&str; 4] =
-    ["closed", "order_paid", "order_closed", "order_not_exist"];
+impl QueryOutcome {
+    /// Every outcome: `ok`, then each failure class.
+    pub fn all() -> impl Iterator<Item = QueryOutcome> {
+        std::iter::once(QueryOutcome::Ok).chain(Failure::ALL.map(QueryOutcome::Failed))
+    }
 
-/// The `outcome` values of `orderquery_requests_total`.
-pub const ORDERQUERY_OUTCOMES: [&str; 9] = [
-    "ok",
-    "timeout",
-    "transport_error",
-    "http_status",
-    "return_fail",
-    "result_fail",
-    "sign_invalid",
-    "malformed",
-    "mismatch",
-];
+    /// The outcome of a query (ORDERNOTEXIST is a `result_fail` reply, however definitive).
+    pub fn of(outcome: &Result<QueryAnswer, GatewayError>) -> QueryOutcome {
+        match outcome {
+            Ok(QueryAnswer::Order(_)) => QueryOutcome::Ok,
+            Ok(QueryAnswer::NotExist) => QueryOutcome::Failed(Failure::ResultFail),
+            Err(e) => QueryOutcome::Failed(e.failure()),
+        }
+    }
 
-/// The `op` values of `db_errors_total`.
-pub const DB_ERROR_OPS: [&str; 4] = ["claim", "apply", "gauges", "notify"];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryOutcome::Ok => "ok",
+            QueryOutcome::Failed(f) => f.as_str(),
+        }
+    }
+}
 
-/// The `outcome` values of `notify_requests_total` that can come without a configured
-/// merchant (`mch_id="unknown"`): refused before a merchant is known, or naming another one.
-pub const NOTIFY_OUTCOMES_UNKNOWN_MERCHANT: [&str; 4] =
-    ["unknown_merchant", "malformed", "too_large", "timeout"];
+/// The `outcome` of `closeorder_requests_total`: WeChat's answer, or why there was none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseOutcome {
+    Answered(CloseAnswer),
+    Failed(Failure),
+}
+
+impl CloseOutcome {
+    /// Every outcome: WeChat's answers, then each failure class.
+    pub fn all() -> impl Iterator<Item = CloseOutcome> {
+        CloseAnswer::ALL
+            .map(CloseOutcome::Answered)
+            .into_iter()
+            .chain(Failure::ALL.map(CloseOutcome::Failed))
+    }
+
+    pub fn of(outcome: &Result<CloseAnswer, GatewayError>) -> CloseOutcome {
+        match outcome {
+            Ok(answer) => CloseOutcome::Answered(*answer),
+            Err(e) => CloseOutcome::Failed(e.failure()),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseOutcome::Answered(a) => a.as_str(),
+            CloseOutcome::Failed(f) => f.as_str(),
+        }
+    }
+}
+
+/// The `outcome` of `notify_requests_total`: how a notification was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NotifyOutcome {
+    Ok,
+    Repeat,
+    SignInvalid,
+    UnknownMerchant,
+    UnknownOrder,
+    Malformed,
+    TooLarge,
+    Timeout,
+    ReturnFail,
+    Mismatch,
+    DbError,
+}
+
+impl NotifyOutcome {
+    pub const ALL: [NotifyOutcome; 11] = [
+        NotifyOutcome::Ok,
+        NotifyOutcome::Repeat,
+        NotifyOutcome::SignInvalid,
+        NotifyOutcome::UnknownMerchant,
+        NotifyOutcome::UnknownOrder,
+        NotifyOutcome::Malformed,
+        NotifyOutcome::TooLarge,
+        NotifyOutcome::Timeout,
+        NotifyOutcome::ReturnFail,
+        NotifyOutcome::Mismatch,
+        NotifyOutcome::DbError,
+    ];
+
+    /// The outcomes that can come without a configured merchant (`mch_id="unknown"`): refused
+    /// before a merchant is known, or naming another one.
+    pub const WITHOUT_MERCHANT: [NotifyOutcome; 4] = [
+        NotifyOutcome::UnknownMerchant,
+        NotifyOutcome::Malformed,
+        NotifyOutcome::TooLarge,
+        NotifyOutcome::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyOutcome::Ok => "ok",
+            NotifyOutcome::Repeat => "repeat",
+            NotifyOutcome::SignInvalid => "sign_invalid",
+            NotifyOutcome::UnknownMerchant => "unknown_merchant",
+            NotifyOutcome::UnknownOrder => "unknown_order",
+            NotifyOutcome::Malformed => "malformed",
+            NotifyOutcome::TooLarge => "too_large",
+            NotifyOutcome::Timeout => "timeout",
+            NotifyOutcome::ReturnFail => "return_fail",
+            NotifyOutcome::Mismatch => "mismatch",
+            NotifyOutcome::DbError => "db_error",
+        }
+    }
+
+    /// Whether a refusal of this kind suggests a wrong key or a forgery (logged as a warning).
+    fn is_suspicious(self) -> bool {
+        matches!(
+            self,
+            NotifyOutcome::SignInvalid | NotifyOutcome::Mismatch | NotifyOutcome::UnknownMerchant
+        )
+    }
+}
+
+/// The `op` of `db_errors_total`: what the database was asked when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbOp {
+    Claim,
+    Apply,
+    Gauges,
+    Notify,
+}
+
+impl DbOp {
+    pub const ALL: [DbOp; 4] = [DbOp::Claim, DbOp::Apply, DbOp::Gauges, DbOp::Notify];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbOp::Claim => "claim",
+            DbOp::Apply => "apply",
+            DbOp::Gauges => "gauges",
+            DbOp::Notify => "notify",
+        }
+    }
+}
 
 /// The `trade_state` values of `trade_state_total`: [`TradeState::label`] of every variant.
 pub fn trade_state_labels() -> [&'static str; 9] {
@@ -342,8 +450,9 @@ impl Telemetry {
                 counter!(TRANSITIONS, "from" => from.as_str(), "to" => to.as_str(), "source" => source.as_str())
                     .absolute(0);
             }
-            for outcome in NOTIFY_OUTCOMES_UNKNOWN_MERCHANT {
-                counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome).absolute(0);
+            for outcome in NotifyOutcome::WITHOUT_MERCHANT {
+                counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome.as_str())
+                    .absolute(0);
             }
             let _ = histogram!(NOTIFY_DURATION, "mch_id" => "unknown");
             for m in &t.inner.merchants {
@@ -362,27 +471,24 @@ impl Telemetry {
                 counter!(PAID_AFTER_CLOSE, "mch_id" => m.clone()).absolute(0);
                 counter!(GAVE_UP, "mch_id" => m.clone()).absolute(0);
                 gauge!(EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
-                for outcome in NOTIFY_OUTCOMES {
-                    counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                for outcome in NotifyOutcome::ALL {
+                    counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
                         .absolute(0);
                 }
-                for outcome in CLOSEORDER_ANSWERS.into_iter().chain(ORDERQUERY_OUTCOMES) {
-                    if outcome == "ok" {
-                        continue;
-                    }
-                    counter!(CLOSEORDER_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                for outcome in CloseOutcome::all() {
+                    counter!(CLOSEORDER_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
                         .absolute(0);
                 }
-                for outcome in ORDERQUERY_OUTCOMES {
-                    counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+                for outcome in QueryOutcome::all() {
+                    counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
                         .absolute(0);
                 }
             }
             for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
                 counter!(NOOP, "source" => source.as_str()).absolute(0);
             }
-            for op in DB_ERROR_OPS {
-                counter!(DB_ERRORS, "op" => op).absolute(0);
+            for op in DbOp::ALL {
+                counter!(DB_ERRORS, "op" => op.as_str()).absolute(0);
             }
         });
         t
@@ -413,27 +519,46 @@ impl Telemetry {
         self.inner.handle.render()
     }
 
-    pub fn orderquery(&self, mch_id: &str, outcome: &'static str, elapsed: Duration) {
+    /// An orderquery answered or failed: counted by outcome with its latency, the trade state
+    /// WeChat answered counted, a failure logged (a warning when it looks like a wrong key or
+    /// a forgery).
+    pub fn orderquery(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        outcome: &Result<QueryAnswer, GatewayError>,
+        elapsed: Duration,
+    ) {
         let m = self.mch_label(mch_id);
+        let label = QueryOutcome::of(outcome).as_str();
+        match outcome {
+            Ok(QueryAnswer::Order(report)) => {
+                let state = report.trade_state.label();
+                tracing::debug!(
+                    mch_id,
+                    out_trade_no,
+                    trade_state = state,
+                    "orderquery answered"
+                );
+                self.with(|| {
+                    counter!(names::TRADE_STATE, "mch_id" => m.clone(), "trade_state" => state)
+                        .increment(1)
+                });
+            }
+            Ok(QueryAnswer::NotExist) => {
+                tracing::debug!(mch_id, out_trade_no, "orderquery answered ORDERNOTEXIST");
+            }
+            Err(error) if error.is_suspicious() => {
+                tracing::warn!(%error, mch_id, out_trade_no, outcome = label, "orderquery reply rejected");
+            }
+            Err(error) => {
+                tracing::info!(%error, mch_id, out_trade_no, outcome = label, "orderquery failed; will retry");
+            }
+        }
         self.with(|| {
-            counter!(names::ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+            counter!(names::ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => label)
                 .increment(1);
             histogram!(names::ORDERQUERY_DURATION, "mch_id" => m).record(elapsed.as_secs_f64());
-        });
-    }
-
-    pub fn query_failed(&self, mch_id: &str, out_trade_no: &str, error: &crate::wxpay::WxPayError) {
-        if error.is_suspicious() {
-            tracing::warn!(%error, mch_id, out_trade_no, outcome = error.outcome(), "orderquery reply rejected");
-        } else {
-            tracing::info!(%error, mch_id, out_trade_no, outcome = error.outcome(), "orderquery failed; will retry");
-        }
-    }
-
-    pub fn trade_state(&self, mch_id: &str, state: &'static str) {
-        let m = self.mch_label(mch_id);
-        self.with(|| {
-            counter!(names::TRADE_STATE, "mch_id" => m, "trade_state" => state).increment(1)
         });
     }
 
@@ -530,7 +655,8 @@ impl Telemetry {
         self.with(|| counter!(names::SCAN_OVERLAP_SKIPPED).increment(1));
     }
 
-    pub fn db_error(&self, op: &'static str, error: &crate::store::StoreError) {
+    pub fn db_error(&self, op: DbOp, error: &crate::store::StoreError) {
+        let op = op.as_str();
         tracing::warn!(%error, op, "database error");
         self.with(|| counter!(names::DB_ERRORS, "op" => op).increment(1));
     }
@@ -567,7 +693,7 @@ const REFUSAL_REASON_CHARS: usize = 320;
 /// The refusal lines written in the current second, per outcome (a bounded set of labels).
 #[derive(Default)]
 struct RefusalLog {
-    windows: std::sync::Mutex<std::collections::HashMap<&'static str, RefusalWindow>>,
+    windows: std::sync::Mutex<std::collections::HashMap<NotifyOutcome, RefusalWindow>>,
 }
 
 struct RefusalWindow {
@@ -578,7 +704,7 @@ struct RefusalWindow {
 
 impl RefusalLog {
     /// `Some(lines left out since the last one written)` when this refusal may be logged.
-    fn admit(&self, outcome: &'static str, now: std::time::Instant) -> Option<u64> {
+    fn admit(&self, outcome: NotifyOutcome, now: std::time::Instant) -> Option<u64> {
         // Plain counters: a panic elsewhere cannot leave them inconsistent.
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let w = windows.entry(outcome).or_insert(RefusalWindow {
@@ -614,21 +740,31 @@ pub struct OpenCounts {
 }
 
 impl Telemetry {
-    /// A notification answered (`mch_id` of a configured merchant, else `unknown`).
-    pub fn notify(&self, mch_id: Option<&str>, outcome: &'static str, elapsed: Duration) {
+    /// A notification answered (`mch_id` of a configured merchant, else `unknown`), with the
+    /// reason when it was refused. Anyone can post to the endpoint, so a refusal's reason is
+    /// quoted bounded and escaped, and at most [`REFUSAL_LINES_PER_SECOND`] refusal lines per
+    /// outcome are written each second; the next line written says how many were left out
+    /// (`suppressed`). The metric counts every answer.
+    pub fn notify(
+        &self,
+        mch_id: Option<&str>,
+        outcome: NotifyOutcome,
+        refusal: Option<&str>,
+        elapsed: Duration,
+    ) {
+        if let Some(reason) = refusal {
+            self.notify_refused(mch_id, outcome, reason);
+        }
         let m = self.mch_label(mch_id.unwrap_or_default());
         self.with(|| {
-            counter!(names::NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome)
+            counter!(names::NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
                 .increment(1);
             histogram!(names::NOTIFY_DURATION, "mch_id" => m).record(elapsed.as_secs_f64());
         });
     }
 
-    /// A notification refused: logged as a warning when it suggests a wrong key or a forgery.
-    /// Anyone can post to the endpoint, so the reason is quoted bounded and escaped, and at most
-    /// [`REFUSAL_LINES_PER_SECOND`] lines per outcome are written each second; the next line
-    /// written says how many were left out (`suppressed`). The metric counts every refusal.
-    pub fn notify_refused(&self, mch_id: Option<&str>, outcome: &'static str, reason: &str) {
+    /// The log line of a refused notification, rate-limited.
+    fn notify_refused(&self, mch_id: Option<&str>, outcome: NotifyOutcome, reason: &str) {
         let Some(suppressed) = self
             .inner
             .refusals
@@ -639,25 +775,40 @@ impl Telemetry {
         let suppressed = (suppressed > 0).then_some(suppressed);
         let mch_id = mch_id.unwrap_or_default();
         let reason = crate::text::quote_with(reason, REFUSAL_REASON_CHARS);
-        match outcome {
-            "sign_invalid" | "mismatch" | "unknown_merchant" => {
-                tracing::warn!(mch_id, outcome, %reason, suppressed, "notification refused");
-            }
-            _ => tracing::info!(mch_id, outcome, %reason, suppressed, "notification refused"),
+        let label = outcome.as_str();
+        if outcome.is_suspicious() {
+            tracing::warn!(mch_id, outcome = label, %reason, suppressed, "notification refused");
+        } else {
+            tracing::info!(mch_id, outcome = label, %reason, suppressed, "notification refused");
         }
     }
 
-    /// A closeorder answer or failure.
-    pub fn closeorder(&self, mch_id: &str, out_trade_no: &str, outcome: &'static str) {
-        tracing::info!(
-            mch_id,
-            out_trade_no,
-            outcome,
-            "closeorder for an expired order"
-        );
+    /// A closeorder answered or failed, for an expired order: logged and counted.
+    pub fn closeorder(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        outcome: &Result<CloseAnswer, GatewayError>,
+    ) {
+        let label = CloseOutcome::of(outcome).as_str();
+        match outcome {
+            Ok(_) => tracing::info!(
+                mch_id,
+                out_trade_no,
+                outcome = label,
+                "closeorder for an expired order"
+            ),
+            Err(error) => tracing::info!(
+                mch_id,
+                out_trade_no,
+                outcome = label,
+                %error,
+                "closeorder for an expired order"
+            ),
+        }
         let m = self.mch_label(mch_id);
         self.with(|| {
-            counter!(names::CLOSEORDER_REQUESTS, "mch_id" => m, "outcome" => outcome).increment(1)
+            counter!(names::CLOSEORDER_REQUESTS, "mch_id" => m, "outcome" => label).increment(1)
         });
     }
 
@@ -710,9 +861,9 @@ impl Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Fen, OutTradeNo, TransactionId};
+    use crate::domain::{Currency, Fen, OutTradeNo, TransactionId};
+    use crate::gateway::report::TradeReport;
     use crate::reconcile::policy::{self, Decision, OrderView, Policy};
-    use crate::wxpay::{CloseAnswer, QueryAnswer, TradeReport};
     use chrono::{TimeDelta, Utc};
 
     const MCH: &str = "1900000109";
@@ -777,7 +928,7 @@ mod tests {
         zero.extend(transition_series().into_iter().map(|(from, to, source)| {
             format!("{TRANSITIONS}{{from=\"{from}\",to=\"{to}\",source=\"{source}\"}}")
         }));
-        zero.extend(DB_ERROR_OPS.map(|op| format!("{DB_ERRORS}{{op=\"{op}\"}}")));
+        zero.extend(DbOp::ALL.map(|op| format!("{DB_ERRORS}{{op=\"{}\"}}", op.as_str())));
         for series in &zero {
             assert_eq!(sample(&text, series), Some(0.0), "{series}:\n{text}");
         }
@@ -796,8 +947,18 @@ mod tests {
     #[test]
     fn unconfigured_merchants_count_under_unknown() {
         let t = Telemetry::new([MCH]);
-        t.trade_state("1234567890", "SUCCESS");
-        t.orderquery("1234567890", "ok", Duration::from_millis(3));
+        let paid = QueryAnswer::Order(TradeReport {
+            out_trade_no: OutTradeNo::parse("o1").unwrap(),
+            trade_state: TradeState::Success,
+            state_desc: None,
+            transaction_id: Some(TransactionId::parse("4200000001").unwrap()),
+            amount: Fen::new(1).ok(),
+            currency: Currency::cny(),
+            payer_amount: None,
+            paid_at: Some(Utc::now()),
+            appid: None,
+        });
+        t.orderquery("1234567890", "o1", &Ok(paid), Duration::from_millis(3));
         let text = t.render();
         let series = format!(
             "{}{{mch_id=\"unknown\",trade_state=\"SUCCESS\"}}",
@@ -849,12 +1010,12 @@ mod tests {
             Ok(QueryAnswer::Order(TradeReport {
                 out_trade_no: OutTradeNo::parse("o1").unwrap(),
                 trade_state: state,
-                trade_state_desc: None,
+                state_desc: None,
                 transaction_id: Some(TransactionId::parse("4200000001").unwrap()),
-                total_fee: total_fee.map(fee),
-                cash_fee: None,
-                time_end: Some(t0),
-                fee_type: None,
+                amount: total_fee.map(fee),
+                currency: Currency::cny(),
+                payer_amount: None,
+                paid_at: Some(t0),
                 appid: None,
             }))
         };
@@ -896,12 +1057,7 @@ mod tests {
                 }
                 // The scan closes only what `should_close` picks (open and expired).
                 let closes = if policy.should_close(&order, Utc::now()) {
-                    &[
-                        CloseAnswer::Closed,
-                        CloseAnswer::OrderPaid,
-                        CloseAnswer::OrderClosed,
-                        CloseAnswer::NotExist,
-                    ][..]
+                    &CloseAnswer::ALL[..]
                 } else {
                     &[]
                 };
@@ -934,14 +1090,14 @@ mod refusal_tests {
         let log = RefusalLog::default();
         let t0 = Instant::now();
         for _ in 0..REFUSAL_LINES_PER_SECOND {
-            assert_eq!(log.admit("malformed", t0), Some(0));
+            assert_eq!(log.admit(NotifyOutcome::Malformed, t0), Some(0));
         }
-        assert_eq!(log.admit("malformed", t0), None);
-        assert_eq!(log.admit("malformed", t0), None);
+        assert_eq!(log.admit(NotifyOutcome::Malformed, t0), None);
+        assert_eq!(log.admit(NotifyOutcome::Malformed, t0), None);
         // Another outcome has its own budget.
-        assert_eq!(log.admit("sign_invalid", t0), Some(0));
+        assert_eq!(log.admit(NotifyOutcome::SignInvalid, t0), Some(0));
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(log.admit("malformed", t1), Some(2));
-        assert_eq!(log.admit("malformed", t1), Some(0));
+        assert_eq!(log.admit(NotifyOutcome::Malformed, t1), Some(2));
+        assert_eq!(log.admit(NotifyOutcome::Malformed, t1), Some(0));
     }
 }

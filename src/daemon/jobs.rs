@@ -22,7 +22,7 @@ use crate::http::Health;
 use crate::reconcile::scanner::{ScanReport, Scanner};
 use crate::shutdown::systemd;
 use crate::store::{Attention, OpenSummary, Store, StoreError, SummaryRequest};
-use crate::telemetry::{OpenCounts, Telemetry};
+use crate::telemetry::{DbOp, OpenCounts, Telemetry};
 
 /// When a job runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,7 +512,7 @@ impl GaugeJob {
             }
             Err(error) => {
                 self.health.db(false);
-                self.telemetry.db_error("gauges", &error);
+                self.telemetry.db_error(DbOp::Gauges, &error);
             }
         }
     }

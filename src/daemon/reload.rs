@@ -10,7 +10,7 @@ use super::DaemonError;
 use super::jobs::Jobs;
 use crate::config::{self, Settings};
 use crate::telemetry::Telemetry;
-use crate::wxpay::Merchant;
+use crate::gateway::Merchant;
 
 /// Applies a new configuration to a running daemon (SIGHUP). What can change safely changes at
 /// once: `[log] level`, every `[schedule]` key, `wechat.max_qps` and `wechat.concurrency` (a new
@@ -153,13 +153,7 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
 /// The same merchants in the same order, keys compared in constant time.
 fn same_merchants(old: &[Merchant], new: &[Merchant]) -> bool {
     old.len() == new.len()
-        && old.iter().zip(new).all(|(a, b)| {
-            a.mch_id == b.mch_id
-                && a.appid == b.appid
-                && a.sub_mch_id == b.sub_mch_id
-                && a.sign_type == b.sign_type
-                && a.key.same_as(&b.key)
-        })
+        && old.iter().zip(new).all(|(a, b)| a.same_as(b))
 }
 
 #[cfg(test)]
@@ -172,6 +166,7 @@ mod tests {
     use super::needs_restart;
     use crate::config::Settings;
     use crate::daemon::{Daemon, open_store};
+    use crate::gateway::Merchant;
     use crate::wxpay::ApiKey;
 
     fn settings(dir: &std::path::Path) -> Settings {
@@ -201,7 +196,13 @@ mod tests {
         new.metrics.refresh_seconds += 1;
         new.notify.max_connections += 1;
         new.database.max_connections += 1;
-        new.merchants[0].key = ApiKey::parse("0123456789abcdefghijABCDEFGHIJ01").unwrap();
+        let m = &new.merchants[0];
+        new.merchants[0] = Merchant::v2(
+            m.mch_id.clone(),
+            m.appid.clone(),
+            m.v2_sign_type(),
+            ApiKey::parse("0123456789abcdefghijABCDEFGHIJ01").unwrap(),
+        );
         assert_eq!(
             needs_restart(&old, &new),
             ["database", "wechat", "merchants", "metrics", "notify"]

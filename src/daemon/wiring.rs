@@ -19,15 +19,18 @@ use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
 use crate::telemetry::Telemetry;
+use crate::gateway::Gateway;
 use crate::wxpay::WxPayClient;
 
-/// The WeChat Pay client, shared by every scanner the daemon builds: a reload keeps it, and
+/// The WeChat Pay gateway, shared by every scanner the daemon builds: a reload keeps it, and
 /// with it its connection pool and its primary/backup failover state.
-pub(super) type Client = Arc<WxPayClient>;
+pub(super) type Client = Arc<Gateway>;
 
-/// The client of `settings.wechat`.
+/// The gateway of `settings.wechat`.
 pub(super) fn client(settings: &Settings) -> Result<Client, DaemonError> {
-    Ok(Arc::new(WxPayClient::new(settings.wechat.client_config())?))
+    Ok(Arc::new(Gateway::V2(WxPayClient::new(
+        settings.wechat.client_config(),
+    )?)))
 }
 
 /// Opens the configured database (`create_if_missing` only for `migrate`).

@@ -19,8 +19,11 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::domain::{Anomaly, Fen, OrderState, TradeState, TransactionId};
-use crate::wxpay::{CloseAnswer, QueryAnswer, RetryHint, TradeReport, WxPayError};
+use crate::domain::{Anomaly, Fen, OrderState, TradeState};
+use crate::gateway::{CloseAnswer, GatewayError, QueryAnswer, RetryHint, TradeReport};
+
+/// A state change to apply; it lives with the domain (the store writes it too).
+pub use crate::domain::Settlement;
 
 /// Intervals after each query, modelled on WeChat's own notification retries
 /// (15s, 15s, 30s, 3m, 10m, 20m, 30m, 30m, 30m, 60m, 3h, 3h, 3h, 6h, 6h: 24h4m in all).
@@ -111,18 +114,6 @@ pub struct OrderView {
     pub query_count: u32,
 }
 
-/// A state change to apply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settlement {
-    pub to: OrderState,
-    pub transaction_id: Option<TransactionId>,
-    pub paid_at: Option<DateTime<Utc>>,
-    /// What WeChat reported.
-    pub reported_fee: Option<Fen>,
-    /// Why, in words (recorded with the event).
-    pub detail: Option<String>,
-}
-
 /// What to do with an order after a query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -146,106 +137,140 @@ pub enum Decision {
     Nothing { reason: String },
 }
 
-/// Decides what a query's outcome means for an open order. `jitter` is a draw from `0.0..=1.0`.
+/// Decides what a query's outcome means for an order. `jitter` is a draw from `0.0..=1.0`.
 pub fn decide(
     order: &OrderView,
-    outcome: &Result<QueryAnswer, WxPayError>,
+    outcome: &Result<QueryAnswer, GatewayError>,
     now: DateTime<Utc>,
     jitter: f64,
     policy: &Policy,
 ) -> Decision {
-    let again = |note: Option<String>, slow_down: bool| match next_query_at(
-        order, now, jitter, policy, slow_down,
-    ) {
-        Some(at) => Decision::Reschedule { at, note },
-        None => Decision::GiveUp {
-            reason: format!(
-                "gave up after {} queries{}",
-                order.query_count + 1,
-                note.map(|n| format!("; last: {n}")).unwrap_or_default()
-            ),
-        },
+    let at = Moment {
+        order,
+        now,
+        jitter,
+        policy,
     };
-    if let Ok(QueryAnswer::Order(report)) = outcome
-        && let Some(other) = foreign_appid(order, report)
-    {
+    match outcome {
+        Ok(QueryAnswer::Order(report)) => decide_report(order, report, now, jitter, policy),
+        Ok(QueryAnswer::NotExist) if order.state.is_open() => at.not_exist(),
+        Ok(QueryAnswer::NotExist) => Decision::Nothing {
+            reason: format!("order is {}; WeChat: ORDERNOTEXIST", order.state),
+        },
+        Err(e) if order.state.is_open() => {
+            at.again(Some(e.to_string()), e.retry_hint() == RetryHint::SlowDown)
+        }
+        Err(e) => Decision::Nothing {
+            reason: format!("order is {}; {e}", order.state),
+        },
+    }
+}
+
+/// Decides what a verified trade report (a query's, or a payment notification's) means for
+/// an order.
+pub fn decide_report(
+    order: &OrderView,
+    report: &TradeReport,
+    now: DateTime<Utc>,
+    jitter: f64,
+    policy: &Policy,
+) -> Decision {
+    let at = Moment {
+        order,
+        now,
+        jitter,
+        policy,
+    };
+    if let Some(other) = foreign_appid(order, report) {
         // Verified, but about a payment to another app: never settles this order.
         return if order.state.is_open() {
-            again(Some(other), false)
+            at.again(Some(other), false)
         } else {
             Decision::Nothing { reason: other }
         };
     }
     if !order.state.is_open() {
-        return decide_settled(order, outcome);
+        return decide_settled(order, report);
     }
-    match outcome {
-        Err(e) => again(Some(e.to_string()), e.retry_hint() == RetryHint::SlowDown),
-        Ok(QueryAnswer::NotExist) => {
-            let expiry = policy.expiry(order);
-            if now >= expiry {
-                Decision::Settle(Settlement {
-                    to: OrderState::Closed,
-                    transaction_id: None,
-                    paid_at: None,
-                    reported_fee: None,
-                    detail: Some(
-                        "ORDERNOTEXIST: WeChat never accepted the order, and it has expired".into(),
-                    ),
-                })
-            } else {
-                match next_query_at(order, now, jitter, policy, false) {
-                    // Ask once more right at the expiry, then close.
-                    Some(at) => Decision::Reschedule {
-                        at: at.min(expiry),
-                        note: Some("ORDERNOTEXIST".into()),
-                    },
-                    None => Decision::Reschedule {
-                        at: expiry,
-                        note: Some("ORDERNOTEXIST".into()),
-                    },
-                }
-            }
+    match &report.trade_state {
+        TradeState::Success => paid(order, report, OrderState::Success),
+        TradeState::Refund => paid(order, report, OrderState::Refund),
+        TradeState::Closed => settle(report, OrderState::Closed),
+        TradeState::Revoked => settle(report, OrderState::Revoked),
+        TradeState::PayError => settle(report, OrderState::PayError),
+        TradeState::NotPay | TradeState::UserPaying | TradeState::Accept => {
+            at.again(Some(report.trade_state.to_string()), false)
         }
-        Ok(QueryAnswer::Order(report)) => match &report.trade_state {
-            TradeState::Success => paid(order, report, OrderState::Success),
-            TradeState::Refund => paid(order, report, OrderState::Refund),
-            TradeState::Closed => settle(report, OrderState::Closed),
-            TradeState::Revoked => settle(report, OrderState::Revoked),
-            TradeState::PayError => settle(report, OrderState::PayError),
-            TradeState::NotPay | TradeState::UserPaying | TradeState::Accept => {
-                again(Some(report.trade_state.to_string()), false)
-            }
-            TradeState::Unknown(s) => again(Some(format!("unknown trade_state {s:?}")), false),
-        },
+        TradeState::Unknown(s) => at.again(Some(format!("unknown trade_state {s:?}")), false),
+    }
+}
+
+/// An open order, and when and how a decision about it is made.
+struct Moment<'a> {
+    order: &'a OrderView,
+    now: DateTime<Utc>,
+    jitter: f64,
+    policy: &'a Policy,
+}
+
+impl Moment<'_> {
+    /// Ask again on the schedule, or give up past it.
+    fn again(&self, note: Option<String>, slow_down: bool) -> Decision {
+        let order = self.order;
+        match next_query_at(order, self.now, self.jitter, self.policy, slow_down) {
+            Some(at) => Decision::Reschedule { at, note },
+            None => Decision::GiveUp {
+                reason: format!(
+                    "gave up after {} queries{}",
+                    order.query_count + 1,
+                    note.map(|n| format!("; last: {n}")).unwrap_or_default()
+                ),
+            },
+        }
+    }
+
+    /// ORDERNOTEXIST: ask again until the order's expiry, then close it locally.
+    fn not_exist(&self) -> Decision {
+        let expiry = self.policy.expiry(self.order);
+        if self.now >= expiry {
+            return Decision::Settle(Settlement {
+                to: OrderState::Closed,
+                transaction_id: None,
+                paid_at: None,
+                reported_fee: None,
+                detail: Some(
+                    "ORDERNOTEXIST: WeChat never accepted the order, and it has expired".into(),
+                ),
+            });
+        }
+        let next = next_query_at(self.order, self.now, self.jitter, self.policy, false);
+        Decision::Reschedule {
+            // Ask once more right at the expiry, then close.
+            at: next.map_or(expiry, |at| at.min(expiry)),
+            note: Some("ORDERNOTEXIST".into()),
+        }
     }
 }
 
 /// A verified report about an order that is no longer open (a notification or a poll that lost
 /// a race, `query --apply`). Only three things can happen: SUCCESS → REFUND, the
 /// `PAID_AFTER_CLOSE` anomaly, or nothing.
-fn decide_settled(order: &OrderView, outcome: &Result<QueryAnswer, WxPayError>) -> Decision {
+fn decide_settled(order: &OrderView, report: &TradeReport) -> Decision {
     let nothing = |reason: String| Decision::Nothing { reason };
-    let report = match outcome {
-        Ok(QueryAnswer::Order(report)) => report,
-        Ok(QueryAnswer::NotExist) => {
-            return nothing(format!("order is {}; WeChat: ORDERNOTEXIST", order.state));
-        }
-        Err(e) => return nothing(format!("order is {}; {e}", order.state)),
-    };
     let paid = matches!(report.trade_state, TradeState::Success | TradeState::Refund);
-    let exact = report.total_fee == Some(order.total_fee) && currency(report) == order.fee_type;
+    let exact =
+        report.amount == Some(order.total_fee) && report.currency.as_str() == order.fee_type;
     let reported = || Settlement {
         to: order.state,
         transaction_id: report.transaction_id.clone(),
-        paid_at: report.time_end,
-        reported_fee: report.total_fee,
+        paid_at: report.paid_at,
+        reported_fee: report.amount,
         detail: None,
     };
     match (order.state, &report.trade_state) {
         (OrderState::Success, TradeState::Refund) if exact => Decision::Settle(Settlement {
             to: OrderState::Refund,
-            detail: report.trade_state_desc.clone(),
+            detail: report.state_desc.clone(),
             ..reported()
         }),
         (OrderState::Closed | OrderState::Revoked | OrderState::PayError, _) if paid => {
@@ -256,7 +281,7 @@ fn decide_settled(order: &OrderView, outcome: &Result<QueryAnswer, WxPayError>) 
                         "WeChat reports {} with total_fee {} for an order that is {} here: refund or fulfil it",
                         report.trade_state,
                         report
-                            .total_fee
+                            .amount
                             .map(|f| f.get().to_string())
                             .unwrap_or_else(|| "?".into()),
                         order.state
@@ -275,7 +300,7 @@ fn decide_settled(order: &OrderView, outcome: &Result<QueryAnswer, WxPayError>) 
 /// the order is paid (query it and [`decide`] on the report; a paid order never ends CLOSED).
 pub fn decide_close(
     order: &OrderView,
-    outcome: &Result<CloseAnswer, WxPayError>,
+    outcome: &Result<CloseAnswer, GatewayError>,
     now: DateTime<Utc>,
     jitter: f64,
     policy: &Policy,
@@ -306,11 +331,6 @@ pub fn decide_close(
     }
 }
 
-/// The currency of a report: WeChat leaves `fee_type` out for CNY.
-fn currency(report: &TradeReport) -> &str {
-    report.fee_type.as_ref().map_or("CNY", |c| c.as_str())
-}
-
 /// Why a report is about another app than the order's (`None` when it is the order's, or says
 /// no appid, as a payment notification may not).
 fn foreign_appid(order: &OrderView, report: &TradeReport) -> Option<String> {
@@ -329,11 +349,11 @@ fn paid(order: &OrderView, report: &TradeReport, to: OrderState) -> Decision {
     let settlement = |to, detail| Settlement {
         to,
         transaction_id: report.transaction_id.clone(),
-        paid_at: report.time_end,
-        reported_fee: report.total_fee,
+        paid_at: report.paid_at,
+        reported_fee: report.amount,
         detail,
     };
-    let currency = currency(report);
+    let currency = report.currency.as_str();
     if currency != order.fee_type {
         return Decision::Quarantine(settlement(
             OrderState::AmountMismatch,
@@ -343,7 +363,7 @@ fn paid(order: &OrderView, report: &TradeReport, to: OrderState) -> Decision {
             )),
         ));
     }
-    match report.total_fee {
+    match report.amount {
         Some(fee) if fee == order.total_fee => Decision::Settle(settlement(to, None)),
         Some(fee) => Decision::Quarantine(settlement(
             OrderState::AmountMismatch,
@@ -365,8 +385,8 @@ fn settle(report: &TradeReport, to: OrderState) -> Decision {
         to,
         transaction_id: report.transaction_id.clone(),
         paid_at: None,
-        reported_fee: report.total_fee,
-        detail: report.trade_state_desc.clone(),
+        reported_fee: report.amount,
+        detail: report.state_desc.clone(),
     })
 }
 
@@ -429,8 +449,8 @@ pub fn first_query_at(created_at: DateTime<Utc>, policy: &Policy) -> DateTime<Ut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::OutTradeNo;
-    use crate::wxpay::{ErrCode, SignError};
+    use crate::domain::{Currency, OutTradeNo, TransactionId};
+    use crate::gateway::Failure;
     use proptest::prelude::*;
 
     fn t0() -> DateTime<Utc> {
@@ -451,19 +471,28 @@ mod tests {
         }
     }
 
-    fn report(state: TradeState, fee: Option<i64>) -> Result<QueryAnswer, WxPayError> {
+    fn report(state: TradeState, fee: Option<i64>) -> Result<QueryAnswer, GatewayError> {
         let paid = matches!(state, TradeState::Success | TradeState::Refund);
         Ok(QueryAnswer::Order(TradeReport {
             out_trade_no: OutTradeNo::parse("o1").unwrap(),
             trade_state: state,
-            trade_state_desc: None,
+            state_desc: None,
             transaction_id: paid.then(|| TransactionId::parse("4200000001").unwrap()),
-            total_fee: fee.map(|f| Fen::new(f).unwrap()),
-            cash_fee: None,
-            time_end: paid.then(|| t0() + TimeDelta::seconds(5)),
-            fee_type: None,
+            amount: fee.map(|f| Fen::new(f).unwrap()),
+            currency: Currency::cny(),
+            payer_amount: None,
+            paid_at: paid.then(|| t0() + TimeDelta::seconds(5)),
             appid: None,
         }))
+    }
+
+    /// A failure of `failure`'s class, as a client reports it.
+    fn failed(failure: Failure) -> GatewayError {
+        GatewayError::new(failure, format!("{} (test)", failure.as_str()))
+    }
+
+    fn timeout() -> GatewayError {
+        failed(Failure::Timeout)
     }
 
     fn now() -> DateTime<Utc> {
@@ -535,14 +564,11 @@ mod tests {
             report(TradeState::UserPaying, None),
             report(TradeState::Accept, None),
             report(TradeState::Unknown("NEW".into()), Some(100)),
-            Err(WxPayError::Timeout),
-            Err(WxPayError::HttpStatus(502)),
-            Err(WxPayError::Sign(SignError::Invalid)),
-            Err(WxPayError::ReturnFail("x".into())),
-            Err(WxPayError::ResultFail {
-                code: ErrCode::SystemError,
-                description: String::new(),
-            }),
+            Err(timeout()),
+            Err(failed(Failure::HttpStatus)),
+            Err(failed(Failure::SignInvalid)),
+            Err(failed(Failure::ReturnFail)),
+            Err(failed(Failure::ResultFail)),
         ];
         for o in outcomes {
             let d = decide(&order(100), &o, now(), 0.0, &Policy::default());
@@ -562,10 +588,7 @@ mod tests {
 
     #[test]
     fn frequency_limited_slows_down() {
-        let o = Err(WxPayError::ResultFail {
-            code: ErrCode::FrequencyLimited,
-            description: String::new(),
-        });
+        let o = Err(failed(Failure::ResultFail).with_retry(RetryHint::SlowDown));
         let d = decide(&order(100), &o, now(), 0.0, &Policy::default());
         assert!(
             matches!(d, Decision::Reschedule { at, .. } if at == now() + SLOW_DOWN),
@@ -694,7 +717,7 @@ mod tests {
             assert!(matches!(d, Decision::Nothing { .. }), "{state}: {d:?}");
         }
         // Errors and open answers about a settled order change nothing either.
-        for o in [Err(WxPayError::Timeout), report(TradeState::NotPay, None)] {
+        for o in [Err(timeout()), report(TradeState::NotPay, None)] {
             let d = decide(
                 &settled(OrderState::Success),
                 &o,
@@ -826,7 +849,7 @@ mod tests {
             None,
             "paid: query, never close"
         );
-        let d = decide_close(&o, &Err(WxPayError::Timeout), at, 0.0, &policy);
+        let d = decide_close(&o, &Err(timeout()), at, 0.0, &policy);
         assert!(
             matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == at + CLOSE_RETRY),
             "{d:?}"
@@ -834,7 +857,7 @@ mod tests {
         // Past the give-up horizon a failing close is retried hourly, never given up: the order
         // could still be paid at WeChat.
         let late = t0() + TimeDelta::hours(24);
-        let d = decide_close(&o, &Err(WxPayError::Timeout), late, 0.0, &policy);
+        let d = decide_close(&o, &Err(timeout()), late, 0.0, &policy);
         assert!(
             matches!(&d, Some(Decision::Reschedule { at: next, .. }) if *next == late + CLOSE_RETRY_LATE),
             "{d:?}"
@@ -850,7 +873,7 @@ mod tests {
         o.query_count = MAX_QUERIES - 1;
         let policy = Policy::default();
         for now in [t0() + TimeDelta::hours(3), t0() + TimeDelta::hours(30)] {
-            for outcome in [Err(WxPayError::Timeout), report(TradeState::NotPay, None)] {
+            for outcome in [Err(timeout()), report(TradeState::NotPay, None)] {
                 let d = decide(&o, &outcome, now, 0.0, &policy);
                 let retry = if now >= t0() + policy.give_up_after {
                     CLOSE_RETRY_LATE
@@ -915,7 +938,7 @@ mod tests {
             for i in 0..20 {
                 let now = due + TimeDelta::milliseconds(delays[i]);
                 queried_at.push(now);
-                let outcome = if transient[i] { Err(WxPayError::Timeout) } else { report(TradeState::NotPay, None) };
+                let outcome = if transient[i] { Err(timeout()) } else { report(TradeState::NotPay, None) };
                 match decide(&o, &outcome, now, jitters[i], &policy) {
                     Decision::Reschedule { at, .. } => {
                         let min = TimeDelta::seconds(SCHEDULE_SECONDS[o.query_count as usize]);

@@ -15,17 +15,15 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{self, OrderView, Policy};
-use super::settle::{self, Report, Settler, Verdict};
+use super::policy::{self, Policy};
+use super::settle::{self, Planned, Report, Reported, Settler, Verdict, order_view};
 use crate::domain::{Fen, OutTradeNo, Source};
+use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, RetryHint};
 use crate::store::{
-    Applied, Backend, Change, ClaimRequest, Claimed, Guard, OrderRow, Store, StoreError,
-    UnreadableOrder, Write,
+    Applied, Backend, Change, ClaimRequest, Claimed, ClaimedOrder, Guard, OrderRow, Store,
+    StoreError, UnreadableOrder, Write,
 };
-use crate::telemetry::Telemetry;
-use crate::wxpay::{
-    CloseAnswer, Merchant, OrderRef, QueryAnswer, RetryHint, WxPayClient, WxPayError,
-};
+use crate::telemetry::{DbOp, Telemetry};
 
 /// Writes committed together by a scan's writer (one transaction, one fsync).
 pub const MAX_WRITE_BATCH: usize = 64;
@@ -71,7 +69,7 @@ pub struct Scanner {
 
 struct Inner {
     store: Store,
-    client: Arc<WxPayClient>,
+    gateway: Arc<Gateway>,
     merchants: HashMap<String, Merchant>,
     settings: ScanSettings,
     limiter: DefaultDirectRateLimiter,
@@ -100,7 +98,7 @@ pub enum Processed {
 impl Scanner {
     pub fn new(
         store: Store,
-        client: Arc<WxPayClient>,
+        gateway: Arc<Gateway>,
         merchants: &[Merchant],
         settings: ScanSettings,
         telemetry: Telemetry,
@@ -111,7 +109,7 @@ impl Scanner {
         Scanner {
             inner: Arc::new(Inner {
                 store,
-                client,
+                gateway,
                 merchants: merchants
                     .iter()
                     .map(|m| (m.mch_id.as_str().to_owned(), m.clone()))
@@ -183,7 +181,7 @@ impl Scanner {
             let claimed = match inner.store.claim_due(&request).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
-                    inner.telemetry.db_error("claim", &e);
+                    inner.telemetry.db_error(DbOp::Claim, &e);
                     first_error.get_or_insert(e);
                     break;
                 }
@@ -256,21 +254,7 @@ impl Scanner {
         };
         let row = &order.row;
         let Some(merchant) = inner.merchants.get(&row.mch_id) else {
-            // Not ours to query: look again later, in case the configuration gains it.
-            let change = Change::Reschedule {
-                at: Utc::now() + TimeDelta::minutes(10),
-                note: Some(format!(
-                    "merchant {} is not configured",
-                    crate::text::quote(&row.mch_id)
-                )),
-            };
-            // Both names come from the application's table: quoted, never raw.
-            tracing::warn!(
-                mch_id = %crate::text::quote(&row.mch_id),
-                out_trade_no = %crate::text::quote(&row.out_trade_no),
-                "order of an unconfigured merchant"
-            );
-            return self.write(row, order.guard(), change, writes).await;
+            return self.unconfigured(&order, writes).await;
         };
         let out_trade_no = match usable(row, merchant) {
             Ok(out_trade_no) => out_trade_no,
@@ -286,27 +270,55 @@ impl Scanner {
                     .await;
             }
         };
+        self.visit(&order, merchant, out_trade_no, stop, writes)
+            .await
+    }
 
-        let policy = &inner.settings.policy;
-        if policy.should_close(&order_view(row), Utc::now()) {
+    /// An order of a merchant not configured here: not ours to query; look again later, in
+    /// case the configuration gains it.
+    async fn unconfigured(
+        &self,
+        order: &ClaimedOrder,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let row = &order.row;
+        let change = Change::Reschedule {
+            at: Utc::now() + TimeDelta::minutes(10),
+            note: Some(format!(
+                "merchant {} is not configured",
+                crate::text::quote(&row.mch_id)
+            )),
+        };
+        // Both names come from the application's table: quoted, never raw.
+        tracing::warn!(
+            mch_id = %crate::text::quote(&row.mch_id),
+            out_trade_no = %crate::text::quote(&row.out_trade_no),
+            "order of an unconfigured merchant"
+        );
+        self.write(row, order.guard(), change, writes).await
+    }
+
+    /// Closes an expired order or queries it, in its turn, and writes what the answer decides.
+    async fn visit(
+        &self,
+        order: &ClaimedOrder,
+        merchant: &Merchant,
+        out_trade_no: OutTradeNo,
+        stop: &CancellationToken,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let row = &order.row;
+        if self
+            .inner
+            .settings
+            .policy
+            .should_close(&order_view(row), Utc::now())
+        {
             if !self.take_turn(stop).await {
                 return Ok(Processed::Abandoned);
             }
-            let answer = inner.client.close_order(merchant, &out_trade_no).await;
-            self.observe_close(row, &answer);
-            let decision = policy::decide_close(
-                &order_view(row),
-                &answer,
-                Utc::now(),
-                rand::random::<f64>(),
-                policy,
-            );
-            if let Some(decision) = decision {
-                let change = match settle::change_of(decision, Source::Expire, true) {
-                    Ok(change) => change,
-                    Err(_) => return Ok(Processed::NoOp),
-                };
-                return self.write_change(row, order.guard(), change, writes).await;
+            if let Some(processed) = self.close(order, merchant, &out_trade_no, writes).await? {
+                return Ok(processed);
             }
             // ORDERPAID: the customer paid at the last moment; query and settle it.
         }
@@ -314,70 +326,92 @@ impl Scanner {
         if !self.take_turn(stop).await {
             return Ok(Processed::Abandoned);
         }
+        self.query(order, merchant, out_trade_no, writes).await
+    }
+
+    /// Queries an order and writes what the answer decides; after a lost write, applies the
+    /// verified report to what the order has become.
+    async fn query(
+        &self,
+        order: &ClaimedOrder,
+        merchant: &Merchant,
+        out_trade_no: OutTradeNo,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Processed, StoreError> {
+        let (inner, row) = (&self.inner, &order.row);
         let started = Instant::now();
         let outcome = inner
-            .client
+            .gateway
             .order_query(merchant, &OrderRef::OutTradeNo(out_trade_no))
             .await;
-        self.observe(row, &outcome, started.elapsed());
-
-        let decision = policy::decide(
-            &order_view(row),
-            &outcome,
-            Utc::now(),
-            rand::random::<f64>(),
-            policy,
-        );
+        inner
+            .telemetry
+            .orderquery(&row.mch_id, &row.out_trade_no, &outcome, started.elapsed());
+        self.slow_down_if_asked(outcome.as_ref().err());
         let report = Report {
-            outcome: &outcome,
+            reported: Reported::Query(&outcome),
             source: Source::Poll,
-            queried: true,
         };
-        let change = match settle::change_of(decision, report.source, report.queried) {
-            Ok(change) => change,
-            Err(_) => return Ok(Processed::NoOp),
+        let change = match settle::plan(
+            report.decide(&order_view(row), &inner.settings.policy),
+            report.source,
+        ) {
+            Planned::Write(change) => change,
+            Planned::Nothing { .. } => return Ok(Processed::NoOp),
         };
         let moves = matches!(change, Change::Settle { .. } | Change::Anomaly { .. });
-        let processed = self
-            .write_change(row, order.guard(), change, writes)
-            .await?;
+        let processed = self.write(row, order.guard(), change, writes).await?;
         if processed != Processed::NoOp || !moves {
             return Ok(processed);
         }
-        // The order moved under us (the merchant's handler, a notification): a verified report
-        // still counts against its new state (REFUND after SUCCESS, PAID_AFTER_CLOSE).
-        self.follow_up(row, report).await
-    }
-
-    /// After a lost write of a verified report: if the order is no longer open, apply the
-    /// report to what is there now.
-    async fn follow_up(&self, row: &OrderRow, report: Report<'_>) -> Result<Processed, StoreError> {
-        let inner = &self.inner;
-        let Some(now) = inner.store.order(row.id).await? else {
-            return Ok(Processed::NoOp);
-        };
-        let decision = policy::decide(
-            &order_view(&now),
-            report.outcome,
-            Utc::now(),
-            0.0,
-            &inner.settings.policy,
-        );
-        // Still open (another instance holds it) or nothing new to record: the no-op is
-        // counted already.
-        if now.state.is_open() || matches!(decision, policy::Decision::Nothing { .. }) {
-            return Ok(Processed::NoOp);
-        }
+        // The order moved under us (the merchant's handler, a notification).
         let settler = Settler {
             store: &inner.store,
             telemetry: &inner.telemetry,
             policy: &inner.settings.policy,
         };
-        Ok(match settler.apply_report(now, None, report).await? {
-            Verdict::Moved { .. } | Verdict::Anomaly(_) => Processed::Settled,
-            Verdict::StillOpen => Processed::Rescheduled,
-            Verdict::Unchanged { .. } | Verdict::LeaseLost => Processed::NoOp,
-        })
+        Ok(processed_of(
+            &settler.apply_after_lost_write(row, report).await?,
+        ))
+    }
+
+    /// Closes an expired order at WeChat and writes what the answer decides; `None` when
+    /// WeChat says it is paid (query it instead).
+    async fn close(
+        &self,
+        order: &ClaimedOrder,
+        merchant: &Merchant,
+        out_trade_no: &OutTradeNo,
+        writes: &mpsc::Sender<WriteRequest>,
+    ) -> Result<Option<Processed>, StoreError> {
+        let inner = &self.inner;
+        let row = &order.row;
+        let answer = inner.gateway.close_order(merchant, out_trade_no).await;
+        inner
+            .telemetry
+            .closeorder(&row.mch_id, &row.out_trade_no, &answer);
+        self.slow_down_if_asked(answer.as_ref().err());
+        let policy = &inner.settings.policy;
+        let Some(decision) = policy::decide_close(
+            &order_view(row),
+            &answer,
+            Utc::now(),
+            rand::random::<f64>(),
+            policy,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(match settle::plan(decision, Source::Expire) {
+            Planned::Write(change) => self.write(row, order.guard(), change, writes).await?,
+            Planned::Nothing { .. } => Processed::NoOp,
+        }))
+    }
+
+    /// After FREQUENCY_LIMITED, every query of this scanner waits a little.
+    fn slow_down_if_asked(&self, error: Option<&GatewayError>) {
+        if error.is_some_and(|e| e.retry_hint() == RetryHint::SlowDown) {
+            *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
+        }
     }
 
     /// Sets a claimed order aside under its lease (a person must fix its row), and says so.
@@ -399,8 +433,9 @@ impl Scanner {
         Ok(Processed::SetAside)
     }
 
-    /// Writes a change through the scan's writer, counting a give-up.
-    async fn write_change(
+    /// Hands a change to the scan's writer, waits for its commit, and reports it (a give-up
+    /// is counted as it is handed over).
+    async fn write(
         &self,
         row: &OrderRow,
         guard: Guard,
@@ -412,35 +447,6 @@ impl Scanner {
                 .telemetry
                 .gave_up(&row.mch_id, &row.out_trade_no, reason);
         }
-        self.write(row, guard, change, writes).await
-    }
-
-    /// Counts and logs a closeorder outcome.
-    fn observe_close(&self, row: &OrderRow, answer: &Result<CloseAnswer, WxPayError>) {
-        let t = &self.inner.telemetry;
-        let outcome = match answer {
-            Ok(CloseAnswer::Closed) => "closed",
-            Ok(CloseAnswer::OrderPaid) => "order_paid",
-            Ok(CloseAnswer::OrderClosed) => "order_closed",
-            Ok(CloseAnswer::NotExist) => "order_not_exist",
-            Err(e) => {
-                if e.retry_hint() == RetryHint::SlowDown {
-                    *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
-                }
-                e.outcome()
-            }
-        };
-        t.closeorder(&row.mch_id, &row.out_trade_no, outcome);
-    }
-
-    /// Hands a change to the scan's writer, waits for its commit, and reports it.
-    async fn write(
-        &self,
-        row: &OrderRow,
-        guard: Guard,
-        change: Change,
-        writes: &mpsc::Sender<WriteRequest>,
-    ) -> Result<Processed, StoreError> {
         let (reply, done) = oneshot::channel();
         let request = WriteRequest {
             row: row.clone(),
@@ -451,43 +457,18 @@ impl Scanner {
         let closed = || StoreError::Query("the scan's writer stopped".into());
         writes.send(request).await.map_err(|_| closed())?;
         let (applied, change) = done.await.map_err(|_| closed())??;
-        let source = match &change {
-            Change::Settle { source, .. } | Change::Anomaly { source, .. } => *source,
-            Change::Reschedule { .. } | Change::GiveUp { .. } => Source::Poll,
-        };
-        Ok(report_applied(
-            &self.inner.telemetry,
-            row,
-            &change,
-            source,
-            applied,
-        ))
-    }
-
-    /// Counts and logs an orderquery outcome.
-    fn observe(
-        &self,
-        row: &OrderRow,
-        outcome: &Result<QueryAnswer, WxPayError>,
-        elapsed: Duration,
-    ) {
-        let t = &self.inner.telemetry;
-        match outcome {
-            Ok(QueryAnswer::Order(report)) => {
-                t.orderquery(&row.mch_id, "ok", elapsed);
-                t.trade_state(&row.mch_id, report.trade_state.label());
+        let telemetry = &self.inner.telemetry;
+        Ok(match applied {
+            Applied::Done => processed_of(&settle::recorded(telemetry, row, &change)),
+            Applied::NoOp => {
+                let source = match &change {
+                    Change::Settle { source, .. } | Change::Anomaly { source, .. } => *source,
+                    Change::Reschedule { .. } | Change::GiveUp { .. } => Source::Poll,
+                };
+                telemetry.noop(&row.mch_id, &row.out_trade_no, source);
+                Processed::NoOp
             }
-            Ok(QueryAnswer::NotExist) => {
-                t.orderquery(&row.mch_id, "result_fail", elapsed);
-            }
-            Err(e) => {
-                t.orderquery(&row.mch_id, e.outcome(), elapsed);
-                t.query_failed(&row.mch_id, &row.out_trade_no, e);
-                if e.retry_hint() == RetryHint::SlowDown {
-                    *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
-                }
-            }
-        }
+        })
     }
 
     /// Waits for this order's turn to call WeChat; `false` when stopped first.
@@ -567,7 +548,7 @@ fn tally(
         Ok(Ok(Processed::Abandoned)) => report.abandoned += 1,
         Ok(Ok(Processed::SetAside)) => report.set_aside += 1,
         Ok(Err(e)) => {
-            telemetry.db_error("apply", &e);
+            telemetry.db_error(DbOp::Apply, &e);
             report.abandoned += 1;
             first_error.get_or_insert(e);
         }
@@ -578,40 +559,12 @@ fn tally(
     }
 }
 
-/// Counts a write's result under `source`; shared by every writer (scan, `query --apply`).
-pub fn report_applied(
-    telemetry: &Telemetry,
-    row: &OrderRow,
-    change: &Change,
-    source: Source,
-    applied: Applied,
-) -> Processed {
-    match (applied, change) {
-        (Applied::NoOp, _) => {
-            telemetry.noop(&row.mch_id, &row.out_trade_no, source);
-            Processed::NoOp
-        }
-        (Applied::Done, Change::Settle { settlement, .. }) => {
-            telemetry.transition(
-                &row.mch_id,
-                &row.out_trade_no,
-                row.state,
-                settlement.to,
-                source,
-            );
-            Processed::Settled
-        }
-        (Applied::Done, Change::Anomaly { report, .. }) => {
-            telemetry.paid_after_close(
-                &row.mch_id,
-                &row.out_trade_no,
-                report.transaction_id.as_ref().map(|t| t.as_str()),
-                report.reported_fee.map(|f| f.get()),
-                source,
-            );
-            Processed::Settled
-        }
-        (Applied::Done, _) => Processed::Rescheduled,
+/// What a claimed order's report came to, for the scan's tally.
+fn processed_of(verdict: &Verdict) -> Processed {
+    match verdict {
+        Verdict::Moved { .. } | Verdict::Anomaly(_) => Processed::Settled,
+        Verdict::StillOpen => Processed::Rescheduled,
+        Verdict::Unchanged { .. } | Verdict::LeaseLost => Processed::NoOp,
     }
 }
 
@@ -636,20 +589,6 @@ fn usable(row: &OrderRow, merchant: &Merchant) -> Result<OutTradeNo, String> {
         ));
     }
     Ok(out_trade_no)
-}
-
-/// The policy's view of a stored order.
-pub fn order_view(row: &OrderRow) -> OrderView {
-    OrderView {
-        state: row.state,
-        // The schema refuses amounts below 1 (and the scan sets such a row aside).
-        total_fee: Fen::new(row.total_fee).unwrap_or(Fen::ZERO),
-        fee_type: row.fee_type.clone(),
-        appid: row.appid.clone(),
-        created_at: row.created_at,
-        expires_at: row.expires_at,
-        query_count: u32::try_from(row.query_count).unwrap_or(u32::MAX),
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::state::{Faults, SimEndpoint, SimError, SimOrder, SimState, lock};
-use crate::domain::{OutTradeNo, SignType, TradeState, format_wechat_time};
+use crate::domain::{OutTradeNo, TradeState};
+use crate::wxpay::sign::SignType;
+use crate::wxpay::time::format_wechat_time;
 
 type Key = (String, String);
 

@@ -21,8 +21,9 @@ use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{AppId, MchId, SignType};
-use crate::wxpay::{ApiKey, Merchant, xml::MAX_BODY_BYTES};
+use crate::domain::{AppId, MchId};
+use crate::gateway::Merchant;
+use crate::wxpay::{ApiKey, SignType, xml::MAX_BODY_BYTES};
 
 pub use state::{Faults, Payment, SimError, SimState};
 
@@ -53,13 +54,12 @@ pub const WECHAT_NOTIFY_RETRIES: [Duration; 15] = {
 /// The two test merchants of ../shared/fixtures/wxpay-v2/README.md, served without a config.
 pub fn default_merchants() -> Vec<Merchant> {
     let m = |mch_id: &str, appid: &str, sign_type, key: &str| -> Option<Merchant> {
-        Some(Merchant {
-            mch_id: MchId::parse(mch_id).ok()?,
-            appid: AppId::parse(appid).ok()?,
-            sub_mch_id: None,
+        Some(Merchant::v2(
+            MchId::parse(mch_id).ok()?,
+            AppId::parse(appid).ok()?,
             sign_type,
-            key: ApiKey::parse(key).ok()?,
-        })
+            ApiKey::parse(key).ok()?,
+        ))
     };
     [
         m(

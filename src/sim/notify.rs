@@ -61,7 +61,7 @@ async fn attempt(state: &SimState, key: &Key) -> Attempt {
                 f.insert(k, v);
             }
         }
-        sign::sign_in_place(&mut f, &merchant.key, order.sign_type);
+        sign::sign_in_place(&mut f, merchant.v2_key(), order.sign_type);
         match xml::encode(&f) {
             Ok(body) => (url, body),
             Err(_) => return Attempt::Abandon,

@@ -11,9 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::WECHAT_NOTIFY_RETRIES;
 use super::wechat::PREPAY_LIFETIME;
-use crate::domain::{SignType, TradeState, format_wechat_time};
-use crate::wxpay::Merchant;
+use crate::domain::TradeState;
+use crate::gateway::Merchant;
 use crate::wxpay::client::http_client_builder;
+use crate::wxpay::sign::SignType;
+use crate::wxpay::time::format_wechat_time;
 
 /// An order as WeChat holds it.
 #[derive(Debug, Clone)]
@@ -308,7 +310,7 @@ impl SimState {
             state: TradeState::NotPay,
             transaction_id: None,
             time_end: None,
-            sign_type: sign_type.unwrap_or(merchant.sign_type),
+            sign_type: sign_type.unwrap_or(merchant.v2_sign_type()),
             notify_attempts: 0,
             notify_delivered: false,
         })

@@ -19,10 +19,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 
 use super::state::{SimEndpoint, SimOrder, SimState, lock, trade_state_desc};
-use crate::domain::{Fen, OutTradeNo, SignType, TradeState, format_wechat_time};
+use crate::domain::{Fen, OutTradeNo, TradeState};
+use crate::gateway::Merchant;
 use crate::wxpay::client::nonce;
-use crate::wxpay::sign::{self, declared_sign_type};
-use crate::wxpay::{Fields, Merchant, xml};
+use crate::wxpay::sign::{self, SignType, declared_sign_type};
+use crate::wxpay::time::format_wechat_time;
+use crate::wxpay::{Fields, xml};
 
 /// How long a prepay_id stays valid.
 pub const PREPAY_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::hours(2);
@@ -78,7 +80,7 @@ fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
         return Err(fail("appid和mch_id不匹配"));
     }
     let sign_type = declared_sign_type(&fields).map_err(|_| fail("sign_type参数格式错误"))?;
-    sign::verify(&fields, &merchant.key, sign_type).map_err(|_| fail("签名错误"))?;
+    sign::verify(&fields, merchant.v2_key(), sign_type).map_err(|_| fail("签名错误"))?;
     if fields.get_nonempty("nonce_str").is_none() {
         return Err(fail("缺少参数nonce_str"));
     }
@@ -158,7 +160,7 @@ fn reply(req: &Request, answer: Answer, faults: &super::Faults) -> Response {
             f.insert("appid", "wx0000000000000000");
         }
     }
-    let mut sign = sign::sign(&f, &req.merchant.key, req.sign_type);
+    let mut sign = sign::sign(&f, req.merchant.v2_key(), req.sign_type);
     if roll(faults.bad_sign_rate) {
         let first = if sign.starts_with('A') { "B" } else { "A" };
         sign.replace_range(..1, first);

@@ -8,25 +8,13 @@
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-
 use super::error::{ErrCode, WxPayError};
-use super::sign::{self, ApiKey};
+use super::sign::{self, SignType};
+use super::time::parse_wechat_time;
 use super::xml::{self, Fields, MAX_BODY_BYTES};
-use crate::domain::{
-    AppId, Currency, Fen, MchId, OutTradeNo, SignType, TradeState, TransactionId, parse_wechat_time,
-};
-
-/// One merchant as the client needs it.
-#[derive(Debug, Clone)]
-pub struct Merchant {
-    pub mch_id: MchId,
-    pub appid: AppId,
-    /// Service-provider mode: the sub-merchant the orders belong to.
-    pub sub_mch_id: Option<MchId>,
-    pub sign_type: SignType,
-    pub key: ApiKey,
-}
+use crate::domain::{AppId, Currency, Fen, OutTradeNo, TradeState, TransactionId};
+use crate::gateway::merchant::Merchant;
+use crate::gateway::report::{CloseAnswer, OrderRef, QueryAnswer, TradeReport};
 
 /// Where and how patiently to talk to WeChat.
 #[derive(Debug, Clone)]
@@ -56,51 +44,6 @@ impl ClientConfig {
             failback_after: Duration::from_secs(180),
         }
     }
-}
-
-/// Which order to query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OrderRef {
-    OutTradeNo(OutTradeNo),
-    TransactionId(TransactionId),
-}
-
-/// A verified orderquery answer about an existing order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TradeReport {
-    pub out_trade_no: OutTradeNo,
-    pub trade_state: TradeState,
-    pub trade_state_desc: Option<String>,
-    pub transaction_id: Option<TransactionId>,
-    /// What WeChat says the order's amount is (required for SUCCESS and REFUND).
-    pub total_fee: Option<Fen>,
-    pub cash_fee: Option<Fen>,
-    /// When the customer paid (required for SUCCESS and REFUND).
-    pub time_end: Option<DateTime<Utc>>,
-    /// The currency of `total_fee`; WeChat leaves it out for CNY.
-    pub fee_type: Option<Currency>,
-    /// The app the payment was made in, when the message says (replies and notifications do).
-    pub appid: Option<AppId>,
-}
-
-/// A definitive orderquery answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QueryAnswer {
-    Order(TradeReport),
-    /// ORDERNOTEXIST: WeChat never accepted this order.
-    NotExist,
-}
-
-/// A definitive closeorder answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseAnswer {
-    Closed,
-    /// ORDERPAID: the customer paid; query and settle it, never close it locally.
-    OrderPaid,
-    /// ORDERCLOSED: already closed.
-    OrderClosed,
-    /// ORDERNOTEXIST: WeChat never accepted this order.
-    NotExist,
 }
 
 /// A WeChat Pay v2 client with a keep-alive pool and primary/backup failover. Cheap to share
@@ -203,7 +146,7 @@ impl WxPayClient {
         path: &str,
         mut request: Fields,
     ) -> Result<Fields, WxPayError> {
-        sign::sign_in_place(&mut request, &merchant.key, merchant.sign_type);
+        sign::sign_in_place(&mut request, merchant.v2_key(), merchant.v2_sign_type());
         let body = xml::encode(&request)?;
         let (endpoint, base) = self.failover.pick(
             Instant::now(),
@@ -300,7 +243,7 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, WxPayE
 /// merchant's own sign type, and `appid` / `mch_id` / `sub_mch_id` of this merchant (a
 /// `sub_mch_id` where the merchant has none is refused too).
 pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPayError> {
-    envelope(merchant, fields, std::slice::from_ref(&merchant.sign_type))
+    envelope(merchant, fields, &[merchant.v2_sign_type()])
 }
 
 /// [`verify_envelope`] for a notification, whose sign type is its order's
@@ -312,7 +255,7 @@ pub fn verify_notification_envelope(
     envelope(
         merchant,
         fields,
-        sign::notification_sign_types(merchant.sign_type),
+        sign::notification_sign_types(merchant.v2_sign_type()),
     )
 }
 
@@ -334,7 +277,7 @@ fn envelope(merchant: &Merchant, fields: &Fields, accepted: &[SignType]) -> Resu
             });
         }
     }
-    sign::verify_any(fields, &merchant.key, accepted)?;
+    sign::verify_any(fields, merchant.v2_key(), accepted)?;
     echo("appid", merchant.appid.as_str(), fields.get("appid"))?;
     echo("mch_id", merchant.mch_id.as_str(), fields.get("mch_id"))?;
     match &merchant.sub_mch_id {
@@ -398,12 +341,28 @@ fn result_fail(fields: &Fields, code: ErrCode) -> WxPayError {
 /// malformed: nothing is ever taken as paid by default (a payment notification, which has no
 /// `trade_state`, is read by [`super::notify::parse_payment`]).
 pub fn parse_trade_report(fields: &Fields) -> Result<TradeReport, WxPayError> {
-    fn bad(field: &'static str, e: impl std::fmt::Display) -> WxPayError {
-        WxPayError::BadField {
-            field,
-            reason: e.to_string(),
-        }
+    let trade_state = fields
+        .get_nonempty("trade_state")
+        .map(TradeState::parse)
+        .ok_or_else(|| bad_field("trade_state", "missing"))?;
+    order_fields(fields, trade_state)
+}
+
+/// A field of a verified message that cannot be used.
+fn bad_field(field: &'static str, e: impl std::fmt::Display) -> WxPayError {
+    WxPayError::BadField {
+        field,
+        reason: e.to_string(),
     }
+}
+
+/// The order fields of a verified message (a reply or a notification) that reports
+/// `trade_state`; a paid state needs its transaction, amount and time. WeChat leaves
+/// `fee_type` out for CNY.
+pub(super) fn order_fields(
+    fields: &Fields,
+    trade_state: TradeState,
+) -> Result<TradeReport, WxPayError> {
     fn optional<T>(
         fields: &Fields,
         name: &'static str,
@@ -411,35 +370,31 @@ pub fn parse_trade_report(fields: &Fields) -> Result<TradeReport, WxPayError> {
     ) -> Result<Option<T>, WxPayError> {
         fields
             .get_nonempty(name)
-            .map(|v| parse(v).map_err(|e| bad(name, e)))
+            .map(|v| parse(v).map_err(|e| bad_field(name, e)))
             .transpose()
     }
-    let trade_state = fields
-        .get_nonempty("trade_state")
-        .map(TradeState::parse)
-        .ok_or_else(|| bad("trade_state", "missing"))?;
     let out_trade_no = optional(fields, "out_trade_no", OutTradeNo::parse)?
-        .ok_or_else(|| bad("out_trade_no", "missing"))?;
+        .ok_or_else(|| bad_field("out_trade_no", "missing"))?;
     let report = TradeReport {
         out_trade_no,
-        trade_state_desc: fields.get_nonempty("trade_state_desc").map(str::to_owned),
+        state_desc: fields.get_nonempty("trade_state_desc").map(str::to_owned),
         transaction_id: optional(fields, "transaction_id", TransactionId::parse)?,
-        total_fee: optional(fields, "total_fee", str::parse::<Fen>)?,
-        cash_fee: optional(fields, "cash_fee", str::parse::<Fen>)?,
-        time_end: optional(fields, "time_end", parse_wechat_time)?,
-        fee_type: optional(fields, "fee_type", Currency::parse)?,
+        amount: optional(fields, "total_fee", str::parse::<Fen>)?,
+        payer_amount: optional(fields, "cash_fee", str::parse::<Fen>)?,
+        paid_at: optional(fields, "time_end", parse_wechat_time)?,
+        currency: optional(fields, "fee_type", Currency::parse)?.unwrap_or_else(Currency::cny),
         appid: optional(fields, "appid", AppId::parse)?,
         trade_state,
     };
     if matches!(report.trade_state, TradeState::Success | TradeState::Refund) {
         if report.transaction_id.is_none() {
-            return Err(bad("transaction_id", "missing in a paid order"));
+            return Err(bad_field("transaction_id", "missing in a paid order"));
         }
-        if report.total_fee.is_none() {
-            return Err(bad("total_fee", "missing in a paid order"));
+        if report.amount.is_none() {
+            return Err(bad_field("total_fee", "missing in a paid order"));
         }
-        if report.time_end.is_none() {
-            return Err(bad("time_end", "missing in a paid order"));
+        if report.paid_at.is_none() {
+            return Err(bad_field("time_end", "missing in a paid order"));
         }
     }
     Ok(report)

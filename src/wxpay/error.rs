@@ -5,6 +5,7 @@
 
 use super::sign::SignError;
 use super::xml::{EncodeError, XmlError};
+use crate::gateway::report::{Failure, GatewayError, RetryHint};
 use crate::text::quote;
 
 /// A `result_code=FAIL` error code. The ones the daemon acts on are named; the rest are kept.
@@ -87,15 +88,6 @@ pub enum WxPayError {
     Encode(#[from] EncodeError),
 }
 
-/// What the caller should do before asking again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryHint {
-    /// Ask again on the normal backoff schedule.
-    Backoff,
-    /// WeChat rate-limited us (FREQUENCY_LIMITED): slow down before anything else.
-    SlowDown,
-}
-
 impl WxPayError {
     /// How to retry. Every error is transient for the order; this says how urgently not to.
     pub fn retry_hint(&self) -> RetryHint {
@@ -111,24 +103,32 @@ impl WxPayError {
     /// The bounded `outcome` label of `orderquery_requests_total` (DESIGN.md metrics contract,
     /// extended with `mismatch` for replies that do not echo the request).
     pub fn outcome(&self) -> &'static str {
+        self.failure().as_str()
+    }
+
+    /// The neutral class of this error.
+    pub fn failure(&self) -> Failure {
         match self {
-            WxPayError::Timeout => "timeout",
-            WxPayError::Transport(_) | WxPayError::Encode(_) => "transport_error",
-            WxPayError::HttpStatus(_) => "http_status",
-            WxPayError::Malformed(_) | WxPayError::BadField { .. } => "malformed",
-            WxPayError::ReturnFail(_) => "return_fail",
-            WxPayError::Sign(_) => "sign_invalid",
-            WxPayError::Mismatch { .. } => "mismatch",
-            WxPayError::ResultFail { .. } => "result_fail",
+            WxPayError::Timeout => Failure::Timeout,
+            WxPayError::Transport(_) | WxPayError::Encode(_) => Failure::TransportError,
+            WxPayError::HttpStatus(_) => Failure::HttpStatus,
+            WxPayError::Malformed(_) | WxPayError::BadField { .. } => Failure::Malformed,
+            WxPayError::ReturnFail(_) => Failure::ReturnFail,
+            WxPayError::Sign(_) => Failure::SignInvalid,
+            WxPayError::Mismatch { .. } => Failure::Mismatch,
+            WxPayError::ResultFail { .. } => Failure::ResultFail,
         }
     }
 
     /// Whether the reply proves our configuration (key, sign type, appid, mch_id) is wrong or
     /// someone forges replies: worth an operator's attention, not only a retry.
     pub fn is_suspicious(&self) -> bool {
-        matches!(
-            self,
-            WxPayError::Sign(_) | WxPayError::Mismatch { .. } | WxPayError::ReturnFail(_)
-        )
+        self.failure().is_suspicious()
+    }
+}
+
+impl From<WxPayError> for GatewayError {
+    fn from(e: WxPayError) -> GatewayError {
+        GatewayError::new(e.failure(), e.to_string()).with_retry(e.retry_hint())
     }
 }

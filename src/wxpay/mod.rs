@@ -5,11 +5,13 @@ pub mod client;
 pub mod error;
 pub mod notify;
 pub mod sign;
+pub mod time;
 pub mod xml;
 
-pub use client::{
-    ClientConfig, CloseAnswer, Merchant, OrderRef, QueryAnswer, TradeReport, WxPayClient,
-};
-pub use error::{ErrCode, RetryHint, WxPayError};
-pub use sign::{ApiKey, SignError};
+pub use client::{ClientConfig, WxPayClient};
+pub use error::{ErrCode, WxPayError};
+// The neutral types this client answers in, where its callers have always found them.
+pub use crate::gateway::merchant::{Credentials, Merchant};
+pub use crate::gateway::report::{CloseAnswer, OrderRef, QueryAnswer, RetryHint, TradeReport};
+pub use sign::{ApiKey, SignError, SignType};
 pub use xml::{Fields, XmlError};

@@ -2,10 +2,13 @@
 //! orderquery reply is: strict decode, `return_code`, the merchant's signature and sign type,
 //! `appid` / `mch_id` / `sub_mch_id`, then the order fields. And the XML answer WeChat expects.
 
-use super::client::{Merchant, TradeReport, parse_trade_report, verify_notification_envelope};
+use super::client::{order_fields, verify_notification_envelope};
 use super::error::WxPayError;
 use super::xml::{self, Fields};
 use crate::domain::{MchId, TradeState};
+use crate::gateway::merchant::Merchant;
+use crate::gateway::report::TradeReport;
+use crate::telemetry::NotifyOutcome;
 use crate::text::quote;
 
 /// The FAIL answer to a body that is not a usable notification.
@@ -33,14 +36,14 @@ pub enum NotifyError {
 }
 
 impl NotifyError {
-    /// The bounded `outcome` label of `notify_requests_total`.
-    pub fn outcome(&self) -> &'static str {
+    /// The `outcome` of `notify_requests_total`.
+    pub fn outcome(&self) -> NotifyOutcome {
         match self {
-            NotifyError::Malformed(_) => "malformed",
-            NotifyError::ReturnFail(_) => "return_fail",
-            NotifyError::UnknownMerchant(_) => "unknown_merchant",
-            NotifyError::Sign(..) => "sign_invalid",
-            NotifyError::Mismatch(..) => "mismatch",
+            NotifyError::Malformed(_) => NotifyOutcome::Malformed,
+            NotifyError::ReturnFail(_) => NotifyOutcome::ReturnFail,
+            NotifyError::UnknownMerchant(_) => NotifyOutcome::UnknownMerchant,
+            NotifyError::Sign(..) => NotifyOutcome::SignInvalid,
+            NotifyError::Mismatch(..) => NotifyOutcome::Mismatch,
         }
     }
 
@@ -138,13 +141,11 @@ pub fn read_notification<'m>(
     Ok(Notification { merchant, notified })
 }
 
-/// The order fields of a verified payment notification (`result_code` SUCCESS). It reports a
-/// payment, so it is read as trade_state SUCCESS: any `trade_state` in it (there is none in
-/// WeChat's) does not make it something else.
+/// The order fields of a verified payment notification (`result_code` SUCCESS): a report of
+/// a payment, so of trade state SUCCESS whatever else it says (WeChat's carries no
+/// `trade_state`), with its transaction, amount and time required.
 pub fn parse_payment(fields: &Fields) -> Result<TradeReport, WxPayError> {
-    let mut f = fields.clone();
-    f.insert("trade_state", TradeState::Success.as_str());
-    parse_trade_report(&f)
+    order_fields(fields, TradeState::Success)
 }
 
 /// The answer WeChat stops retrying on (DESIGN.md, "Notify endpoint").

@@ -3,6 +3,7 @@
 //! (uppercase hex). Unknown fields are signed like known ones, and `sign_type` when present.
 
 use std::fmt;
+use std::str::FromStr;
 
 use hmac::{KeyInit, Mac};
 use md5::{Digest, Md5};
@@ -12,7 +13,47 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::xml::Fields;
-use crate::domain::SignType;
+use crate::domain::ParseError;
+use crate::text::quote;
+
+/// How WeChat Pay v2 messages are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+pub enum SignType {
+    #[serde(rename = "MD5")]
+    Md5,
+    #[serde(rename = "HMAC-SHA256")]
+    HmacSha256,
+}
+
+impl SignType {
+    /// The value of the `sign_type` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignType::Md5 => "MD5",
+            SignType::HmacSha256 => "HMAC-SHA256",
+        }
+    }
+}
+
+impl FromStr for SignType {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "MD5" => Ok(SignType::Md5),
+            "HMAC-SHA256" => Ok(SignType::HmacSha256),
+            other => Err(ParseError::new(
+                "sign_type",
+                format!("{} is neither \"MD5\" nor \"HMAC-SHA256\"", quote(other)),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SignType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A merchant's v2 API key. It never prints: `Debug` is redacted, there is no `Display`, and the
 /// only way to use it is to sign with it.
@@ -193,6 +234,14 @@ pub fn verify_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_sign_type_is_quoted_short_and_escaped() {
+        let huge = format!("\"\n{}", "\"".repeat(40_000));
+        let shown = huge.parse::<SignType>().unwrap_err().to_string();
+        assert!(shown.len() < 300 && !shown.contains('\n'), "{shown}");
+        assert_eq!("HMAC-SHA256".parse(), Ok(SignType::HmacSha256));
+    }
 
     #[test]
     fn notifications_accept_the_stronger_sign_type_never_the_weaker() {

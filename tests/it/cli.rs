@@ -100,7 +100,7 @@ async fn simulate_serves_the_merchants_of_a_config_file() {
     let configured = merchant(
         "1230000109",
         "wxa1b2c3d4e5f6a7b8",
-        wxpay_reconciler::domain::SignType::HmacSha256,
+        wxpay_reconciler::wxpay::SignType::HmacSha256,
         "0123456789abcdef0123456789ABCDEF",
     );
     let client = client_for(&url);

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wxpay_reconciler::domain::{SignType, TradeState};
+use wxpay_reconciler::domain::TradeState;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{
     ClientConfig, CloseAnswer, ErrCode, OrderRef, QueryAnswer, RetryHint, SignError, TradeReport,
     WxPayClient, WxPayError,
@@ -30,22 +31,32 @@ async fn an_order_goes_from_notpay_to_success_with_both_sign_types() {
         sim.create_order(&m, &n, 1999).await;
         let by_no = OrderRef::OutTradeNo(n.clone());
         let before = order(client.order_query(&m, &by_no).await);
-        assert_eq!(before.trade_state, TradeState::NotPay, "{}", m.sign_type);
+        assert_eq!(
+            before.trade_state,
+            TradeState::NotPay,
+            "{}",
+            m.v2_sign_type()
+        );
         assert_eq!(before.transaction_id, None);
 
         let tx = sim.pay(&m, &n, json!({"notify": "drop"})).await;
         let after = order(client.order_query(&m, &by_no).await);
-        assert_eq!(after.trade_state, TradeState::Success, "{}", m.sign_type);
+        assert_eq!(
+            after.trade_state,
+            TradeState::Success,
+            "{}",
+            m.v2_sign_type()
+        );
         assert_eq!(after.out_trade_no, n);
-        assert_eq!(after.total_fee.map(|f| f.get()), Some(1999));
-        assert_eq!(after.cash_fee.map(|f| f.get()), Some(1999));
+        assert_eq!(after.amount.map(|f| f.get()), Some(1999));
+        assert_eq!(after.payer_amount.map(|f| f.get()), Some(1999));
         assert_eq!(
             after.transaction_id.as_ref().map(|t| t.as_str()),
             Some(tx.as_str())
         );
-        let paid_at = after.time_end.expect("time_end");
+        let paid_at = after.paid_at.expect("time_end");
         assert!((chrono::Utc::now() - paid_at).num_seconds().abs() < 5);
-        assert_eq!(after.trade_state_desc.as_deref(), Some("支付成功"));
+        assert_eq!(after.state_desc.as_deref(), Some("支付成功"));
 
         let by_tx = OrderRef::TransactionId(tx.parse().unwrap());
         assert_eq!(order(client.order_query(&m, &by_tx).await), after);
@@ -106,7 +117,7 @@ async fn every_trade_state_is_typed_and_unknown_ones_are_kept() {
             .await,
     );
     assert_eq!(r.trade_state, TradeState::Refund);
-    assert_eq!(r.total_fee.map(|f| f.get()), Some(100));
+    assert_eq!(r.amount.map(|f| f.get()), Some(100));
     sim.stop().await;
 }
 
@@ -139,7 +150,7 @@ async fn query_with_fault(
         sim.pay(&m, &n, json!({"notify": "drop"})).await;
         match client.order_query(&m, &OrderRef::OutTradeNo(n)).await {
             Err(e) => errors.push(e),
-            Ok(a) => panic!("{} must fail, got {a:?}", m.sign_type),
+            Ok(a) => panic!("{} must fail, got {a:?}", m.v2_sign_type()),
         }
     }
     sim.faults(json!({"endpoint": "orderquery"})).await;

@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use wxpay_reconciler::domain::{SignType, TradeState};
+use wxpay_reconciler::domain::TradeState;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::client::verify_envelope;
 use wxpay_reconciler::wxpay::notify::parse_payment;
 use wxpay_reconciler::wxpay::sign::verify;
@@ -190,9 +191,9 @@ fn the_valid_notification_is_a_verified_payment_report() {
     let report = parse_payment(&f).unwrap();
     assert_eq!(report.trade_state, TradeState::Success);
     assert_eq!(report.out_trade_no.as_str(), "1409811653");
-    assert_eq!(report.total_fee.map(|f| f.get()), Some(1));
+    assert_eq!(report.amount.map(|f| f.get()), Some(1));
     assert_eq!(
-        report.time_end.map(|t| t.to_rfc3339()).as_deref(),
+        report.paid_at.map(|t| t.to_rfc3339()).as_deref(),
         Some("2014-09-03T05:15:40+00:00")
     );
     // The same body with a wrong appid in the merchant's config is refused.
@@ -219,13 +220,13 @@ async fn the_client_accepts_a_real_orderquery_reply_and_refuses_the_tampered_one
         panic!("{answer:?}")
     };
     assert_eq!(report.trade_state, TradeState::Success);
-    assert_eq!(report.total_fee.map(|f| f.get()), Some(1));
+    assert_eq!(report.amount.map(|f| f.get()), Some(1));
     assert_eq!(
         report.transaction_id.as_ref().map(|t| t.as_str()),
         Some("1008450740201411110005820873")
     );
     assert_eq!(
-        report.time_end.map(|t| t.to_rfc3339()).as_deref(),
+        report.paid_at.map(|t| t.to_rfc3339()).as_deref(),
         Some("2014-11-11T09:00:43+00:00")
     );
     server.abort();

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::net::TcpListener;
-use wxpay_reconciler::domain::{AppId, MchId, OutTradeNo, SignType};
+use wxpay_reconciler::domain::{AppId, MchId, OutTradeNo};
 use wxpay_reconciler::sim::{self, RunningSimulator};
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{ApiKey, ClientConfig, Merchant, WxPayClient};
 
 pub const MD5_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
@@ -33,13 +34,12 @@ pub fn both_merchants() -> [Merchant; 2] {
 }
 
 pub fn merchant(mch_id: &str, appid: &str, sign_type: SignType, key: &str) -> Merchant {
-    Merchant {
-        mch_id: MchId::parse(mch_id).unwrap(),
-        appid: AppId::parse(appid).unwrap(),
-        sub_mch_id: None,
+    Merchant::v2(
+        MchId::parse(mch_id).unwrap(),
+        AppId::parse(appid).unwrap(),
         sign_type,
-        key: ApiKey::parse(key).unwrap(),
-    }
+        ApiKey::parse(key).unwrap(),
+    )
 }
 
 pub fn otn(s: &str) -> OutTradeNo {

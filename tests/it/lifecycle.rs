@@ -9,10 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wxpay_reconciler::commands;
 use wxpay_reconciler::daemon::{self, Daemon};
-use wxpay_reconciler::domain::{OrderState, SignType};
+use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::notify::{self, NOTIFY_PATH, NotifyApp};
 use wxpay_reconciler::store::NewOrder;
 use wxpay_reconciler::telemetry::Telemetry;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
 use crate::db::{Kind, TestDb, backends};
@@ -93,7 +94,7 @@ pub(crate) fn notification(m: &Merchant, otn: &str, fee: i64, transaction_id: &s
         .with("total_fee", fee.to_string())
         .with("trade_type", "JSAPI")
         .with("transaction_id", transaction_id);
-    sign::sign_in_place(&mut f, &m.key, m.sign_type);
+    sign::sign_in_place(&mut f, m.v2_key(), m.v2_sign_type());
     f
 }
 
@@ -356,7 +357,7 @@ async fn forged_malformed_oversized_and_unknown_notifications_are_refused_and_ch
             SignType::Md5,
             "0123456789abcdef0123456789abcdef",
         );
-        sign::sign_in_place(&mut wrong_key, &other.key, SignType::Md5);
+        sign::sign_in_place(&mut wrong_key, other.v2_key(), SignType::Md5);
         let wrong_appid = {
             let impostor = merchant("10000100", "wx0000000000000000", SignType::Md5, MD5_KEY);
             notification(&impostor, &otn, 100, &txid)

@@ -5,10 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use wxpay_reconciler::domain::SignType;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::client::verify_envelope;
 use wxpay_reconciler::wxpay::notify::parse_payment;
-use wxpay_reconciler::wxpay::{Fields, Merchant, OrderRef, sign, xml};
+use wxpay_reconciler::wxpay::{Credentials, Fields, Merchant, OrderRef, sign, xml};
 
 use crate::helpers::{TestSim, both_merchants, hmac_merchant, md5_merchant, unique_otn};
 
@@ -17,7 +17,7 @@ async fn post_signed(sim: &TestSim, path: &str, m: &Merchant, mut fields: Fields
     fields.insert("appid", m.appid.as_str());
     fields.insert("mch_id", m.mch_id.as_str());
     fields.insert("nonce_str", wxpay_reconciler::wxpay::client::nonce());
-    sign::sign_in_place(&mut fields, &m.key, m.sign_type);
+    sign::sign_in_place(&mut fields, m.v2_key(), m.v2_sign_type());
     post_raw(sim, path, xml::encode(&fields).unwrap().into_bytes()).await
 }
 
@@ -58,7 +58,7 @@ async fn unifiedorder_answers_a_signed_prepay_id_and_is_idempotent() {
             let n = unique_otn("u");
             let path = format!("{prefix}/pay/unifiedorder");
             let reply = post_signed(&sim, &path, &m, unified_order(n.as_str(), 88)).await;
-            verify_envelope(&m, &reply).unwrap_or_else(|e| panic!("{}: {e}", m.sign_type));
+            verify_envelope(&m, &reply).unwrap_or_else(|e| panic!("{}: {e}", m.v2_sign_type()));
             assert_eq!(reply.get("result_code"), Some("SUCCESS"));
             let prepay = reply.get_nonempty("prepay_id").unwrap().to_owned();
             let again = post_signed(&sim, &path, &m, unified_order(n.as_str(), 88)).await;
@@ -78,7 +78,7 @@ async fn unifiedorder_answers_a_signed_prepay_id_and_is_idempotent() {
                 order.notify_url.as_deref(),
                 Some("http://127.0.0.1:9/notify")
             );
-            assert_eq!(order.sign_type, m.sign_type);
+            assert_eq!(order.sign_type, m.v2_sign_type());
             assert_eq!(
                 order.prepay_expires_at - order.created_at,
                 chrono::TimeDelta::hours(2)
@@ -127,7 +127,7 @@ async fn bad_requests_get_wechats_fail_answer_and_never_data() {
 
     // Signed with MD5 but declaring HMAC-SHA256.
     let mut lying = forged.clone();
-    lying.insert("sign", sign::sign(&forged, &m.key, SignType::Md5));
+    lying.insert("sign", sign::sign(&forged, m.v2_key(), SignType::Md5));
     lying.insert("sign_type", "HMAC-SHA256");
     let reply = post_raw(
         &sim,
@@ -168,7 +168,10 @@ async fn every_success_reply_is_signed_with_the_requests_sign_type() {
     // The MD5 merchant may ask with HMAC-SHA256 (as WeChat allows); the reply follows.
     for st in [SignType::Md5, SignType::HmacSha256] {
         let mut as_type = m.clone();
-        as_type.sign_type = st;
+        as_type.credentials = Credentials::V2 {
+            sign_type: st,
+            key: m.v2_key().clone(),
+        };
         let reply = post_signed(
             &sim,
             "/pay/orderquery",
@@ -183,7 +186,7 @@ async fn every_success_reply_is_signed_with_the_requests_sign_type() {
             SignType::Md5
         };
         assert!(
-            sign::verify(&reply, &m.key, other).is_err(),
+            sign::verify(&reply, m.v2_key(), other).is_err(),
             "{st} reply must not verify as {other}"
         );
     }
@@ -277,7 +280,7 @@ async fn a_paid_amount_other_than_the_ordered_one_is_reported_as_paid() {
     let wxpay_reconciler::wxpay::QueryAnswer::Order(r) = answer else {
         panic!()
     };
-    assert_eq!(r.total_fee.map(|f| f.get()), Some(1));
+    assert_eq!(r.amount.map(|f| f.get()), Some(1));
     sim.stop().await;
 }
 
@@ -373,10 +376,10 @@ async fn notifications_follow_the_retry_schedule_until_acknowledged() {
         );
         for body in &bodies {
             let f = xml::decode(body).unwrap();
-            verify_envelope(&m, &f).unwrap_or_else(|e| panic!("{}: {e}", m.sign_type));
+            verify_envelope(&m, &f).unwrap_or_else(|e| panic!("{}: {e}", m.v2_sign_type()));
             let report = parse_payment(&f).unwrap();
             assert_eq!(report.out_trade_no, n);
-            assert_eq!(report.total_fee.map(|f| f.get()), Some(321));
+            assert_eq!(report.amount.map(|f| f.get()), Some(321));
             assert_eq!(
                 report.transaction_id.as_ref().map(|t| t.as_str()),
                 Some(tx.as_str())

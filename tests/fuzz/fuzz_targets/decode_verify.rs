@@ -11,7 +11,8 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use wxpay_reconciler::domain::{AppId, MchId, SignType};
+use wxpay_reconciler::domain::{AppId, MchId};
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::client::{parse_trade_report, verify_envelope};
 use wxpay_reconciler::wxpay::sign::verify;
 use wxpay_reconciler::wxpay::xml::{decode, encode};
@@ -20,13 +21,12 @@ use wxpay_reconciler::wxpay::{ApiKey, Merchant};
 /// The key of WeChat's published signing example (the one the VALID fixtures are signed with).
 const TEST_KEY: &str = "192006250b4c09247ec02edce69f6a2d";
 
-static MERCHANT: LazyLock<Merchant> = LazyLock::new(|| Merchant {
-    mch_id: MchId::parse("10000100").expect("test mch_id"),
-    appid: AppId::parse("wx2421b1c4370ec43b").expect("test appid"),
-    sub_mch_id: None,
-    sign_type: SignType::Md5,
-    key: ApiKey::parse(TEST_KEY).expect("test key"),
-});
+static MERCHANT: LazyLock<Merchant> = LazyLock::new(|| Merchant::v2(
+    MchId::parse("10000100").expect("test mch_id"),
+    AppId::parse("wx2421b1c4370ec43b").expect("test appid"),
+    SignType::Md5,
+    ApiKey::parse(TEST_KEY).expect("test key"),
+));
 
 fuzz_target!(|data: &[u8]| {
     let Ok(fields) = decode(data) else {
@@ -34,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let merchant = &*MERCHANT;
 
-    let _ = verify(&fields, &merchant.key, SignType::Md5);
-    let _ = verify(&fields, &merchant.key, SignType::HmacSha256);
+    let _ = verify(&fields, merchant.v2_key(), SignType::Md5);
+    let _ = verify(&fields, merchant.v2_key(), SignType::HmacSha256);
     let _ = verify_envelope(merchant, &fields);
     let _ = parse_trade_report(&fields);
 

@@ -12,7 +12,8 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use wxpay_reconciler::domain::{AppId, MchId, SignType};
+use wxpay_reconciler::domain::{AppId, MchId};
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::text::{MAX_QUOTE_CHARS, quote_bytes};
 use wxpay_reconciler::wxpay::notify::{answer_fail, read_notification};
 use wxpay_reconciler::wxpay::xml::decode;
@@ -20,20 +21,18 @@ use wxpay_reconciler::wxpay::{ApiKey, Merchant};
 
 static MERCHANTS: LazyLock<[Merchant; 2]> = LazyLock::new(|| {
     [
-        Merchant {
-            mch_id: MchId::parse("10000100").expect("test mch_id"),
-            appid: AppId::parse("wxd930ea5d5a258f4f").expect("test appid"),
-            sub_mch_id: None,
-            sign_type: SignType::Md5,
-            key: ApiKey::parse("192006250b4c09247ec02edce69f6a2d").expect("test key"),
-        },
-        Merchant {
-            mch_id: MchId::parse("1900000109").expect("test mch_id"),
-            appid: AppId::parse("wx2421b1c4370ec43b").expect("test appid"),
-            sub_mch_id: None,
-            sign_type: SignType::HmacSha256,
-            key: ApiKey::parse("8934e7d15453e97507ef794cf7b0519d").expect("test key"),
-        },
+        Merchant::v2(
+            MchId::parse("10000100").expect("test mch_id"),
+            AppId::parse("wxd930ea5d5a258f4f").expect("test appid"),
+            SignType::Md5,
+            ApiKey::parse("192006250b4c09247ec02edce69f6a2d").expect("test key"),
+        ),
+        Merchant::v2(
+            MchId::parse("1900000109").expect("test mch_id"),
+            AppId::parse("wx2421b1c4370ec43b").expect("test appid"),
+            SignType::HmacSha256,
+            ApiKey::parse("8934e7d15453e97507ef794cf7b0519d").expect("test key"),
+        ),
     ]
 });
 

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use wxpay_reconciler::domain::SignType;
 use wxpay_reconciler::notify::NOTIFY_PATH;
 use wxpay_reconciler::store::NewOrder;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
 use crate::helpers::{HMAC_KEY, MD5_KEY, hmac_merchant, md5_merchant, merchant, unique_otn};
@@ -479,14 +479,14 @@ async fn newlines_and_terminal_controls_from_outside_never_forge_a_log_line() {
         .with("appid", m.appid.as_str())
         .with("mch_id", m.mch_id.as_str())
         .with("nonce_str", "5K8264ILTKCH16CQ2502SI8ZNMTM67VS");
-    sign::sign_in_place(&mut signed, &m.key, SignType::Md5);
+    sign::sign_in_place(&mut signed, m.v2_key(), SignType::Md5);
     let mut mismatch = Fields::new()
         .with("return_code", "SUCCESS")
         .with("result_code", "SUCCESS")
         .with("appid", format!("wx\n{FORGED} 5"))
         .with("mch_id", m.mch_id.as_str())
         .with("nonce_str", "5K8264ILTKCH16CQ2502SI8ZNMTM67VS");
-    sign::sign_in_place(&mut mismatch, &m.key, SignType::Md5);
+    sign::sign_in_place(&mut mismatch, m.v2_key(), SignType::Md5);
     let wechat = cycling_server(vec![
         unsigned,
         xml::encode(&signed).unwrap(),
@@ -526,7 +526,7 @@ async fn newlines_and_terminal_controls_from_outside_never_forge_a_log_line() {
     ];
     let mut bad_time = notification(&hmac, HMAC_KEY, SignType::HmacSha256);
     bad_time.insert("time_end", format!("2026\n{FORGED} 10"));
-    sign::sign_in_place(&mut bad_time, &hmac.key, SignType::HmacSha256);
+    sign::sign_in_place(&mut bad_time, hmac.v2_key(), SignType::HmacSha256);
     bodies.push(xml::encode(&bad_time).unwrap());
     for body in bodies {
         let (_, answer) = post(&http, &daemon.notify_url, body).await;

@@ -237,7 +237,7 @@ async fn fail_answers_reveal_neither_merchants_nor_sign_types() {
         RunningDaemon, forged_notification, http, notification, post, stranger_notification,
     };
     use crate::helpers::{hmac_merchant, md5_merchant};
-    use wxpay_reconciler::domain::SignType;
+    use wxpay_reconciler::wxpay::SignType;
     use wxpay_reconciler::wxpay::xml;
 
     let daemon = RunningDaemon::start(&crate::helpers::closed_port_url().await).await;

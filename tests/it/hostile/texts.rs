@@ -10,8 +10,9 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use wxpay_reconciler::domain::{OrderState, SignType};
+use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::text::MAX_NOTE_CHARS;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, sign, xml};
 
 use crate::db::backends;
@@ -57,7 +58,7 @@ async fn answer(State(fake): State<FakeWechat>, body: Bytes) -> String {
 /// A correctly signed reply of the MD5 test merchant.
 fn signed(mut fields: Fields) -> String {
     let m = md5_merchant();
-    sign::sign_in_place(&mut fields, &m.key, SignType::Md5);
+    sign::sign_in_place(&mut fields, m.v2_key(), SignType::Md5);
     xml::encode(&fields).unwrap()
 }
 

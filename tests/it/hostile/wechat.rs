@@ -7,7 +7,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use serde_json::json;
-use wxpay_reconciler::domain::{OrderState, SignType};
+use wxpay_reconciler::domain::OrderState;
+use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, sign};
 
 use crate::db::backends;
@@ -86,7 +87,7 @@ fn changed(
     for (k, v) in set {
         f.insert(*k, *v);
     }
-    sign::sign_in_place(&mut f, &m.key, m.sign_type);
+    sign::sign_in_place(&mut f, m.v2_key(), m.v2_sign_type());
     f
 }
 
@@ -197,9 +198,9 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
             let mut n = notification(&m, &otn, 100, &txid);
             n.remove("sign");
             if declared {
-                sign::sign_in_place(&mut n, &m.key, SignType::HmacSha256);
+                sign::sign_in_place(&mut n, m.v2_key(), SignType::HmacSha256);
             } else {
-                let s = sign::sign(&n, &m.key, SignType::HmacSha256);
+                let s = sign::sign(&n, m.v2_key(), SignType::HmacSha256);
                 n.insert("sign", s);
             }
             assert_eq!(
@@ -218,7 +219,7 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
         let (otn, txid) = e.paid_order(&h, 100).await;
         let mut n = notification(&h, &otn, 100, &txid);
         n.remove("sign_type");
-        sign::sign_in_place(&mut n, &h.key, SignType::Md5);
+        sign::sign_in_place(&mut n, h.v2_key(), SignType::Md5);
         assert_eq!(
             post_body(&url, body(&n)).await,
             (200, "FAIL".into()),
@@ -226,7 +227,7 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
         );
         n.insert("sign_type", "MD5");
         n.remove("sign");
-        let s = sign::sign(&n, &h.key, SignType::Md5);
+        let s = sign::sign(&n, h.v2_key(), SignType::Md5);
         n.insert("sign", s);
         assert_eq!(
             post_body(&url, body(&n)).await,

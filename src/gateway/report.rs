@@ -1,0 +1,197 @@
+//! What WeChat says about a payment, in no protocol's words: the verified answers of a query
+//! and a close, a trade report (a query's or a payment notification's), and why a call gave
+//! no answer. Each protocol's client converts its wire results into these; nothing here knows
+//! a wire format.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{AppId, Currency, Fen, OutTradeNo, TradeState, TransactionId};
+
+/// Which order to ask about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderRef {
+    OutTradeNo(OutTradeNo),
+    TransactionId(TransactionId),
+}
+
+/// A verified report about one payment order: a query's answer, or a payment notification
+/// (which reports trade state SUCCESS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TradeReport {
+    pub out_trade_no: OutTradeNo,
+    pub trade_state: TradeState,
+    /// WeChat's words for the state, when it gave any.
+    pub state_desc: Option<String>,
+    pub transaction_id: Option<TransactionId>,
+    /// What WeChat says the order's amount is (always present for SUCCESS and REFUND).
+    pub amount: Option<Fen>,
+    /// The currency of `amount`.
+    pub currency: Currency,
+    /// What the payer paid (after coupons), when reported.
+    pub payer_amount: Option<Fen>,
+    /// When the customer paid (always present for SUCCESS and REFUND).
+    pub paid_at: Option<DateTime<Utc>>,
+    /// The app the payment was made in, when the message says.
+    pub appid: Option<AppId>,
+}
+
+/// A definitive query answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryAnswer {
+    Order(TradeReport),
+    /// WeChat never accepted this order.
+    NotExist,
+}
+
+/// A definitive close answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAnswer {
+    Closed,
+    /// The customer paid: query and settle it, never close it locally.
+    OrderPaid,
+    /// Already closed.
+    OrderClosed,
+    /// WeChat never accepted this order.
+    NotExist,
+}
+
+impl CloseAnswer {
+    /// Every answer, in the order of their labels.
+    pub const ALL: [CloseAnswer; 4] = [
+        CloseAnswer::Closed,
+        CloseAnswer::OrderPaid,
+        CloseAnswer::OrderClosed,
+        CloseAnswer::NotExist,
+    ];
+
+    /// The bounded `outcome` label of `closeorder_requests_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseAnswer::Closed => "closed",
+            CloseAnswer::OrderPaid => "order_paid",
+            CloseAnswer::OrderClosed => "order_closed",
+            CloseAnswer::NotExist => "order_not_exist",
+        }
+    }
+}
+
+/// What the caller should do before asking again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryHint {
+    /// Ask again on the normal backoff schedule.
+    Backoff,
+    /// WeChat rate-limited us: slow down before anything else.
+    SlowDown,
+}
+
+/// Why a call gave no usable answer, as a bounded class (the `outcome` label of
+/// `orderquery_requests_total` and of `closeorder_requests_total`'s failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    Timeout,
+    TransportError,
+    HttpStatus,
+    ReturnFail,
+    ResultFail,
+    SignInvalid,
+    Malformed,
+    /// A correctly signed reply that does not echo the request.
+    Mismatch,
+}
+
+impl Failure {
+    /// Every class, in the order of their labels.
+    pub const ALL: [Failure; 8] = [
+        Failure::Timeout,
+        Failure::TransportError,
+        Failure::HttpStatus,
+        Failure::ReturnFail,
+        Failure::ResultFail,
+        Failure::SignInvalid,
+        Failure::Malformed,
+        Failure::Mismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::TransportError => "transport_error",
+            Failure::HttpStatus => "http_status",
+            Failure::ReturnFail => "return_fail",
+            Failure::ResultFail => "result_fail",
+            Failure::SignInvalid => "sign_invalid",
+            Failure::Malformed => "malformed",
+            Failure::Mismatch => "mismatch",
+        }
+    }
+
+    /// Whether a failure of this class proves our configuration (key, sign type, appid,
+    /// mch_id) wrong or someone forges replies.
+    pub fn is_suspicious(self) -> bool {
+        matches!(
+            self,
+            Failure::SignInvalid | Failure::Mismatch | Failure::ReturnFail
+        )
+    }
+}
+
+/// A call that gave no usable answer. Says nothing reliable about the order, so the order's
+/// state never changes on it. The message is the protocol's own (already bounded and quoted:
+/// it holds no key and no raw outside text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct GatewayError {
+    failure: Failure,
+    retry: RetryHint,
+    message: String,
+}
+
+impl GatewayError {
+    /// A failure to retry on the normal schedule.
+    pub fn new(failure: Failure, message: impl Into<String>) -> GatewayError {
+        GatewayError {
+            failure,
+            retry: RetryHint::Backoff,
+            message: message.into(),
+        }
+    }
+
+    /// The same failure, with the given retry hint.
+    pub fn with_retry(self, retry: RetryHint) -> GatewayError {
+        GatewayError { retry, ..self }
+    }
+
+    pub fn failure(&self) -> Failure {
+        self.failure
+    }
+
+    /// The bounded `outcome` label.
+    pub fn outcome(&self) -> &'static str {
+        self.failure.as_str()
+    }
+
+    pub fn retry_hint(&self) -> RetryHint {
+        self.retry
+    }
+
+    /// Whether asking again later may succeed. Every failure so far is: the order is asked
+    /// again on its schedule (a new class must say so here).
+    pub fn is_transient(&self) -> bool {
+        match self.failure {
+            Failure::Timeout
+            | Failure::TransportError
+            | Failure::HttpStatus
+            | Failure::ReturnFail
+            | Failure::ResultFail
+            | Failure::SignInvalid
+            | Failure::Malformed
+            | Failure::Mismatch => true,
+        }
+    }
+
+    /// Whether the reply proves our configuration (key, sign type, appid, mch_id) wrong or
+    /// someone forges replies: worth an operator's attention, not only a retry.
+    pub fn is_suspicious(&self) -> bool {
+        self.failure.is_suspicious()
+    }
+}
