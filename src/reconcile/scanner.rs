@@ -448,9 +448,11 @@ impl Scanner {
             change,
             reply,
         };
-        let closed = || StoreError::Query("the scan's writer stopped".into());
-        writes.send(request).await.map_err(|_| closed())?;
-        let (applied, change) = done.await.map_err(|_| closed())??;
+        writes
+            .send(request)
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        let (applied, change) = done.await.map_err(|_| StoreError::WriterStopped)??;
         let source = match &change {
             Change::Settle { source, .. } | Change::Anomaly { source, .. } => *source,
             Change::Reschedule { .. } | Change::GiveUp { .. } => Source::Poll,
