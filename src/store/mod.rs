@@ -1,5 +1,8 @@
-//! The database: every SQL statement of the program lives below this module, one file per
-//! backend. Callers see typed rows and typed changes, never SQL.
+//! The database: every SQL statement of the program lives below this module. Callers see
+//! typed rows and typed changes, never SQL. The statements the backends share are written once
+//! in `sql.rs` (with `?` placeholders, numbered for PostgreSQL), the row mapping once in
+//! `rows.rs`; a backend's file keeps what its dialect needs: its claim, how it decodes and binds
+//! a time, PostgreSQL's `UNNEST` batches, MySQL's read-back where it has no `RETURNING`.
 //!
 //! - **Claim**: due open orders, most overdue first, at most `limit`, leased by moving
 //!   `next_query_at` to `lease_until` and bumping the `lease` fencing token in the same
@@ -120,14 +123,14 @@ impl DatabaseUrl {
     }
 }
 
-/// Connection parameters of the three drivers whose values are shown in a redacted URL.
+/// Connection parameters of the three drivers whose values are shown in a redacted URL; the
+/// first [`POSTGRES_PLAIN`] of them are those the PostgreSQL driver knows.
 const PLAIN_PARAMETERS: [&str; 27] = [
     "sslmode",
     "ssl-mode",
     "sslrootcert",
     "ssl-root-cert",
     "ssl-ca",
-    "sslca",
     "sslcert",
     "ssl-cert",
     "sslkey",
@@ -140,6 +143,7 @@ const PLAIN_PARAMETERS: [&str; 27] = [
     "user",
     "application_name",
     "options",
+    "sslca",
     "socket",
     "timezone",
     "charset",
@@ -150,6 +154,9 @@ const PLAIN_PARAMETERS: [&str; 27] = [
     "vfs",
     "connect_timeout",
 ];
+
+/// How many of [`PLAIN_PARAMETERS`] the PostgreSQL driver knows (it knows `password` too).
+const POSTGRES_PLAIN: usize = 17;
 
 /// The byte ranges of `url` that are secret, in order and disjoint: the password of the
 /// userinfo (`scheme://user:PASSWORD@host`) and the values of parameters that may hold one
@@ -873,6 +880,23 @@ pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_states_of_a_write_are_no_database_errors() {
+        assert!(StoreError::WriterStopped.is_retryable());
+        assert!(StoreError::KeptMoving { id: 7, attempts: 4 }.is_retryable());
+        assert!(!StoreError::OrderGone(7).is_retryable());
+        assert!(!StoreError::NoResult.is_retryable());
+        assert_eq!(StoreError::OrderGone(7).to_string(), "order 7 disappeared");
+        for e in [
+            StoreError::WriterStopped,
+            StoreError::OrderGone(7),
+            StoreError::NoResult,
+        ] {
+            assert!(!e.to_string().starts_with("database error"), "{e}");
+            assert_eq!(e.same().to_string(), e.to_string());
+        }
+    }
 
     #[test]
     fn a_database_password_never_prints() {

@@ -27,15 +27,19 @@ pub(super) const MIGRATIONS_TABLE: &str = "SELECT COUNT(*) AS n FROM information
 /// Quarantined and set-aside orders per merchant: two ranges of two indexes (MySQL has no
 /// partial ones), the AMOUNT_MISMATCH range of `wxpay_orders_open` and the non-NULL range of
 /// `wxpay_orders_set_aside`.
-pub(super) const ATTENTION: &str = "SELECT mch_id, CAST(SUM(mismatched) AS SIGNED) AS mismatched,
+pub(super) const ATTENTION: &str = concat!(
+    "SELECT mch_id, CAST(SUM(mismatched) AS SIGNED) AS mismatched,
         CAST(SUM(set_aside) AS SIGNED) AS set_aside FROM (
         SELECT mch_id, COUNT(*) AS mismatched, 0 AS set_aside FROM wxpay_orders
         WHERE state = 'AMOUNT_MISMATCH' GROUP BY mch_id
         UNION ALL
         SELECT mch_id, 0, COUNT(*) FROM wxpay_orders
-        WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
+        WHERE set_aside_at IS NOT NULL AND state IN (",
+    sql::open_states!(),
+    ")
         GROUP BY mch_id
-     ) a GROUP BY mch_id";
+     ) a GROUP BY mch_id"
+);
 
 #[derive(Debug, Clone)]
 pub struct MySqlStore {

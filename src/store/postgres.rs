@@ -28,33 +28,17 @@ pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, Stor
 /// prints their value (a mistyped `pasword=`), and its `.pgpass` warnings a whole line: its
 /// `options` module is silenced in the log filter, and this names the parameter alone.
 pub(super) fn unknown_parameters(url: &super::DatabaseUrl) -> Vec<String> {
-    const KNOWN: [&str; 19] = [
-        "sslmode",
-        "ssl-mode",
-        "sslrootcert",
-        "ssl-root-cert",
-        "ssl-ca",
-        "sslcert",
-        "ssl-cert",
-        "sslkey",
-        "ssl-key",
-        "statement-cache-capacity",
-        "host",
-        "hostaddr",
-        "port",
-        "dbname",
-        "user",
-        "password",
-        "application_name",
-        "options",
-        "",
-    ];
+    let known = |k: &str| {
+        super::PLAIN_PARAMETERS[..super::POSTGRES_PLAIN].contains(&k)
+            || k == "password"
+            || k.is_empty()
+    };
     let Ok(u) = reqwest::Url::parse(url.expose()) else {
         return Vec::new();
     };
     u.query_pairs()
         .map(|(k, _)| k.into_owned())
-        .filter(|k| !KNOWN.contains(&k.as_str()) && !k.starts_with("options["))
+        .filter(|k| !known(k) && !k.starts_with("options["))
         .collect()
 }
 
@@ -295,6 +279,19 @@ fn distinct_orders(writes: &[Write<'_>]) -> bool {
     writes.iter().all(|w| seen.insert(w.guard.order_id))
 }
 
+/// The writes of `group` with what `pick` takes of their change (all of them: a group holds
+/// one kind of change).
+fn picked<'a, 'w, T>(
+    writes: &'a [Write<'w>],
+    group: &[usize],
+    pick: impl Fn(&'w Change) -> Option<T>,
+) -> Vec<(&'a Write<'w>, T)> {
+    group
+        .iter()
+        .filter_map(|&i| pick(writes[i].change).map(|t| (&writes[i], t)))
+        .collect()
+}
+
 /// The guard and the note of each write of a group, as the first four `UNNEST` arrays.
 struct GuardColumns {
     ids: Vec<i64>,
@@ -304,12 +301,12 @@ struct GuardColumns {
 }
 
 impl GuardColumns {
-    fn of(writes: &[&Write<'_>]) -> GuardColumns {
+    fn of<T>(writes: &[(&Write<'_>, T)]) -> GuardColumns {
         GuardColumns {
-            ids: writes.iter().map(|w| w.guard.order_id).collect(),
-            from: writes.iter().map(|w| w.guard.from.as_str()).collect(),
-            lease: writes.iter().map(|w| w.guard.lease).collect(),
-            note: writes.iter().map(|w| change_note(w.change)).collect(),
+            ids: writes.iter().map(|(w, _)| w.guard.order_id).collect(),
+            from: writes.iter().map(|(w, _)| w.guard.from.as_str()).collect(),
+            lease: writes.iter().map(|(w, _)| w.guard.lease).collect(),
+            note: writes.iter().map(|(w, _)| change_note(w.change)).collect(),
         }
     }
 
@@ -330,18 +327,15 @@ async fn settle_many(
     group: &[usize],
     now: DateTime<Utc>,
 ) -> Result<Vec<i64>, StoreError> {
-    let settles: Vec<_> = group
-        .iter()
-        .filter_map(|&i| match writes[i].change {
-            Change::Settle {
-                settlement,
-                queried,
-                source,
-            } => Some((&writes[i], settlement, i32::from(*queried), source.as_str())),
-            _ => None,
-        })
-        .collect();
-    let guards = GuardColumns::of(&settles.iter().map(|s| s.0).collect::<Vec<_>>());
+    let settles = picked(writes, group, |change| match change {
+        Change::Settle {
+            settlement,
+            queried,
+            source,
+        } => Some((settlement, i32::from(*queried), source.as_str())),
+        _ => None,
+    });
+    let guards = GuardColumns::of(&settles);
     let rows = guards
         .query(
             "WITH input AS (
@@ -367,20 +361,20 @@ async fn settle_many(
                 reported_fee, note, $11 FROM moved
             RETURNING order_id",
         )
-        .bind(settles.iter().map(|s| s.1.to.as_str()).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.1.0.to.as_str()).collect::<Vec<_>>())
         .bind(
             settles
                 .iter()
-                .map(|s| s.1.transaction_id.as_ref().map(|t| t.as_str()))
+                .map(|s| s.1.0.transaction_id.as_ref().map(|t| t.as_str()))
                 .collect::<Vec<_>>(),
         )
-        .bind(settles.iter().map(|s| s.1.paid_at).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.2).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.3).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.1.0.paid_at).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.1.1).collect::<Vec<_>>())
+        .bind(settles.iter().map(|s| s.1.2).collect::<Vec<_>>())
         .bind(
             settles
                 .iter()
-                .map(|s| s.1.reported_fee.map(|f| f.get()))
+                .map(|s| s.1.0.reported_fee.map(|f| f.get()))
                 .collect::<Vec<_>>(),
         )
         .bind(now)
@@ -396,14 +390,11 @@ async fn reschedule_many(
     group: &[usize],
     now: DateTime<Utc>,
 ) -> Result<Vec<i64>, StoreError> {
-    let reschedules: Vec<_> = group
-        .iter()
-        .filter_map(|&i| match writes[i].change {
-            Change::Reschedule { at, .. } => Some((&writes[i], *at)),
-            _ => None,
-        })
-        .collect();
-    let guards = GuardColumns::of(&reschedules.iter().map(|r| r.0).collect::<Vec<_>>());
+    let reschedules = picked(writes, group, |change| match change {
+        Change::Reschedule { at, .. } => Some(*at),
+        _ => None,
+    });
+    let guards = GuardColumns::of(&reschedules);
     let rows = guards
         .query(
             "UPDATE wxpay_orders o SET next_query_at = i.at, query_count = o.query_count + 1,

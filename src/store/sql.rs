@@ -24,6 +24,8 @@ macro_rules! open_states {
     };
 }
 
+pub(crate) use open_states;
+
 /// The SQL list of open states, for statements (`'NOTPAY', 'USERPAYING'`).
 pub(crate) const OPEN_STATES_SQL: &str = open_states!();
 
