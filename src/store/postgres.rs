@@ -9,15 +9,17 @@ use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult, PgRow, PgTypeInfo,
     PgValueFormat, PgValueRef, Postgres,
 };
-use sqlx::query::QueryScalar;
+use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 
 // Every dynamic statement below is built from this module's constants only; values are always
 // bound parameters.
 
-use super::rows::{self, DialectRow};
+use super::rows::{self, Cols, DialectRow};
 use super::sql::{self, Dialect, OPEN_STATES_SQL, ORDER_COLUMNS, change_note, numbered};
-use super::{Applied, Change, ClaimRequest, Claimed, ConnectOptions, StoreError, Write};
+use super::{
+    Applied, Change, ClaimRequest, Claimed, ConnectOptions, Settlement, StoreError, Write,
+};
 
 /// The driver's options for `url`; its errors never show the password.
 pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, StoreError> {
@@ -251,18 +253,25 @@ impl PgStore {
                 }
             }
         };
-        if bulk(&settles) {
-            mark(&settles, settle_many(&mut tx, writes, &settles, now).await?);
-        } else {
-            single.extend(&settles);
-        }
-        if bulk(&reschedules) {
-            mark(
+        let groups = [
+            (
+                &settles,
+                bulk(&settles).then(|| settle_many(&picked(writes, &settles, settling), now)),
+            ),
+            (
                 &reschedules,
-                reschedule_many(&mut tx, writes, &reschedules, now).await?,
-            );
-        } else {
-            single.extend(&reschedules);
+                bulk(&reschedules)
+                    .then(|| reschedule_many(&picked(writes, &reschedules, rescheduling), now)),
+            ),
+        ];
+        for (group, statement) in groups {
+            match statement {
+                Some(statement) => {
+                    let done = statement.fetch_all(&mut *tx).await?;
+                    mark(group, rows::all(&done, |r| r.int("id"))?);
+                }
+                None => single.extend(group),
+            }
         }
         single.sort_unstable();
         for i in single {
@@ -292,6 +301,11 @@ fn picked<'a, 'w, T>(
         .collect()
 }
 
+/// A statement that returns the ids of the orders whose guard held.
+type Ids = Query<'static, Postgres, PgArguments>;
+
+type Time = DateTime<Utc>;
+
 /// The guard and the note of each write of a group, as the first four `UNNEST` arrays.
 struct GuardColumns {
     ids: Vec<i64>,
@@ -311,8 +325,8 @@ impl GuardColumns {
     }
 
     /// `sql`, its `$1` to `$4` bound; it returns the ids of the orders whose guard held.
-    fn query(&self, sql: &'static str) -> QueryScalar<'_, Postgres, i64, PgArguments> {
-        sqlx::query_scalar(sql)
+    fn query(&self, sql: &'static str) -> Ids {
+        sqlx::query(sql)
             .bind(&self.ids)
             .bind(&self.from)
             .bind(&self.lease)
@@ -320,95 +334,83 @@ impl GuardColumns {
     }
 }
 
-/// Every guarded settlement of `group` and its event, in one statement.
-async fn settle_many(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    writes: &[Write<'_>],
-    group: &[usize],
-    now: DateTime<Utc>,
-) -> Result<Vec<i64>, StoreError> {
-    let settles = picked(writes, group, |change| match change {
+/// A settlement's own `UNNEST` values: what WeChat reported, `queried` as 0 or 1, the source.
+type Settling<'a> = (&'a Settlement, i32, &'static str);
+
+fn settling(change: &Change) -> Option<Settling<'_>> {
+    match change {
         Change::Settle {
             settlement,
             queried,
             source,
         } => Some((settlement, i32::from(*queried), source.as_str())),
         _ => None,
-    });
-    let guards = GuardColumns::of(&settles);
-    let rows = guards
-        .query(
-            "WITH input AS (
-                SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[],
-                    $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], $8::INT[], $9::TEXT[], $10::BIGINT[])
-                AS t(id, from_state, lease, note, to_state, transaction_id, paid_at, queried,
-                    source, reported_fee)
-            ), moved AS (
-                UPDATE wxpay_orders o SET state = i.to_state,
-                    transaction_id = COALESCE(i.transaction_id, o.transaction_id),
-                    paid_at = COALESCE(i.paid_at, o.paid_at),
-                    query_count = o.query_count + i.queried,
-                    last_queried_at = CASE WHEN i.queried = 1 THEN $11 ELSE o.last_queried_at END,
-                    last_error = i.note, updated_at = $11
-                FROM input i
-                WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
-                RETURNING o.id, o.mch_id, o.out_trade_no, i.from_state, i.to_state, i.source,
-                    i.transaction_id, i.reported_fee, i.note
-            )
-            INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-            SELECT id, mch_id, out_trade_no, from_state, to_state, source, transaction_id,
-                reported_fee, note, $11 FROM moved
-            RETURNING order_id",
-        )
-        .bind(settles.iter().map(|s| s.1.0.to.as_str()).collect::<Vec<_>>())
-        .bind(
-            settles
-                .iter()
-                .map(|s| s.1.0.transaction_id.as_ref().map(|t| t.as_str()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(settles.iter().map(|s| s.1.0.paid_at).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.1.1).collect::<Vec<_>>())
-        .bind(settles.iter().map(|s| s.1.2).collect::<Vec<_>>())
-        .bind(
-            settles
-                .iter()
-                .map(|s| s.1.0.reported_fee.map(|f| f.get()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows)
+    }
 }
 
-/// Every guarded reschedule of `group`, in one statement.
-async fn reschedule_many(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    writes: &[Write<'_>],
-    group: &[usize],
-    now: DateTime<Utc>,
-) -> Result<Vec<i64>, StoreError> {
-    let reschedules = picked(writes, group, |change| match change {
+fn rescheduling(change: &Change) -> Option<Time> {
+    match change {
         Change::Reschedule { at, .. } => Some(*at),
         _ => None,
-    });
-    let guards = GuardColumns::of(&reschedules);
-    let rows = guards
+    }
+}
+
+/// Every guarded settlement of a group and its event, in one statement.
+fn settle_many(s: &[(&Write, Settling)], now: Time) -> Ids {
+    GuardColumns::of(s)
+        .query(
+            "WITH input AS (
+            SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[],
+                $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], $8::INT[], $9::TEXT[], $10::BIGINT[])
+            AS t(id, from_state, lease, note, to_state, transaction_id, paid_at, queried,
+                source, reported_fee)
+        ), moved AS (
+            UPDATE wxpay_orders o SET state = i.to_state,
+                transaction_id = COALESCE(i.transaction_id, o.transaction_id),
+                paid_at = COALESCE(i.paid_at, o.paid_at),
+                query_count = o.query_count + i.queried,
+                last_queried_at = CASE WHEN i.queried = 1 THEN $11 ELSE o.last_queried_at END,
+                last_error = i.note, updated_at = $11
+            FROM input i
+            WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
+            RETURNING o.id, o.mch_id, o.out_trade_no, i.from_state, i.to_state, i.source,
+                i.transaction_id, i.reported_fee, i.note
+        )
+        INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+            to_state, source, transaction_id, total_fee, detail, created_at)
+        SELECT id, mch_id, out_trade_no, from_state, to_state, source, transaction_id,
+            reported_fee, note, $11 FROM moved
+        RETURNING order_id AS id",
+        )
+        .bind(column(s, |t| t.0.to.as_str()))
+        .bind(column(s, |t| {
+            t.0.transaction_id.as_ref().map(|x| x.as_str())
+        }))
+        .bind(column(s, |t| t.0.paid_at))
+        .bind(column(s, |t| t.1))
+        .bind(column(s, |t| t.2))
+        .bind(column(s, |t| t.0.reported_fee.map(|f| f.get())))
+        .bind(now)
+}
+
+/// One `UNNEST` array: what `f` takes of each write's values.
+fn column<'a, T, V>(group: &'a [(&Write, T)], f: impl Fn(&'a T) -> V) -> Vec<V> {
+    group.iter().map(|(_, t)| f(t)).collect()
+}
+
+/// Every guarded reschedule of a group, in one statement.
+fn reschedule_many(group: &[(&Write, Time)], now: Time) -> Ids {
+    GuardColumns::of(group)
         .query(
             "UPDATE wxpay_orders o SET next_query_at = i.at, query_count = o.query_count + 1,
                 last_queried_at = $6, last_error = i.note, updated_at = $6
              FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TIMESTAMPTZ[])
                 AS i(id, from_state, lease, note, at)
              WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
-             RETURNING o.id",
+             RETURNING o.id AS id",
         )
-        .bind(reschedules.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(column(group, |at| *at))
         .bind(now)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows)
 }
 
 #[cfg(test)]
