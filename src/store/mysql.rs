@@ -69,8 +69,8 @@ impl Dialect for MySql {
         result.rows_affected()
     }
 
-    /// MySQL's `INSERT IGNORE` would ignore more than the duplicate: the anomaly locks the
-    /// order and looks for its event instead.
+    /// No `ON CONFLICT` (and `INSERT IGNORE` would ignore more than the duplicate): the
+    /// anomaly locks the order and looks for its event instead.
     const ON_CONFLICT: bool = false;
     const WRITABLE_CTE: bool = false;
 }
