@@ -454,9 +454,11 @@ impl Scanner {
             change,
             reply,
         };
-        let closed = || StoreError::Query("the scan's writer stopped".into());
-        writes.send(request).await.map_err(|_| closed())?;
-        let (applied, change) = done.await.map_err(|_| closed())??;
+        writes
+            .send(request)
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        let (applied, change) = done.await.map_err(|_| StoreError::WriterStopped)??;
         let telemetry = &self.inner.telemetry;
         Ok(match applied {
             Applied::Done => processed_of(&settle::recorded(telemetry, row, &change)),

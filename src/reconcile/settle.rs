@@ -140,7 +140,7 @@ impl Settler<'_> {
             }
             // Someone else wrote first: look at what is there now.
             let Some(now) = self.store.order(row.id).await? else {
-                return Err(StoreError::Query(format!("order {} disappeared", row.id)));
+                return Err(StoreError::OrderGone(row.id));
             };
             if now.state == row.state && !now.state.is_open() {
                 // Only an anomaly can miss without a move: it is recorded already.
@@ -154,10 +154,10 @@ impl Settler<'_> {
             row = now;
             lease = None;
         }
-        Err(StoreError::Query(format!(
-            "order {} kept moving; gave up after {MAX_ROUNDS} attempts",
-            row.id
-        )))
+        Err(StoreError::KeptMoving {
+            id: row.id,
+            attempts: MAX_ROUNDS,
+        })
     }
 }
 

@@ -1,5 +1,8 @@
-//! The database: every SQL statement of the program lives below this module, one file per
-//! backend. Callers see typed rows and typed changes, never SQL.
+//! The database: every SQL statement of the program lives below this module. Callers see
+//! typed rows and typed changes, never SQL. The statements the backends share are written once
+//! in `sql.rs` (with `?` placeholders, numbered for PostgreSQL), the row mapping once in
+//! `rows.rs`; a backend's file keeps what its dialect needs: its claim, how it decodes and binds
+//! a time, PostgreSQL's `UNNEST` batches, MySQL's read-back where it has no `RETURNING`.
 //!
 //! - **Claim**: due open orders, most overdue first, at most `limit`, leased by moving
 //!   `next_query_at` to `lease_until` and bumping the `lease` fencing token in the same
@@ -13,6 +16,8 @@
 
 mod mysql;
 mod postgres;
+mod rows;
+mod sql;
 mod sqlite;
 
 pub use postgres::PgTime;
@@ -21,6 +26,9 @@ pub use sqlite::{InstanceLock, parse_sqlite_time};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
+
+use rows::Cols;
+use sql::{Arg, Statement, reads};
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
@@ -115,14 +123,14 @@ impl DatabaseUrl {
     }
 }
 
-/// Connection parameters of the three drivers whose values are shown in a redacted URL.
+/// Connection parameters of the three drivers whose values are shown in a redacted URL; the
+/// first [`POSTGRES_PLAIN`] of them are those the PostgreSQL driver knows.
 const PLAIN_PARAMETERS: [&str; 27] = [
     "sslmode",
     "ssl-mode",
     "sslrootcert",
     "ssl-root-cert",
     "ssl-ca",
-    "sslca",
     "sslcert",
     "ssl-cert",
     "sslkey",
@@ -135,6 +143,7 @@ const PLAIN_PARAMETERS: [&str; 27] = [
     "user",
     "application_name",
     "options",
+    "sslca",
     "socket",
     "timezone",
     "charset",
@@ -145,6 +154,9 @@ const PLAIN_PARAMETERS: [&str; 27] = [
     "vfs",
     "connect_timeout",
 ];
+
+/// How many of [`PLAIN_PARAMETERS`] the PostgreSQL driver knows (it knows `password` too).
+const POSTGRES_PLAIN: usize = 17;
 
 /// The byte ranges of `url` that are secret, in order and disjoint: the password of the
 /// userinfo (`scheme://user:PASSWORD@host`) and the values of parameters that may hold one
@@ -231,9 +243,10 @@ impl Backend {
     }
 }
 
-/// Database failures. `is_retryable` separates an outage (keep running, retry) from a problem
-/// only an operator can fix.
-#[derive(Debug, thiserror::Error)]
+/// Database failures, and the states of a write that are none (`NoResult`, `WriterStopped`,
+/// `OrderGone`, `KeptMoving`). `is_retryable` separates an outage or a race (keep running,
+/// retry) from a problem a retry does not solve.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database configuration: {0}")]
     Config(String),
@@ -253,25 +266,50 @@ pub enum StoreError {
     InstanceRunning(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A statement the database refused or failed (a deadlock, a constraint, a lost
+    /// connection mid-query).
     #[error("database error: {0}")]
     Query(String),
     #[error("unexpected row in {table}: {reason}")]
     BadRow { table: &'static str, reason: String },
+    /// A backend answered a batch of writes with fewer results than writes: a bug.
+    #[error("the database answered no result for a write")]
+    NoResult,
+    /// The scan's writer stopped before it answered a write (the scan is ending, or its task
+    /// failed); the next scan starts a new writer.
+    #[error("the scan's writer stopped before the write was answered")]
+    WriterStopped,
+    /// The order was deleted while it was being written.
+    #[error("order {0} disappeared")]
+    OrderGone(i64),
+    /// Other writers kept moving the order; a later attempt may get through.
+    #[error("order {id} kept moving; gave up after {attempts} attempts")]
+    KeptMoving { id: i64, attempts: usize },
 }
 
 impl StoreError {
     /// The same error for another caller (a failed batch fails each of its writes).
     pub fn same(&self) -> StoreError {
-        if self.is_retryable() {
-            StoreError::Unavailable(self.to_string())
-        } else {
-            StoreError::Query(self.to_string())
-        }
+        self.clone()
     }
 
     /// An outage or a transient failure: the daemon keeps running and tries again.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Query(_))
+        match self {
+            StoreError::Unavailable(_)
+            | StoreError::Query(_)
+            | StoreError::WriterStopped
+            | StoreError::KeptMoving { .. } => true,
+            StoreError::Config(_)
+            | StoreError::SchemaBehind { .. }
+            | StoreError::SchemaAhead(_)
+            | StoreError::NoDatabaseFile(_)
+            | StoreError::Migrate(_)
+            | StoreError::InstanceRunning(_)
+            | StoreError::BadRow { .. }
+            | StoreError::NoResult
+            | StoreError::OrderGone(_) => false,
+        }
     }
 }
 
@@ -326,32 +364,6 @@ pub struct UnreadableOrder {
     pub reason: String,
 }
 
-impl UnreadableOrder {
-    /// What can be read of a row whose full decode failed with `error`.
-    pub(crate) fn of<R: sqlx::Row>(r: &R, lease: Option<i64>, error: &StoreError) -> UnreadableOrder
-    where
-        for<'c> &'c str: sqlx::ColumnIndex<R>,
-        i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    {
-        // The id decodes whenever the query ran (an integer primary key); the two names are
-        // only for the log and `status`, so a row that lacks them is still set aside.
-        UnreadableOrder {
-            id: r.try_get("id").unwrap_or(-1),
-            lease,
-            mch_id: r
-                .try_get("mch_id")
-                .map(|m: String| crate::text::note(&m))
-                .ok(),
-            out_trade_no: r
-                .try_get("out_trade_no")
-                .map(|m: String| crate::text::note(&m))
-                .ok(),
-            reason: crate::text::note(&error.to_string()),
-        }
-    }
-}
-
 /// A row read by a listing (`status`): an order, or what can be read of an unreadable one.
 pub type OrderRead = Result<OrderRow, UnreadableOrder>;
 
@@ -364,46 +376,6 @@ pub struct SetAsideRow {
     pub state: String,
     pub set_aside_at: Option<DateTime<Utc>>,
     pub reason: Option<String>,
-}
-
-impl SetAsideRow {
-    /// A row of [`reads::SET_ASIDE`] (its `set_aside_at` decoded by the backend).
-    pub(crate) fn of<R: sqlx::Row>(
-        r: &R,
-        set_aside_at: Option<DateTime<Utc>>,
-    ) -> Result<SetAsideRow, StoreError>
-    where
-        for<'c> &'c str: sqlx::ColumnIndex<R>,
-        i64: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-        String: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-        Option<String>: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-    {
-        Ok(SetAsideRow {
-            id: r.try_get("id")?,
-            mch_id: r.try_get("mch_id")?,
-            out_trade_no: r.try_get("out_trade_no")?,
-            state: r.try_get("state")?,
-            set_aside_at,
-            reason: r.try_get("set_aside_reason")?,
-        })
-    }
-}
-
-impl Attention {
-    /// A row of [`reads::ATTENTION`].
-    pub(crate) fn of<R: sqlx::Row>(r: &R) -> Result<Attention, StoreError>
-    where
-        for<'c> &'c str: sqlx::ColumnIndex<R>,
-        i64: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-        String: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-        Option<String>: for<'x> sqlx::Decode<'x, R::Database> + sqlx::Type<R::Database>,
-    {
-        Ok(Attention {
-            mch_id: r.try_get("mch_id")?,
-            amount_mismatch: r.try_get("mismatched")?,
-            set_aside: r.try_get("set_aside")?,
-        })
-    }
 }
 
 impl Applied {
@@ -585,6 +557,40 @@ macro_rules! dispatch {
     };
 }
 
+/// `$e` with `$pool` the backend's pool and `$d` its [`sql::Dialect`], once per backend.
+macro_rules! on_pool {
+    ($self:ident, |$pool:ident, $d:ident| $e:expr) => {
+        match $self {
+            Store::Sqlite(s) => {
+                type $d = sqlx::Sqlite;
+                let $pool = &s.pool;
+                $e
+            }
+            Store::Postgres(s) => {
+                type $d = sqlx::Postgres;
+                let $pool = &s.pool;
+                $e
+            }
+            Store::Mysql(s) => {
+                type $d = sqlx::MySql;
+                let $pool = &s.pool;
+                $e
+            }
+        }
+    };
+}
+
+/// Runs a shared read and maps every row with `$map`.
+macro_rules! fetch_all {
+    ($self:ident, $stmt:expr, $map:expr) => {{
+        let stmt = $stmt;
+        on_pool!($self, |pool, D| rows::all(
+            &stmt.query::<D>().fetch_all(pool).await?,
+            $map
+        ))
+    }};
+}
+
 impl Store {
     /// Opens a pool. Connections are made lazily, so an outage at start-up is reported by the
     /// first query, not here (except a missing SQLite file).
@@ -614,15 +620,49 @@ impl Store {
         }
     }
 
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            Store::Sqlite(_) => &sqlite::MIGRATOR,
+            Store::Postgres(_) => &postgres::MIGRATOR,
+            Store::Mysql(_) => &mysql::MIGRATOR,
+        }
+    }
+
+    /// Refuses a MySQL/MariaDB server too old for this program (the others pass).
+    async fn check_server(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Mysql(s) => s.check_server().await,
+            Store::Sqlite(_) | Store::Postgres(_) => Ok(()),
+        }
+    }
+
     /// Applies the migrations this binary carries.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.migrate().await)
+        self.check_server().await?;
+        let migrator = self.migrator();
+        dispatch!(self, s => migrator.run(&s.pool).await)
+            .map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        self.check_server().await?;
+        let table = match self {
+            Store::Sqlite(_) => sqlite::MIGRATIONS_TABLE,
+            Store::Postgres(_) => postgres::MIGRATIONS_TABLE,
+            Store::Mysql(_) => mysql::MIGRATIONS_TABLE,
+        };
+        let exists = fetch_all!(self, Statement::new(table, Vec::new()), |r| r.int("n"))?;
+        if exists.iter().sum::<i64>() == 0 {
+            return Ok(Vec::new());
+        }
+        fetch_all!(self, Statement::new(reads::MIGRATIONS, Vec::new()), |r| r
+            .int("version"))
     }
 
     /// Fails unless every migration this binary carries is applied (and no unknown one is).
     pub async fn check_schema(&self) -> Result<(), StoreError> {
-        let applied = dispatch!(self, s => s.applied_migrations().await)?;
-        let known: Vec<i64> = dispatch!(self, s => s.known_migrations());
+        let applied = self.applied_migrations().await?;
+        let known: Vec<i64> = self.migrator().iter().map(|m| m.version).collect();
         if let Some(missing) = known.iter().find(|v| !applied.contains(v)) {
             return Err(StoreError::SchemaBehind { missing: *missing });
         }
@@ -633,7 +673,11 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        on_pool!(self, |pool, D| sqlx::query::<D>("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
     }
 
     /// Claims due orders (see the module documentation). Each row is decoded on its own: an
@@ -653,17 +697,29 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
         let reason = crate::text::note(reason);
-        dispatch!(self, s => s.set_aside(id, lease, &reason, now).await)
+        let stmt = sql::set_aside(id, lease, &reason, now);
+        on_pool!(self, |pool, D| Ok(Applied::of(
+            <D as sql::Dialect>::affected(&stmt.query::<D>().execute(pool).await?)
+        )))
     }
 
     /// Quarantined and set-aside orders per merchant (the gauges of orders needing a person).
     pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
-        dispatch!(self, s => s.attention().await)
+        let sql = match self {
+            Store::Mysql(_) => mysql::ATTENTION,
+            Store::Sqlite(_) | Store::Postgres(_) => reads::ATTENTION,
+        };
+        fetch_all!(self, Statement::new(sql, Vec::new()), Attention::of)
     }
 
     /// The orders set aside, latest first.
     pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
-        dispatch!(self, s => s.set_aside_orders(limit).await)
+        let args = vec![Arg::Int(i64::from(limit))];
+        fetch_all!(
+            self,
+            Statement::new(reads::SET_ASIDE, args),
+            SetAsideRow::of
+        )
     }
 
     /// Applies one guarded change; `now` stamps it.
@@ -680,35 +736,62 @@ impl Store {
             change,
         };
         let mut applied = self.apply_many(std::slice::from_ref(&write), now).await?;
-        applied
-            .pop()
-            .ok_or_else(|| StoreError::Query("no result for a write".into()))
+        applied.pop().ok_or(StoreError::NoResult)
     }
 
     /// Applies several guarded changes in one transaction: one commit for all (the scanner's
     /// writer batches what its queries produce), each with its own guard and result.
+    /// PostgreSQL writes a batch's settlements and its reschedules as one statement each;
+    /// SQLite and MySQL write them one after the other.
     pub async fn apply_many(
         &self,
         writes: &[Write<'_>],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>, StoreError> {
-        dispatch!(self, s => s.apply_many(writes, now).await)
+        if let Store::Postgres(s) = self {
+            return s.apply_many(writes, now).await;
+        }
+        on_pool!(self, |pool, D| {
+            let mut tx = pool.begin().await?;
+            let applied = sql::apply_in_order::<D>(&mut tx, writes, now).await?;
+            tx.commit().await?;
+            Ok(applied)
+        })
     }
 
     /// Open orders per merchant: how many, how many stuck, how many expired, the oldest.
     pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
-        dispatch!(self, s => s.open_summary(req).await)
+        fetch_all!(
+            self,
+            reads::open_summary(self.backend(), req),
+            rows::open_summary
+        )
     }
 
     /// Orders per state.
     pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
-        dispatch!(self, s => s.count_by_state().await)
+        let stmt = Statement::new(reads::COUNT_BY_STATE, Vec::new());
+        fetch_all!(self, stmt, rows::state_count)
+    }
+
+    /// The order rows of a shared read; an unreadable one is listed as such.
+    async fn orders(&self, sql: String, args: Vec<Arg<'_>>) -> Result<Vec<OrderRead>, StoreError> {
+        fetch_all!(self, Statement::new(sql, args), rows::order_read)
+    }
+
+    /// The event rows of a shared read.
+    async fn event_rows(
+        &self,
+        sql: String,
+        args: Vec<Arg<'_>>,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        fetch_all!(self, Statement::new(sql, args), rows::event_row)
     }
 
     /// The oldest open orders; an unreadable one is listed as such.
     pub async fn oldest_open(&self, limit: u32) -> Result<Vec<OrderRead>, StoreError> {
-        let sql = reads::oldest_open();
-        dispatch!(self, s => s.orders(&sql, &[Arg::Int(i64::from(limit))]).await)
+        self.orders(reads::oldest_open(), vec![Arg::Int(i64::from(limit))])
+            .await
     }
 
     /// The order of this merchant with this out_trade_no.
@@ -717,47 +800,52 @@ impl Store {
         mch_id: &str,
         out_trade_no: &str,
     ) -> Result<Option<OrderRow>, StoreError> {
-        let sql = reads::find_of_merchant();
-        let rows = dispatch!(self, s => s.orders(&sql, &[Arg::Text(mch_id), Arg::Text(out_trade_no)]).await)?;
+        let args = vec![Arg::Text(mch_id), Arg::Text(out_trade_no)];
+        let rows = self.orders(reads::find_of_merchant(), args).await?;
         Ok(readable(rows)?.pop())
     }
 
     /// One order by id.
     pub async fn order(&self, id: i64) -> Result<Option<OrderRow>, StoreError> {
-        let sql = reads::by_id();
-        let rows = dispatch!(self, s => s.orders(&sql, &[Arg::Int(id)]).await)?;
+        let rows = self.orders(reads::by_id(), vec![Arg::Int(id)]).await?;
         Ok(readable(rows)?.pop())
     }
 
     /// The latest `PAID_AFTER_CLOSE` events, newest first: payments the merchant must refund
     /// or fulfil.
     pub async fn paid_after_close(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let sql = reads::paid_after_close();
-        dispatch!(self, s => s.events(&sql, &[Arg::Int(i64::from(limit))]).await)
+        let args = vec![Arg::Int(i64::from(limit))];
+        self.event_rows(reads::paid_after_close(), args).await
     }
 
     /// Orders with this out_trade_no (one per merchant at most).
     pub async fn find(&self, out_trade_no: &str) -> Result<Vec<OrderRow>, StoreError> {
-        let sql = reads::find();
-        readable(dispatch!(self, s => s.orders(&sql, &[Arg::Text(out_trade_no)]).await)?)
+        readable(
+            self.orders(reads::find(), vec![Arg::Text(out_trade_no)])
+                .await?,
+        )
     }
 
     /// The events of one order, oldest first.
     pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
-        let sql = reads::events_of_order();
-        dispatch!(self, s => s.events(&sql, &[Arg::Int(order_id)]).await)
+        self.event_rows(reads::events_of_order(), vec![Arg::Int(order_id)])
+            .await
     }
 
     /// The outbox: events with `id > after`, in order, at most `limit`.
     pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let sql = reads::events_after();
-        dispatch!(self, s => s.events(&sql, &[Arg::Int(after), Arg::Int(i64::from(limit))]).await)
+        let args = vec![Arg::Int(after), Arg::Int(i64::from(limit))];
+        self.event_rows(reads::events_after(), args).await
     }
 
     /// Registers an order exactly as the merchant's application does (the contract's INSERT,
     /// with every other column left to its default). Used by `demo` and benchmarks.
     pub async fn insert_order(&self, order: &NewOrder<'_>) -> Result<i64, StoreError> {
-        dispatch!(self, s => s.insert_order(order).await)
+        if let Store::Mysql(s) = self {
+            return s.insert_order(order).await;
+        }
+        let ids = fetch_all!(self, sql::insert_order(order, true), |r| r.int("id"))?;
+        ids.first().copied().ok_or(StoreError::NoResult)
     }
 }
 
@@ -789,124 +877,25 @@ pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<OrderState, St
     })
 }
 
-/// The columns every order read returns, in `OrderRow`'s order.
-pub(crate) const ORDER_COLUMNS: &str = "id, mch_id, appid, out_trade_no, total_fee, state, \
-    transaction_id, paid_at, created_at, expires_at, query_count, next_query_at, last_queried_at, \
-    last_error, gave_up_at, fee_type, set_aside_at, set_aside_reason";
-
-/// The columns every event read returns, in `EventRow`'s order.
-pub(crate) const EVENT_COLUMNS: &str = "id, order_id, mch_id, out_trade_no, from_state, to_state, \
-    source, transaction_id, total_fee, detail, created_at";
-
-/// A value bound to a shared read query.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
-    Int(i64),
-    Text(&'a str),
-}
-
-/// The read queries every backend shares, written once with `?` placeholders (SQLite and
-/// MySQL take them as they are; PostgreSQL gets them [`numbered`]).
-pub(crate) mod reads {
-    use super::{EVENT_COLUMNS, OPEN_STATES_SQL, ORDER_COLUMNS};
-    use crate::domain::Anomaly;
-
-    pub fn oldest_open() -> String {
-        format!(
-            "SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) \
-             ORDER BY created_at LIMIT ?"
-        )
-    }
-
-    pub fn find() -> String {
-        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ? ORDER BY mch_id")
-    }
-
-    pub fn find_of_merchant() -> String {
-        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE mch_id = ? AND out_trade_no = ?")
-    }
-
-    pub fn by_id() -> String {
-        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE id = ?")
-    }
-
-    /// The anomaly is a literal (from [`Anomaly`], never input), so that the partial index of
-    /// migration 0002 matches on SQLite and PostgreSQL.
-    pub fn paid_after_close() -> String {
-        let anomaly = Anomaly::PaidAfterClose.as_str();
-        format!(
-            "SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE to_state = '{anomaly}' \
-             ORDER BY id DESC LIMIT ?"
-        )
-    }
-
-    pub fn events_of_order() -> String {
-        format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE order_id = ? ORDER BY id")
-    }
-
-    pub fn events_after() -> String {
-        format!("SELECT {EVENT_COLUMNS} FROM wxpay_order_events WHERE id > ? ORDER BY id LIMIT ?")
-    }
-
-    /// Quarantined and set-aside open orders per merchant, through the partial index of
-    /// migration 0003 (SQLite) / 0004 (PostgreSQL). MySQL has its own.
-    pub const ATTENTION: &str = "SELECT mch_id,
-            SUM(CASE WHEN state = 'AMOUNT_MISMATCH' THEN 1 ELSE 0 END) AS mismatched,
-            SUM(CASE WHEN set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
-                THEN 1 ELSE 0 END) AS set_aside
-        FROM wxpay_orders WHERE state = 'AMOUNT_MISMATCH' OR set_aside_at IS NOT NULL
-        GROUP BY mch_id";
-
-    /// The open orders set aside, latest first.
-    pub const SET_ASIDE: &str = "SELECT id, mch_id, out_trade_no, state, set_aside_at,
-            set_aside_reason
-        FROM wxpay_orders WHERE set_aside_at IS NOT NULL AND state IN ('NOTPAY', 'USERPAYING')
-        ORDER BY set_aside_at DESC LIMIT ?";
-}
-
-/// `?` placeholders → PostgreSQL's `$1`, `$2`, … (the shared reads hold no `?` in literals).
-pub(crate) fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The SQL list of open states, for statements (`'NOTPAY', 'USERPAYING'`).
-pub(crate) const OPEN_STATES_SQL: &str = "'NOTPAY', 'USERPAYING'";
-
-/// The detail recorded with the event and in `last_error`, bounded to what every backend's
-/// column holds ([`crate::text::note`]): WeChat's descriptions and error texts are outside
-/// input of any length.
-pub(crate) fn change_note(change: &Change) -> Option<String> {
-    let note = match change {
-        Change::Settle { settlement, .. } => settlement.detail.as_deref(),
-        Change::Reschedule { note, .. } => note.as_deref(),
-        Change::GiveUp { reason } => Some(reason.as_str()),
-        Change::Anomaly { report, .. } => report.detail.as_deref(),
-    };
-    note.map(crate::text::note)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn shared_reads_are_numbered_for_postgres() {
-        assert_eq!(
-            numbered("a = ? AND b > ? LIMIT ?"),
-            "a = $1 AND b > $2 LIMIT $3"
-        );
-        assert!(numbered(&reads::events_after()).ends_with("id > $1 ORDER BY id LIMIT $2"));
+    fn the_states_of_a_write_are_no_database_errors() {
+        assert!(StoreError::WriterStopped.is_retryable());
+        assert!(StoreError::KeptMoving { id: 7, attempts: 4 }.is_retryable());
+        assert!(!StoreError::OrderGone(7).is_retryable());
+        assert!(!StoreError::NoResult.is_retryable());
+        assert_eq!(StoreError::OrderGone(7).to_string(), "order 7 disappeared");
+        for e in [
+            StoreError::WriterStopped,
+            StoreError::OrderGone(7),
+            StoreError::NoResult,
+        ] {
+            assert!(!e.to_string().starts_with("database error"), "{e}");
+            assert_eq!(e.same().to_string(), e.to_string());
+        }
     }
 
     #[test]

@@ -6,19 +6,20 @@ use std::str::FromStr;
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
-    PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueFormat, PgValueRef, Postgres,
+    PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult, PgRow, PgTypeInfo,
+    PgValueFormat, PgValueRef, Postgres,
 };
+use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Decode, Row, migrate::Migrator};
 
 // Every dynamic statement below is built from this module's constants only; values are always
 // bound parameters.
 
+use super::rows::{self, Cols, DialectRow};
+use super::sql::{self, Dialect, OPEN_STATES_SQL, ORDER_COLUMNS, change_note, numbered};
 use super::{
-    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
-    Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
-    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, numbered, parse_state, reads,
+    Applied, Change, ClaimRequest, Claimed, ConnectOptions, Settlement, StoreError, Write,
 };
-use crate::domain::OrderState;
 
 /// The driver's options for `url`; its errors never show the password.
 pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, StoreError> {
@@ -29,37 +30,24 @@ pub(super) fn options(url: &super::DatabaseUrl) -> Result<PgConnectOptions, Stor
 /// prints their value (a mistyped `pasword=`), and its `.pgpass` warnings a whole line: its
 /// `options` module is silenced in the log filter, and this names the parameter alone.
 pub(super) fn unknown_parameters(url: &super::DatabaseUrl) -> Vec<String> {
-    const KNOWN: [&str; 19] = [
-        "sslmode",
-        "ssl-mode",
-        "sslrootcert",
-        "ssl-root-cert",
-        "ssl-ca",
-        "sslcert",
-        "ssl-cert",
-        "sslkey",
-        "ssl-key",
-        "statement-cache-capacity",
-        "host",
-        "hostaddr",
-        "port",
-        "dbname",
-        "user",
-        "password",
-        "application_name",
-        "options",
-        "",
-    ];
+    let known = |k: &str| {
+        super::PLAIN_PARAMETERS[..super::POSTGRES_PLAIN].contains(&k)
+            || k == "password"
+            || k.is_empty()
+    };
     let Ok(u) = reqwest::Url::parse(url.expose()) else {
         return Vec::new();
     };
     u.query_pairs()
         .map(|(k, _)| k.into_owned())
-        .filter(|k| !KNOWN.contains(&k.as_str()) && !k.starts_with("options["))
+        .filter(|k| !known(k) && !k.starts_with("options["))
         .collect()
 }
 
-static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+pub(super) static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Whether the migrations' own table exists (`n` is 0 or 1).
+pub(super) const MIGRATIONS_TABLE: &str = "SELECT COUNT(to_regclass('_sqlx_migrations')) AS n";
 
 /// A `TIMESTAMPTZ` as stored. sqlx's own chrono conversion panics on `infinity`, `-infinity`
 /// and years chrono cannot hold, all of which the merchant's application may write; this one
@@ -144,27 +132,48 @@ impl<'r> Decode<'r, Postgres> for PgTime {
     }
 }
 
-fn ts(r: &PgRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
-    r.try_get::<PgTime, _>(column)?.finite(column)
-}
-
-fn opt_ts(r: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    r.try_get::<Option<PgTime>, _>(column)?
-        .map(|t| t.finite(column))
-        .transpose()
-}
-
-/// `expires_at`: `infinity` is PostgreSQL's "never", so no expiry; `-infinity` means nothing.
-fn expiry(r: &PgRow) -> Result<Option<DateTime<Utc>>, StoreError> {
-    match r.try_get::<Option<PgTime>, _>("expires_at")? {
-        None | Some(PgTime::Infinity) => Ok(None),
-        Some(t) => t.finite("expires_at").map(Some),
+impl DialectRow for PgRow {
+    fn ts(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
+        self.try_get::<PgTime, _>(column)?.finite(column)
     }
+
+    fn opt_ts(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.try_get::<Option<PgTime>, _>(column)?
+            .map(|t| t.finite(column))
+            .transpose()
+    }
+
+    /// `infinity` is PostgreSQL's "never", so no expiry; `-infinity` means nothing.
+    fn expiry(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        match self.try_get::<Option<PgTime>, _>("expires_at")? {
+            None | Some(PgTime::Infinity) => Ok(None),
+            Some(t) => t.finite("expires_at").map(Some),
+        }
+    }
+}
+
+impl Dialect for Postgres {
+    type Time = DateTime<Utc>;
+
+    fn time(t: DateTime<Utc>) -> DateTime<Utc> {
+        t
+    }
+
+    fn sql(text: &str) -> String {
+        numbered(text)
+    }
+
+    fn affected(result: &PgQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    const ON_CONFLICT: bool = true;
+    const WRITABLE_CTE: bool = true;
 }
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PgStore {
@@ -175,36 +184,6 @@ impl PgStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect);
         Ok(PgStore { pool })
-    }
-
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migrate(e.to_string()))
-    }
-
-    pub fn known_migrations(&self) -> Vec<i64> {
-        MIGRATOR.iter().map(|m| m.version).collect()
-    }
-
-    pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await?;
-        if !exists {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(
-            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
@@ -240,47 +219,7 @@ impl PgStore {
             .bind(req.grace.num_milliseconds() as f64)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(claimed).collect()
-    }
-
-    pub async fn set_aside(
-        &self,
-        id: i64,
-        lease: Option<i64>,
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> Result<Applied, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE wxpay_orders SET set_aside_at = $1, set_aside_reason = $2, gave_up_at = $1,
-                last_error = $2, updated_at = $1
-             WHERE id = $3 AND ($4::BIGINT IS NULL OR lease = $4) AND state IN ({OPEN_STATES_SQL})
-               AND set_aside_at IS NULL"
-        )))
-        .bind(now)
-        .bind(reason)
-        .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await?;
-        Ok(Applied::of(done.rows_affected()))
-    }
-
-    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(numbered(reads::ATTENTION)))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(Attention::of).collect()
-    }
-
-    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(numbered(reads::SET_ASIDE)))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        // Written by the daemon; shown as missing rather than failing `status`.
-        rows.iter()
-            .map(|r| SetAsideRow::of(r, opt_ts(r, "set_aside_at").unwrap_or(None)))
-            .collect()
+        rows::all(&rows, rows::claimed)
     }
 
     /// Applies several guarded writes in one transaction (one commit, one fsync); each keeps
@@ -314,22 +253,29 @@ impl PgStore {
                 }
             }
         };
-        if bulk(&settles) {
-            mark(&settles, settle_many(&mut tx, writes, &settles, now).await?);
-        } else {
-            single.extend(&settles);
-        }
-        if bulk(&reschedules) {
-            mark(
+        let groups = [
+            (
+                &settles,
+                bulk(&settles).then(|| settle_many(&picked(writes, &settles, settling), now)),
+            ),
+            (
                 &reschedules,
-                reschedule_many(&mut tx, writes, &reschedules, now).await?,
-            );
-        } else {
-            single.extend(&reschedules);
+                bulk(&reschedules)
+                    .then(|| reschedule_many(&picked(writes, &reschedules, rescheduling), now)),
+            ),
+        ];
+        for (group, statement) in groups {
+            match statement {
+                Some(statement) => {
+                    let done = statement.fetch_all(&mut *tx).await?;
+                    mark(group, rows::all(&done, |r| r.int("id"))?);
+                }
+                None => single.extend(group),
+            }
         }
         single.sort_unstable();
         for i in single {
-            applied[i] = apply_one(&mut tx, writes[i].guard, writes[i].change, now).await?;
+            applied[i] = sql::apply_one::<Postgres>(&mut tx, writes[i], now).await?;
         }
         tx.commit().await?;
         Ok(applied)
@@ -342,369 +288,129 @@ fn distinct_orders(writes: &[Write<'_>]) -> bool {
     writes.iter().all(|w| seen.insert(w.guard.order_id))
 }
 
-/// Every guarded settlement of `group` and its event, in one statement.
-async fn settle_many(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    writes: &[Write<'_>],
+/// The writes of `group` with what `pick` takes of their change (all of them: a group holds
+/// one kind of change).
+fn picked<'a, 'w, T>(
+    writes: &'a [Write<'w>],
     group: &[usize],
-    now: DateTime<Utc>,
-) -> Result<Vec<i64>, StoreError> {
-    let n = group.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut from = Vec::with_capacity(n);
-    let mut lease = Vec::with_capacity(n);
-    let mut to = Vec::with_capacity(n);
-    let mut transaction_id = Vec::with_capacity(n);
-    let mut paid_at = Vec::with_capacity(n);
-    let mut queried = Vec::with_capacity(n);
-    let mut note = Vec::with_capacity(n);
-    let mut source = Vec::with_capacity(n);
-    let mut fee = Vec::with_capacity(n);
-    for &i in group {
-        let w = &writes[i];
-        let Change::Settle {
-            settlement,
-            queried: q,
-            source: src,
-        } = w.change
-        else {
-            continue;
-        };
-        ids.push(w.guard.order_id);
-        from.push(w.guard.from.as_str());
-        lease.push(w.guard.lease);
-        to.push(settlement.to.as_str());
-        transaction_id.push(settlement.transaction_id.as_ref().map(|t| t.as_str()));
-        paid_at.push(settlement.paid_at);
-        queried.push(i32::from(*q));
-        note.push(change_note(w.change));
-        source.push(src.as_str());
-        fee.push(settlement.reported_fee.map(|f| f.get()));
-    }
-    let rows: Vec<i64> = sqlx::query_scalar(
-            "WITH input AS (
-                SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[],
-                    $5::TEXT[], $6::TIMESTAMPTZ[], $7::INT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[])
-                AS t(id, from_state, lease, to_state, transaction_id, paid_at, queried, note,
-                    source, reported_fee)
-            ), moved AS (
-                UPDATE wxpay_orders o SET state = i.to_state,
-                    transaction_id = COALESCE(i.transaction_id, o.transaction_id),
-                    paid_at = COALESCE(i.paid_at, o.paid_at),
-                    query_count = o.query_count + i.queried,
-                    last_queried_at = CASE WHEN i.queried = 1 THEN $11 ELSE o.last_queried_at END,
-                    last_error = i.note, updated_at = $11
-                FROM input i
-                WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
-                RETURNING o.id, o.mch_id, o.out_trade_no, i.from_state, i.to_state, i.source,
-                    i.transaction_id, i.reported_fee, i.note
-            )
-            INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-            SELECT id, mch_id, out_trade_no, from_state, to_state, source, transaction_id,
-                reported_fee, note, $11 FROM moved
-            RETURNING order_id",
-        )
-        .bind(&ids)
-        .bind(&from)
-        .bind(&lease)
-        .bind(&to)
-        .bind(&transaction_id)
-        .bind(&paid_at)
-        .bind(&queried)
-        .bind(&note)
-        .bind(&source)
-        .bind(&fee)
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows)
+    pick: impl Fn(&'w Change) -> Option<T>,
+) -> Vec<(&'a Write<'w>, T)> {
+    group
+        .iter()
+        .filter_map(|&i| pick(writes[i].change).map(|t| (&writes[i], t)))
+        .collect()
 }
 
-/// Every guarded reschedule of `group`, in one statement.
-async fn reschedule_many(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    writes: &[Write<'_>],
-    group: &[usize],
-    now: DateTime<Utc>,
-) -> Result<Vec<i64>, StoreError> {
-    let n = group.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut from = Vec::with_capacity(n);
-    let mut lease = Vec::with_capacity(n);
-    let mut at = Vec::with_capacity(n);
-    let mut note = Vec::with_capacity(n);
-    for &i in group {
-        let w = &writes[i];
-        let Change::Reschedule { at: next, .. } = w.change else {
-            continue;
-        };
-        ids.push(w.guard.order_id);
-        from.push(w.guard.from.as_str());
-        lease.push(w.guard.lease);
-        at.push(*next);
-        note.push(change_note(w.change));
-    }
-    let rows: Vec<i64> = sqlx::query_scalar(
-        "UPDATE wxpay_orders o SET next_query_at = i.at, query_count = o.query_count + 1,
-                last_queried_at = $6, last_error = i.note, updated_at = $6
-             FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TIMESTAMPTZ[], $5::TEXT[])
-                AS i(id, from_state, lease, at, note)
-             WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
-             RETURNING o.id",
-    )
-    .bind(&ids)
-    .bind(&from)
-    .bind(&lease)
-    .bind(&at)
-    .bind(&note)
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows)
+/// A statement that returns the ids of the orders whose guard held.
+type Ids = Query<'static, Postgres, PgArguments>;
+
+type Time = DateTime<Utc>;
+
+/// The guard and the note of each write of a group, as the first four `UNNEST` arrays.
+struct GuardColumns {
+    ids: Vec<i64>,
+    from: Vec<&'static str>,
+    lease: Vec<Option<i64>>,
+    note: Vec<Option<String>>,
 }
 
-async fn apply_one(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    guard: Guard,
-    change: &Change,
-    now: DateTime<Utc>,
-) -> Result<Applied, StoreError> {
-    let note = change_note(change);
-    let note = note.as_deref();
-    let affected = match change {
-        // The guarded UPDATE and its event in one statement: one round trip, and the event
-        // exists exactly when the UPDATE matched.
+impl GuardColumns {
+    fn of<T>(writes: &[(&Write<'_>, T)]) -> GuardColumns {
+        GuardColumns {
+            ids: writes.iter().map(|(w, _)| w.guard.order_id).collect(),
+            from: writes.iter().map(|(w, _)| w.guard.from.as_str()).collect(),
+            lease: writes.iter().map(|(w, _)| w.guard.lease).collect(),
+            note: writes.iter().map(|(w, _)| change_note(w.change)).collect(),
+        }
+    }
+
+    /// `sql`, its `$1` to `$4` bound; it returns the ids of the orders whose guard held.
+    fn query(&self, sql: &'static str) -> Ids {
+        sqlx::query(sql)
+            .bind(&self.ids)
+            .bind(&self.from)
+            .bind(&self.lease)
+            .bind(&self.note)
+    }
+}
+
+/// A settlement's own `UNNEST` values: what WeChat reported, `queried` as 0 or 1, the source.
+type Settling<'a> = (&'a Settlement, i32, &'static str);
+
+fn settling(change: &Change) -> Option<Settling<'_>> {
+    match change {
         Change::Settle {
             settlement,
             queried,
             source,
-        } => sqlx::query(
-            "WITH moved AS (
-                UPDATE wxpay_orders SET state = $1,
-                    transaction_id = COALESCE($2, transaction_id),
-                    paid_at = COALESCE($3, paid_at),
-                    query_count = query_count + $4,
-                    last_queried_at = CASE WHEN $4 = 1 THEN $5 ELSE last_queried_at END,
-                    last_error = $6, updated_at = $5
-                WHERE id = $7 AND state = $8 AND ($9::BIGINT IS NULL OR lease = $9)
-                RETURNING id, mch_id, out_trade_no
-            )
-            INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-            SELECT id, mch_id, out_trade_no, $8, $1, $10, $2, $11, $6, $5 FROM moved",
-        )
-        .bind(settlement.to.as_str())
-        .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-        .bind(settlement.paid_at)
-        .bind(i32::from(*queried))
-        .bind(now)
-        .bind(note)
-        .bind(guard.order_id)
-        .bind(guard.from.as_str())
-        .bind(guard.lease)
-        .bind(source.as_str())
-        .bind(settlement.reported_fee.map(|f| f.get()))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-        Change::Reschedule { at, .. } => sqlx::query(
-            "UPDATE wxpay_orders SET next_query_at = $1, query_count = query_count + 1,
-                last_queried_at = $2, last_error = $3, updated_at = $2
-             WHERE id = $4 AND state = $5 AND ($6::BIGINT IS NULL OR lease = $6)",
-        )
-        .bind(at)
-        .bind(now)
-        .bind(note)
-        .bind(guard.order_id)
-        .bind(guard.from.as_str())
-        .bind(guard.lease)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-        Change::GiveUp { .. } => sqlx::query(
-            "UPDATE wxpay_orders SET gave_up_at = $1, query_count = query_count + 1,
-                last_queried_at = $1, last_error = $2, updated_at = $1
-             WHERE id = $3 AND state = $4 AND ($5::BIGINT IS NULL OR lease = $5)",
-        )
-        .bind(now)
-        .bind(note)
-        .bind(guard.order_id)
-        .bind(guard.from.as_str())
-        .bind(guard.lease)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-        // The event only while the order is still in `from`; a second one is no error.
-        Change::Anomaly {
-            anomaly,
-            report,
-            source,
-        } => sqlx::query(
-            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-             SELECT id, mch_id, out_trade_no, state, $1, $2, $3, $4, $5, $6 FROM wxpay_orders
-             WHERE id = $7 AND state = $8
-             ON CONFLICT (order_id, to_state) DO NOTHING",
-        )
-        .bind(anomaly.as_str())
-        .bind(source.as_str())
-        .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
-        .bind(report.reported_fee.map(|f| f.get()))
-        .bind(note)
-        .bind(now)
-        .bind(guard.order_id)
-        .bind(guard.from.as_str())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-    };
-    Ok(if affected == 0 {
-        Applied::NoOp
-    } else {
-        Applied::Done
-    })
-}
-
-impl PgStore {
-    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT mch_id, COUNT(*) AS open,
-                    COUNT(*) FILTER (WHERE created_at < $1) AS stuck,
-                    COUNT(*) FILTER (WHERE expires_at <= $2
-                        OR (expires_at IS NULL AND created_at <= $3)) AS expired,
-                    MIN(created_at) AS oldest
-             FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
-        )))
-        .bind(req.stuck_before)
-        .bind(req.now)
-        .bind(req.expired_if_created_before)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OpenSummary {
-                    mch_id: r.try_get("mch_id")?,
-                    open: r.try_get("open")?,
-                    stuck: r.try_get("stuck")?,
-                    expired: r.try_get("expired")?,
-                    // An infinite or out-of-range creation time is no age to show.
-                    oldest_created_at: opt_ts(r, "oldest").unwrap_or(None),
-                })
-            })
-            .collect()
-    }
-
-    pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM wxpay_orders GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let state: String = r.try_get("state")?;
-                Ok((parse_state("wxpay_orders", &state)?, r.try_get("n")?))
-            })
-            .collect()
-    }
-
-    /// Runs one of the shared read queries (`store::reads`) and maps its order rows.
-    pub(crate) async fn orders(
-        &self,
-        sql: &str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<OrderRead>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(numbered(sql)));
-        for a in args {
-            q = match a {
-                Arg::Int(i) => q.bind(*i),
-                Arg::Text(t) => q.bind(*t),
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| order_row(r).map_err(|e| UnreadableOrder::of(r, None, &e)))
-            .collect())
-    }
-
-    /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
-    pub(crate) async fn events(
-        &self,
-        sql: &str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<EventRow>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(numbered(sql)));
-        for a in args {
-            q = match a {
-                Arg::Int(i) => q.bind(*i),
-                Arg::Text(t) => q.bind(*t),
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub async fn insert_order(&self, order: &NewOrder<'_>) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee)
-             VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(order.mch_id)
-        .bind(order.appid)
-        .bind(order.out_trade_no)
-        .bind(order.total_fee)
-        .fetch_one(&self.pool)
-        .await?)
+        } => Some((settlement, i32::from(*queried), source.as_str())),
+        _ => None,
     }
 }
 
-fn event_row(r: &PgRow) -> Result<EventRow, StoreError> {
-    Ok(EventRow {
-        id: r.try_get("id")?,
-        order_id: r.try_get("order_id")?,
-        mch_id: r.try_get("mch_id")?,
-        out_trade_no: r.try_get("out_trade_no")?,
-        from_state: r.try_get("from_state")?,
-        to_state: r.try_get("to_state")?,
-        source: r.try_get("source")?,
-        transaction_id: r.try_get("transaction_id")?,
-        total_fee: r.try_get("total_fee")?,
-        detail: r.try_get("detail")?,
-        created_at: ts(r, "created_at")?,
-    })
+fn rescheduling(change: &Change) -> Option<Time> {
+    match change {
+        Change::Reschedule { at, .. } => Some(*at),
+        _ => None,
+    }
 }
 
-/// A claimed row, decoded on its own: an unreadable one is still leased and comes back as such.
-fn claimed(r: &PgRow) -> Result<Claimed, StoreError> {
-    let lease: i64 = r.try_get("lease")?;
-    Ok(match order_row(r) {
-        Ok(row) => Claimed::Order(ClaimedOrder { row, lease }),
-        Err(e) => Claimed::Unreadable(UnreadableOrder::of(r, Some(lease), &e)),
-    })
+/// Every guarded settlement of a group and its event, in one statement.
+fn settle_many(s: &[(&Write, Settling)], now: Time) -> Ids {
+    GuardColumns::of(s)
+        .query(
+            "WITH input AS (
+            SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[],
+                $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], $8::INT[], $9::TEXT[], $10::BIGINT[])
+            AS t(id, from_state, lease, note, to_state, transaction_id, paid_at, queried,
+                source, reported_fee)
+        ), moved AS (
+            UPDATE wxpay_orders o SET state = i.to_state,
+                transaction_id = COALESCE(i.transaction_id, o.transaction_id),
+                paid_at = COALESCE(i.paid_at, o.paid_at),
+                query_count = o.query_count + i.queried,
+                last_queried_at = CASE WHEN i.queried = 1 THEN $11 ELSE o.last_queried_at END,
+                last_error = i.note, updated_at = $11
+            FROM input i
+            WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
+            RETURNING o.id, o.mch_id, o.out_trade_no, i.from_state, i.to_state, i.source,
+                i.transaction_id, i.reported_fee, i.note
+        )
+        INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
+            to_state, source, transaction_id, total_fee, detail, created_at)
+        SELECT id, mch_id, out_trade_no, from_state, to_state, source, transaction_id,
+            reported_fee, note, $11 FROM moved
+        RETURNING order_id AS id",
+        )
+        .bind(column(s, |t| t.0.to.as_str()))
+        .bind(column(s, |t| {
+            t.0.transaction_id.as_ref().map(|x| x.as_str())
+        }))
+        .bind(column(s, |t| t.0.paid_at))
+        .bind(column(s, |t| t.1))
+        .bind(column(s, |t| t.2))
+        .bind(column(s, |t| t.0.reported_fee.map(|f| f.get())))
+        .bind(now)
 }
 
-fn order_row(r: &PgRow) -> Result<OrderRow, StoreError> {
-    let state: String = r.try_get("state")?;
-    Ok(OrderRow {
-        id: r.try_get("id")?,
-        mch_id: r.try_get("mch_id")?,
-        appid: r.try_get("appid")?,
-        out_trade_no: r.try_get("out_trade_no")?,
-        total_fee: r.try_get("total_fee")?,
-        state: parse_state("wxpay_orders", &state)?,
-        transaction_id: r.try_get("transaction_id")?,
-        paid_at: opt_ts(r, "paid_at")?,
-        created_at: ts(r, "created_at")?,
-        expires_at: expiry(r)?,
-        query_count: i64::from(r.try_get::<i32, _>("query_count")?),
-        next_query_at: opt_ts(r, "next_query_at")?,
-        last_queried_at: opt_ts(r, "last_queried_at")?,
-        last_error: r.try_get("last_error")?,
-        gave_up_at: opt_ts(r, "gave_up_at")?,
-        fee_type: r.try_get("fee_type")?,
-        set_aside_at: opt_ts(r, "set_aside_at")?,
-        set_aside_reason: r.try_get("set_aside_reason")?,
-    })
+/// One `UNNEST` array: what `f` takes of each write's values.
+fn column<'a, T, V>(group: &'a [(&Write, T)], f: impl Fn(&'a T) -> V) -> Vec<V> {
+    group.iter().map(|(_, t)| f(t)).collect()
+}
+
+/// Every guarded reschedule of a group, in one statement.
+fn reschedule_many(group: &[(&Write, Time)], now: Time) -> Ids {
+    GuardColumns::of(group)
+        .query(
+            "UPDATE wxpay_orders o SET next_query_at = i.at, query_count = o.query_count + 1,
+                last_queried_at = $6, last_error = i.note, updated_at = $6
+             FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TIMESTAMPTZ[])
+                AS i(id, from_state, lease, note, at)
+             WHERE o.id = i.id AND o.state = i.from_state AND (i.lease IS NULL OR o.lease = i.lease)
+             RETURNING o.id AS id",
+        )
+        .bind(column(group, |at| *at))
+        .bind(now)
 }
 
 #[cfg(test)]

@@ -6,22 +6,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteQueryResult, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, migrate::Migrator};
+use sqlx::{Row, migrate::Migrator};
 
 // Every dynamic statement below is built from this module's constants only; values are always
 // bound parameters.
 
-use super::{
-    Applied, Arg, Attention, Change, ClaimRequest, Claimed, ClaimedOrder, ConnectOptions, EventRow,
-    Guard, NewOrder, OPEN_STATES_SQL, ORDER_COLUMNS, OpenSummary, OrderRead, OrderRow, SetAsideRow,
-    StoreError, SummaryRequest, UnreadableOrder, Write, change_note, parse_state, reads,
-};
-use crate::domain::OrderState;
+use super::rows::{self, Cols, DialectRow};
+use super::sql::{Arg, Dialect, OPEN_STATES_SQL, ORDER_COLUMNS, Statement};
+use super::{ClaimRequest, Claimed, ConnectOptions, StoreError};
 
-static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+pub(super) static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// SQLite's text form of a UTC time, with milliseconds.
 pub fn ts(t: DateTime<Utc>) -> String {
@@ -112,16 +109,47 @@ pub fn parse_sqlite_time(s: &str) -> Result<DateTime<Utc>, &'static str> {
         .ok_or("out of range")
 }
 
-fn opt_ts(r: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    r.try_get::<Option<String>, _>(column)?
-        .as_deref()
-        .map(parse_ts)
-        .transpose()
+impl DialectRow for SqliteRow {
+    fn ts(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
+        parse_ts(&self.try_get::<String, _>(column)?)
+    }
+
+    fn opt_ts(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.try_get::<Option<String>, _>(column)?
+            .as_deref()
+            .map(parse_ts)
+            .transpose()
+    }
+
+    /// `INTEGER` is 64 bits.
+    fn query_count(&self) -> Result<i64, StoreError> {
+        self.int("query_count")
+    }
 }
+
+impl Dialect for Sqlite {
+    type Time = String;
+
+    fn time(t: DateTime<Utc>) -> String {
+        ts(t)
+    }
+
+    fn affected(result: &SqliteQueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    const ON_CONFLICT: bool = true;
+    /// SQLite has no `UPDATE` inside `WITH`.
+    const WRITABLE_CTE: bool = false;
+}
+
+/// Whether the migrations' own table exists (`n` is 0 or 1).
+pub(super) const MIGRATIONS_TABLE: &str =
+    "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     path: std::path::PathBuf,
 }
 
@@ -191,38 +219,6 @@ impl SqliteStore {
         }
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migrate(e.to_string()))
-    }
-
-    pub fn known_migrations(&self) -> Vec<i64> {
-        MIGRATOR.iter().map(|m| m.version).collect()
-    }
-
-    pub async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
-        let exists: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        if exists == 0 {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(
-            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
     pub async fn claim_due(&self, req: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
         let grace_modifier = format!(
             "+{:.3} seconds",
@@ -246,333 +242,17 @@ impl SqliteStore {
                 ) ORDER BY due LIMIT ?3)
              RETURNING lease, {ORDER_COLUMNS}"
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(ts(req.now - req.grace))
-            .bind(ts(req.now))
-            .bind(i64::from(req.limit))
-            .bind(ts(req.lease_until))
-            .bind(grace_modifier)
+        let args = vec![
+            Arg::Time(req.now - req.grace),
+            Arg::Time(req.now),
+            Arg::Int(i64::from(req.limit)),
+            Arg::Time(req.lease_until),
+            Arg::Text(&grace_modifier),
+        ];
+        let rows = Statement::new(sql, args)
+            .query::<Sqlite>()
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(claimed).collect()
+        rows::all(&rows, rows::claimed)
     }
-
-    pub async fn set_aside(
-        &self,
-        id: i64,
-        lease: Option<i64>,
-        reason: &str,
-        now: DateTime<Utc>,
-    ) -> Result<Applied, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE wxpay_orders SET set_aside_at = ?1, set_aside_reason = ?2, gave_up_at = ?1,
-                last_error = ?2, updated_at = ?1
-             WHERE id = ?3 AND (?4 IS NULL OR lease = ?4) AND state IN ({OPEN_STATES_SQL})
-               AND set_aside_at IS NULL"
-        )))
-        .bind(ts(now))
-        .bind(reason)
-        .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await?;
-        Ok(Applied::of(done.rows_affected()))
-    }
-
-    pub async fn attention(&self) -> Result<Vec<Attention>, StoreError> {
-        let rows = sqlx::query(reads::ATTENTION).fetch_all(&self.pool).await?;
-        rows.iter().map(Attention::of).collect()
-    }
-
-    pub async fn set_aside_orders(&self, limit: u32) -> Result<Vec<SetAsideRow>, StoreError> {
-        let rows = sqlx::query(reads::SET_ASIDE)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        // Written by the daemon; shown as missing rather than failing `status`.
-        rows.iter()
-            .map(|r| SetAsideRow::of(r, opt_ts(r, "set_aside_at").unwrap_or(None)))
-            .collect()
-    }
-
-    /// Applies several guarded writes in one transaction (one commit, one fsync); each keeps
-    /// its own guard and its own result.
-    pub async fn apply_many(
-        &self,
-        writes: &[Write<'_>],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Applied>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut applied = Vec::with_capacity(writes.len());
-        for w in writes {
-            applied.push(apply_one(&mut tx, w.order, w.guard, w.change, now).await?);
-        }
-        tx.commit().await?;
-        Ok(applied)
-    }
-}
-
-async fn apply_one(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    order: &OrderRow,
-    guard: Guard,
-    change: &Change,
-    now: DateTime<Utc>,
-) -> Result<Applied, StoreError> {
-    let note = change_note(change);
-    let note = note.as_deref();
-    let now_s = ts(now);
-    let updated = match change {
-        Change::Settle {
-            settlement,
-            queried,
-            ..
-        } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET state = ?1,
-                    transaction_id = COALESCE(?2, transaction_id),
-                    paid_at = COALESCE(?3, paid_at),
-                    query_count = query_count + ?4,
-                    last_queried_at = CASE WHEN ?4 = 1 THEN ?5 ELSE last_queried_at END,
-                    last_error = ?6, updated_at = ?5
-                 WHERE id = ?7 AND state = ?8 AND (?9 IS NULL OR lease = ?9)",
-            )
-            .bind(settlement.to.as_str())
-            .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-            .bind(settlement.paid_at.map(ts))
-            .bind(i64::from(*queried))
-            .bind(&now_s)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-        Change::Reschedule { at, .. } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET next_query_at = ?1, query_count = query_count + 1,
-                    last_queried_at = ?2, last_error = ?3, updated_at = ?2
-                 WHERE id = ?4 AND state = ?5 AND (?6 IS NULL OR lease = ?6)",
-            )
-            .bind(ts(*at))
-            .bind(&now_s)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-        Change::GiveUp { .. } => {
-            sqlx::query(
-                "UPDATE wxpay_orders SET gave_up_at = ?1, query_count = query_count + 1,
-                    last_queried_at = ?1, last_error = ?2, updated_at = ?1
-                 WHERE id = ?3 AND state = ?4 AND (?5 IS NULL OR lease = ?5)",
-            )
-            .bind(&now_s)
-            .bind(note)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .bind(guard.lease)
-            .execute(&mut **tx)
-            .await?
-        }
-        // The event only while the order is still in `from`; a second one is no error.
-        Change::Anomaly {
-            anomaly,
-            report,
-            source,
-        } => {
-            let inserted = sqlx::query(
-                "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                    to_state, source, transaction_id, total_fee, detail, created_at)
-                 SELECT id, mch_id, out_trade_no, state, ?1, ?2, ?3, ?4, ?5, ?6 FROM wxpay_orders
-                 WHERE id = ?7 AND state = ?8
-                 ON CONFLICT (order_id, to_state) DO NOTHING",
-            )
-            .bind(anomaly.as_str())
-            .bind(source.as_str())
-            .bind(report.transaction_id.as_ref().map(|t| t.as_str()))
-            .bind(report.reported_fee.map(|f| f.get()))
-            .bind(note)
-            .bind(&now_s)
-            .bind(guard.order_id)
-            .bind(guard.from.as_str())
-            .execute(&mut **tx)
-            .await?;
-            return Ok(if inserted.rows_affected() == 0 {
-                Applied::NoOp
-            } else {
-                Applied::Done
-            });
-        }
-    };
-    if updated.rows_affected() == 0 {
-        return Ok(Applied::NoOp);
-    }
-    if let Change::Settle {
-        settlement, source, ..
-    } = change
-    {
-        sqlx::query(
-            "INSERT INTO wxpay_order_events (order_id, mch_id, out_trade_no, from_state,
-                to_state, source, transaction_id, total_fee, detail, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )
-        .bind(order.id)
-        .bind(&order.mch_id)
-        .bind(&order.out_trade_no)
-        .bind(guard.from.as_str())
-        .bind(settlement.to.as_str())
-        .bind(source.as_str())
-        .bind(settlement.transaction_id.as_ref().map(|t| t.as_str()))
-        .bind(settlement.reported_fee.map(|f| f.get()))
-        .bind(note)
-        .bind(&now_s)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(Applied::Done)
-}
-
-impl SqliteStore {
-    pub async fn open_summary(&self, req: &SummaryRequest) -> Result<Vec<OpenSummary>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT mch_id, COUNT(*) AS open,
-                    SUM(CASE WHEN created_at < ?1 THEN 1 ELSE 0 END) AS stuck,
-                    SUM(CASE WHEN expires_at <= ?2 OR (expires_at IS NULL AND created_at <= ?3)
-                        THEN 1 ELSE 0 END) AS expired,
-                    MIN(created_at) AS oldest
-             FROM wxpay_orders WHERE state IN ({OPEN_STATES_SQL}) GROUP BY mch_id"
-        )))
-        .bind(ts(req.stuck_before))
-        .bind(ts(req.now))
-        .bind(ts(req.expired_if_created_before))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OpenSummary {
-                    mch_id: r.try_get("mch_id")?,
-                    open: r.try_get("open")?,
-                    stuck: r.try_get("stuck")?,
-                    expired: r.try_get("expired")?,
-                    // A creation time that is no time is no age to show.
-                    oldest_created_at: opt_ts(r, "oldest").unwrap_or(None),
-                })
-            })
-            .collect()
-    }
-
-    pub async fn count_by_state(&self) -> Result<Vec<(OrderState, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM wxpay_orders GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let state: String = r.try_get("state")?;
-                Ok((parse_state("wxpay_orders", &state)?, r.try_get("n")?))
-            })
-            .collect()
-    }
-
-    /// Runs one of the shared read queries (`store::reads`) and maps its order rows.
-    pub(crate) async fn orders(
-        &self,
-        sql: &str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<OrderRead>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
-        for a in args {
-            q = match a {
-                Arg::Int(i) => q.bind(*i),
-                Arg::Text(t) => q.bind(*t),
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| order_row(r).map_err(|e| UnreadableOrder::of(r, None, &e)))
-            .collect())
-    }
-
-    /// Runs one of the shared read queries (`store::reads`) and maps its event rows.
-    pub(crate) async fn events(
-        &self,
-        sql: &str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<EventRow>, StoreError> {
-        let mut q = sqlx::query(AssertSqlSafe(sql.to_owned()));
-        for a in args {
-            q = match a {
-                Arg::Int(i) => q.bind(*i),
-                Arg::Text(t) => q.bind(*t),
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(event_row).collect()
-    }
-
-    pub async fn insert_order(&self, order: &NewOrder<'_>) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee)
-             VALUES (?1, ?2, ?3, ?4) RETURNING id",
-        )
-        .bind(order.mch_id)
-        .bind(order.appid)
-        .bind(order.out_trade_no)
-        .bind(order.total_fee)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-}
-
-fn event_row(r: &SqliteRow) -> Result<EventRow, StoreError> {
-    Ok(EventRow {
-        id: r.try_get("id")?,
-        order_id: r.try_get("order_id")?,
-        mch_id: r.try_get("mch_id")?,
-        out_trade_no: r.try_get("out_trade_no")?,
-        from_state: r.try_get("from_state")?,
-        to_state: r.try_get("to_state")?,
-        source: r.try_get("source")?,
-        transaction_id: r.try_get("transaction_id")?,
-        total_fee: r.try_get("total_fee")?,
-        detail: r.try_get("detail")?,
-        created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
-    })
-}
-
-/// A claimed row, decoded on its own: an unreadable one is still leased and comes back as such.
-fn claimed(r: &SqliteRow) -> Result<Claimed, StoreError> {
-    let lease: i64 = r.try_get("lease")?;
-    Ok(match order_row(r) {
-        Ok(row) => Claimed::Order(ClaimedOrder { row, lease }),
-        Err(e) => Claimed::Unreadable(UnreadableOrder::of(r, Some(lease), &e)),
-    })
-}
-
-fn order_row(r: &SqliteRow) -> Result<OrderRow, StoreError> {
-    let state: String = r.try_get("state")?;
-    Ok(OrderRow {
-        id: r.try_get("id")?,
-        mch_id: r.try_get("mch_id")?,
-        appid: r.try_get("appid")?,
-        out_trade_no: r.try_get("out_trade_no")?,
-        total_fee: r.try_get("total_fee")?,
-        state: parse_state("wxpay_orders", &state)?,
-        transaction_id: r.try_get("transaction_id")?,
-        paid_at: opt_ts(r, "paid_at")?,
-        created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
-        expires_at: opt_ts(r, "expires_at")?,
-        query_count: r.try_get("query_count")?,
-        next_query_at: opt_ts(r, "next_query_at")?,
-        last_queried_at: opt_ts(r, "last_queried_at")?,
-        last_error: r.try_get("last_error")?,
-        gave_up_at: opt_ts(r, "gave_up_at")?,
-        fee_type: r.try_get("fee_type")?,
-        set_aside_at: opt_ts(r, "set_aside_at")?,
-        set_aside_reason: r.try_get("set_aside_reason")?,
-    })
 }
