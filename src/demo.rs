@@ -13,14 +13,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    DatabaseSettings, LogSettings, MetricsSettings, NotifySettings, ScheduleSettings, Settings,
-    WechatSettings,
-};
+use crate::config::Settings;
 use crate::daemon::{Daemon, open_store};
 use crate::domain::OrderState;
 use crate::sim::{self, RunningSimulator};
-use crate::store::{DatabaseUrl, NewOrder};
+use crate::store::NewOrder;
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -104,38 +101,16 @@ pub enum DemoError {
 
 /// The settings the demo runs the daemon with: fast ticks, a short grace.
 pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Settings {
-    Settings {
-        path: PathBuf::from("(demo defaults)"),
-        database: DatabaseSettings {
-            url: DatabaseUrl::new(&format!("sqlite://{}", db.display())),
-            max_connections: 4,
-        },
-        wechat: WechatSettings {
-            base_url: sim_url,
-            backup_base_url: None,
-            max_qps: 5000,
-            concurrency: 32,
-            ..WechatSettings::default()
-        },
-        merchants: sim::default_merchants(),
-        schedule: ScheduleSettings {
-            scan_cron: "* * * * * *".into(),
-            grace_seconds: 2,
-            batch_size: 200,
-            lease_seconds: 30,
-            ..ScheduleSettings::default()
-        },
-        metrics: MetricsSettings {
-            listen: metrics,
-            refresh_seconds: 1,
-            ..MetricsSettings::default()
-        },
-        notify: NotifySettings {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            ..NotifySettings::default()
-        },
-        log: LogSettings::default(),
-    }
+    let mut settings = sim::daemon_settings(&format!("sqlite://{}", db.display()), &sim_url);
+    settings.path = PathBuf::from("(demo defaults)");
+    settings.database.max_connections = 4;
+    settings.wechat.max_qps = 5000;
+    settings.wechat.concurrency = 32;
+    settings.schedule.grace_seconds = 2;
+    settings.schedule.batch_size = 200;
+    settings.metrics.listen = metrics;
+    settings.notify.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings
 }
 
 /// Runs the demo; `stop` ends `--serve` (and cuts the demo short).

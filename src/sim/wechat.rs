@@ -18,14 +18,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 
-use super::state::{SimEndpoint, SimOrder, SimState, lock, trade_state_desc};
+use super::state::{Faults, PREPAY_LIFETIME, SimEndpoint, SimOrder, SimState, lock, order_fields};
 use crate::domain::{Fen, OutTradeNo, SignType, TradeState, format_wechat_time};
 use crate::wxpay::client::nonce;
 use crate::wxpay::sign::{self, declared_sign_type};
 use crate::wxpay::{Fields, Merchant, xml};
-
-/// How long a prepay_id stays valid.
-pub const PREPAY_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::hours(2);
 
 /// An authenticated request.
 struct Request {
@@ -90,7 +87,7 @@ fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
 }
 
 /// Sleeps for the injected latency, then answers the faults that replace a reply entirely.
-async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<super::Faults, Response> {
+async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<Faults, Response> {
     let faults = state.faults(endpoint);
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -113,7 +110,7 @@ async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<super:
 }
 
 /// Result-level faults that replace the business answer (and so have no side effect).
-fn result_fault(faults: &super::Faults) -> Option<Fields> {
+fn result_fault(faults: &Faults) -> Option<Fields> {
     if roll(faults.system_error_rate) {
         return Some(result_fail("SYSTEMERROR", "系统错误"));
     }
@@ -128,7 +125,7 @@ fn roll(rate: f64) -> bool {
 }
 
 /// Wraps a result in the signed envelope and applies the reply-corrupting faults.
-fn reply(req: &Request, answer: Answer, faults: &super::Faults) -> Response {
+fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
     let result = match answer {
         Answer::Fail(message) => return fail(message),
         Answer::Result(r) => r,
@@ -170,31 +167,6 @@ fn reply(req: &Request, answer: Answer, faults: &super::Faults) -> Response {
         Ok(body) => xml_response(StatusCode::OK, body),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
-}
-
-/// The order fields of an orderquery reply or a notification.
-pub(crate) fn order_fields(out_trade_no: &str, order: &SimOrder) -> Fields {
-    let mut f = Fields::new()
-        .with("result_code", "SUCCESS")
-        .with("out_trade_no", out_trade_no)
-        .with("trade_state", order.state.as_str())
-        .with("trade_state_desc", trade_state_desc(&order.state));
-    if let (Some(tx), Some(time_end)) = (&order.transaction_id, order.time_end) {
-        let paid = order.paid_fee.unwrap_or(order.total_fee).to_string();
-        f.insert("openid", order.openid.as_str());
-        f.insert("is_subscribe", "N");
-        f.insert("trade_type", order.trade_type.as_str());
-        f.insert("bank_type", "CFT");
-        f.insert("total_fee", paid.as_str());
-        f.insert("cash_fee", paid);
-        f.insert("fee_type", "CNY");
-        f.insert("transaction_id", tx.as_str());
-        f.insert("time_end", format_wechat_time(time_end));
-        if let Some(attach) = &order.attach {
-            f.insert("attach", attach.as_str());
-        }
-    }
-    f
 }
 
 pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Response {

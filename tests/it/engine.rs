@@ -6,13 +6,11 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use wxpay_reconciler::config::{
-    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
-};
+use wxpay_reconciler::config::Settings;
 use wxpay_reconciler::daemon;
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::reconcile::scanner::{ScanReport, Scanner};
-use wxpay_reconciler::store::{Claimed, DatabaseUrl, EventRow, NewOrder, OrderRow};
+use wxpay_reconciler::store::{Claimed, EventRow, NewOrder, OrderRow};
 use wxpay_reconciler::telemetry::Telemetry;
 use wxpay_reconciler::wxpay::Merchant;
 
@@ -20,37 +18,14 @@ use crate::db::{Kind, TestDb, backends};
 use crate::helpers::{TestSim, hmac_merchant, md5_merchant, unique_otn};
 
 pub fn settings(db_url: &str, sim_url: &str) -> Settings {
-    Settings {
-        path: "(test)".into(),
-        database: DatabaseSettings {
-            url: DatabaseUrl::new(db_url),
-            max_connections: 8,
-        },
-        wechat: WechatSettings {
-            base_url: sim_url.to_owned(),
-            backup_base_url: None,
-            timeout_ms: 2000,
-            connect_timeout_ms: 1000,
-            max_qps: 10_000,
-            concurrency: 16,
-            ..WechatSettings::default()
-        },
-        merchants: wxpay_reconciler::sim::default_merchants(),
-        schedule: ScheduleSettings {
-            scan_cron: "* * * * * *".into(),
-            grace_seconds: 0,
-            batch_size: 50,
-            lease_seconds: 30,
-            ..ScheduleSettings::default()
-        },
-        metrics: MetricsSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            refresh_seconds: 1,
-            ..MetricsSettings::default()
-        },
-        notify: Default::default(),
-        log: Default::default(),
-    }
+    let mut settings = wxpay_reconciler::sim::daemon_settings(db_url, sim_url);
+    settings.path = "(test)".into();
+    settings.wechat.timeout_ms = 2000;
+    settings.wechat.connect_timeout_ms = 1000;
+    settings.wechat.max_qps = 10_000;
+    settings.wechat.concurrency = 16;
+    settings.schedule.batch_size = 50;
+    settings
 }
 
 /// A database, a simulator and a scanner wired together.
