@@ -64,7 +64,11 @@ fn result_fail(code: &str, description: &str) -> Fields {
         .with("err_code_des", description)
 }
 
+/// Counts the request, then decodes it and checks its merchant, appid and signature.
 fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
+    state
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let fields = xml::decode(body).map_err(|_| fail("XML格式错误"))?;
     let merchant = fields
         .get_nonempty("mch_id")
@@ -170,9 +174,6 @@ fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
 }
 
 pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -209,9 +210,6 @@ pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Res
 }
 
 pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -277,9 +275,6 @@ fn close(state: &SimState, req: &Request, out_trade_no: &str) -> Fields {
 }
 
 pub async fn unified_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
