@@ -10,4 +10,5 @@ mod helpers;
 mod hostile;
 mod interop;
 mod lifecycle;
+mod process;
 mod simulator;
