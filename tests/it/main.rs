@@ -6,6 +6,7 @@ mod daemon;
 mod db;
 mod engine;
 mod fixtures;
+mod frame;
 mod helpers;
 mod hostile;
 mod interop;
