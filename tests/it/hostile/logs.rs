@@ -14,7 +14,7 @@ use wxpay_reconciler::notify::NOTIFY_PATH;
 use wxpay_reconciler::store::NewOrder;
 use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
-use crate::helpers::{HMAC_KEY, MD5_KEY, hmac_merchant, md5_merchant, merchant, unique_otn};
+use crate::helpers::{HMAC_KEY, hmac_merchant, md5_merchant, merchant, unique_otn};
 use crate::process::RealDaemon;
 
 /// The real daemon (`run`, SQLite, both test merchants, the notify endpoint on), its stderr
@@ -106,48 +106,19 @@ impl RunningDaemon {
     }
 }
 
+/// The daemon tests' config, with `wechat_url` as the backup too, the default metrics refresh
+/// and the notify endpoint on.
 fn write_config(dir: &Path, db_url: &str, wechat_url: &str) -> std::path::PathBuf {
-    std::fs::write(dir.join("md5.key"), MD5_KEY).unwrap();
-    std::fs::write(dir.join("hmac.key"), HMAC_KEY).unwrap();
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[database]
-url = "{db_url}"
-
-[wechat]
-base_url = "{wechat_url}"
-backup_base_url = "{wechat_url}"
-timeout_ms = 2000
-connect_timeout_ms = 1000
-
-[[merchants]]
-mch_id = "10000100"
-appid = "wxd930ea5d5a258f4f"
-sign_type = "MD5"
-api_key_file = "md5.key"
-
-[[merchants]]
-mch_id = "1900000109"
-appid = "wx2421b1c4370ec43b"
-sign_type = "HMAC-SHA256"
-api_key_file = "hmac.key"
-
-[schedule]
-scan_cron = "* * * * * *"
-grace_seconds = 0
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[notify]
-listen = "127.0.0.1:0"
-"#
-        ),
-    )
-    .unwrap();
+    let path = crate::daemon::write_config(dir, db_url, wechat_url);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "connect_timeout_ms = 1000",
+            &format!("backup_base_url = \"{wechat_url}\"\nconnect_timeout_ms = 1000"),
+        )
+        .replace("refresh_seconds = 1\n", "")
+        + "\n[notify]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&path, text).unwrap();
     path
 }
 
