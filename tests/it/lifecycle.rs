@@ -281,10 +281,8 @@ async fn a_notification_body_that_never_arrives_is_cut_off() {
 /// would) is answered FAIL, leaves the order as it was, and WeChat's next attempt settles it.
 #[tokio::test]
 async fn a_database_error_answers_fail_changes_nothing_and_the_retry_settles() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         let otn = e.order(&m, 880).await;
         let txid = e
@@ -329,8 +327,8 @@ async fn a_database_error_answers_fail_changes_nothing_and_the_retry_settles() {
         assert_eq!(post(&url, n).await, (200, "SUCCESS".into()), "{kind:?}");
         assert_eq!(e.row(&otn).await.state, OrderState::Success);
         assert_eq!(e.events(&otn).await.len(), 1);
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -607,9 +605,7 @@ async fn aged_order(e: &Engine, m: &Merchant, fee: i64, minutes: u32, at_wechat:
 
 #[tokio::test]
 async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         // WeChat's rule: no closeorder within 5 minutes of creation.
         let (status, _) = e
             .sim
@@ -620,12 +616,12 @@ async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
         let expired: Vec<String> = {
             let mut v = Vec::new();
             for _ in 0..3 {
-                v.push(old_order(&e, &m, 10, 121).await);
+                v.push(old_order(e, &m, 10, 121).await);
             }
             v
         };
         // Expired by the app's own expires_at, but younger than 5 minutes: not closed yet.
-        let young = old_order(&e, &m, 10, 2).await;
+        let young = old_order(e, &m, 10, 2).await;
         e.db.exec(
             match kind {
                 crate::db::Kind::Sqlite => {
@@ -705,8 +701,8 @@ async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
             e.metric("wxpay_reconciler_transitions_total{from=\"NOTPAY\",to=\"CLOSED\",source=\"expire\"}"),
             3.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
