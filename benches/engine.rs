@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeDelta, Utc};
 use sqlx::{AssertSqlSafe, Executor};
 use tokio_util::sync::CancellationToken;
-use wxpay_reconciler::config::{
-    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
-};
+use wxpay_reconciler::config::{MetricsSettings, Settings};
 use wxpay_reconciler::daemon;
 use wxpay_reconciler::domain::{OrderState, Source, TransactionId};
 use wxpay_reconciler::reconcile::policy::Settlement;
@@ -52,34 +50,18 @@ struct Bench {
 }
 
 fn settings(url: &str, sim_url: &str) -> Settings {
-    Settings {
-        path: "(bench)".into(),
-        database: DatabaseSettings {
-            url: DatabaseUrl::new(url),
-            max_connections: 16,
-        },
-        wechat: WechatSettings {
-            base_url: sim_url.to_owned(),
-            backup_base_url: None,
-            max_qps: 1_000_000,
-            concurrency: std::env::var("WXPAY_BENCH_CONCURRENCY")
-                .ok()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(64),
-            ..WechatSettings::default()
-        },
-        merchants: sim::default_merchants(),
-        schedule: ScheduleSettings {
-            scan_cron: "* * * * * *".into(),
-            grace_seconds: 0,
-            batch_size: 500,
-            lease_seconds: 60,
-            ..ScheduleSettings::default()
-        },
-        metrics: MetricsSettings::default(),
-        notify: Default::default(),
-        log: Default::default(),
-    }
+    let mut settings = sim::daemon_settings(url, sim_url);
+    settings.path = "(bench)".into();
+    settings.database.max_connections = 16;
+    settings.wechat.max_qps = 1_000_000;
+    settings.wechat.concurrency = std::env::var("WXPAY_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    settings.schedule.batch_size = 500;
+    settings.schedule.lease_seconds = 60;
+    settings.metrics = MetricsSettings::default();
+    settings
 }
 
 async fn fresh(db: Db, pg_base: Option<&str>) -> Bench {

@@ -11,7 +11,10 @@ use crate::daemon::{DaemonError, open_store, policy};
 use crate::domain::{OrderState, OutTradeNo, Source};
 use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, QueryAnswer};
 use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
-use crate::store::{OrderRow, Store, StoreError, SummaryRequest};
+use crate::store::{
+    EventRow, OpenSummary, OrderRead, OrderRow, SetAsideRow, Store, StoreError, SummaryRequest,
+    UnreadableOrder,
+};
 use crate::telemetry::Telemetry;
 use crate::wxpay::{WxPayClient, WxPayError};
 
@@ -96,103 +99,149 @@ pub async fn status(
     as_json: bool,
     oldest: u32,
 ) -> Result<String, CommandError> {
-    let store = open_store(settings, false).await?;
-    store.check_schema().await?;
-    let now = Utc::now();
-    let request = SummaryRequest {
-        now,
-        stuck_before: now - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64),
-        expired_if_created_before: now - policy(settings).default_expiry,
-    };
-    let counts = store.count_by_state().await?;
-    let open = store.open_summary(&request).await?;
-    let paid_after_close = store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?;
-    let oldest_read = store.oldest_open(oldest).await?;
-    let oldest_rows: Vec<&OrderRow> = oldest_read.iter().filter_map(|r| r.as_ref().ok()).collect();
-    let unreadable: Vec<_> = oldest_read
-        .iter()
-        .filter_map(|r| r.as_ref().err())
-        .collect();
-    let set_aside = store.set_aside_orders(SET_ASIDE_SHOWN).await?;
-    let count_of = |s: OrderState| {
-        counts
+    let reads = StatusReads::read(settings, oldest).await?;
+    if as_json {
+        return Ok(status_json(&reads));
+    }
+    let mut out = String::new();
+    write_states_and_merchants(&mut out, &reads);
+    write_paid_after_close(&mut out, &reads);
+    write_set_aside(&mut out, &reads);
+    write_oldest_open(&mut out, &reads);
+    Ok(out)
+}
+
+/// What `status` shows, read once.
+struct StatusReads {
+    now: DateTime<Utc>,
+    stuck_after_seconds: u64,
+    counts: Vec<(OrderState, i64)>,
+    open: Vec<OpenSummary>,
+    paid_after_close: Vec<EventRow>,
+    oldest_read: Vec<OrderRead>,
+    set_aside: Vec<SetAsideRow>,
+}
+
+impl StatusReads {
+    async fn read(settings: &Settings, oldest: u32) -> Result<StatusReads, CommandError> {
+        let store = open_store(settings, false).await?;
+        store.check_schema().await?;
+        let now = Utc::now();
+        let request = SummaryRequest {
+            now,
+            stuck_before: now
+                - chrono::TimeDelta::seconds(settings.metrics.stuck_after_seconds as i64),
+            expired_if_created_before: now - policy(settings).default_expiry,
+        };
+        Ok(StatusReads {
+            now,
+            stuck_after_seconds: settings.metrics.stuck_after_seconds,
+            counts: store.count_by_state().await?,
+            open: store.open_summary(&request).await?,
+            paid_after_close: store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?,
+            oldest_read: store.oldest_open(oldest).await?,
+            set_aside: store.set_aside_orders(SET_ASIDE_SHOWN).await?,
+        })
+    }
+
+    fn count_of(&self, s: OrderState) -> i64 {
+        self.counts
             .iter()
             .find(|(st, _)| *st == s)
             .map_or(0, |(_, n)| *n)
-    };
-
-    if as_json {
-        let v = json!({
-            "states": OrderState::ALL
-                .iter()
-                .map(|s| (s.as_str().to_owned(), json!(count_of(*s))))
-                .collect::<serde_json::Map<_, _>>(),
-            "open_by_merchant": open.iter().map(|o| json!({
-                "mch_id": o.mch_id,
-                "open": o.open,
-                "stuck": o.stuck,
-                "expired": o.expired,
-                "oldest_age_seconds": o.oldest_created_at.map(|t| (now - t).num_seconds()),
-            })).collect::<Vec<_>>(),
-            "oldest_open": oldest_rows.iter().map(|r| json!({
-                "mch_id": r.mch_id,
-                "out_trade_no": r.out_trade_no,
-                "state": r.state.as_str(),
-                "total_fee": r.total_fee,
-                "created_at": r.created_at.to_rfc3339(),
-                "age_seconds": (now - r.created_at).num_seconds(),
-                "query_count": r.query_count,
-                "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
-                "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
-                "last_error": r.last_error,
-            })).collect::<Vec<_>>(),
-            "unreadable_open": unreadable.iter().map(|u| json!({
-                "id": u.id,
-                "mch_id": u.mch_id,
-                "out_trade_no": u.out_trade_no,
-                "reason": u.reason,
-            })).collect::<Vec<_>>(),
-            "set_aside": set_aside.iter().map(|a| json!({
-                "id": a.id,
-                "mch_id": a.mch_id,
-                "out_trade_no": a.out_trade_no,
-                "state": a.state,
-                "set_aside_at": a.set_aside_at.map(|t| t.to_rfc3339()),
-                "reason": a.reason,
-            })).collect::<Vec<_>>(),
-            "paid_after_close": paid_after_close.iter().map(|e| json!({
-                "mch_id": e.mch_id,
-                "out_trade_no": e.out_trade_no,
-                "state": e.from_state,
-                "transaction_id": e.transaction_id,
-                "total_fee": e.total_fee,
-                "source": e.source,
-                "recorded_at": e.created_at.to_rfc3339(),
-            })).collect::<Vec<_>>(),
-        });
-        return Ok(format!("{v:#}\n"));
     }
 
-    let mut out = String::new();
-    // Writing to a String cannot fail.
+    fn oldest_rows(&self) -> Vec<&OrderRow> {
+        self.oldest_read
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .collect()
+    }
+
+    fn unreadable(&self) -> Vec<&UnreadableOrder> {
+        self.oldest_read
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .collect()
+    }
+}
+
+/// `status --json`.
+fn status_json(reads: &StatusReads) -> String {
+    let now = reads.now;
+    let v = json!({
+        "states": OrderState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), json!(reads.count_of(*s))))
+            .collect::<serde_json::Map<_, _>>(),
+        "open_by_merchant": reads.open.iter().map(|o| json!({
+            "mch_id": o.mch_id,
+            "open": o.open,
+            "stuck": o.stuck,
+            "expired": o.expired,
+            "oldest_age_seconds": o.oldest_created_at.map(|t| (now - t).num_seconds()),
+        })).collect::<Vec<_>>(),
+        "oldest_open": reads.oldest_rows().iter().map(|r| json!({
+            "mch_id": r.mch_id,
+            "out_trade_no": r.out_trade_no,
+            "state": r.state.as_str(),
+            "total_fee": r.total_fee,
+            "created_at": r.created_at.to_rfc3339(),
+            "age_seconds": (now - r.created_at).num_seconds(),
+            "query_count": r.query_count,
+            "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
+            "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
+            "last_error": r.last_error,
+        })).collect::<Vec<_>>(),
+        "unreadable_open": reads.unreadable().iter().map(|u| json!({
+            "id": u.id,
+            "mch_id": u.mch_id,
+            "out_trade_no": u.out_trade_no,
+            "reason": u.reason,
+        })).collect::<Vec<_>>(),
+        "set_aside": reads.set_aside.iter().map(|a| json!({
+            "id": a.id,
+            "mch_id": a.mch_id,
+            "out_trade_no": a.out_trade_no,
+            "state": a.state,
+            "set_aside_at": a.set_aside_at.map(|t| t.to_rfc3339()),
+            "reason": a.reason,
+        })).collect::<Vec<_>>(),
+        "paid_after_close": reads.paid_after_close.iter().map(|e| json!({
+            "mch_id": e.mch_id,
+            "out_trade_no": e.out_trade_no,
+            "state": e.from_state,
+            "transaction_id": e.transaction_id,
+            "total_fee": e.total_fee,
+            "source": e.source,
+            "recorded_at": e.created_at.to_rfc3339(),
+        })).collect::<Vec<_>>(),
+    });
+    format!("{v:#}\n")
+}
+
+// Writing to a String cannot fail: the `write_*` below ignore `writeln!`'s result.
+
+/// Orders by state, then the open orders of each merchant.
+fn write_states_and_merchants(out: &mut String, reads: &StatusReads) {
     let _ = writeln!(out, "Orders by state");
     for s in OrderState::ALL {
-        let _ = writeln!(out, "  {:<16} {:>10}", s.as_str(), count_of(s));
+        let _ = writeln!(out, "  {:<16} {:>10}", s.as_str(), reads.count_of(s));
     }
     let _ = writeln!(
         out,
         "\nOpen orders by merchant (stuck: open longer than {}s)",
-        settings.metrics.stuck_after_seconds
+        reads.stuck_after_seconds
     );
     let _ = writeln!(
         out,
         "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
         "MCH_ID", "OPEN", "STUCK", "EXPIRED", "OLDEST"
     );
-    if open.is_empty() {
+    if reads.open.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
-    for o in &open {
+    for o in &reads.open {
         let _ = writeln!(
             out,
             "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
@@ -200,68 +249,89 @@ pub async fn status(
             o.open,
             o.stuck,
             o.expired,
-            o.oldest_created_at.map(|t| age(now, t)).unwrap_or_default()
+            o.oldest_created_at
+                .map(|t| age(reads.now, t))
+                .unwrap_or_default()
         );
     }
-    if !paid_after_close.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nPAID_AFTER_CLOSE: paid at WeChat but closed here; refund or fulfil each (latest {})",
-            paid_after_close.len()
-        );
-        let _ = writeln!(
-            out,
-            "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} RECORDED",
-            "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "TRANSACTION_ID", "SOURCE"
-        );
-        for e in &paid_after_close {
-            let _ = writeln!(
-                out,
-                "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} {} ago",
-                e.mch_id,
-                e.out_trade_no,
-                e.from_state,
-                e.total_fee.map(|f| f.to_string()).unwrap_or_default(),
-                e.transaction_id.as_deref().unwrap_or("-"),
-                e.source,
-                age(now, e.created_at)
-            );
-        }
+}
+
+/// The latest PAID_AFTER_CLOSE payments, if any.
+fn write_paid_after_close(out: &mut String, reads: &StatusReads) {
+    let paid_after_close = &reads.paid_after_close;
+    if paid_after_close.is_empty() {
+        return;
     }
-    if !set_aside.is_empty() {
+    let _ = writeln!(
+        out,
+        "\nPAID_AFTER_CLOSE: paid at WeChat but closed here; refund or fulfil each (latest {})",
+        paid_after_close.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} RECORDED",
+        "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "TRANSACTION_ID", "SOURCE"
+    );
+    for e in paid_after_close {
         let _ = writeln!(
             out,
-            "\nSET ASIDE: a value in the row cannot be used; fix it, then clear set_aside_at (latest {})",
-            set_aside.len()
+            "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} {} ago",
+            e.mch_id,
+            e.out_trade_no,
+            e.from_state,
+            e.total_fee.map(|f| f.to_string()).unwrap_or_default(),
+            e.transaction_id.as_deref().unwrap_or("-"),
+            e.source,
+            age(reads.now, e.created_at)
         );
-        let _ = writeln!(
-            out,
-            "  {:>10} {:<12} {:<32} {:<10} {:<10}  REASON",
-            "ID", "MCH_ID", "OUT_TRADE_NO", "STATE", "SINCE"
-        );
-        for a in &set_aside {
-            let _ = writeln!(
-                out,
-                "  {:>10} {:<12} {:<32} {:<10} {:<10}  {}",
-                a.id,
-                cell(&a.mch_id, 12),
-                cell(&a.out_trade_no, 32),
-                cell(&a.state, 10),
-                a.set_aside_at.map(|t| age(now, t)).unwrap_or_default(),
-                cell(a.reason.as_deref().unwrap_or(""), 120)
-            );
-        }
     }
+}
+
+/// The latest orders set aside, if any.
+fn write_set_aside(out: &mut String, reads: &StatusReads) {
+    let set_aside = &reads.set_aside;
+    if set_aside.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nSET ASIDE: a value in the row cannot be used; fix it, then clear set_aside_at (latest {})",
+        set_aside.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:>10} {:<12} {:<32} {:<10} {:<10}  REASON",
+        "ID", "MCH_ID", "OUT_TRADE_NO", "STATE", "SINCE"
+    );
+    for a in set_aside {
+        let _ = writeln!(
+            out,
+            "  {:>10} {:<12} {:<32} {:<10} {:<10}  {}",
+            a.id,
+            cell(&a.mch_id, 12),
+            cell(&a.out_trade_no, 32),
+            cell(&a.state, 10),
+            a.set_aside_at
+                .map(|t| age(reads.now, t))
+                .unwrap_or_default(),
+            cell(a.reason.as_deref().unwrap_or(""), 120)
+        );
+    }
+}
+
+/// The oldest open orders: the unreadable rows first, then the readable ones.
+fn write_oldest_open(out: &mut String, reads: &StatusReads) {
+    let now = reads.now;
     let _ = writeln!(out, "\nOldest open orders");
     let _ = writeln!(
         out,
         "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  LAST ERROR",
         "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "AGE", "QUERIES", "NEXT"
     );
-    if oldest_read.is_empty() {
+    if reads.oldest_read.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
-    for u in &unreadable {
+    for u in reads.unreadable() {
         let _ = writeln!(
             out,
             "  {:<12} {:<32} unreadable row (id {}): {}",
@@ -271,7 +341,7 @@ pub async fn status(
             cell(&u.reason, 120)
         );
     }
-    for r in &oldest_rows {
+    for r in reads.oldest_rows() {
         let next = match (r.set_aside_at, r.gave_up_at, r.next_query_at) {
             (Some(_), _, _) => "set aside".to_owned(),
             (None, Some(_), _) => "gave up".to_owned(),
@@ -291,7 +361,6 @@ pub async fn status(
             cell(r.last_error.as_deref().unwrap_or(""), 60)
         );
     }
-    Ok(out)
 }
 
 /// `query OUT_TRADE_NO [--mch-id M] [--apply]`: one live, verified orderquery; with `apply`,

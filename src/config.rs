@@ -315,59 +315,126 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let figment =
         Figment::from(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__"));
     let raw: RawSettings = figment.extract().map_err(|e| from_figment(path, e))?;
-    let origin = |key: &str| origin_of(&figment, path, key);
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        origin: origin(key),
-        key: key.to_owned(),
-        message,
+    let origins = Origins {
+        figment: &figment,
+        path,
     };
+    check_wechat(&raw.wechat, &origins)?;
+    let url = check_database(&raw.database, &origins)?;
+    check_schedule(&raw.schedule, &raw.wechat, &origins)?;
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        return Err(origins.invalid("log.level", format!("{:?}: {e}", raw.log.level)));
+    }
+    check_listeners(&raw.metrics, &raw.notify, &origins)?;
+    let merchants = load_merchants(raw.merchants, &origins)?;
+    Ok(Settings {
+        path: path.to_owned(),
+        database: DatabaseSettings {
+            url,
+            max_connections: raw.database.max_connections,
+        },
+        wechat: raw.wechat,
+        merchants,
+        schedule: raw.schedule,
+        metrics: raw.metrics,
+        notify: raw.notify,
+        log: raw.log,
+    })
+}
 
-    let w = &raw.wechat;
-    check_url(&w.base_url).map_err(|m| invalid("wechat.base_url", m))?;
+/// Where the values of one load came from: the errors name the file or the variable.
+struct Origins<'a> {
+    figment: &'a Figment,
+    path: &'a Path,
+}
+
+impl Origins<'_> {
+    /// The error for a bad value of `key`, naming where it was set.
+    fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: origin_of(self.figment, self.path, key),
+            key: key.to_owned(),
+            message,
+        }
+    }
+}
+
+/// `[wechat]`: URLs, timeouts, rate and concurrency.
+fn check_wechat(w: &WechatSettings, o: &Origins<'_>) -> Result<(), ConfigError> {
+    check_url(&w.base_url).map_err(|m| o.invalid("wechat.base_url", m))?;
     if let Some(b) = &w.backup_base_url {
-        check_url(b).map_err(|m| invalid("wechat.backup_base_url", m))?;
+        check_url(b).map_err(|m| o.invalid("wechat.backup_base_url", m))?;
     }
     if !(1..=120_000).contains(&w.timeout_ms) {
-        return Err(invalid("wechat.timeout_ms", "must be 1 to 120000".into()));
+        return Err(o.invalid("wechat.timeout_ms", "must be 1 to 120000".into()));
     }
     if w.connect_timeout_ms == 0 || w.connect_timeout_ms > w.timeout_ms {
-        return Err(invalid(
+        return Err(o.invalid(
             "wechat.connect_timeout_ms",
             format!("must be 1 to timeout_ms ({})", w.timeout_ms),
         ));
     }
     if w.max_qps == 0 {
-        return Err(invalid("wechat.max_qps", "must be at least 1".into()));
+        return Err(o.invalid("wechat.max_qps", "must be at least 1".into()));
     }
     if !(1..=1024).contains(&w.concurrency) {
-        return Err(invalid("wechat.concurrency", "must be 1 to 1024".into()));
+        return Err(o.invalid("wechat.concurrency", "must be 1 to 1024".into()));
     }
     if w.failover_after_failures == 0 {
-        return Err(invalid(
+        return Err(o.invalid(
             "wechat.failover_after_failures",
             "must be at least 1".into(),
         ));
     }
+    Ok(())
+}
 
-    let db = &raw.database;
+/// `[database]`: the URL, checked by its driver's parser, and the pool size.
+fn check_database(db: &RawDatabase, o: &Origins<'_>) -> Result<DatabaseUrl, ConfigError> {
     let url = DatabaseUrl::new(&db.url);
     url.check()
-        .map_err(|e| invalid("database.url", e.to_string()))?;
+        .map_err(|e| o.invalid("database.url", e.to_string()))?;
     if !(1..=1000).contains(&db.max_connections) {
-        return Err(invalid(
-            "database.max_connections",
-            "must be 1 to 1000".into(),
+        return Err(o.invalid("database.max_connections", "must be 1 to 1000".into()));
+    }
+    Ok(url)
+}
+
+/// `[schedule]`: the cron expression, the batch against the lease, and the horizons.
+fn check_schedule(
+    s: &ScheduleSettings,
+    w: &WechatSettings,
+    o: &Origins<'_>,
+) -> Result<(), ConfigError> {
+    validate_cron(&s.scan_cron).map_err(|m| o.invalid("schedule.scan_cron", m))?;
+    if !(1..=10_000).contains(&s.batch_size) {
+        return Err(o.invalid("schedule.batch_size", "must be 1 to 10000".into()));
+    }
+    check_lease(s, w, o)?;
+    if !(1..=24 * 30).contains(&s.give_up_after_hours) {
+        return Err(o.invalid("schedule.give_up_after_hours", "must be 1 to 720".into()));
+    }
+    if !(5..=60 * 24 * 30).contains(&s.default_expiry_minutes) {
+        return Err(o.invalid(
+            "schedule.default_expiry_minutes",
+            "must be 5 to 43200 (WeChat refuses to close an order younger than 5 minutes)".into(),
         ));
     }
-
-    let s = &raw.schedule;
-    validate_cron(&s.scan_cron).map_err(|m| invalid("schedule.scan_cron", m))?;
-    if !(1..=10_000).contains(&s.batch_size) {
-        return Err(invalid("schedule.batch_size", "must be 1 to 10000".into()));
+    if s.grace_seconds > 3600 {
+        return Err(o.invalid("schedule.grace_seconds", "must be at most 3600".into()));
     }
+    Ok(())
+}
+
+/// A lease outlives a query, and a claimed batch is queried well within its lease.
+fn check_lease(
+    s: &ScheduleSettings,
+    w: &WechatSettings,
+    o: &Origins<'_>,
+) -> Result<(), ConfigError> {
     let timeout_s = w.timeout_ms.div_ceil(1000);
     if s.lease_seconds < 2 * timeout_s + 5 {
-        return Err(invalid(
+        return Err(o.invalid(
             "schedule.lease_seconds",
             format!(
                 "must be at least twice wechat.timeout_ms plus 5 seconds ({}), so that a lease outlives a query",
@@ -379,7 +446,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     // again by another instance while still waiting for its turn under the QPS cap.
     let batch_budget = u64::from(w.max_qps) * s.lease_seconds / 2;
     if u64::from(s.batch_size) > batch_budget.max(1) {
-        return Err(invalid(
+        return Err(o.invalid(
             "schedule.batch_size",
             format!(
                 "at wechat.max_qps = {} a batch of {} takes longer than half of lease_seconds ({}); \
@@ -388,95 +455,90 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             ),
         ));
     }
-    if !(1..=24 * 30).contains(&s.give_up_after_hours) {
-        return Err(invalid(
-            "schedule.give_up_after_hours",
-            "must be 1 to 720".into(),
-        ));
-    }
-    if !(5..=60 * 24 * 30).contains(&s.default_expiry_minutes) {
-        return Err(invalid(
-            "schedule.default_expiry_minutes",
-            "must be 5 to 43200 (WeChat refuses to close an order younger than 5 minutes)".into(),
-        ));
-    }
-    if s.grace_seconds > 3600 {
-        return Err(invalid(
-            "schedule.grace_seconds",
-            "must be at most 3600".into(),
-        ));
-    }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
-        return Err(invalid("log.level", format!("{:?}: {e}", raw.log.level)));
-    }
-    let m = &raw.metrics;
+    Ok(())
+}
+
+/// `[metrics]` and `[notify]`: their addresses apart, the refresh, and both listeners' limits.
+fn check_listeners(
+    m: &MetricsSettings,
+    notify: &NotifySettings,
+    o: &Origins<'_>,
+) -> Result<(), ConfigError> {
     // The same port on the same address, or on any address where one side listens on all.
     let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| {
         a.port() == b.port()
             && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
     };
-    if raw
-        .notify
+    if notify
         .listen
         .is_some_and(|n| m.listen.port() != 0 && clash(n, m.listen))
     {
-        return Err(invalid(
+        return Err(o.invalid(
             "notify.listen",
             format!(
                 "{} overlaps metrics.listen ({}); the notify endpoint needs a port of its own",
-                raw.notify.listen.map(|n| n.to_string()).unwrap_or_default(),
+                notify.listen.map(|n| n.to_string()).unwrap_or_default(),
                 m.listen
             ),
         ));
     }
     if m.refresh_seconds == 0 {
-        return Err(invalid(
-            "metrics.refresh_seconds",
-            "must be at least 1".into(),
-        ));
+        return Err(o.invalid("metrics.refresh_seconds", "must be at least 1".into()));
     }
     if m.ready_max_scan_age_seconds == 0 {
-        return Err(invalid(
+        return Err(o.invalid(
             "metrics.ready_max_scan_age_seconds",
             "must be at least 1".into(),
         ));
     }
-    for (section, max_connections, header_timeout_seconds) in [
-        ("metrics", m.max_connections, m.header_timeout_seconds),
-        (
-            "notify",
-            raw.notify.max_connections,
-            raw.notify.header_timeout_seconds,
-        ),
-    ] {
-        if !MAX_CONNECTIONS.contains(&max_connections) {
-            return Err(invalid(
-                &format!("{section}.max_connections"),
-                format!(
-                    "must be {} to {}",
-                    MAX_CONNECTIONS.start(),
-                    MAX_CONNECTIONS.end()
-                ),
-            ));
-        }
-        if !HEADER_TIMEOUT_SECONDS.contains(&header_timeout_seconds) {
-            return Err(invalid(
-                &format!("{section}.header_timeout_seconds"),
-                format!(
-                    "must be {} to {}",
-                    HEADER_TIMEOUT_SECONDS.start(),
-                    HEADER_TIMEOUT_SECONDS.end()
-                ),
-            ));
-        }
-    }
+    check_limits("metrics", m.max_connections, m.header_timeout_seconds, o)?;
+    check_limits(
+        "notify",
+        notify.max_connections,
+        notify.header_timeout_seconds,
+        o,
+    )
+}
 
+/// One listener's `max_connections` and `header_timeout_seconds`.
+fn check_limits(
+    section: &str,
+    max_connections: u32,
+    header_timeout_seconds: u64,
+    o: &Origins<'_>,
+) -> Result<(), ConfigError> {
+    if !MAX_CONNECTIONS.contains(&max_connections) {
+        return Err(o.invalid(
+            &format!("{section}.max_connections"),
+            format!(
+                "must be {} to {}",
+                MAX_CONNECTIONS.start(),
+                MAX_CONNECTIONS.end()
+            ),
+        ));
+    }
+    if !HEADER_TIMEOUT_SECONDS.contains(&header_timeout_seconds) {
+        return Err(o.invalid(
+            &format!("{section}.header_timeout_seconds"),
+            format!(
+                "must be {} to {}",
+                HEADER_TIMEOUT_SECONDS.start(),
+                HEADER_TIMEOUT_SECONDS.end()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `[[merchants]]`: each once, each with its key read from where the config says.
+fn load_merchants(raw: Vec<RawMerchant>, o: &Origins<'_>) -> Result<Vec<Merchant>, ConfigError> {
+    let path = o.path;
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let mut merchants: Vec<Merchant> = Vec::with_capacity(raw.merchants.len());
-    for (i, m) in raw.merchants.into_iter().enumerate() {
+    let mut merchants: Vec<Merchant> = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
         let key_name = |k: &str| format!("merchants[{i}].{k}");
-        if merchants.iter().any(|o| o.mch_id == m.mch_id) {
-            return Err(invalid(
+        if merchants.iter().any(|other| other.mch_id == m.mch_id) {
+            return Err(o.invalid(
                 &key_name("mch_id"),
                 format!("merchant {} is configured twice", m.mch_id),
             ));
@@ -496,19 +558,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             },
         });
     }
-    Ok(Settings {
-        path: path.to_owned(),
-        database: DatabaseSettings {
-            url,
-            max_connections: raw.database.max_connections,
-        },
-        wechat: raw.wechat,
-        merchants,
-        schedule: raw.schedule,
-        metrics: raw.metrics,
-        notify: raw.notify,
-        log: raw.log,
-    })
+    Ok(merchants)
 }
 
 /// Checks a six-field cron expression (seconds first) with the scheduler's own parser.

@@ -8,19 +8,17 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    DatabaseSettings, LogSettings, MetricsSettings, NotifySettings, ScheduleSettings, Settings,
-    WechatSettings,
-};
+use crate::config::Settings;
 use crate::daemon::{Daemon, open_store};
 use crate::domain::OrderState;
-use crate::sim::{self, RunningSimulator};
-use crate::store::{DatabaseUrl, NewOrder};
+use crate::sim::{self, RunningSimulator, SimState};
+use crate::store::{NewOrder, Store};
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -104,38 +102,16 @@ pub enum DemoError {
 
 /// The settings the demo runs the daemon with: fast ticks, a short grace.
 pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Settings {
-    Settings {
-        path: PathBuf::from("(demo defaults)"),
-        database: DatabaseSettings {
-            url: DatabaseUrl::new(&format!("sqlite://{}", db.display())),
-            max_connections: 4,
-        },
-        wechat: WechatSettings {
-            base_url: sim_url,
-            backup_base_url: None,
-            max_qps: 5000,
-            concurrency: 32,
-            ..WechatSettings::default()
-        },
-        merchants: sim::default_merchants(),
-        schedule: ScheduleSettings {
-            scan_cron: "* * * * * *".into(),
-            grace_seconds: 2,
-            batch_size: 200,
-            lease_seconds: 30,
-            ..ScheduleSettings::default()
-        },
-        metrics: MetricsSettings {
-            listen: metrics,
-            refresh_seconds: 1,
-            ..MetricsSettings::default()
-        },
-        notify: NotifySettings {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            ..NotifySettings::default()
-        },
-        log: LogSettings::default(),
-    }
+    let mut settings = sim::daemon_settings(&format!("sqlite://{}", db.display()), &sim_url);
+    settings.path = PathBuf::from("(demo defaults)");
+    settings.database.max_connections = 4;
+    settings.wechat.max_qps = 5000;
+    settings.wechat.concurrency = 32;
+    settings.schedule.grace_seconds = 2;
+    settings.schedule.batch_size = 200;
+    settings.metrics.listen = metrics;
+    settings.notify.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings
 }
 
 /// Runs the demo; `stop` ends `--serve` (and cuts the demo short).
@@ -163,10 +139,38 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
         .map(|a| format!("http://{a}{}", crate::notify::NOTIFY_PATH));
     let daemon_task = tokio::spawn(daemon.wait());
 
-    // The shop registers its orders (and WeChat knows them through unifiedorder).
+    let plan = register_orders(&store, &simulator.state, options.orders, notify_url).await?;
+    let tally = Tally::of(&plan);
+    let payer = spawn_payer(simulator.state.clone(), plan);
+    wait_until_settled(&store, tally.paid, started, &stop).await?;
+    let paid_at = payer.await.map_err(std::io::Error::other)?;
+    let summary = summarize(&store, options, &tally, &paid_at, &simulator, started).await?;
+
+    if options.serve.is_some() && !stop.is_cancelled() {
+        println!("{summary}");
+        println!("\nserving http://{metrics_addr}/metrics until Ctrl-C");
+        stop.cancelled().await;
+    }
+    daemon_stop.cancel();
+    match daemon_task.await {
+        Ok(result) => result?,
+        Err(e) => return Err(std::io::Error::other(e).into()),
+    }
+    simulator.shutdown(Duration::from_secs(2)).await?;
+    Ok(summary)
+}
+
+/// The shop registers its orders (and WeChat knows them through unifiedorder); each gets its
+/// customer's plan.
+async fn register_orders(
+    store: &Store,
+    state: &SimState,
+    orders: u32,
+    notify_url: Option<String>,
+) -> Result<Vec<Planned>, DemoError> {
     let merchants = sim::default_merchants();
     let mut plan: Vec<Planned> = Vec::new();
-    for i in 0..options.orders {
+    for i in 0..orders {
         let m = &merchants[i as usize % merchants.len()];
         let otn = format!("demo{i:07}");
         let fee = rand::random_range(1..=50_000i64);
@@ -178,44 +182,47 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
                 total_fee: fee,
             })
             .await?;
-        simulator
-            .state
-            .create_order(m.mch_id.as_str(), &otn, fee, notify_url.clone(), None)?;
-        // 70% are paid: most within the grace period, some later (after a NOTPAY answer);
-        // a few pay another amount. 30% are never paid.
-        let roll = rand::random_range(0..1000);
-        let pay_after = match roll {
-            0..630 => Some(Duration::from_millis(rand::random_range(0..1500))),
-            630..700 => Some(Duration::from_millis(rand::random_range(3000..8000))),
-            _ => None,
-        };
-        let wrong_amount = pay_after.is_some() && roll % 250 == 0;
-        plan.push(Planned {
-            mch_id: m.mch_id.to_string(),
-            out_trade_no: otn,
-            fee,
-            pay_after,
-            wrong_amount,
-            // One notification in five gets through; the rest are lost.
-            notify: roll % 5 == 1,
-        });
+        state.create_order(m.mch_id.as_str(), &otn, fee, notify_url.clone(), None)?;
+        plan.push(Planned::draw(m.mch_id.to_string(), otn, fee));
     }
-    let paid = plan.iter().filter(|p| p.pay_after.is_some()).count() as u32;
-    let notified = plan
-        .iter()
-        .filter(|p| p.pay_after.is_some() && p.notify)
-        .count() as u32;
-    let mismatched = plan
-        .iter()
-        .filter(|p| p.pay_after.is_some() && p.wrong_amount)
-        .count() as u32;
+    Ok(plan)
+}
 
-    // The customers pay; most notifications are lost.
+/// What the plan holds: paid orders, their notifications that get through, wrong amounts.
+struct Tally {
+    paid: u32,
+    notified: u32,
+    mismatched: u32,
+}
+
+impl Tally {
+    fn of(plan: &[Planned]) -> Tally {
+        let paid = plan.iter().filter(|p| p.pay_after.is_some()).count() as u32;
+        let notified = plan
+            .iter()
+            .filter(|p| p.pay_after.is_some() && p.notify)
+            .count() as u32;
+        let mismatched = plan
+            .iter()
+            .filter(|p| p.pay_after.is_some() && p.wrong_amount)
+            .count() as u32;
+        Tally {
+            paid,
+            notified,
+            mismatched,
+        }
+    }
+}
+
+/// The customers pay, each at their time; most notifications are lost. Answers when each
+/// order was paid.
+fn spawn_payer(
+    state: Arc<SimState>,
+    mut payments: Vec<Planned>,
+) -> tokio::task::JoinHandle<HashMap<String, DateTime<Utc>>> {
     let pay_started = Instant::now();
-    let state = simulator.state.clone();
-    let mut payments = plan.clone();
     payments.sort_by_key(|p| p.pay_after);
-    let payer = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut paid_at: HashMap<String, DateTime<Utc>> = HashMap::new();
         for p in payments {
             let Some(after) = p.pay_after else { continue };
@@ -226,8 +233,17 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
             }
         }
         paid_at
-    });
+    })
+}
 
+/// Shows the progress until every paid order is settled (or `stop`), at most 120 s after the
+/// demo started.
+async fn wait_until_settled(
+    store: &Store,
+    paid: u32,
+    started: Instant,
+    stop: &CancellationToken,
+) -> Result<(), DemoError> {
     let progress = Progress::new(u64::from(paid));
     let deadline = Duration::from_secs(120);
     let settled_states = [OrderState::Success, OrderState::AmountMismatch];
@@ -248,8 +264,55 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     progress.finish();
-    let paid_at = payer.await.map_err(std::io::Error::other)?;
+    Ok(())
+}
 
+/// The summary, from the store's counts and events and the simulator's request count.
+async fn summarize(
+    store: &Store,
+    options: &DemoOptions,
+    tally: &Tally,
+    paid_at: &HashMap<String, DateTime<Utc>>,
+    simulator: &RunningSimulator,
+    started: Instant,
+) -> Result<DemoSummary, DemoError> {
+    let (mut delays, by_notify) = settle_delays(store, paid_at).await?;
+    delays.sort();
+    let pct = |q: f64| {
+        delays
+            .get(((delays.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    let counts = store.count_by_state().await?;
+    let count = |s: OrderState| {
+        counts
+            .iter()
+            .find(|(st, _)| *st == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    Ok(DemoSummary {
+        orders: options.orders,
+        paid: tally.paid,
+        notified: tally.notified,
+        mismatched_payments: tally.mismatched,
+        settled_success: count(OrderState::Success),
+        settled_by_notify: by_notify,
+        quarantined: count(OrderState::AmountMismatch),
+        still_open: count(OrderState::NotPay) + count(OrderState::UserPaying),
+        wechat_queries: simulator.state.requests(),
+        settle_p50: pct(0.50),
+        settle_p99: pct(0.99),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// From the events: each paid order's time from payment to settlement (unsorted), and how many
+/// settled from a notification.
+async fn settle_delays(
+    store: &Store,
+    paid_at: &HashMap<String, DateTime<Utc>>,
+) -> Result<(Vec<Duration>, i64), DemoError> {
     let mut delays: Vec<Duration> = Vec::new();
     let mut by_notify = 0;
     let mut after = 0;
@@ -266,47 +329,7 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
             }
         }
     }
-    delays.sort();
-    let pct = |q: f64| {
-        delays
-            .get(((delays.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
-    let counts = store.count_by_state().await?;
-    let count = |s: OrderState| {
-        counts
-            .iter()
-            .find(|(st, _)| *st == s)
-            .map_or(0, |(_, n)| *n)
-    };
-    let summary = DemoSummary {
-        orders: options.orders,
-        paid,
-        notified,
-        mismatched_payments: mismatched,
-        settled_success: count(OrderState::Success),
-        settled_by_notify: by_notify,
-        quarantined: count(OrderState::AmountMismatch),
-        still_open: count(OrderState::NotPay) + count(OrderState::UserPaying),
-        wechat_queries: simulator.state.requests(),
-        settle_p50: pct(0.50),
-        settle_p99: pct(0.99),
-        elapsed: started.elapsed(),
-    };
-
-    if options.serve.is_some() && !stop.is_cancelled() {
-        println!("{summary}");
-        println!("\nserving http://{metrics_addr}/metrics until Ctrl-C");
-        stop.cancelled().await;
-    }
-    daemon_stop.cancel();
-    match daemon_task.await {
-        Ok(result) => result?,
-        Err(e) => return Err(std::io::Error::other(e).into()),
-    }
-    simulator.shutdown(Duration::from_secs(2)).await?;
-    Ok(summary)
+    Ok((delays, by_notify))
 }
 
 /// One order of the demo and what its customer does.
@@ -321,6 +344,29 @@ struct Planned {
     wrong_amount: bool,
     /// The notification reaches the daemon.
     notify: bool,
+}
+
+impl Planned {
+    /// 70% are paid: most within the grace period, some later (after a NOTPAY answer); a few
+    /// pay another amount. 30% are never paid.
+    fn draw(mch_id: String, out_trade_no: String, fee: i64) -> Planned {
+        let roll = rand::random_range(0..1000);
+        let pay_after = match roll {
+            0..630 => Some(Duration::from_millis(rand::random_range(0..1500))),
+            630..700 => Some(Duration::from_millis(rand::random_range(3000..8000))),
+            _ => None,
+        };
+        let wrong_amount = pay_after.is_some() && roll % 250 == 0;
+        Planned {
+            mch_id,
+            out_trade_no,
+            fee,
+            pay_after,
+            wrong_amount,
+            // One notification in five gets through; the rest are lost.
+            notify: roll % 5 == 1,
+        }
+    }
 }
 
 /// A progress bar on a terminal, plain lines otherwise.

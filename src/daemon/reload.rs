@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use super::DaemonError;
 use super::jobs::Jobs;
 use crate::config::{self, Settings};
-use crate::telemetry::Telemetry;
 use crate::gateway::Merchant;
+use crate::telemetry::Telemetry;
 
 /// Applies a new configuration to a running daemon (SIGHUP). What can change safely changes at
 /// once: `[log] level`, every `[schedule]` key, `wechat.max_qps` and `wechat.concurrency` (a new
@@ -152,8 +152,7 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
 
 /// The same merchants in the same order, keys compared in constant time.
 fn same_merchants(old: &[Merchant], new: &[Merchant]) -> bool {
-    old.len() == new.len()
-        && old.iter().zip(new).all(|(a, b)| a.same_as(b))
+    old.len() == new.len() && old.iter().zip(new).all(|(a, b)| a.same_as(b))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DaemonError, Tasks};
 use crate::config::Settings;
+use crate::gateway::Gateway;
 use crate::http::{self, Health};
 use crate::listener::{self, Limits, Listener};
 use crate::notify::{self, NotifyApp};
@@ -19,7 +20,6 @@ use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
 use crate::telemetry::Telemetry;
-use crate::gateway::Gateway;
 use crate::wxpay::WxPayClient;
 
 /// The WeChat Pay gateway, shared by every scanner the daemon builds: a reload keeps it, and

@@ -21,35 +21,15 @@ use axum::routing::{get, post, put};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{
+    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+};
 use crate::domain::{AppId, MchId};
 use crate::gateway::Merchant;
+use crate::store::DatabaseUrl;
 use crate::wxpay::{ApiKey, SignType, xml::MAX_BODY_BYTES};
 
-pub use state::{Faults, Payment, SimError, SimState};
-
-/// WeChat's notification retry schedule: after the first attempt, wait these intervals.
-pub const WECHAT_NOTIFY_RETRIES: [Duration; 15] = {
-    const fn s(n: u64) -> Duration {
-        Duration::from_secs(n)
-    }
-    [
-        s(15),
-        s(15),
-        s(30),
-        s(180),
-        s(600),
-        s(1200),
-        s(1800),
-        s(1800),
-        s(1800),
-        s(3600),
-        s(10800),
-        s(10800),
-        s(10800),
-        s(21600),
-        s(21600),
-    ]
-};
+pub use state::{Faults, Payment, SimError, SimState, WECHAT_NOTIFY_RETRIES};
 
 /// The two test merchants of ../shared/fixtures/wxpay-v2/README.md, served without a config.
 pub fn default_merchants() -> Vec<Merchant> {
@@ -78,6 +58,39 @@ pub fn default_merchants() -> Vec<Merchant> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// The settings of a daemon working against the simulator at `sim_url`: a scan every second, no
+/// grace, 30 s leases, the [`default_merchants`], metrics on an ephemeral port refreshed every
+/// second, no backup URL. The demo, the tests and the benchmarks start from these and set what
+/// they tune (`path` names who built them).
+pub fn daemon_settings(db_url: &str, sim_url: &str) -> Settings {
+    Settings {
+        path: "(simulator)".into(),
+        database: DatabaseSettings {
+            url: DatabaseUrl::new(db_url),
+            max_connections: 8,
+        },
+        wechat: WechatSettings {
+            base_url: sim_url.to_owned(),
+            backup_base_url: None,
+            ..WechatSettings::default()
+        },
+        merchants: default_merchants(),
+        schedule: ScheduleSettings {
+            scan_cron: "* * * * * *".into(),
+            grace_seconds: 0,
+            lease_seconds: 30,
+            ..ScheduleSettings::default()
+        },
+        metrics: MetricsSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            refresh_seconds: 1,
+            ..MetricsSettings::default()
+        },
+        notify: Default::default(),
+        log: Default::default(),
+    }
 }
 
 /// The simulator's HTTP routes.

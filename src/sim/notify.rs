@@ -3,14 +3,31 @@
 
 use std::sync::Arc;
 
-use super::state::{SimState, lock};
-use super::wechat::order_fields;
+use super::state::{Payment, SimError, SimState, lock, order_fields};
 use crate::wxpay::client::nonce;
 use crate::wxpay::{Fields, sign, xml};
 
 type Key = (String, String);
 
-pub(crate) fn spawn_delivery(state: Arc<SimState>, key: Key) {
+impl SimState {
+    /// The customer pays `paid_fee` (default: the order's amount). An order the simulator does
+    /// not know is created paid when `paid_fee` is given. `notify` delivers the notification.
+    pub fn pay(
+        self: &Arc<Self>,
+        mch_id: &str,
+        out_trade_no: &str,
+        paid_fee: Option<i64>,
+        notify: bool,
+    ) -> Result<Payment, SimError> {
+        let payment = self.record_payment(mch_id, out_trade_no, paid_fee)?;
+        if notify {
+            spawn_delivery(self.clone(), (mch_id.to_owned(), out_trade_no.to_owned()));
+        }
+        Ok(payment)
+    }
+}
+
+fn spawn_delivery(state: Arc<SimState>, key: Key) {
     tokio::spawn(async move {
         let retries = lock(&state.notify_retries).clone();
         let mut waits = retries.into_iter();

@@ -9,13 +9,39 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::WECHAT_NOTIFY_RETRIES;
-use super::wechat::PREPAY_LIFETIME;
 use crate::domain::TradeState;
 use crate::gateway::Merchant;
+use crate::wxpay::Fields;
 use crate::wxpay::client::http_client_builder;
 use crate::wxpay::sign::SignType;
 use crate::wxpay::time::format_wechat_time;
+
+/// How long a prepay_id stays valid.
+pub const PREPAY_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::hours(2);
+
+/// WeChat's notification retry schedule: after the first attempt, wait these intervals.
+pub const WECHAT_NOTIFY_RETRIES: [Duration; 15] = {
+    const fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+    [
+        s(15),
+        s(15),
+        s(30),
+        s(180),
+        s(600),
+        s(1200),
+        s(1800),
+        s(1800),
+        s(1800),
+        s(3600),
+        s(10800),
+        s(10800),
+        s(10800),
+        s(21600),
+        s(21600),
+    ]
+};
 
 /// An order as WeChat holds it.
 #[derive(Debug, Clone)]
@@ -341,13 +367,13 @@ impl SimState {
     }
 
     /// The customer pays `paid_fee` (default: the order's amount). An order the simulator does
-    /// not know is created paid when `paid_fee` is given. `notify` delivers the notification.
-    pub fn pay(
-        self: &Arc<Self>,
+    /// not know is created paid when `paid_fee` is given. No notification: `SimState::pay`
+    /// (in `notify.rs`) adds it.
+    pub(crate) fn record_payment(
+        &self,
         mch_id: &str,
         out_trade_no: &str,
         paid_fee: Option<i64>,
-        notify: bool,
     ) -> Result<Payment, SimError> {
         if paid_fee.is_some_and(|f| f <= 0) {
             return Err(SimError::BadRequest(
@@ -396,9 +422,6 @@ impl SimState {
                 total_fee,
             }
         };
-        if notify {
-            super::notify::spawn_delivery(self.clone(), key);
-        }
         Ok(payment)
     }
 }
@@ -416,4 +439,29 @@ pub(crate) fn trade_state_desc(state: &TradeState) -> &'static str {
         TradeState::Accept => "已接收，等待扣款",
         TradeState::Unknown(_) => "未知状态",
     }
+}
+
+/// The order fields of an orderquery reply or a notification.
+pub(crate) fn order_fields(out_trade_no: &str, order: &SimOrder) -> Fields {
+    let mut f = Fields::new()
+        .with("result_code", "SUCCESS")
+        .with("out_trade_no", out_trade_no)
+        .with("trade_state", order.state.as_str())
+        .with("trade_state_desc", trade_state_desc(&order.state));
+    if let (Some(tx), Some(time_end)) = (&order.transaction_id, order.time_end) {
+        let paid = order.paid_fee.unwrap_or(order.total_fee).to_string();
+        f.insert("openid", order.openid.as_str());
+        f.insert("is_subscribe", "N");
+        f.insert("trade_type", order.trade_type.as_str());
+        f.insert("bank_type", "CFT");
+        f.insert("total_fee", paid.as_str());
+        f.insert("cash_fee", paid);
+        f.insert("fee_type", "CNY");
+        f.insert("transaction_id", tx.as_str());
+        f.insert("time_end", format_wechat_time(time_end));
+        if let Some(attach) = &order.attach {
+            f.insert("attach", attach.as_str());
+        }
+    }
+    f
 }

@@ -18,16 +18,13 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 
-use super::state::{SimEndpoint, SimOrder, SimState, lock, trade_state_desc};
+use super::state::{Faults, PREPAY_LIFETIME, SimEndpoint, SimOrder, SimState, lock, order_fields};
 use crate::domain::{Fen, OutTradeNo, TradeState};
 use crate::gateway::Merchant;
 use crate::wxpay::client::nonce;
 use crate::wxpay::sign::{self, SignType, declared_sign_type};
 use crate::wxpay::time::format_wechat_time;
 use crate::wxpay::{Fields, xml};
-
-/// How long a prepay_id stays valid.
-pub const PREPAY_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::hours(2);
 
 /// An authenticated request.
 struct Request {
@@ -69,7 +66,11 @@ fn result_fail(code: &str, description: &str) -> Fields {
         .with("err_code_des", description)
 }
 
+/// Counts the request, then decodes it and checks its merchant, appid and signature.
 fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
+    state
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let fields = xml::decode(body).map_err(|_| fail("XML格式错误"))?;
     let merchant = fields
         .get_nonempty("mch_id")
@@ -92,7 +93,7 @@ fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
 }
 
 /// Sleeps for the injected latency, then answers the faults that replace a reply entirely.
-async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<super::Faults, Response> {
+async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<Faults, Response> {
     let faults = state.faults(endpoint);
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -115,7 +116,7 @@ async fn faults_before(state: &SimState, endpoint: SimEndpoint) -> Result<super:
 }
 
 /// Result-level faults that replace the business answer (and so have no side effect).
-fn result_fault(faults: &super::Faults) -> Option<Fields> {
+fn result_fault(faults: &Faults) -> Option<Fields> {
     if roll(faults.system_error_rate) {
         return Some(result_fail("SYSTEMERROR", "系统错误"));
     }
@@ -130,7 +131,7 @@ fn roll(rate: f64) -> bool {
 }
 
 /// Wraps a result in the signed envelope and applies the reply-corrupting faults.
-fn reply(req: &Request, answer: Answer, faults: &super::Faults) -> Response {
+fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
     let result = match answer {
         Answer::Fail(message) => return fail(message),
         Answer::Result(r) => r,
@@ -174,35 +175,7 @@ fn reply(req: &Request, answer: Answer, faults: &super::Faults) -> Response {
     }
 }
 
-/// The order fields of an orderquery reply or a notification.
-pub(crate) fn order_fields(out_trade_no: &str, order: &SimOrder) -> Fields {
-    let mut f = Fields::new()
-        .with("result_code", "SUCCESS")
-        .with("out_trade_no", out_trade_no)
-        .with("trade_state", order.state.as_str())
-        .with("trade_state_desc", trade_state_desc(&order.state));
-    if let (Some(tx), Some(time_end)) = (&order.transaction_id, order.time_end) {
-        let paid = order.paid_fee.unwrap_or(order.total_fee).to_string();
-        f.insert("openid", order.openid.as_str());
-        f.insert("is_subscribe", "N");
-        f.insert("trade_type", order.trade_type.as_str());
-        f.insert("bank_type", "CFT");
-        f.insert("total_fee", paid.as_str());
-        f.insert("cash_fee", paid);
-        f.insert("fee_type", "CNY");
-        f.insert("transaction_id", tx.as_str());
-        f.insert("time_end", format_wechat_time(time_end));
-        if let Some(attach) = &order.attach {
-            f.insert("attach", attach.as_str());
-        }
-    }
-    f
-}
-
 pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -239,9 +212,6 @@ pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Res
 }
 
 pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -254,56 +224,59 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
         Ok(f) => f,
         Err(resp) => return resp,
     };
-    let mut early_close = false;
     let answer = match result_fault(&faults) {
         Some(r) => r,
-        None => {
-            let mut orders = lock(&state.orders);
-            let key = (
-                req.merchant.mch_id.as_str().to_owned(),
-                out_trade_no.clone(),
-            );
-            match orders.get_mut(&key) {
-                None => result_fail("ORDERNOTEXIST", "订单不存在"),
-                // WeChat refuses to close an order younger than 5 minutes.
-                Some(o)
-                    if (Utc::now() - o.created_at)
-                        .to_std()
-                        .is_ok_and(|age| age < *lock(&state.close_min_age)) =>
-                {
-                    early_close = true;
-                    result_fail(
-                        "SYSTEMERROR",
-                        "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟",
-                    )
-                }
-                Some(o) => match o.state {
-                    TradeState::Success | TradeState::Refund => {
-                        result_fail("ORDERPAID", "订单已支付，不能发起关单")
-                    }
-                    TradeState::Closed | TradeState::Revoked => {
-                        result_fail("ORDERCLOSED", "订单已关闭，无法重复关闭")
-                    }
-                    _ => {
-                        o.state = TradeState::Closed;
-                        Fields::new()
-                            .with("result_code", "SUCCESS")
-                            .with("result_msg", "OK")
-                    }
-                },
-            }
-        }
+        None => close(&state, &req, &out_trade_no),
     };
-    if early_close {
-        state.count_early_close(&out_trade_no);
-    }
     reply(&req, Answer::Result(answer), &faults)
 }
 
+/// Closes an open order, as WeChat would, counting a close refused for the order's youth.
+fn close(state: &SimState, req: &Request, out_trade_no: &str) -> Fields {
+    let mut early_close = false;
+    let answer = {
+        let mut orders = lock(&state.orders);
+        let key = (
+            req.merchant.mch_id.as_str().to_owned(),
+            out_trade_no.to_owned(),
+        );
+        match orders.get_mut(&key) {
+            None => result_fail("ORDERNOTEXIST", "订单不存在"),
+            // WeChat refuses to close an order younger than 5 minutes.
+            Some(o)
+                if (Utc::now() - o.created_at)
+                    .to_std()
+                    .is_ok_and(|age| age < *lock(&state.close_min_age)) =>
+            {
+                early_close = true;
+                result_fail(
+                    "SYSTEMERROR",
+                    "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟",
+                )
+            }
+            Some(o) => match o.state {
+                TradeState::Success | TradeState::Refund => {
+                    result_fail("ORDERPAID", "订单已支付，不能发起关单")
+                }
+                TradeState::Closed | TradeState::Revoked => {
+                    result_fail("ORDERCLOSED", "订单已关闭，无法重复关闭")
+                }
+                _ => {
+                    o.state = TradeState::Closed;
+                    Fields::new()
+                        .with("result_code", "SUCCESS")
+                        .with("result_msg", "OK")
+                }
+            },
+        }
+    };
+    if early_close {
+        state.count_early_close(out_trade_no);
+    }
+    answer
+}
+
 pub async fn unified_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
-    state
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let req = match authenticate(&state, &body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -321,6 +294,33 @@ pub async fn unified_order(State(state): State<Arc<SimState>>, body: Bytes) -> R
 
 fn create_order(state: &SimState, req: &Request) -> Answer {
     let f = &req.fields;
+    let (out_trade_no, total_fee, trade_type) = match unified_order_request(f) {
+        Ok(parts) => parts,
+        Err(answer) => return answer,
+    };
+    let prepay_id = match prepay(state, req, out_trade_no, total_fee, trade_type) {
+        Ok(id) => id,
+        Err(answer) => return answer,
+    };
+    let mut result = Fields::new()
+        .with("result_code", "SUCCESS")
+        .with("trade_type", trade_type)
+        .with("prepay_id", prepay_id.as_str());
+    if trade_type == "NATIVE" {
+        result.insert(
+            "code_url",
+            format!("weixin://wxpay/bizpayurl?pr={prepay_id}"),
+        );
+    }
+    if let Some(device) = f.get_nonempty("device_info") {
+        result.insert("device_info", device);
+    }
+    Answer::Result(result)
+}
+
+/// A unifiedorder request's out_trade_no, total_fee and trade_type, or WeChat's answer to a
+/// missing or malformed one.
+fn unified_order_request(f: &Fields) -> Result<(&str, i64, &str), Answer> {
     for required in [
         "body",
         "out_trade_no",
@@ -329,44 +329,61 @@ fn create_order(state: &SimState, req: &Request) -> Answer {
         "trade_type",
     ] {
         if f.get_nonempty(required).is_none() {
-            return Answer::Fail(match required {
+            return Err(Answer::Fail(match required {
                 "body" => "缺少参数body",
                 "out_trade_no" => "缺少参数out_trade_no",
                 "total_fee" => "缺少参数total_fee",
                 "notify_url" => "缺少参数notify_url",
                 _ => "缺少参数trade_type",
-            });
+            }));
         }
     }
     let out_trade_no = f.get("out_trade_no").unwrap_or_default();
     if OutTradeNo::parse(out_trade_no).is_err() {
-        return Answer::Fail("out_trade_no参数格式错误");
+        return Err(Answer::Fail("out_trade_no参数格式错误"));
     }
     let total_fee = match f.get("total_fee").unwrap_or_default().parse::<Fen>() {
         Ok(fee) if fee.get() > 0 => fee.get(),
-        _ => return Answer::Fail("total_fee参数格式错误"),
+        _ => return Err(Answer::Fail("total_fee参数格式错误")),
     };
     let trade_type = f.get("trade_type").unwrap_or_default();
     if trade_type == "JSAPI" && f.get_nonempty("openid").is_none() {
-        return Answer::Result(result_fail("PARAM_ERROR", "JSAPI支付必须传openid"));
+        return Err(Answer::Result(result_fail(
+            "PARAM_ERROR",
+            "JSAPI支付必须传openid",
+        )));
     }
+    Ok((out_trade_no, total_fee, trade_type))
+}
+
+/// The order's prepay_id: the one still valid, else a new one (the order registered anew);
+/// WeChat's answer for an order paid, closed or registered with another amount.
+fn prepay(
+    state: &SimState,
+    req: &Request,
+    out_trade_no: &str,
+    total_fee: i64,
+    trade_type: &str,
+) -> Result<String, Answer> {
+    let f = &req.fields;
     let now = Utc::now();
     let key = (
         req.merchant.mch_id.as_str().to_owned(),
         out_trade_no.to_owned(),
     );
     let mut orders = lock(&state.orders);
-    let prepay_id = match orders.get(&key) {
+    match orders.get(&key) {
         Some(o) if matches!(o.state, TradeState::Success | TradeState::Refund) => {
-            return Answer::Result(result_fail("ORDERPAID", "该订单已支付"));
+            Err(Answer::Result(result_fail("ORDERPAID", "该订单已支付")))
         }
         Some(o) if matches!(o.state, TradeState::Closed | TradeState::Revoked) => {
-            return Answer::Result(result_fail("ORDERCLOSED", "该订单已关闭"));
+            Err(Answer::Result(result_fail("ORDERCLOSED", "该订单已关闭")))
         }
-        Some(o) if o.total_fee != total_fee => {
-            return Answer::Result(result_fail("INVALID_REQUEST", "201 商户订单号重复"));
-        }
-        Some(o) if o.prepay_expires_at > now => o.prepay_id.clone(),
+        Some(o) if o.total_fee != total_fee => Err(Answer::Result(result_fail(
+            "INVALID_REQUEST",
+            "201 商户订单号重复",
+        ))),
+        Some(o) if o.prepay_expires_at > now => Ok(o.prepay_id.clone()),
         _ => {
             let prepay_id = format!("wx{}{:018}", format_wechat_time(now), state.next_sequence());
             let order = SimOrder {
@@ -389,21 +406,7 @@ fn create_order(state: &SimState, req: &Request) -> Answer {
                 notify_delivered: false,
             };
             orders.insert(key, order);
-            prepay_id
+            Ok(prepay_id)
         }
-    };
-    let mut result = Fields::new()
-        .with("result_code", "SUCCESS")
-        .with("trade_type", trade_type)
-        .with("prepay_id", prepay_id.as_str());
-    if trade_type == "NATIVE" {
-        result.insert(
-            "code_url",
-            format!("weixin://wxpay/bizpayurl?pr={prepay_id}"),
-        );
     }
-    if let Some(device) = f.get_nonempty("device_info") {
-        result.insert("device_info", device);
-    }
-    Answer::Result(result)
 }

@@ -1,20 +1,21 @@
 //! The real binary, as an operator runs it: `simulate` on port 0, signals, config errors.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use wxpay_reconciler::wxpay::{OrderRef, QueryAnswer, WxPayError};
 
 use crate::helpers::{client_for, md5_merchant, merchant, unique_otn};
+use crate::process::{self, Ran, signal, wait_exit};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
-
-/// Starts `simulate --listen 127.0.0.1:0` and returns the child and its base URL.
-fn spawn_simulator(extra: &[&str], envs: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(BIN)
+/// Starts `simulate --listen 127.0.0.1:0` (after `extra`, then `after`) and returns the child
+/// and its base URL.
+fn spawn_simulator(extra: &[&str], after: &[&str], envs: &[(&str, &str)]) -> (Child, String) {
+    let mut child = process::command(None)
         .args(extra)
         .args(["simulate", "--listen", "127.0.0.1:0"])
+        .args(after)
         .envs(envs.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -33,39 +34,16 @@ fn spawn_simulator(extra: &[&str], envs: &[(&str, &str)]) -> (Child, String) {
     (child, url)
 }
 
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits for the child to exit, at most `bound`.
-fn wait_within(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > bound {
-            let _ = child.kill();
-            panic!("did not exit within {bound:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn simulate_serves_until_sigterm_and_exits_zero() {
     for sig in ["TERM", "INT"] {
-        let (mut child, url) = spawn_simulator(&[], &[]);
+        let (mut child, url) = spawn_simulator(&[], &[], &[]);
         let answer = client_for(&url)
             .order_query(&md5_merchant(), &OrderRef::OutTradeNo(unique_otn("cli")))
             .await;
         assert_eq!(answer, Ok(QueryAnswer::NotExist));
-        signal(&child, sig);
-        let status = wait_within(&mut child, Duration::from_secs(5));
+        signal(child.id(), sig);
+        let status = wait_exit(&mut child, Duration::from_secs(5));
         assert!(status.success(), "SIG{sig}: {status:?}");
     }
 }
@@ -81,21 +59,7 @@ async fn simulate_serves_the_merchants_of_a_config_file() {
     )
     .unwrap();
     // --config is accepted after the subcommand as well as before it.
-    let mut child = Command::new(BIN)
-        .args(["simulate", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut child, url) = spawn_simulator(&[], &["--config", cfg.to_str().unwrap()], &[]);
 
     let configured = merchant(
         "1230000109",
@@ -114,18 +78,16 @@ async fn simulate_serves_the_merchants_of_a_config_file() {
         Err(WxPayError::ReturnFail("mch_id参数错误".into())),
         "the default merchants are not served when a config names others"
     );
-    signal(&child, "TERM");
-    assert!(wait_within(&mut child, Duration::from_secs(5)).success());
+    signal(child.id(), "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
 }
 
 fn run_expecting_failure(args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} must fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let mut command = process::command(None);
+    command.args(args).envs(envs.iter().copied());
+    let ran = Ran::of(command);
+    assert!(!ran.success(), "{args:?} must fail");
+    ran.stderr
 }
 
 #[test]
@@ -177,15 +139,16 @@ fn a_bad_config_fails_fast_naming_the_file_and_the_key() {
 
 #[tokio::test]
 async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
-    let out = tokio::process::Command::new(BIN)
+    let mut command = process::command(None);
+    command
         .args(["demo", "--orders", "200"])
-        .env_remove("WXPAY_RECONCILER_CONFIG")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+        .env_remove("WXPAY_RECONCILER_CONFIG");
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = Ran::of_async(command).await;
+    assert!(status.success(), "{stdout}\n{stderr}");
     for line in [
         "orders",
         "paid",

@@ -1,10 +1,8 @@
 //! The daemon as an operator runs it: the real binary with a config file, its commands, its
 //! HTTP endpoints, signals, and a database outage in the middle of a run.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,8 +15,7 @@ use wxpay_reconciler::domain::OrderState;
 use crate::db::{Kind, backends};
 use crate::engine::{Engine, metric_value};
 use crate::helpers::{TestSim, md5_merchant};
-
-pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+use crate::process::{self, Ran, RealDaemon, signal, wait_exit};
 
 /// Writes a config for `db_url` and `sim_url` (the default simulator merchants, keys in files).
 pub(crate) fn write_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf {
@@ -65,70 +62,25 @@ refresh_seconds = 1
 
 /// Runs a command to completion without blocking the test's runtime (the simulator lives there).
 async fn run_cmd(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut command = process::command(Some(config));
+    command.args(args).env("RUST_LOG", "warn");
+    let ran = Ran::of_async(command).await;
+    (ran.success(), ran.stdout, ran.stderr)
 }
 
-/// Starts `run`, waits for its "reconciler running" line, returns the child and the metrics
-/// address; the rest of its stderr is collected.
-fn spawn_run(config: &Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
-    spawn_run_logging(config, Some("info"))
+/// Starts `run`, waits for its "reconciler running" line; the rest of its stderr is collected.
+async fn spawn_run(config: &Path) -> RealDaemon {
+    spawn_run_logging(config, Some("info")).await
 }
 
 /// [`spawn_run`] with `RUST_LOG` set to `rust_log`, or unset (the config's `[log] level` rules).
-fn spawn_run_logging(
-    config: &Path,
-    rust_log: Option<&str>,
-) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let mut command = Command::new(BIN);
+async fn spawn_run_logging(config: &Path, rust_log: Option<&str>) -> RealDaemon {
+    let mut command = process::command(Some(config));
     match rust_log {
         Some(level) => command.env("RUST_LOG", level),
         None => command.env_remove("RUST_LOG"),
     };
-    let mut child = command
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    let mut line = String::new();
-    while reader.read_line(&mut line).unwrap() > 0 {
-        lines.lock().unwrap().push(line.clone());
-        if line.contains("reconciler running") {
-            let a = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("metrics="))
-                .expect("metrics address in the start line");
-            addr = Some(a.parse().unwrap());
-            break;
-        }
-        line.clear();
-    }
-    let addr =
-        addr.unwrap_or_else(|| panic!("run did not start:\n{}", lines.lock().unwrap().join("")));
-    let rest = lines.clone();
-    std::thread::spawn(move || {
-        for l in reader.lines().map_while(Result::ok) {
-            rest.lock().unwrap().push(l);
-        }
-    });
-    (child, addr, lines)
+    RealDaemon::spawn(command).await
 }
 
 pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -141,17 +93,6 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
-fn wait_exit(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(start.elapsed() < bound, "did not exit within {bound:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub(crate) async fn wait_for(what: &str, bound: Duration, mut check: impl AsyncFnMut() -> bool) {
@@ -174,7 +115,8 @@ async fn run_settles_serves_metrics_and_drains_on_sigterm() {
         e.pay(&m, &paid, json!({"notify": "drop"})).await;
         let unpaid = e.order(&m, 10).await;
 
-        let (mut child, addr, log) = spawn_run(&config);
+        let mut daemon = spawn_run(&config).await;
+        let addr = daemon.metrics;
         wait_for(
             "the paid order to settle",
             Duration::from_secs(15),
@@ -222,18 +164,15 @@ async fn run_settles_serves_metrics_and_drains_on_sigterm() {
         );
 
         let started = Instant::now();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = wait_exit(&mut child, Duration::from_secs(12));
+        signal(daemon.child.id(), "TERM");
+        let status = wait_exit(&mut daemon.child, Duration::from_secs(12));
         assert!(
             status.success(),
             "{kind:?}: {status:?}\n{}",
-            log.lock().unwrap().join("\n")
+            daemon.log_text()
         );
         assert!(started.elapsed() < Duration::from_secs(11));
-        let log = log.lock().unwrap().join("\n");
+        let log = daemon.log_text();
         assert!(log.contains("reconciler stopped"), "{log}");
         assert!(
             !log.contains(" ERROR "),
@@ -579,9 +518,7 @@ async fn run_under_systemd_watchdog(
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &e.db.url, &e.sim.url());
     let systemd = SystemdListener::bind(dir.path());
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
+    let mut child = tokio::process::Command::from(process::command(Some(&config)))
         .arg("run")
         .env("NOTIFY_SOCKET", &systemd.path)
         .env("WATCHDOG_USEC", "1500000")
@@ -602,10 +539,7 @@ async fn run_under_systemd_watchdog(
     let from = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let gap = systemd.longest_watchdog_gap(from, Instant::now());
-    Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .unwrap();
+    signal(child.id().unwrap(), "TERM");
     let status = tokio::time::timeout(Duration::from_secs(12), child.wait())
         .await
         .unwrap()
@@ -714,7 +648,7 @@ async fn a_second_daemon_on_the_same_sqlite_file_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let e = Engine::new(db).await;
     let config = write_config(dir.path(), &e.db.url, &e.sim.url());
-    let (mut first, _, _) = spawn_run(&config);
+    let mut first = spawn_run(&config).await;
     let (ok, _, err) = run_cmd(&config, &["run"]).await;
     assert!(!ok);
     assert!(
@@ -722,18 +656,12 @@ async fn a_second_daemon_on_the_same_sqlite_file_refuses_to_start() {
             && err.contains(".lock"),
         "{err}"
     );
-    Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_exit(&mut first, Duration::from_secs(12)).success());
+    signal(first.child.id(), "TERM");
+    assert!(wait_exit(&mut first.child, Duration::from_secs(12)).success());
     // Once the first is gone, the lock is free again.
-    let (mut second, _, _) = spawn_run(&config);
-    Command::new("kill")
-        .args(["-TERM", &second.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_exit(&mut second, Duration::from_secs(12)).success());
+    let mut second = spawn_run(&config).await;
+    signal(second.child.id(), "TERM");
+    assert!(wait_exit(&mut second.child, Duration::from_secs(12)).success());
     e.finish().await;
 }
 
@@ -750,13 +678,6 @@ fn write_short_lease_config(dir: &Path, db_url: &str, sim_url: &str) -> PathBuf 
         );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn signal(child: &Child, name: &str) {
-    Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
 }
 
 #[tokio::test]
@@ -776,18 +697,19 @@ async fn a_daemon_paused_past_its_lease_finds_its_late_write_refused() {
         e.sim
             .faults(json!({"endpoint": "orderquery", "latency_ms": 600}))
             .await;
-        let (mut a, a_metrics, _) = spawn_run(&config);
+        let mut a = spawn_run(&config).await;
+        let a_metrics = a.metrics;
         wait_for(
             "A's queries in flight",
             Duration::from_secs(10),
             async || e.sim.sim.state.total_inflight() >= orders.len() as u64,
         )
         .await;
-        signal(&a, "STOP");
+        signal(a.child.id(), "STOP");
         e.sim.faults(json!({"endpoint": "orderquery"})).await;
 
         // B takes over once A's leases pass, and settles everything.
-        let (mut b, _, _) = spawn_run(&config);
+        let mut b = spawn_run(&config).await;
         for otn in &orders {
             wait_for("B to settle", Duration::from_secs(30), async || {
                 e.row(otn).await.state == OrderState::Success
@@ -795,7 +717,7 @@ async fn a_daemon_paused_past_its_lease_finds_its_late_write_refused() {
             .await;
         }
         // A wakes up and writes what it learned before its pause: refused by the lease.
-        signal(&a, "CONT");
+        signal(a.child.id(), "CONT");
         wait_for("A's refused write", Duration::from_secs(15), async || {
             metric_value(
                 &get(a_metrics, "/metrics").await.1,
@@ -819,11 +741,11 @@ async fn a_daemon_paused_past_its_lease_finds_its_late_write_refused() {
                 "{kind:?}: {otn} recorded once"
             );
         }
-        for child in [&a, &b] {
-            signal(child, "TERM");
+        for daemon in [&a, &b] {
+            signal(daemon.child.id(), "TERM");
         }
-        assert!(wait_exit(&mut a, Duration::from_secs(12)).success());
-        assert!(wait_exit(&mut b, Duration::from_secs(12)).success());
+        assert!(wait_exit(&mut a.child, Duration::from_secs(12)).success());
+        assert!(wait_exit(&mut b.child, Duration::from_secs(12)).success());
         e.finish().await;
     }
 }
@@ -845,14 +767,17 @@ async fn three_daemons_share_one_database_and_survive_a_sigkill() {
         e.sim
             .faults(json!({"endpoint": "orderquery", "latency_ms": 200}))
             .await;
-        let mut daemons: Vec<Child> = (0..3).map(|_| spawn_run(&config).0).collect();
+        let mut daemons: Vec<RealDaemon> = Vec::new();
+        for _ in 0..3 {
+            daemons.push(spawn_run(&config).await);
+        }
         wait_for("queries in flight", Duration::from_secs(10), async || {
             e.sim.sim.state.total_inflight() >= 1
         })
         .await;
         // One instance dies mid-scan, without a chance to clean up.
-        signal(&daemons[0], "KILL");
-        daemons[0].wait().unwrap();
+        signal(daemons[0].child.id(), "KILL");
+        daemons[0].child.wait().unwrap();
         for otn in &orders {
             wait_for(
                 "every order to settle",
@@ -875,8 +800,8 @@ async fn three_daemons_share_one_database_and_survive_a_sigkill() {
             assert_eq!(e.events(otn).await.len(), 1, "{kind:?} {otn}: settled once");
         }
         for d in daemons.iter_mut().skip(1) {
-            signal(d, "TERM");
-            assert!(wait_exit(d, Duration::from_secs(12)).success());
+            signal(d.child.id(), "TERM");
+            assert!(wait_exit(&mut d.child, Duration::from_secs(12)).success());
         }
         e.finish().await;
     }
@@ -889,8 +814,9 @@ async fn sighup_reloads_what_is_safe_and_keeps_running_on_a_bad_file() {
     let sim = TestSim::start().await;
     let config = write_config(dir.path(), &db.url, &sim.url());
     let original = std::fs::read_to_string(&config).unwrap();
-    let (mut child, addr, lines) = spawn_run_logging(&config, None);
-    let log = || lines.lock().unwrap().join("\n");
+    let mut daemon = spawn_run_logging(&config, None).await;
+    let addr = daemon.metrics;
+    let log = || daemon.log_text();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         !log().contains("scan finished"),
@@ -915,7 +841,7 @@ async fn sighup_reloads_what_is_safe_and_keeps_running_on_a_bad_file() {
             + "\n[log]\nlevel = \"debug\"\n",
     )
     .unwrap();
-    signal(&child, "HUP");
+    signal(daemon.child.id(), "HUP");
     wait_for("the reload", Duration::from_secs(10), async || {
         log().contains("configuration reloaded")
     })
@@ -943,7 +869,7 @@ async fn sighup_reloads_what_is_safe_and_keeps_running_on_a_bad_file() {
 
     // A broken file: refused, counted, the daemon keeps its settings and keeps scanning.
     std::fs::write(&config, original.replace("* * * * * *", "every second")).unwrap();
-    signal(&child, "HUP");
+    signal(daemon.child.id(), "HUP");
     wait_for("the refused reload", Duration::from_secs(10), async || {
         let (_, m) = get(addr, "/metrics").await;
         metric_value(
@@ -965,8 +891,8 @@ async fn sighup_reloads_what_is_safe_and_keeps_running_on_a_bad_file() {
         "still scanning"
     );
 
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(15)).success());
+    signal(daemon.child.id(), "TERM");
+    assert!(wait_exit(&mut daemon.child, Duration::from_secs(15)).success());
     sim.stop().await;
     db.cleanup().await;
 }
@@ -989,8 +915,8 @@ async fn the_api_key_can_come_from_a_systemd_credential() {
     )
     .unwrap();
     let check = |creds: Option<&Path>| {
-        let mut c = tokio::process::Command::new(BIN);
-        c.arg("--config").arg(&config).arg("check-config");
+        let mut c = tokio::process::Command::from(process::command(Some(&config)));
+        c.arg("check-config");
         match creds {
             Some(dir) => c.env("CREDENTIALS_DIRECTORY", dir),
             None => c.env_remove("CREDENTIALS_DIRECTORY"),

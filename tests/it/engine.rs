@@ -6,51 +6,27 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use wxpay_reconciler::config::{
-    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
-};
+use wxpay_reconciler::config::Settings;
 use wxpay_reconciler::daemon;
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::reconcile::scanner::{ScanReport, Scanner};
-use wxpay_reconciler::store::{Claimed, DatabaseUrl, EventRow, NewOrder, OrderRow};
+use wxpay_reconciler::store::{Claimed, EventRow, NewOrder, OrderRow};
 use wxpay_reconciler::telemetry::Telemetry;
 use wxpay_reconciler::wxpay::Merchant;
 
 use crate::db::{Kind, TestDb, backends};
+use crate::frame::{for_each_backend, for_each_backend_with};
 use crate::helpers::{TestSim, hmac_merchant, md5_merchant, unique_otn};
 
 pub fn settings(db_url: &str, sim_url: &str) -> Settings {
-    Settings {
-        path: "(test)".into(),
-        database: DatabaseSettings {
-            url: DatabaseUrl::new(db_url),
-            max_connections: 8,
-        },
-        wechat: WechatSettings {
-            base_url: sim_url.to_owned(),
-            backup_base_url: None,
-            timeout_ms: 2000,
-            connect_timeout_ms: 1000,
-            max_qps: 10_000,
-            concurrency: 16,
-            ..WechatSettings::default()
-        },
-        merchants: wxpay_reconciler::sim::default_merchants(),
-        schedule: ScheduleSettings {
-            scan_cron: "* * * * * *".into(),
-            grace_seconds: 0,
-            batch_size: 50,
-            lease_seconds: 30,
-            ..ScheduleSettings::default()
-        },
-        metrics: MetricsSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            refresh_seconds: 1,
-            ..MetricsSettings::default()
-        },
-        notify: Default::default(),
-        log: Default::default(),
-    }
+    let mut settings = wxpay_reconciler::sim::daemon_settings(db_url, sim_url);
+    settings.path = "(test)".into();
+    settings.wechat.timeout_ms = 2000;
+    settings.wechat.connect_timeout_ms = 1000;
+    settings.wechat.max_qps = 10_000;
+    settings.wechat.concurrency = 16;
+    settings.schedule.batch_size = 50;
+    settings
 }
 
 /// A database, a simulator and a scanner wired together.
@@ -163,9 +139,7 @@ pub fn metric_value(text: &str, needle: &str) -> f64 {
 
 #[tokio::test]
 async fn a_lost_notification_is_settled_once_as_success() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         for m in [md5_merchant(), hmac_merchant()] {
             let otn = e.order(&m, 2590).await;
             e.pay(&m, &otn, json!({"notify": "drop"})).await;
@@ -213,15 +187,13 @@ async fn a_lost_notification_is_settled_once_as_success() {
             ),
             1.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_unpaid_order_stays_open_and_is_queried_on_the_backoff_schedule() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         let otn = e.order(&m, 100).await;
         let mut previous = Utc::now();
@@ -247,14 +219,13 @@ async fn an_unpaid_order_stays_open_and_is_queried_on_the_backoff_schedule() {
             e.db.make_due(&otn).await;
         }
         assert!(e.events(&otn).await.is_empty());
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_different_amount_is_quarantined_and_counted() {
-    for db in backends().await {
-        let e = Engine::new(db).await;
+    for_each_backend(async |_, e| {
         let m = hmac_merchant();
         let otn = e.order(&m, 1000).await;
         e.pay(&m, &otn, json!({"notify": "drop", "total_fee": 1}))
@@ -271,14 +242,13 @@ async fn a_different_amount_is_quarantined_and_counted() {
             e.metric("wxpay_reconciler_amount_mismatch_total{mch_id=\"1900000109\"}"),
             1.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn forged_and_malformed_replies_change_nothing() {
-    for db in backends().await {
-        let e = Engine::new(db).await;
+    for_each_backend(async |_, e| {
         let m = md5_merchant();
         let otn = e.order(&m, 700).await;
         e.pay(&m, &otn, json!({"notify": "drop"})).await;
@@ -308,15 +278,13 @@ async fn forged_and_malformed_replies_change_nothing() {
         e.scan().await;
         assert_eq!(e.row(&otn).await.state, OrderState::Success);
         assert_eq!(e.events(&otn).await.len(), 1);
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_merchants_own_handler_racing_the_scanner_records_one_transition() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         e.sim
             .faults(json!({"endpoint": "orderquery", "latency_ms": 150}))
@@ -375,8 +343,8 @@ async fn the_merchants_own_handler_racing_the_scanner_records_one_transition() {
             e.metric("wxpay_reconciler_noop_total{source=\"poll\"}"),
             handler_won as f64
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -518,9 +486,8 @@ async fn every_backend_settles_the_same_orders_into_the_same_rows() {
 
 #[tokio::test]
 async fn a_scanner_killed_mid_batch_loses_nothing_its_orders_come_back_after_the_lease() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::with(db, |s| s.schedule.lease_seconds = 2).await;
+    let tweak = |s: &mut Settings| s.schedule.lease_seconds = 2;
+    for_each_backend_with(tweak, async |kind, e| {
         let m = md5_merchant();
         let mut orders = Vec::new();
         for _ in 0..6 {
@@ -569,16 +536,14 @@ async fn a_scanner_killed_mid_batch_loses_nothing_its_orders_come_back_after_the
         for otn in &orders {
             assert_eq!(e.events(otn).await.len(), 1, "{kind:?}");
         }
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_stale_workers_late_write_is_refused_by_the_lease() {
     use wxpay_reconciler::store::{Applied, Change, ClaimRequest};
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         let otn = e.order(&m, 30).await;
         let claim = |lease_until| ClaimRequest {
@@ -628,8 +593,8 @@ async fn a_stale_workers_late_write_is_refused_by_the_lease() {
                 .unwrap();
         assert_eq!(applied, Applied::Done, "{kind:?}");
         let _ = otn;
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 /// One batch of writes (as the scan's writer commits them) where some guards hold and some do
@@ -639,9 +604,7 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
     use wxpay_reconciler::domain::{Fen, Source, TransactionId};
     use wxpay_reconciler::reconcile::policy::Settlement;
     use wxpay_reconciler::store::{Applied, Change, ClaimRequest, Write};
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         let mut otns = Vec::new();
         for _ in 0..6 {
@@ -771,14 +734,14 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
             events[0].transaction_id.as_deref(),
             Some("4200000000000000000000000007")
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn queries_respect_the_concurrency_bound() {
-    for db in backends().await {
-        let e = Engine::with(db, |s| s.wechat.concurrency = 3).await;
+    let tweak = |s: &mut Settings| s.wechat.concurrency = 3;
+    for_each_backend_with(tweak, async |_, e| {
         e.sim
             .faults(json!({"endpoint": "orderquery", "latency_ms": 100}))
             .await;
@@ -803,15 +766,13 @@ async fn queries_respect_the_concurrency_bound() {
         assert_eq!(report.claimed, 12);
         let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
         assert!((2..=3).contains(&peak), "in flight at once: {peak}");
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn order_not_exist_is_closed_locally_after_expiry() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         // An order WeChat never accepted (unifiedorder failed), expiring now.
         let otn = unique_otn("gone").to_string();
@@ -855,8 +816,8 @@ async fn order_not_exist_is_closed_locally_after_expiry() {
                 .unwrap_or_default()
                 .contains("ORDERNOTEXIST")
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

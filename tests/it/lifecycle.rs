@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wxpay_reconciler::commands;
+use wxpay_reconciler::config::Settings;
 use wxpay_reconciler::daemon::{self, Daemon};
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::notify::{self, NOTIFY_PATH, NotifyApp};
@@ -18,6 +19,7 @@ use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
 use crate::db::{Kind, TestDb, backends};
 use crate::engine::{Engine, metric_value};
+use crate::frame::{for_each_backend, for_each_backend_with};
 use crate::helpers::{MD5_KEY, fixture, hmac_merchant, md5_merchant, merchant, unique_otn};
 
 /// A notify endpoint on a free port, for `store` and `merchants`; returns its URL.
@@ -166,10 +168,8 @@ async fn post_chunked(url: &str, len: usize) -> u16 {
 
 #[tokio::test]
 async fn a_notification_settles_an_order_once_and_repeats_are_acknowledged() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         for m in [md5_merchant(), hmac_merchant()] {
             let otn = e.order(&m, 2590).await;
             let txid = e
@@ -237,8 +237,8 @@ async fn a_notification_settles_an_order_once_and_repeats_are_acknowledged() {
             10.0
         );
         assert!(text.contains("wxpay_reconciler_notify_duration_seconds_bucket"));
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 /// A body that never finishes arriving does not hold the endpoint: 408 after the deadline.
@@ -282,10 +282,8 @@ async fn a_notification_body_that_never_arrives_is_cut_off() {
 /// would) is answered FAIL, leaves the order as it was, and WeChat's next attempt settles it.
 #[tokio::test]
 async fn a_database_error_answers_fail_changes_nothing_and_the_retry_settles() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         let otn = e.order(&m, 880).await;
         let txid = e
@@ -330,16 +328,14 @@ async fn a_database_error_answers_fail_changes_nothing_and_the_retry_settles() {
         assert_eq!(post(&url, n).await, (200, "SUCCESS".into()), "{kind:?}");
         assert_eq!(e.row(&otn).await.state, OrderState::Success);
         assert_eq!(e.events(&otn).await.len(), 1);
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn forged_malformed_oversized_and_unknown_notifications_are_refused_and_change_nothing() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         let otn = e.order(&m, 100).await;
         let txid = e
@@ -472,16 +468,14 @@ async fn forged_malformed_oversized_and_unknown_notifications_are_refused_and_ch
         // The real notification still works afterwards.
         assert_eq!(post(&url, body(&good)).await, (200, "SUCCESS".into()));
         assert_eq!(e.row(&otn).await.state, OrderState::Success);
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_notification_racing_a_poll_records_one_event() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         e.sim
             .faults(json!({"endpoint": "orderquery", "latency_ms": 150}))
@@ -537,16 +531,14 @@ async fn a_notification_racing_a_poll_records_one_event() {
             orders.len() as f64,
             "{kind:?}: each loser is a no-op"
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_notification_with_another_amount_quarantines_the_order() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = hmac_merchant();
         let otn = e.order(&m, 500).await;
         let txid = e
@@ -578,8 +570,8 @@ async fn a_notification_with_another_amount_quarantines_the_order() {
             e.metric("wxpay_reconciler_amount_mismatch_total{mch_id=\"1900000109\"}"),
             1.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 /// Registers an order `minutes` old in the database and at WeChat (where a prepay_id lives
@@ -614,9 +606,7 @@ async fn aged_order(e: &Engine, m: &Merchant, fee: i64, minutes: u32, at_wechat:
 
 #[tokio::test]
 async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         // WeChat's rule: no closeorder within 5 minutes of creation.
         let (status, _) = e
             .sim
@@ -627,12 +617,12 @@ async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
         let expired: Vec<String> = {
             let mut v = Vec::new();
             for _ in 0..3 {
-                v.push(old_order(&e, &m, 10, 121).await);
+                v.push(old_order(e, &m, 10, 121).await);
             }
             v
         };
         // Expired by the app's own expires_at, but younger than 5 minutes: not closed yet.
-        let young = old_order(&e, &m, 10, 2).await;
+        let young = old_order(e, &m, 10, 2).await;
         e.db.exec(
             match kind {
                 crate::db::Kind::Sqlite => {
@@ -712,18 +702,16 @@ async fn expired_unpaid_orders_are_closed_at_wechat_once_then_locally() {
             e.metric("wxpay_reconciler_transitions_total{from=\"NOTPAY\",to=\"CLOSED\",source=\"expire\"}"),
             3.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_order_paid_just_before_expiry_settles_as_success_never_closed() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = hmac_merchant();
         // Expired here, and paid at WeChat in the prepay's last minute.
-        let otn = aged_order(&e, &m, 880, 125, 119).await;
+        let otn = aged_order(e, &m, 880, 125, 119).await;
         e.sim
             .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
             .await;
@@ -744,17 +732,15 @@ async fn an_order_paid_just_before_expiry_settles_as_success_never_closed() {
             e.metric("wxpay_reconciler_closeorder_requests_total{mch_id=\"1900000109\",outcome=\"order_paid\"}"),
             1.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn closeorder_failures_retry_and_leave_the_order_open() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
-        let otn = old_order(&e, &m, 10, 130).await;
+        let otn = old_order(e, &m, 10, 130).await;
         e.sim
             .faults(json!({"endpoint": "closeorder", "system_error_rate": 1.0}))
             .await;
@@ -768,30 +754,27 @@ async fn closeorder_failures_retry_and_leave_the_order_open() {
         e.scan().await;
         assert_eq!(e.row(&otn).await.state, OrderState::Closed, "{kind:?}");
         assert_eq!(e.sim.sim.state.order_stats(&otn).closes, 2);
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn with_close_expired_off_expired_orders_are_only_polled() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::with(db, |s| s.schedule.close_expired = false).await;
+    let tweak = |s: &mut Settings| s.schedule.close_expired = false;
+    for_each_backend_with(tweak, async |kind, e| {
         let m = md5_merchant();
-        let otn = old_order(&e, &m, 10, 130).await;
+        let otn = old_order(e, &m, 10, 130).await;
         e.scan().await;
         assert_eq!(e.row(&otn).await.state, OrderState::NotPay, "{kind:?}");
         let stats = e.sim.sim.state.order_stats(&otn);
         assert_eq!((stats.closes, stats.queries), (0, 1), "{kind:?}");
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn refund_after_success_is_recorded_once() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         // Polling: the order is claimed while the merchant's handler marks it paid, and WeChat
         // answers REFUND: the scan's write loses, then applies SUCCESS → REFUND.
@@ -806,7 +789,7 @@ async fn refund_after_success_is_recorded_once() {
             )
             .await;
         assert_eq!(status, 200);
-        app_moves_the_order_during_a_scan(&e, &otn, "SUCCESS").await;
+        app_moves_the_order_during_a_scan(e, &otn, "SUCCESS").await;
         let row = e.row(&otn).await;
         assert_eq!(row.state, OrderState::Refund, "{kind:?}");
         let events = e.events(&otn).await;
@@ -851,16 +834,14 @@ async fn refund_after_success_is_recorded_once() {
             "{kind:?}"
         );
         assert_eq!(events[1].source, "manual");
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_payment_for_an_order_the_app_closed_is_recorded_as_paid_after_close() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         let otn = e.order(&m, 1200).await;
         // The app closes the order in its table only; the customer pays anyway.
@@ -924,7 +905,7 @@ async fn a_payment_for_an_order_the_app_closed_is_recorded_as_paid_after_close()
             .sim
             .pay(&m, &otn.parse().unwrap(), json!({"notify": "drop"}))
             .await;
-        app_moves_the_order_during_a_scan(&e, &otn, "CLOSED").await;
+        app_moves_the_order_during_a_scan(e, &otn, "CLOSED").await;
         assert_eq!(e.row(&otn).await.state, OrderState::Closed, "{kind:?}");
         let events = e.events(&otn).await;
         assert_eq!(events.len(), 1, "{kind:?}: {events:?}");
@@ -940,8 +921,8 @@ async fn a_payment_for_an_order_the_app_closed_is_recorded_as_paid_after_close()
             e.metric("wxpay_reconciler_paid_after_close_total{mch_id=\"10000100\"}"),
             2.0
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -3,11 +3,7 @@
 //! checks and settling orders by scan while hundreds of connections are held; and it closes a
 //! connection that sends no request within the header timeout.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -16,138 +12,11 @@ use tokio::net::TcpStream;
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::notify::NOTIFY_PATH;
 
-use crate::daemon::{BIN, wait_for, write_config};
+use crate::daemon::{wait_for, write_config};
 use crate::engine::{Engine, metric_value};
 use crate::helpers::md5_merchant;
 use crate::lifecycle::{body, notification};
-
-/// The real binary, killed when dropped (a failing test leaves nothing running).
-pub(crate) struct RealDaemon {
-    pub child: Child,
-    pub metrics: SocketAddr,
-    pub notify: Option<SocketAddr>,
-    /// Its stderr, each line with when it arrived.
-    pub log: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Drop for RealDaemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl RealDaemon {
-    /// Starts `run` with `config` and `env`, at most `max_fds` open files when given; returns
-    /// once it logged "reconciler running".
-    pub(crate) async fn start(
-        config: &Path,
-        env: &[(&str, &str)],
-        max_fds: Option<u64>,
-    ) -> RealDaemon {
-        let mut command = Command::new(BIN);
-        command
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(max) = max_fds {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
-            unsafe {
-                command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: max,
-                        rlim_max: max,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut started = Some(started_tx);
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("reconciler running")
-                        && let Some(tx) = started.take()
-                    {
-                        let _ = tx.send(line.clone());
-                    }
-                    log.lock().unwrap().push((Instant::now(), line));
-                }
-            });
-        }
-        let line = tokio::time::timeout(Duration::from_secs(20), started_rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_else(|| panic!("run did not start:\n{}", joined(&log)));
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .map(str::to_owned)
-        };
-        let metrics = field("metrics=").unwrap().parse().unwrap();
-        let notify = field("notify=Some(").map(|a| a.trim_end_matches(')').parse().unwrap());
-        RealDaemon {
-            child,
-            metrics,
-            notify,
-            log,
-        }
-    }
-
-    pub(crate) fn log_text(&self) -> String {
-        joined(&self.log)
-    }
-
-    /// SIGTERM, and the exit status within the drain deadline.
-    pub(crate) async fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        self.exit_within(Duration::from_secs(12)).await
-    }
-
-    /// The exit status, once it exits by itself within `bound`.
-    pub(crate) async fn exit_within(&mut self, bound: Duration) -> std::process::ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < bound,
-                "did not exit within {bound:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn joined(log: &Mutex<Vec<(Instant, String)>>) -> String {
-    log.lock()
-        .unwrap()
-        .iter()
-        .map(|(_, l)| l.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use crate::process::RealDaemon;
 
 /// `fut`, or a failure naming `what` after `bound` (the old listeners never answer).
 async fn within<T>(what: &str, bound: Duration, fut: impl Future<Output = T>) -> T {

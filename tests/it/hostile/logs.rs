@@ -2,12 +2,10 @@
 //! client posts to the notify endpoint, and whatever an unsigned reply from "WeChat" says, the
 //! log stays small, each line is one line, and the precise reason is still there.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -16,17 +14,15 @@ use wxpay_reconciler::store::NewOrder;
 use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, Merchant, sign, xml};
 
-use crate::helpers::{HMAC_KEY, MD5_KEY, hmac_merchant, md5_merchant, merchant, unique_otn};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+use crate::helpers::{HMAC_KEY, hmac_merchant, md5_merchant, merchant, unique_otn};
+use crate::process::RealDaemon;
 
 /// The real daemon (`run`, SQLite, both test merchants, the notify endpoint on), its stderr
 /// collected byte for byte.
 pub(super) struct RunningDaemon {
-    child: KillOnDrop,
+    daemon: RealDaemon,
     pub notify_url: String,
     pub metrics: SocketAddr,
-    log: Arc<Mutex<Vec<u8>>>,
     pub db: crate::db::TestDb,
     _dir: tempfile::TempDir,
 }
@@ -37,54 +33,12 @@ impl RunningDaemon {
         let db = crate::db::sqlite().await;
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &db.url, wechat_url);
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let started = Instant::now();
-        let line = loop {
-            let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-            if let Some(l) = text.lines().find(|l| l.contains("reconciler running")) {
-                break l.to_owned();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "run did not start:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("{name} in {line}"))
-                .trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .parse::<SocketAddr>()
-                .unwrap()
-        };
-        let notify = field("notify=");
+        let daemon = RealDaemon::start(&config, &[], None).await;
+        let notify = daemon.notify.unwrap();
         RunningDaemon {
-            child: KillOnDrop(child),
             notify_url: format!("http://{notify}{NOTIFY_PATH}"),
-            metrics: field("metrics="),
-            log,
+            metrics: daemon.metrics,
+            daemon,
             db,
             _dir: dir,
         }
@@ -92,11 +46,11 @@ impl RunningDaemon {
 
     /// Everything logged so far.
     pub fn log(&self) -> Vec<u8> {
-        self.log.lock().unwrap().clone()
+        self.daemon.log_bytes()
     }
 
     pub fn log_len(&self) -> usize {
-        self.log.lock().unwrap().len()
+        self.daemon.log.lock().unwrap().bytes.len()
     }
 
     /// Waits until the log has stopped growing for a moment (the reader thread caught up).
@@ -136,13 +90,14 @@ impl RunningDaemon {
     }
 
     pub async fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.0.id().to_string()])
+        let child = &mut self.daemon.child;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
             .status();
         let started = Instant::now();
-        while self.child.0.try_wait().unwrap().is_none() {
+        while child.try_wait().unwrap().is_none() {
             if started.elapsed() > Duration::from_secs(12) {
-                let _ = self.child.0.kill();
+                let _ = child.kill();
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -151,60 +106,19 @@ impl RunningDaemon {
     }
 }
 
-/// The daemon is killed when a test fails before stopping it.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
+/// The daemon tests' config, with `wechat_url` as the backup too, the default metrics refresh
+/// and the notify endpoint on.
 fn write_config(dir: &Path, db_url: &str, wechat_url: &str) -> std::path::PathBuf {
-    std::fs::write(dir.join("md5.key"), MD5_KEY).unwrap();
-    std::fs::write(dir.join("hmac.key"), HMAC_KEY).unwrap();
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[database]
-url = "{db_url}"
-
-[wechat]
-base_url = "{wechat_url}"
-backup_base_url = "{wechat_url}"
-timeout_ms = 2000
-connect_timeout_ms = 1000
-
-[[merchants]]
-mch_id = "10000100"
-appid = "wxd930ea5d5a258f4f"
-sign_type = "MD5"
-api_key_file = "md5.key"
-
-[[merchants]]
-mch_id = "1900000109"
-appid = "wx2421b1c4370ec43b"
-sign_type = "HMAC-SHA256"
-api_key_file = "hmac.key"
-
-[schedule]
-scan_cron = "* * * * * *"
-grace_seconds = 0
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[notify]
-listen = "127.0.0.1:0"
-"#
-        ),
-    )
-    .unwrap();
+    let path = crate::daemon::write_config(dir, db_url, wechat_url);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "connect_timeout_ms = 1000",
+            &format!("backup_base_url = \"{wechat_url}\"\nconnect_timeout_ms = 1000"),
+        )
+        .replace("refresh_seconds = 1\n", "")
+        + "\n[notify]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&path, text).unwrap();
     path
 }
 

@@ -13,6 +13,7 @@ use wxpay_reconciler::store::Attention;
 
 use crate::db::{Kind, TestDb, backends};
 use crate::engine::Engine;
+use crate::frame::for_each_backend;
 use crate::helpers::{md5_merchant, unique_otn};
 
 const MCH: &str = "10000100";
@@ -228,9 +229,7 @@ async fn write(db: &TestDb, otn: &str, c: &Case) {
 
 #[tokio::test]
 async fn one_bad_row_is_that_rows_problem() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let m = md5_merchant();
         let mut written = Vec::new();
         for c in cases(kind) {
@@ -331,8 +330,8 @@ async fn one_bad_row_is_that_rows_problem() {
             set_aside_expected,
             "{kind:?}"
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -470,9 +469,7 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
         let v = v.replace('\\', "/").replace('$', "S");
         values.push((column, v.replace('\'', "''")));
     }
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
+    for_each_backend(async |kind, e| {
         let mut otns = Vec::new();
         for (column, value) in &values {
             let otn = unique_otn("g").to_string();
@@ -525,8 +522,8 @@ async fn generated_rows_are_used_or_set_aside_one_by_one() {
         }
         // The daemon's own reads of the table still work.
         commands::status(&e.settings, true, 100).await.unwrap();
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 /// The gauges of orders needing a person come from the database: they hold while the orders

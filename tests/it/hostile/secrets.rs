@@ -3,9 +3,8 @@
 //! prints the secret.
 
 use std::path::Path;
-use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wxpay-reconciler");
+use crate::process::{self, Ran};
 
 /// The database password of every URL below.
 const PASSWORD: &str = "Pw4s3cretZq";
@@ -16,21 +15,18 @@ const MERCHANT: &str = "[[merchants]]\nmch_id = \"10000100\"\nappid = \"wxd930ea
 
 /// Runs `command` with `config` and `envs`; it must fail. Returns its stderr.
 fn fails(config: &Path, command: &str, envs: &[(&str, &str)]) -> String {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+    let mut binary = process::command(Some(config));
+    binary
         .arg(command)
         .env_remove("CREDENTIALS_DIRECTORY")
         .envs(envs.iter().copied())
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        !out.status.success(),
-        "{command} must fail: {stdout}{stderr}"
-    );
+        .env("RUST_LOG", "info");
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = Ran::of(binary);
+    assert!(!status.success(), "{command} must fail: {stdout}{stderr}");
     assert!(
         !stdout.contains(PASSWORD) && !stdout.contains(KEY),
         "{stdout}"

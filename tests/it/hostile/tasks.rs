@@ -12,10 +12,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use wxpay_reconciler::daemon::{Daemon, DaemonError, TaskFailure};
 
-use super::listeners::RealDaemon;
 use crate::daemon::{SystemdListener, get, wait_for, write_config};
 use crate::engine::Engine;
 use crate::helpers::md5_merchant;
+use crate::process::{RealDaemon, signal};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_task_that_ends_fails_readyz_stops_the_watchdog_and_exits_non_zero() {
@@ -60,10 +60,7 @@ async fn a_listener_task_that_ends_fails_readyz_stops_the_watchdog_and_exits_non
     .await;
 
     let killed = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-USR1", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
+    signal(daemon.child.id(), "USR1");
     // /readyz turns 503 at once, and says why.
     let mut not_ready = None;
     while killed.elapsed() < Duration::from_secs(2) {
@@ -87,6 +84,7 @@ async fn a_listener_task_that_ends_fails_readyz_stops_the_watchdog_and_exits_non
         .log
         .lock()
         .unwrap()
+        .lines
         .iter()
         .find(|(_, l)| l.contains(" ERROR ") && l.contains("task=\"notify\""))
         .map(|(t, _)| *t)

@@ -10,13 +10,13 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
+use wxpay_reconciler::config::Settings;
 use wxpay_reconciler::domain::OrderState;
 use wxpay_reconciler::text::MAX_NOTE_CHARS;
 use wxpay_reconciler::wxpay::SignType;
 use wxpay_reconciler::wxpay::{Fields, sign, xml};
 
-use crate::db::backends;
-use crate::engine::Engine;
+use crate::frame::for_each_backend_with;
 use crate::helpers::{md5_merchant, unique_otn};
 
 /// A WeChat that answers `orderquery` for each out_trade_no with a body set by the test.
@@ -70,9 +70,8 @@ fn fits(text: &str) -> bool {
 async fn over_long_values_from_wechat_are_stored_bounded_on_every_backend() {
     let fake = FakeWechat::default();
     let url = fake.start().await;
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::with(db, |s| s.wechat.base_url = url.clone()).await;
+    let tweak = |s: &mut Settings| s.wechat.base_url = url.clone();
+    for_each_backend_with(tweak, async |kind, e| {
         let m = md5_merchant();
         let mut otns = Vec::new();
         for _ in 0..4 {
@@ -158,6 +157,6 @@ async fn over_long_values_from_wechat_are_stored_bounded_on_every_backend() {
         );
         let row = e.row(&otns[3]).await;
         assert!(fits(row.last_error.as_deref().unwrap()), "{kind:?}");
-        e.finish().await;
-    }
+    })
+    .await;
 }

@@ -13,6 +13,7 @@ use wxpay_reconciler::wxpay::{Fields, sign};
 
 use crate::db::backends;
 use crate::engine::Engine;
+use crate::frame::for_each_backend;
 use crate::helpers::{hmac_merchant, md5_merchant};
 use crate::lifecycle::{body, notification, post as post_body, serve_notify};
 
@@ -93,10 +94,8 @@ fn changed(
 
 #[tokio::test]
 async fn a_payment_in_another_currency_is_never_this_orders_amount() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         let (otn, txid) = e.paid_order(&m, 100).await;
         // Signed by the merchant's key, total_fee as stored, but in US dollars.
@@ -125,16 +124,14 @@ async fn a_payment_in_another_currency_is_never_this_orders_amount() {
             OrderState::AmountMismatch,
             "{kind:?}"
         );
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_report_for_another_app_or_a_sub_merchant_settles_nothing() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         let m = md5_merchant();
         // Registered for app B; the merchant's configured (and reported) app is A.
         let (other_app, txid) = e.paid_order(&m, 100).await;
@@ -180,16 +177,14 @@ async fn a_report_for_another_app_or_a_sub_merchant_settles_nothing() {
             "{kind:?} {report:?}"
         );
         assert_eq!(e.row(&otn).await.state, OrderState::Success, "{kind:?}");
-        e.finish().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded() {
-    for db in backends().await {
-        let kind = db.kind;
-        let e = Engine::new(db).await;
-        let url = serve_notify(&e).await;
+    for_each_backend(async |kind, e| {
+        let url = serve_notify(e).await;
         // A merchant set to MD5 whose order was made with HMAC-SHA256: WeChat signs the
         // notification with HMAC-SHA256, declared or not.
         let m = md5_merchant();
@@ -235,6 +230,6 @@ async fn notifications_are_accepted_in_the_orders_sign_type_but_never_downgraded
             "{kind:?}"
         );
         assert_eq!(e.row(&otn).await.state, OrderState::NotPay, "{kind:?}");
-        e.finish().await;
-    }
+    })
+    .await;
 }
