@@ -45,23 +45,8 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The largest request head (and read buffer) a connection keeps.
 const MAX_BUF_BYTES: usize = 64 * 1024;
 
-/// Which listener: the `listener` label of `listener_refused_connections_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    Metrics,
-    Notify,
-}
-
-impl Listener {
-    pub const ALL: [Listener; 2] = [Listener::Metrics, Listener::Notify];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Listener::Metrics => "metrics",
-            Listener::Notify => "notify",
-        }
-    }
-}
+/// Which listener (the label type lives with the metrics it labels).
+pub use crate::telemetry::Listener;
 
 /// The limits of one listener (`[metrics]` / `[notify]` `max_connections`,
 /// `header_timeout_seconds`).

@@ -437,7 +437,7 @@ impl Telemetry {
                 LISTENER_REFUSED,
                 "Connections closed because their listener was at max_connections"
             );
-            for listener in crate::listener::Listener::ALL {
+            for listener in Listener::ALL {
                 counter!(LISTENER_REFUSED, "listener" => listener.as_str()).absolute(0);
             }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -722,6 +722,24 @@ impl RefusalLog {
         } else {
             w.suppressed += 1;
             None
+        }
+    }
+}
+
+/// Which listener: the `listener` label of `listener_refused_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Metrics,
+    Notify,
+}
+
+impl Listener {
+    pub const ALL: [Listener; 2] = [Listener::Metrics, Listener::Notify];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Metrics => "metrics",
+            Listener::Notify => "notify",
         }
     }
 }

@@ -33,8 +33,8 @@ use sql::{Arg, Statement, reads};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::domain::Settlement;
 use crate::domain::{Anomaly, OrderState, Source};
-use crate::reconcile::policy::Settlement;
 
 /// A database URL. Its password never prints: `Display` and `Debug` show `***` instead.
 #[derive(Clone)]
