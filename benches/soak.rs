@@ -323,7 +323,7 @@ async fn main() {
             events_per_order
                 .entry(e.out_trade_no)
                 .or_default()
-                .push(e.to_state);
+                .push(e.to_state.to_string());
         }
     }
     let (mut lost, mut duplicated, mut unexpected) = (0, 0, 0);

@@ -182,10 +182,10 @@ fn status_json(reads: &StatusReads) -> String {
             "oldest_age_seconds": o.oldest_created_at.map(|t| (now - t).num_seconds()),
         })).collect::<Vec<_>>(),
         "oldest_open": reads.oldest_rows().iter().map(|r| json!({
-            "mch_id": r.mch_id,
-            "out_trade_no": r.out_trade_no,
+            "mch_id": r.mch_id.as_str(),
+            "out_trade_no": r.out_trade_no.as_str(),
             "state": r.state.as_str(),
-            "total_fee": r.total_fee,
+            "total_fee": r.total_fee.get(),
             "created_at": r.created_at.to_rfc3339(),
             "age_seconds": (now - r.created_at).num_seconds(),
             "query_count": r.query_count,
@@ -210,10 +210,10 @@ fn status_json(reads: &StatusReads) -> String {
         "paid_after_close": reads.paid_after_close.iter().map(|e| json!({
             "mch_id": e.mch_id,
             "out_trade_no": e.out_trade_no,
-            "state": e.from_state,
+            "state": e.from_state.as_str(),
             "transaction_id": e.transaction_id,
             "total_fee": e.total_fee,
-            "source": e.source,
+            "source": e.source.as_str(),
             "recorded_at": e.created_at.to_rfc3339(),
         })).collect::<Vec<_>>(),
     });
@@ -351,8 +351,8 @@ fn write_oldest_open(out: &mut String, reads: &StatusReads) {
         let _ = writeln!(
             out,
             "  {:<12} {:<32} {:<10} {:>10} {:>8} {:>7}  {:<10}  {}",
-            cell(&r.mch_id, 12),
-            cell(&r.out_trade_no, 32),
+            cell(r.mch_id.as_str(), 12),
+            cell(r.out_trade_no.as_str(), 32),
             r.state.as_str(),
             r.total_fee,
             age(now, r.created_at),
@@ -378,7 +378,7 @@ pub async fn query(
         .find(out_trade_no)
         .await?
         .into_iter()
-        .filter(|r| mch_id.is_none_or(|m| r.mch_id == m))
+        .filter(|r| mch_id.is_none_or(|m| r.mch_id.as_str() == m))
         .collect();
     let row = match rows.as_slice() {
         [] => None,
@@ -390,7 +390,7 @@ pub async fn query(
         }
     };
     let merchant_id = match (&row, mch_id) {
-        (Some(r), _) => r.mch_id.clone(),
+        (Some(r), _) => r.mch_id.to_string(),
         (None, Some(m)) => m.to_owned(),
         (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
         (None, None) => {

@@ -321,7 +321,9 @@ async fn settle_delays(
         let Some(last) = events.last() else { break };
         after = last.id;
         for e in &events {
-            if e.source == crate::domain::Source::Notify.as_str() && e.to_state == "SUCCESS" {
+            if e.source == crate::domain::Source::Notify
+                && e.to_state == crate::domain::EventTo::State(OrderState::Success)
+            {
                 by_notify += 1;
             }
             if let Some(p) = paid_at.get(&e.out_trade_no) {

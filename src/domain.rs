@@ -348,6 +348,40 @@ impl Anomaly {
     }
 }
 
+impl Anomaly {
+    pub const ALL: [Anomaly; 1] = [Anomaly::PaidAfterClose];
+}
+
+/// What an event records (`wxpay_order_events.to_state`): a state the order moved to, or an
+/// anomaly that changed no state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventTo {
+    State(OrderState),
+    Anomaly(Anomaly),
+}
+
+impl EventTo {
+    pub fn parse(s: &str) -> Result<EventTo, ParseError> {
+        if let Some(a) = Anomaly::ALL.iter().find(|a| a.as_str() == s) {
+            return Ok(EventTo::Anomaly(*a));
+        }
+        OrderState::from_str(s).map(EventTo::State)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventTo::State(s) => s.as_str(),
+            EventTo::Anomaly(a) => a.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for EventTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Anomaly {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -372,6 +406,15 @@ impl Source {
             Source::Poll | Source::Expire => true,
             Source::Notify | Source::Manual => false,
         }
+    }
+
+    pub const ALL: [Source; 4] = [Source::Poll, Source::Notify, Source::Expire, Source::Manual];
+
+    pub fn parse(s: &str) -> Result<Source, ParseError> {
+        Source::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| ParseError::new("source", format!("{} is no source", quote(s))))
     }
 
     pub fn as_str(self) -> &'static str {

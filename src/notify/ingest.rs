@@ -78,13 +78,13 @@ pub(super) async fn ingest(app: &NotifyApp, mch_id: &str, report: &TradeReport) 
 /// applied to it.
 fn foreign_app(row: &OrderRow, report: &TradeReport) -> Option<Ingested> {
     let appid = report.appid.as_ref()?;
-    (appid.as_str() != row.appid).then(|| Ingested::Refused {
+    (*appid != row.appid).then(|| Ingested::Refused {
         outcome: NotifyOutcome::Mismatch,
         reason: "invalid notification",
         why: format!(
             "order {} has appid {}, the notification {appid}",
             report.out_trade_no,
-            crate::text::quote(&row.appid)
+            crate::text::quote(row.appid.as_str())
         ),
     })
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Policy};
 use super::settle::{self, Planned, Report, Reported, Settler, Verdict, order_view};
-use crate::domain::{Fen, OutTradeNo, Source};
+use crate::domain::{OutTradeNo, Source};
 use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, RetryHint};
 use crate::store::{
     Applied, Backend, Change, ClaimRequest, Claimed, ClaimedOrder, Guard, OrderRow, Store,
@@ -253,18 +253,18 @@ impl Scanner {
             Claimed::Unreadable(row) => return self.set_aside(&row).await,
         };
         let row = &order.row;
-        let Some(merchant) = inner.merchants.get(&row.mch_id) else {
+        let Some(merchant) = inner.merchants.get(row.mch_id.as_str()) else {
             return self.unconfigured(&order, writes).await;
         };
         let out_trade_no = match usable(row, merchant) {
-            Ok(out_trade_no) => out_trade_no,
+            Ok(()) => row.out_trade_no.clone(),
             Err(reason) => {
                 return self
                     .set_aside(&UnreadableOrder {
                         id: row.id,
                         lease: Some(order.lease),
-                        mch_id: Some(row.mch_id.clone()),
-                        out_trade_no: Some(row.out_trade_no.clone()),
+                        mch_id: Some(row.mch_id.to_string()),
+                        out_trade_no: Some(row.out_trade_no.to_string()),
                         reason,
                     })
                     .await;
@@ -286,13 +286,13 @@ impl Scanner {
             at: Utc::now() + TimeDelta::minutes(10),
             note: Some(format!(
                 "merchant {} is not configured",
-                crate::text::quote(&row.mch_id)
+                crate::text::quote(row.mch_id.as_str())
             )),
         };
         // Both names come from the application's table: quoted, never raw.
         tracing::warn!(
-            mch_id = %crate::text::quote(&row.mch_id),
-            out_trade_no = %crate::text::quote(&row.out_trade_no),
+            mch_id = %crate::text::quote(row.mch_id.as_str()),
+            out_trade_no = %crate::text::quote(row.out_trade_no.as_str()),
             "order of an unconfigured merchant"
         );
         self.write(row, order.guard(), change, writes).await
@@ -344,9 +344,12 @@ impl Scanner {
             .gateway
             .order_query(merchant, &OrderRef::OutTradeNo(out_trade_no))
             .await;
-        inner
-            .telemetry
-            .orderquery(&row.mch_id, &row.out_trade_no, &outcome, started.elapsed());
+        inner.telemetry.orderquery(
+            row.mch_id.as_str(),
+            row.out_trade_no.as_str(),
+            &outcome,
+            started.elapsed(),
+        );
         self.slow_down_if_asked(outcome.as_ref().err());
         let report = Report {
             reported: Reported::Query(&outcome),
@@ -389,7 +392,7 @@ impl Scanner {
         let answer = inner.gateway.close_order(merchant, out_trade_no).await;
         inner
             .telemetry
-            .closeorder(&row.mch_id, &row.out_trade_no, &answer);
+            .closeorder(row.mch_id.as_str(), row.out_trade_no.as_str(), &answer);
         self.slow_down_if_asked(answer.as_ref().err());
         let policy = &inner.settings.policy;
         let Some(decision) = policy::decide_close(
@@ -445,7 +448,7 @@ impl Scanner {
         if let Change::GiveUp { reason } = &change {
             self.inner
                 .telemetry
-                .gave_up(&row.mch_id, &row.out_trade_no, reason);
+                .gave_up(row.mch_id.as_str(), row.out_trade_no.as_str(), reason);
         }
         let (reply, done) = oneshot::channel();
         let request = WriteRequest {
@@ -467,7 +470,7 @@ impl Scanner {
                     Change::Settle { source, .. } | Change::Anomaly { source, .. } => *source,
                     Change::Reschedule { .. } | Change::GiveUp { .. } => Source::Poll,
                 };
-                telemetry.noop(&row.mch_id, &row.out_trade_no, source);
+                telemetry.noop(row.mch_id.as_str(), row.out_trade_no.as_str(), source);
                 Processed::NoOp
             }
         })
@@ -570,27 +573,19 @@ fn processed_of(verdict: &Verdict) -> Processed {
     }
 }
 
-/// Whether a claimed order can be asked about: its out_trade_no is one WeChat accepts, its
-/// appid is its merchant's, its amount is a payable one. Otherwise why not (it is set aside:
-/// no query could settle it, and a report for another appid must never settle it).
-fn usable(row: &OrderRow, merchant: &Merchant) -> Result<OutTradeNo, String> {
-    let out_trade_no = OutTradeNo::parse(&row.out_trade_no)
-        .map_err(|e| format!("out_trade_no is not one WeChat accepts: {e}"))?;
-    if row.appid != merchant.appid.as_str() {
+/// Whether a claimed order can be asked about: its appid is its merchant's (its out_trade_no
+/// and amount are parsed with the row). Otherwise why not (it is set aside: a report for
+/// another appid must never settle it).
+fn usable(row: &OrderRow, merchant: &Merchant) -> Result<(), String> {
+    if row.appid != merchant.appid {
         return Err(format!(
             "appid {} is not the appid configured for merchant {} ({})",
-            crate::text::quote(&row.appid),
+            crate::text::quote(row.appid.as_str()),
             merchant.mch_id,
             merchant.appid
         ));
     }
-    if Fen::new(row.total_fee).is_err() {
-        return Err(format!(
-            "total_fee {} is not a payable amount",
-            row.total_fee
-        ));
-    }
-    Ok(out_trade_no)
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

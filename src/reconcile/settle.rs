@@ -7,7 +7,7 @@
 use chrono::Utc;
 
 use super::policy::{self, Decision, OrderView, Policy};
-use crate::domain::{Anomaly, Fen, OrderState, Source};
+use crate::domain::{Anomaly, OrderState, Source};
 use crate::gateway::{GatewayError, QueryAnswer, TradeReport};
 use crate::store::{Applied, Change, Guard, OrderRow, Store, StoreError};
 use crate::telemetry::Telemetry;
@@ -90,7 +90,8 @@ impl Settler<'_> {
         let (mch_id, out_trade_no) = (row.mch_id.clone(), row.out_trade_no.clone());
         let verdict = self.rounds(row, lease, report).await?;
         if matches!(verdict, Verdict::Unchanged { .. } | Verdict::LeaseLost) {
-            self.telemetry.noop(&mch_id, &out_trade_no, report.source);
+            self.telemetry
+                .noop(mch_id.as_str(), out_trade_no.as_str(), report.source);
         }
         Ok(verdict)
     }
@@ -169,8 +170,8 @@ pub fn recorded(telemetry: &Telemetry, row: &OrderRow, change: &Change) -> Verdi
             settlement, source, ..
         } => {
             telemetry.transition(
-                &row.mch_id,
-                &row.out_trade_no,
+                row.mch_id.as_str(),
+                row.out_trade_no.as_str(),
                 row.state,
                 settlement.to,
                 *source,
@@ -186,8 +187,8 @@ pub fn recorded(telemetry: &Telemetry, row: &OrderRow, change: &Change) -> Verdi
             source,
         } => {
             telemetry.paid_after_close(
-                &row.mch_id,
-                &row.out_trade_no,
+                row.mch_id.as_str(),
+                row.out_trade_no.as_str(),
                 report.transaction_id.as_ref().map(|t| t.as_str()),
                 report.reported_fee.map(|f| f.get()),
                 *source,
@@ -241,10 +242,9 @@ pub fn plan(decision: Decision, source: Source) -> Planned {
 pub fn order_view(row: &OrderRow) -> OrderView {
     OrderView {
         state: row.state,
-        // The schema refuses amounts below 1 (and the scan sets such a row aside).
-        total_fee: Fen::new(row.total_fee).unwrap_or(Fen::ZERO),
-        fee_type: row.fee_type.clone(),
-        appid: row.appid.clone(),
+        total_fee: row.total_fee,
+        fee_type: row.fee_type.to_string(),
+        appid: row.appid.to_string(),
         created_at: row.created_at,
         expires_at: row.expires_at,
         query_count: u32::try_from(row.query_count).unwrap_or(u32::MAX),

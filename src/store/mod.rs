@@ -34,7 +34,9 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::Settlement;
-use crate::domain::{Anomaly, OrderState, Source};
+use crate::domain::{
+    Anomaly, AppId, Currency, EventTo, Fen, MchId, OrderState, OutTradeNo, Source,
+};
 
 /// A database URL. Its password never prints: `Display` and `Debug` show `***` instead.
 #[derive(Clone)]
@@ -401,10 +403,10 @@ pub struct Attention {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderRow {
     pub id: i64,
-    pub mch_id: String,
-    pub appid: String,
-    pub out_trade_no: String,
-    pub total_fee: i64,
+    pub mch_id: MchId,
+    pub appid: AppId,
+    pub out_trade_no: OutTradeNo,
+    pub total_fee: Fen,
     pub state: OrderState,
     pub transaction_id: Option<String>,
     pub paid_at: Option<DateTime<Utc>>,
@@ -416,7 +418,7 @@ pub struct OrderRow {
     pub last_error: Option<String>,
     pub gave_up_at: Option<DateTime<Utc>>,
     /// The order's currency (`CNY` unless the application set another).
-    pub fee_type: String,
+    pub fee_type: Currency,
     /// Set when the daemon set the order aside (a value in its row it cannot use).
     pub set_aside_at: Option<DateTime<Utc>>,
     pub set_aside_reason: Option<String>,
@@ -429,9 +431,9 @@ pub struct EventRow {
     pub order_id: i64,
     pub mch_id: String,
     pub out_trade_no: String,
-    pub from_state: String,
-    pub to_state: String,
-    pub source: String,
+    pub from_state: OrderState,
+    pub to_state: EventTo,
+    pub source: Source,
     pub transaction_id: Option<String>,
     pub total_fee: Option<i64>,
     pub detail: Option<String>,

@@ -8,7 +8,7 @@ use super::{
     Attention, Claimed, ClaimedOrder, EventRow, OpenSummary, OrderRead, OrderRow, SetAsideRow,
     StoreError, UnreadableOrder, parse_state,
 };
-use crate::domain::OrderState;
+use crate::domain::{AppId, Currency, EventTo, Fen, MchId, OrderState, OutTradeNo, Source};
 
 /// The plain columns of a row: integers and texts, as every backend decodes them.
 pub(crate) trait Cols {
@@ -66,14 +66,30 @@ pub(crate) trait DialectRow: Cols {
     }
 }
 
-/// A row of the shared order reads ([`super::ORDER_COLUMNS`]).
+/// A text column parsed into its domain type; a value the type refuses makes the row unreadable.
+fn parsed<R: DialectRow, T>(
+    r: &R,
+    column: &'static str,
+    parse: impl Fn(&str) -> Result<T, crate::domain::ParseError>,
+) -> Result<T, StoreError> {
+    parse(&r.text(column)?).map_err(|e| StoreError::BadRow {
+        table: "wxpay_orders",
+        reason: e.to_string(),
+    })
+}
+
+/// A row of the shared order reads ([`super::ORDER_COLUMNS`]), parsed into domain types.
 pub(crate) fn order_row<R: DialectRow>(r: &R) -> Result<OrderRow, StoreError> {
+    let total_fee = r.int("total_fee")?;
     Ok(OrderRow {
         id: r.int("id")?,
-        mch_id: r.text("mch_id")?,
-        appid: r.text("appid")?,
-        out_trade_no: r.text("out_trade_no")?,
-        total_fee: r.int("total_fee")?,
+        mch_id: parsed(r, "mch_id", MchId::parse)?,
+        appid: parsed(r, "appid", AppId::parse)?,
+        out_trade_no: parsed(r, "out_trade_no", OutTradeNo::parse)?,
+        total_fee: Fen::new(total_fee).map_err(|_| StoreError::BadRow {
+            table: "wxpay_orders",
+            reason: format!("total_fee {total_fee} is not a payable amount"),
+        })?,
         state: parse_state("wxpay_orders", &r.text("state")?)?,
         transaction_id: r.opt_text("transaction_id")?,
         paid_at: r.opt_ts("paid_at")?,
@@ -84,7 +100,7 @@ pub(crate) fn order_row<R: DialectRow>(r: &R) -> Result<OrderRow, StoreError> {
         last_queried_at: r.opt_ts("last_queried_at")?,
         last_error: r.opt_text("last_error")?,
         gave_up_at: r.opt_ts("gave_up_at")?,
-        fee_type: r.text("fee_type")?,
+        fee_type: parsed(r, "fee_type", Currency::parse)?,
         set_aside_at: r.opt_ts("set_aside_at")?,
         set_aside_reason: r.opt_text("set_aside_reason")?,
     })
@@ -104,6 +120,13 @@ pub(crate) fn claimed<R: DialectRow>(r: &R) -> Result<Claimed, StoreError> {
     })
 }
 
+fn bad_event(e: &crate::domain::ParseError) -> StoreError {
+    StoreError::BadRow {
+        table: "wxpay_order_events",
+        reason: e.to_string(),
+    }
+}
+
 /// A row of the shared event reads ([`super::EVENT_COLUMNS`]).
 pub(crate) fn event_row<R: DialectRow>(r: &R) -> Result<EventRow, StoreError> {
     Ok(EventRow {
@@ -111,9 +134,9 @@ pub(crate) fn event_row<R: DialectRow>(r: &R) -> Result<EventRow, StoreError> {
         order_id: r.int("order_id")?,
         mch_id: r.text("mch_id")?,
         out_trade_no: r.text("out_trade_no")?,
-        from_state: r.text("from_state")?,
-        to_state: r.text("to_state")?,
-        source: r.text("source")?,
+        from_state: parse_state("wxpay_order_events", &r.text("from_state")?)?,
+        to_state: EventTo::parse(&r.text("to_state")?).map_err(|e| bad_event(&e))?,
+        source: Source::parse(&r.text("source")?).map_err(|e| bad_event(&e))?,
         transaction_id: r.opt_text("transaction_id")?,
         total_fee: r.opt_int("total_fee")?,
         detail: r.opt_text("detail")?,

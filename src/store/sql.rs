@@ -384,8 +384,8 @@ impl<'a> WriteSql<'a> {
         let order = self.write.order;
         let mut args = vec![
             Arg::Int(order.id),
-            Arg::Text(&order.mch_id),
-            Arg::Text(&order.out_trade_no),
+            Arg::Text(order.mch_id.as_str()),
+            Arg::Text(order.out_trade_no.as_str()),
         ];
         args.extend(self.event_values(e));
         Statement::new(

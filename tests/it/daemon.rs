@@ -293,7 +293,7 @@ async fn status_and_query_tell_on_call_what_is_going_on() {
         );
         let events = e.events(&paid).await;
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].source, "manual");
+        assert_eq!(events[0].source.as_str(), "manual");
         let (ok, out, _) = run_cmd(&config, &["query", &paid, "--apply"]).await;
         assert!(ok);
         assert!(out.contains("no change (order is already SUCCESS"), "{out}");

@@ -236,7 +236,7 @@ async fn a_different_amount_is_quarantined_and_counted() {
         assert!(row.last_error.unwrap().contains("total_fee 1"));
         let events = e.events(&otn).await;
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].to_state, "AMOUNT_MISMATCH");
+        assert_eq!(events[0].to_state.as_str(), "AMOUNT_MISMATCH");
         assert_eq!(events[0].total_fee, Some(1), "what WeChat reported");
         assert_eq!(
             e.metric("wxpay_reconciler_amount_mismatch_total{mch_id=\"1900000109\"}"),
@@ -624,7 +624,12 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
                 .filter_map(Claimed::into_order)
                 .collect::<Vec<_>>();
         assert_eq!(claimed.len(), 6);
-        let by_otn = |otn: &str| claimed.iter().find(|c| c.row.out_trade_no == otn).unwrap();
+        let by_otn = |otn: &str| {
+            claimed
+                .iter()
+                .find(|c| c.row.out_trade_no.as_str() == otn)
+                .unwrap()
+        };
         let paid = |n: u64| Change::Settle {
             settlement: Settlement {
                 to: OrderState::Success,
@@ -715,7 +720,7 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
                 .filter_map(Claimed::into_order)
                 .collect::<Vec<_>>()
                 .into_iter()
-                .find(|c| c.row.out_trade_no == otn)
+                .find(|c| c.row.out_trade_no.as_str() == otn)
                 .unwrap();
         let twice = [paid(7), paid(8)];
         let writes: Vec<Write<'_>> = twice
@@ -844,7 +849,8 @@ async fn timestamps_are_utc_whatever_the_merchants_session_time_zone() {
             row.created_at
         );
         assert_eq!(
-            row.total_fee, 9_007_199_254_740_993,
+            row.total_fee.get(),
+            9_007_199_254_740_993,
             "{kind:?}: amounts are exact integers"
         );
         db.cleanup().await;

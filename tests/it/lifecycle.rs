@@ -721,7 +721,7 @@ async fn an_order_paid_just_before_expiry_settles_as_success_never_closed() {
         assert_eq!(row.state, OrderState::Success, "{kind:?}");
         let events = e.events(&otn).await;
         assert_eq!(events.len(), 1, "{kind:?}: {events:?}");
-        assert_eq!(events[0].to_state, "SUCCESS");
+        assert_eq!(events[0].to_state.as_str(), "SUCCESS");
         let stats = e.sim.sim.state.order_stats(&otn);
         assert_eq!(
             (stats.closes, stats.queries),
@@ -833,7 +833,7 @@ async fn refund_after_success_is_recorded_once() {
             ["SUCCESS", "REFUND"],
             "{kind:?}"
         );
-        assert_eq!(events[1].source, "manual");
+        assert_eq!(events[1].source.as_str(), "manual");
     })
     .await;
 }
@@ -1053,7 +1053,7 @@ async fn the_simulators_notification_reaches_the_daemons_endpoint_and_the_order_
         }
         let events = e.events(&otn).await;
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].source, "notify", "{kind:?}");
+        assert_eq!(events[0].source.as_str(), "notify", "{kind:?}");
         // Several scan ticks later: WeChat was never asked, and the notification was
         // acknowledged on its first delivery.
         tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -151,7 +151,7 @@ async fn hundreds_of_half_open_connections_stop_neither_notifications_nor_scans_
     assert!(answer.1.contains("SUCCESS"), "{answer:?}");
     let row = e.row(&notified).await;
     assert_eq!(row.state, OrderState::Success);
-    assert_eq!(e.events(&notified).await[0].source, "notify");
+    assert_eq!(e.events(&notified).await[0].source.as_str(), "notify");
     // A lost notification is still found by a scan (orderquery needs descriptors too).
     e.pay(&m, &lost, json!({"notify": "drop"})).await;
     wait_for(
@@ -160,7 +160,7 @@ async fn hundreds_of_half_open_connections_stop_neither_notifications_nor_scans_
         async || e.row(&lost).await.state == OrderState::Success,
     )
     .await;
-    assert_eq!(e.events(&lost).await[0].source, "poll");
+    assert_eq!(e.events(&lost).await[0].source.as_str(), "poll");
     // The connections beyond each cap were closed, and counted.
     let (_, text) = get(metrics, "/metrics").await;
     for listener in ["metrics", "notify"] {

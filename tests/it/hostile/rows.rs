@@ -440,7 +440,9 @@ async fn the_schema_refuses_from_now_on_what_cannot_be_meant() {
         )
         .await;
         assert_eq!(
-            db.store.find(otn.as_ref()).await.unwrap()[0].fee_type,
+            db.store.find(otn.as_ref()).await.unwrap()[0]
+                .fee_type
+                .as_str(),
             "USD"
         );
         db.cleanup().await;
