@@ -256,26 +256,40 @@ fn write_states_and_merchants(out: &mut String, reads: &StatusReads) {
     }
 }
 
+/// A list of the latest few of something, left out when there are none: its title with their
+/// number, the column heads, then a line a row.
+struct Latest<'a, T> {
+    title: &'a str,
+    columns: String,
+    rows: &'a [T],
+}
+
+impl<T> Latest<'_, T> {
+    fn write(&self, out: &mut String, line: impl Fn(&T) -> String) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\n{} (latest {})", self.title, self.rows.len());
+        let _ = writeln!(out, "  {}", self.columns);
+        for row in self.rows {
+            let _ = writeln!(out, "  {}", line(row));
+        }
+    }
+}
+
 /// The latest PAID_AFTER_CLOSE payments, if any.
 fn write_paid_after_close(out: &mut String, reads: &StatusReads) {
-    let paid_after_close = &reads.paid_after_close;
-    if paid_after_close.is_empty() {
-        return;
+    Latest {
+        title: "PAID_AFTER_CLOSE: paid at WeChat but closed here; refund or fulfil each",
+        columns: format!(
+            "{:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} RECORDED",
+            "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "TRANSACTION_ID", "SOURCE"
+        ),
+        rows: &reads.paid_after_close,
     }
-    let _ = writeln!(
-        out,
-        "\nPAID_AFTER_CLOSE: paid at WeChat but closed here; refund or fulfil each (latest {})",
-        paid_after_close.len()
-    );
-    let _ = writeln!(
-        out,
-        "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} RECORDED",
-        "MCH_ID", "OUT_TRADE_NO", "STATE", "FEE", "TRANSACTION_ID", "SOURCE"
-    );
-    for e in paid_after_close {
-        let _ = writeln!(
-            out,
-            "  {:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} {} ago",
+    .write(out, |e| {
+        format!(
+            "{:<12} {:<32} {:<8} {:>10}  {:<32} {:<7} {} ago",
             e.mch_id,
             e.out_trade_no,
             e.from_state,
@@ -283,30 +297,23 @@ fn write_paid_after_close(out: &mut String, reads: &StatusReads) {
             e.transaction_id.as_deref().unwrap_or("-"),
             e.source,
             age(reads.now, e.created_at)
-        );
-    }
+        )
+    });
 }
 
 /// The latest orders set aside, if any.
 fn write_set_aside(out: &mut String, reads: &StatusReads) {
-    let set_aside = &reads.set_aside;
-    if set_aside.is_empty() {
-        return;
+    Latest {
+        title: "SET ASIDE: a value in the row cannot be used; fix it, then clear set_aside_at",
+        columns: format!(
+            "{:>10} {:<12} {:<32} {:<10} {:<10}  REASON",
+            "ID", "MCH_ID", "OUT_TRADE_NO", "STATE", "SINCE"
+        ),
+        rows: &reads.set_aside,
     }
-    let _ = writeln!(
-        out,
-        "\nSET ASIDE: a value in the row cannot be used; fix it, then clear set_aside_at (latest {})",
-        set_aside.len()
-    );
-    let _ = writeln!(
-        out,
-        "  {:>10} {:<12} {:<32} {:<10} {:<10}  REASON",
-        "ID", "MCH_ID", "OUT_TRADE_NO", "STATE", "SINCE"
-    );
-    for a in set_aside {
-        let _ = writeln!(
-            out,
-            "  {:>10} {:<12} {:<32} {:<10} {:<10}  {}",
+    .write(out, |a| {
+        format!(
+            "{:>10} {:<12} {:<32} {:<10} {:<10}  {}",
             a.id,
             cell(&a.mch_id, 12),
             cell(&a.out_trade_no, 32),
@@ -315,8 +322,8 @@ fn write_set_aside(out: &mut String, reads: &StatusReads) {
                 .map(|t| age(reads.now, t))
                 .unwrap_or_default(),
             cell(a.reason.as_deref().unwrap_or(""), 120)
-        );
-    }
+        )
+    });
 }
 
 /// The oldest open orders: the unreadable rows first, then the readable ones.

@@ -357,6 +357,28 @@ impl Origins<'_> {
             message,
         }
     }
+
+    /// `Ok` when `value` of `key` is within `range`, else "must be START to END".
+    fn within<T: PartialOrd + std::fmt::Display>(
+        &self,
+        key: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<(), ConfigError> {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        let message = format!("must be {} to {}", range.start(), range.end());
+        Err(self.invalid(key, message))
+    }
+
+    /// `Ok` when `value` of `key` is not zero, else "must be at least 1".
+    fn at_least_one(&self, key: &str, value: impl Into<u64>) -> Result<(), ConfigError> {
+        if value.into() == 0 {
+            return Err(self.invalid(key, "must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// `[wechat]`: URLs, timeouts, rate and concurrency.
@@ -365,27 +387,16 @@ fn check_wechat(w: &WechatSettings, o: &Origins<'_>) -> Result<(), ConfigError> 
     if let Some(b) = &w.backup_base_url {
         check_url(b).map_err(|m| o.invalid("wechat.backup_base_url", m))?;
     }
-    if !(1..=120_000).contains(&w.timeout_ms) {
-        return Err(o.invalid("wechat.timeout_ms", "must be 1 to 120000".into()));
-    }
+    o.within("wechat.timeout_ms", w.timeout_ms, 1..=120_000)?;
     if w.connect_timeout_ms == 0 || w.connect_timeout_ms > w.timeout_ms {
         return Err(o.invalid(
             "wechat.connect_timeout_ms",
             format!("must be 1 to timeout_ms ({})", w.timeout_ms),
         ));
     }
-    if w.max_qps == 0 {
-        return Err(o.invalid("wechat.max_qps", "must be at least 1".into()));
-    }
-    if !(1..=1024).contains(&w.concurrency) {
-        return Err(o.invalid("wechat.concurrency", "must be 1 to 1024".into()));
-    }
-    if w.failover_after_failures == 0 {
-        return Err(o.invalid(
-            "wechat.failover_after_failures",
-            "must be at least 1".into(),
-        ));
-    }
+    o.at_least_one("wechat.max_qps", w.max_qps)?;
+    o.within("wechat.concurrency", w.concurrency, 1..=1024)?;
+    o.at_least_one("wechat.failover_after_failures", w.failover_after_failures)?;
     Ok(())
 }
 
@@ -394,9 +405,7 @@ fn check_database(db: &RawDatabase, o: &Origins<'_>) -> Result<DatabaseUrl, Conf
     let url = DatabaseUrl::new(&db.url);
     url.check()
         .map_err(|e| o.invalid("database.url", e.to_string()))?;
-    if !(1..=1000).contains(&db.max_connections) {
-        return Err(o.invalid("database.max_connections", "must be 1 to 1000".into()));
-    }
+    o.within("database.max_connections", db.max_connections, 1..=1000)?;
     Ok(url)
 }
 
@@ -407,13 +416,13 @@ fn check_schedule(
     o: &Origins<'_>,
 ) -> Result<(), ConfigError> {
     validate_cron(&s.scan_cron).map_err(|m| o.invalid("schedule.scan_cron", m))?;
-    if !(1..=10_000).contains(&s.batch_size) {
-        return Err(o.invalid("schedule.batch_size", "must be 1 to 10000".into()));
-    }
+    o.within("schedule.batch_size", s.batch_size, 1..=10_000)?;
     check_lease(s, w, o)?;
-    if !(1..=24 * 30).contains(&s.give_up_after_hours) {
-        return Err(o.invalid("schedule.give_up_after_hours", "must be 1 to 720".into()));
-    }
+    o.within(
+        "schedule.give_up_after_hours",
+        s.give_up_after_hours,
+        1..=24 * 30,
+    )?;
     if !(5..=60 * 24 * 30).contains(&s.default_expiry_minutes) {
         return Err(o.invalid(
             "schedule.default_expiry_minutes",
@@ -482,15 +491,11 @@ fn check_listeners(
             ),
         ));
     }
-    if m.refresh_seconds == 0 {
-        return Err(o.invalid("metrics.refresh_seconds", "must be at least 1".into()));
-    }
-    if m.ready_max_scan_age_seconds == 0 {
-        return Err(o.invalid(
-            "metrics.ready_max_scan_age_seconds",
-            "must be at least 1".into(),
-        ));
-    }
+    o.at_least_one("metrics.refresh_seconds", m.refresh_seconds)?;
+    o.at_least_one(
+        "metrics.ready_max_scan_age_seconds",
+        m.ready_max_scan_age_seconds,
+    )?;
     check_limits("metrics", m.max_connections, m.header_timeout_seconds, o)?;
     check_limits(
         "notify",
@@ -507,27 +512,16 @@ fn check_limits(
     header_timeout_seconds: u64,
     o: &Origins<'_>,
 ) -> Result<(), ConfigError> {
-    if !MAX_CONNECTIONS.contains(&max_connections) {
-        return Err(o.invalid(
-            &format!("{section}.max_connections"),
-            format!(
-                "must be {} to {}",
-                MAX_CONNECTIONS.start(),
-                MAX_CONNECTIONS.end()
-            ),
-        ));
-    }
-    if !HEADER_TIMEOUT_SECONDS.contains(&header_timeout_seconds) {
-        return Err(o.invalid(
-            &format!("{section}.header_timeout_seconds"),
-            format!(
-                "must be {} to {}",
-                HEADER_TIMEOUT_SECONDS.start(),
-                HEADER_TIMEOUT_SECONDS.end()
-            ),
-        ));
-    }
-    Ok(())
+    o.within(
+        &format!("{section}.max_connections"),
+        max_connections,
+        MAX_CONNECTIONS,
+    )?;
+    o.within(
+        &format!("{section}.header_timeout_seconds"),
+        header_timeout_seconds,
+        HEADER_TIMEOUT_SECONDS,
+    )
 }
 
 /// `[[merchants]]`: each once, each with its key read from where the config says.

@@ -73,8 +73,12 @@ impl fmt::Display for Fen {
     }
 }
 
+/// Text identifiers, one a line: `Name("field", max length, which bytes are allowed);`.
 macro_rules! text_id {
-    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $ok:expr) => {
+    ($($(#[$doc:meta])* $name:ident($what:literal, $max:expr, $ok:expr);)+) => {
+        $(text_id!(@one $(#[$doc])* $name, $what, $max, $ok);)+
+    };
+    (@one $(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $ok:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
         #[serde(try_from = "String")]
@@ -137,42 +141,20 @@ macro_rules! text_id {
     };
 }
 
-text_id!(
+text_id! {
     /// A merchant number (`mch_id`, `sub_mch_id`): up to 32 ASCII letters and digits.
-    MchId,
-    "mch_id",
-    32,
-    |b| b.is_ascii_alphanumeric()
-);
-text_id!(
+    MchId("mch_id", 32, |b| b.is_ascii_alphanumeric());
     /// An official account / mini program id (`appid`): up to 32 ASCII letters and digits.
-    AppId,
-    "appid",
-    32,
-    |b| b.is_ascii_alphanumeric()
-);
-text_id!(
+    AppId("appid", 32, |b| b.is_ascii_alphanumeric());
     /// The merchant's order number: up to 32 characters of `0-9 A-Z a-z _ - | * @`, WeChat's rule.
-    OutTradeNo,
-    "out_trade_no",
-    32,
-    |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'|' | b'*' | b'@')
-);
-text_id!(
+    OutTradeNo("out_trade_no", 32, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'|' | b'*' | b'@')
+    });
     /// WeChat's payment number (`transaction_id`): up to 32 ASCII letters and digits.
-    TransactionId,
-    "transaction_id",
-    32,
-    |b| b.is_ascii_alphanumeric()
-);
-
-text_id!(
+    TransactionId("transaction_id", 32, |b| b.is_ascii_alphanumeric());
     /// A currency (`fee_type`): ISO 4217 letters as WeChat writes them (`CNY`, `USD`, …).
-    Currency,
-    "fee_type",
-    16,
-    |b| b.is_ascii_uppercase()
-);
+    Currency("fee_type", 16, |b| b.is_ascii_uppercase());
+}
 
 impl Currency {
     /// China's yuan, the currency of an order that names none.
@@ -219,21 +201,16 @@ impl TradeState {
         }
     }
 
+    /// WeChat's name of the state; an unknown one as WeChat sent it.
     pub fn as_str(&self) -> &str {
         match self {
-            TradeState::Success => "SUCCESS",
-            TradeState::Refund => "REFUND",
-            TradeState::NotPay => "NOTPAY",
-            TradeState::Closed => "CLOSED",
-            TradeState::Revoked => "REVOKED",
-            TradeState::UserPaying => "USERPAYING",
-            TradeState::PayError => "PAYERROR",
-            TradeState::Accept => "ACCEPT",
             TradeState::Unknown(s) => s,
+            known => known.label(),
         }
     }
 
-    /// A bounded label for metrics: unknown values all count as `"unknown"`.
+    /// A bounded label for metrics: a known state by its name, unknown values all as
+    /// `"unknown"`.
     pub fn label(&self) -> &'static str {
         match self {
             TradeState::Success => "SUCCESS",

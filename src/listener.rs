@@ -137,6 +137,29 @@ impl RateLimitedLog {
     }
 }
 
+/// Connections closed at `max_connections`: each counted, and logged at most once per
+/// [`LOG_EVERY`].
+struct Refusals {
+    which: Listener,
+    max: usize,
+    telemetry: Telemetry,
+    log: RateLimitedLog,
+}
+
+impl Refusals {
+    fn refuse(&self, why: &'static str) {
+        self.telemetry.listener_refused(self.which.as_str());
+        if let Some(suppressed) = self.log.admit() {
+            tracing::warn!(
+                listener = self.which.as_str(),
+                max_connections = self.max,
+                suppressed,
+                "{why}"
+            );
+        }
+    }
+}
+
 /// Serves `app` on `listener` within `limits` until `stop`; returns once every connection is
 /// closed (the caller bounds that with its drain deadline and may abort the task: the
 /// connections are tasks of this future and go with it).
@@ -151,12 +174,17 @@ pub async fn serve(
     let slots = Arc::new(Slots::default());
     let mut connections = JoinSet::new();
     let accept_log = RateLimitedLog::new();
-    let refuse_log = RateLimitedLog::new();
+    let max = limits.max_connections.max(1);
+    let refusals = Refusals {
+        which,
+        max,
+        telemetry,
+        log: RateLimitedLog::new(),
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_BUF_BYTES);
-    let max = limits.max_connections.max(1);
     let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
@@ -182,27 +210,15 @@ pub async fn serve(
         let id = next_id;
         let Some((slot, evicted)) = slots.admit(id, max) else {
             drop(stream);
-            telemetry.listener_refused(which.as_str());
-            if let Some(suppressed) = refuse_log.admit() {
-                tracing::warn!(
-                    listener = which.as_str(),
-                    max_connections = max,
-                    suppressed,
-                    "connection limit reached with every connection in a request; closing new connections"
-                );
-            }
+            refusals.refuse(
+                "connection limit reached with every connection in a request; closing new connections",
+            );
             continue;
         };
         if evicted {
-            telemetry.listener_refused(which.as_str());
-            if let Some(suppressed) = refuse_log.admit() {
-                tracing::warn!(
-                    listener = which.as_str(),
-                    max_connections = max,
-                    suppressed,
-                    "connection limit reached; closing the oldest connection that was not in a request"
-                );
-            }
+            refusals.refuse(
+                "connection limit reached; closing the oldest connection that was not in a request",
+            );
         }
         let connection = serve_connection(
             stream,

@@ -11,9 +11,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
-};
+use metrics::{KeyName, SharedString, Unit, counter, gauge, histogram};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -325,6 +323,140 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// How a metric counts.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// What a metric's values are: a number of things, or seconds.
+#[derive(Debug, Clone, Copy)]
+enum Measure {
+    Count,
+    Seconds,
+}
+
+/// Every metric: its kind, what it measures, its name and its help text.
+#[rustfmt::skip]
+const DESCRIPTIONS: [(Kind, Measure, &str, &str); 25] = {
+    use Kind::*;
+    use Measure::*;
+    use names::*;
+    [
+        (Gauge,     Count,   STUCK_ORDERS,           "Open orders older than metrics.stuck_after_seconds"),
+        (Gauge,     Seconds, OLDEST_UNPAID_AGE,      "Age of the oldest open order (0 when none)"),
+        (Gauge,     Count,   OPEN_ORDERS,            "Open orders (NOTPAY or USERPAYING)"),
+        (Counter,   Count,   ORDERQUERY_REQUESTS,    "orderquery requests by outcome"),
+        (Histogram, Seconds, ORDERQUERY_DURATION,    "orderquery request latency"),
+        (Counter,   Count,   TRADE_STATE,            "trade_state values WeChat answered"),
+        (Counter,   Count,   TRANSITIONS,            "Order state changes applied"),
+        (Counter,   Count,   NOOP,                   "Writes that found the order already moved by someone else"),
+        (Counter,   Count,   AMOUNT_MISMATCH,        "Orders quarantined because WeChat reported another amount"),
+        (Counter,   Count,   GAVE_UP,                "Orders the daemon stopped polling (give_up_after_hours or end of schedule)"),
+        (Histogram, Seconds, SCAN_DURATION,          "Duration of one scan"),
+        (Histogram, Count,   SCAN_CLAIMED,           "Orders claimed per scan"),
+        (Counter,   Count,   SCAN_OVERLAP_SKIPPED,   "Scan ticks skipped because the previous scan still ran"),
+        (Gauge,     Seconds, LAST_SCAN_SUCCESS,      "Unix time of the last scan that completed"),
+        (Counter,   Count,   DB_ERRORS,              "Database errors by operation"),
+        (Gauge,     Count,   BUILD_INFO,             "Always 1; the version is a label"),
+        (Counter,   Count,   NOTIFY_REQUESTS,        "Payment notifications received on the notify endpoint, by outcome"),
+        (Histogram, Seconds, NOTIFY_DURATION,        "Time to verify, apply and answer one payment notification"),
+        (Counter,   Count,   CLOSEORDER_REQUESTS,    "closeorder requests by outcome"),
+        (Gauge,     Count,   EXPIRED_OPEN_ORDERS,    "Open orders past their expiry (expires_at, else schedule.default_expiry_minutes)"),
+        (Counter,   Count,   PAID_AFTER_CLOSE,       "Verified payments for orders closed locally: refund or fulfil them"),
+        (Counter,   Count,   CONFIG_RELOADS,         "Configuration reloads (SIGHUP) by outcome"),
+        (Gauge,     Count,   AMOUNT_MISMATCH_ORDERS, "Orders in state AMOUNT_MISMATCH (quarantined until a person decides)"),
+        (Gauge,     Count,   SET_ASIDE_ORDERS,       "Orders set aside because a value in their row cannot be used"),
+        (Counter,   Count,   LISTENER_REFUSED,       "Connections closed because their listener was at max_connections"),
+    ]
+};
+
+/// Describes every metric of [`DESCRIPTIONS`] to the current recorder.
+fn describe_all() {
+    metrics::with_recorder(|recorder| {
+        for (kind, measure, name, help) in DESCRIPTIONS {
+            let unit = match measure {
+                Measure::Count => None,
+                Measure::Seconds => Some(Unit::Seconds),
+            };
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                Kind::Counter => recorder.describe_counter(name, unit, help),
+                Kind::Gauge => recorder.describe_gauge(name, unit, help),
+                Kind::Histogram => recorder.describe_histogram(name, unit, help),
+            }
+        }
+    });
+}
+
+/// Sets the bounded series to zero (or registers them), so that they render from the first
+/// scrape: the daemon's own, then each configured merchant's.
+fn zero_series(merchants: &HashSet<String>) {
+    use names::*;
+    for outcome in ["ok", "error"] {
+        counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
+    }
+    for listener in Listener::ALL {
+        counter!(LISTENER_REFUSED, "listener" => listener.as_str()).absolute(0);
+    }
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
+    gauge!(LAST_SCAN_SUCCESS).set(0.0);
+    // Registering a histogram renders it with zero counts until its first sample.
+    let _ = histogram!(SCAN_DURATION);
+    let _ = histogram!(SCAN_CLAIMED);
+    for (from, to, source) in transition_series() {
+        counter!(TRANSITIONS, "from" => from.as_str(), "to" => to.as_str(), "source" => source.as_str())
+            .absolute(0);
+    }
+    for outcome in NotifyOutcome::WITHOUT_MERCHANT {
+        counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome.as_str()).absolute(0);
+    }
+    let _ = histogram!(NOTIFY_DURATION, "mch_id" => "unknown");
+    for m in merchants {
+        zero_merchant_series(m);
+    }
+    for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
+        counter!(NOOP, "source" => source.as_str()).absolute(0);
+    }
+    for op in DbOp::ALL {
+        counter!(DB_ERRORS, "op" => op.as_str()).absolute(0);
+    }
+}
+
+/// The series of one configured merchant, at zero.
+fn zero_merchant_series(m: &str) {
+    use names::*;
+    let m = m.to_owned();
+    gauge!(AMOUNT_MISMATCH_ORDERS, "mch_id" => m.clone()).set(0.0);
+    gauge!(SET_ASIDE_ORDERS, "mch_id" => m.clone()).set(0.0);
+    let _ = histogram!(ORDERQUERY_DURATION, "mch_id" => m.clone());
+    let _ = histogram!(NOTIFY_DURATION, "mch_id" => m.clone());
+    for state in trade_state_labels() {
+        counter!(TRADE_STATE, "mch_id" => m.clone(), "trade_state" => state).absolute(0);
+    }
+    gauge!(STUCK_ORDERS, "mch_id" => m.clone()).set(0.0);
+    gauge!(OLDEST_UNPAID_AGE, "mch_id" => m.clone()).set(0.0);
+    gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
+    counter!(AMOUNT_MISMATCH, "mch_id" => m.clone()).absolute(0);
+    counter!(PAID_AFTER_CLOSE, "mch_id" => m.clone()).absolute(0);
+    counter!(GAVE_UP, "mch_id" => m.clone()).absolute(0);
+    gauge!(EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
+    for outcome in NotifyOutcome::ALL {
+        counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str()).absolute(0);
+    }
+    for outcome in CloseOutcome::all() {
+        counter!(CLOSEORDER_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
+            .absolute(0);
+    }
+    for outcome in QueryOutcome::all() {
+        counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
+            .absolute(0);
+    }
+}
+
 const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -359,137 +491,8 @@ impl Telemetry {
             }),
         };
         t.with(|| {
-            use names::*;
-            describe_gauge!(
-                STUCK_ORDERS,
-                "Open orders older than metrics.stuck_after_seconds"
-            );
-            describe_gauge!(
-                OLDEST_UNPAID_AGE,
-                Unit::Seconds,
-                "Age of the oldest open order (0 when none)"
-            );
-            describe_gauge!(OPEN_ORDERS, "Open orders (NOTPAY or USERPAYING)");
-            describe_counter!(ORDERQUERY_REQUESTS, "orderquery requests by outcome");
-            describe_histogram!(
-                ORDERQUERY_DURATION,
-                Unit::Seconds,
-                "orderquery request latency"
-            );
-            describe_counter!(TRADE_STATE, "trade_state values WeChat answered");
-            describe_counter!(TRANSITIONS, "Order state changes applied");
-            describe_counter!(
-                NOOP,
-                "Writes that found the order already moved by someone else"
-            );
-            describe_counter!(
-                AMOUNT_MISMATCH,
-                "Orders quarantined because WeChat reported another amount"
-            );
-            describe_counter!(
-                GAVE_UP,
-                "Orders the daemon stopped polling (give_up_after_hours or end of schedule)"
-            );
-            describe_histogram!(SCAN_DURATION, Unit::Seconds, "Duration of one scan");
-            describe_histogram!(SCAN_CLAIMED, "Orders claimed per scan");
-            describe_counter!(
-                SCAN_OVERLAP_SKIPPED,
-                "Scan ticks skipped because the previous scan still ran"
-            );
-            describe_gauge!(
-                LAST_SCAN_SUCCESS,
-                Unit::Seconds,
-                "Unix time of the last scan that completed"
-            );
-            describe_counter!(DB_ERRORS, "Database errors by operation");
-            describe_gauge!(BUILD_INFO, "Always 1; the version is a label");
-            describe_counter!(
-                NOTIFY_REQUESTS,
-                "Payment notifications received on the notify endpoint, by outcome"
-            );
-            describe_histogram!(
-                NOTIFY_DURATION,
-                Unit::Seconds,
-                "Time to verify, apply and answer one payment notification"
-            );
-            describe_counter!(CLOSEORDER_REQUESTS, "closeorder requests by outcome");
-            describe_gauge!(
-                EXPIRED_OPEN_ORDERS,
-                "Open orders past their expiry (expires_at, else schedule.default_expiry_minutes)"
-            );
-            describe_counter!(
-                PAID_AFTER_CLOSE,
-                "Verified payments for orders closed locally: refund or fulfil them"
-            );
-            describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by outcome");
-            describe_gauge!(
-                AMOUNT_MISMATCH_ORDERS,
-                "Orders in state AMOUNT_MISMATCH (quarantined until a person decides)"
-            );
-            describe_gauge!(
-                SET_ASIDE_ORDERS,
-                "Orders set aside because a value in their row cannot be used"
-            );
-            for outcome in ["ok", "error"] {
-                counter!(CONFIG_RELOADS, "outcome" => outcome).absolute(0);
-            }
-            describe_counter!(
-                LISTENER_REFUSED,
-                "Connections closed because their listener was at max_connections"
-            );
-            for listener in Listener::ALL {
-                counter!(LISTENER_REFUSED, "listener" => listener.as_str()).absolute(0);
-            }
-            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-            counter!(SCAN_OVERLAP_SKIPPED).absolute(0);
-            gauge!(LAST_SCAN_SUCCESS).set(0.0);
-            // Registering a histogram renders it with zero counts until its first sample.
-            let _ = histogram!(SCAN_DURATION);
-            let _ = histogram!(SCAN_CLAIMED);
-            for (from, to, source) in transition_series() {
-                counter!(TRANSITIONS, "from" => from.as_str(), "to" => to.as_str(), "source" => source.as_str())
-                    .absolute(0);
-            }
-            for outcome in NotifyOutcome::WITHOUT_MERCHANT {
-                counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome.as_str())
-                    .absolute(0);
-            }
-            let _ = histogram!(NOTIFY_DURATION, "mch_id" => "unknown");
-            for m in &t.inner.merchants {
-                gauge!(AMOUNT_MISMATCH_ORDERS, "mch_id" => m.clone()).set(0.0);
-                gauge!(SET_ASIDE_ORDERS, "mch_id" => m.clone()).set(0.0);
-                let _ = histogram!(ORDERQUERY_DURATION, "mch_id" => m.clone());
-                let _ = histogram!(NOTIFY_DURATION, "mch_id" => m.clone());
-                for state in trade_state_labels() {
-                    counter!(TRADE_STATE, "mch_id" => m.clone(), "trade_state" => state)
-                        .absolute(0);
-                }
-                gauge!(STUCK_ORDERS, "mch_id" => m.clone()).set(0.0);
-                gauge!(OLDEST_UNPAID_AGE, "mch_id" => m.clone()).set(0.0);
-                gauge!(OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
-                counter!(AMOUNT_MISMATCH, "mch_id" => m.clone()).absolute(0);
-                counter!(PAID_AFTER_CLOSE, "mch_id" => m.clone()).absolute(0);
-                counter!(GAVE_UP, "mch_id" => m.clone()).absolute(0);
-                gauge!(EXPIRED_OPEN_ORDERS, "mch_id" => m.clone()).set(0.0);
-                for outcome in NotifyOutcome::ALL {
-                    counter!(NOTIFY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
-                        .absolute(0);
-                }
-                for outcome in CloseOutcome::all() {
-                    counter!(CLOSEORDER_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
-                        .absolute(0);
-                }
-                for outcome in QueryOutcome::all() {
-                    counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
-                        .absolute(0);
-                }
-            }
-            for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
-                counter!(NOOP, "source" => source.as_str()).absolute(0);
-            }
-            for op in DbOp::ALL {
-                counter!(DB_ERRORS, "op" => op.as_str()).absolute(0);
-            }
+            describe_all();
+            zero_series(&t.inner.merchants);
         });
         t
     }

@@ -145,12 +145,7 @@ pub fn decide(
     jitter: f64,
     policy: &Policy,
 ) -> Decision {
-    let at = Moment {
-        order,
-        now,
-        jitter,
-        policy,
-    };
+    let at = Moment::new(order, now, jitter, policy);
     match outcome {
         Ok(QueryAnswer::Order(report)) => decide_report(order, report, now, jitter, policy),
         Ok(QueryAnswer::NotExist) if order.state.is_open() => at.not_exist(),
@@ -175,12 +170,7 @@ pub fn decide_report(
     jitter: f64,
     policy: &Policy,
 ) -> Decision {
-    let at = Moment {
-        order,
-        now,
-        jitter,
-        policy,
-    };
+    let at = Moment::new(order, now, jitter, policy);
     if let Some(other) = foreign_appid(order, report) {
         // Verified, but about a payment to another app: never settles this order.
         return if order.state.is_open() {
@@ -213,7 +203,16 @@ struct Moment<'a> {
     policy: &'a Policy,
 }
 
-impl Moment<'_> {
+impl<'a> Moment<'a> {
+    fn new(order: &'a OrderView, now: DateTime<Utc>, jitter: f64, policy: &'a Policy) -> Self {
+        Moment {
+            order,
+            now,
+            jitter,
+            policy,
+        }
+    }
+
     /// Ask again on the schedule, or give up past it.
     fn again(&self, note: Option<String>, slow_down: bool) -> Decision {
         let order = self.order;
@@ -499,15 +498,18 @@ mod tests {
         t0() + TimeDelta::seconds(20)
     }
 
+    /// [`decide`] at `now`, without jitter, under the default policy.
+    fn decide_at(
+        order: &OrderView,
+        outcome: &Result<QueryAnswer, GatewayError>,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        decide(order, outcome, now, 0.0, &Policy::default())
+    }
+
     #[test]
     fn paid_with_the_stored_amount_settles_as_success() {
-        let d = decide(
-            &order(100),
-            &report(TradeState::Success, Some(100)),
-            now(),
-            0.0,
-            &Policy::default(),
-        );
+        let d = decide_at(&order(100), &report(TradeState::Success, Some(100)), now());
         let Decision::Settle(s) = d else {
             panic!("{d:?}")
         };
@@ -520,13 +522,7 @@ mod tests {
     fn paid_with_another_amount_is_quarantined_never_paid() {
         for fee in [Some(99), Some(101), Some(1), None] {
             for state in [TradeState::Success, TradeState::Refund] {
-                let d = decide(
-                    &order(100),
-                    &report(state.clone(), fee),
-                    now(),
-                    0.0,
-                    &Policy::default(),
-                );
+                let d = decide_at(&order(100), &report(state.clone(), fee), now());
                 let Decision::Quarantine(s) = d else {
                     panic!("{fee:?} {state}: {d:?}")
                 };
@@ -543,13 +539,7 @@ mod tests {
             (TradeState::Revoked, OrderState::Revoked),
             (TradeState::PayError, OrderState::PayError),
         ] {
-            let d = decide(
-                &order(100),
-                &report(ts.clone(), Some(100)),
-                now(),
-                0.0,
-                &Policy::default(),
-            );
+            let d = decide_at(&order(100), &report(ts.clone(), Some(100)), now());
             assert!(
                 matches!(&d, Decision::Settle(s) if s.to == to),
                 "{ts}: {d:?}"
@@ -571,7 +561,7 @@ mod tests {
             Err(failed(Failure::ResultFail)),
         ];
         for o in outcomes {
-            let d = decide(&order(100), &o, now(), 0.0, &Policy::default());
+            let d = decide_at(&order(100), &o, now());
             assert_eq!(
                 d,
                 Decision::Reschedule {
@@ -589,7 +579,7 @@ mod tests {
     #[test]
     fn frequency_limited_slows_down() {
         let o = Err(failed(Failure::ResultFail).with_retry(RetryHint::SlowDown));
-        let d = decide(&order(100), &o, now(), 0.0, &Policy::default());
+        let d = decide_at(&order(100), &o, now());
         assert!(
             matches!(d, Decision::Reschedule { at, .. } if at == now() + SLOW_DOWN),
             "{d:?}"
@@ -602,48 +592,24 @@ mod tests {
         let mut late = order(100);
         late.query_count = 5;
         // 20 minutes in: ask again (10 min interval... capped at the expiry).
-        let d = decide(
-            &late,
-            &o,
-            t0() + TimeDelta::minutes(20),
-            0.0,
-            &Policy::default(),
-        );
+        let d = decide_at(&late, &o, t0() + TimeDelta::minutes(20));
         assert!(
             matches!(d, Decision::Reschedule { at, .. } if at == t0() + TimeDelta::minutes(40)),
             "{d:?}"
         );
-        let d = decide(
-            &late,
-            &o,
-            t0() + TimeDelta::minutes(110),
-            0.0,
-            &Policy::default(),
-        );
+        let d = decide_at(&late, &o, t0() + TimeDelta::minutes(110));
         assert!(
             matches!(d, Decision::Reschedule { at, .. } if at == t0() + TimeDelta::hours(2)),
             "capped at expiry: {d:?}"
         );
-        let d = decide(
-            &late,
-            &o,
-            t0() + TimeDelta::hours(2),
-            0.0,
-            &Policy::default(),
-        );
+        let d = decide_at(&late, &o, t0() + TimeDelta::hours(2));
         assert!(
             matches!(&d, Decision::Settle(s) if s.to == OrderState::Closed),
             "{d:?}"
         );
         // An explicit expires_at wins.
         late.expires_at = Some(t0() + TimeDelta::minutes(30));
-        let d = decide(
-            &late,
-            &o,
-            t0() + TimeDelta::minutes(31),
-            0.0,
-            &Policy::default(),
-        );
+        let d = decide_at(&late, &o, t0() + TimeDelta::minutes(31));
         assert!(
             matches!(&d, Decision::Settle(s) if s.to == OrderState::Closed),
             "{d:?}"
@@ -707,36 +673,26 @@ mod tests {
             OrderState::Refund,
             OrderState::AmountMismatch,
         ] {
-            let d = decide(
+            let d = decide_at(
                 &settled(state),
                 &report(TradeState::Success, Some(100)),
                 now(),
-                0.0,
-                &Policy::default(),
             );
             assert!(matches!(d, Decision::Nothing { .. }), "{state}: {d:?}");
         }
         // Errors and open answers about a settled order change nothing either.
         for o in [Err(timeout()), report(TradeState::NotPay, None)] {
-            let d = decide(
-                &settled(OrderState::Success),
-                &o,
-                now(),
-                0.0,
-                &Policy::default(),
-            );
+            let d = decide_at(&settled(OrderState::Success), &o, now());
             assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
         }
     }
 
     #[test]
     fn refund_after_success_is_the_one_move_out_of_a_terminal_state() {
-        let d = decide(
+        let d = decide_at(
             &settled(OrderState::Success),
             &report(TradeState::Refund, Some(100)),
             now(),
-            0.0,
-            &Policy::default(),
         );
         assert!(
             matches!(&d, Decision::Settle(s) if s.to == OrderState::Refund),
@@ -744,21 +700,17 @@ mod tests {
         );
         // Not from any other terminal state, and not with another amount.
         for state in [OrderState::Refund, OrderState::AmountMismatch] {
-            let d = decide(
+            let d = decide_at(
                 &settled(state),
                 &report(TradeState::Refund, Some(100)),
                 now(),
-                0.0,
-                &Policy::default(),
             );
             assert!(matches!(d, Decision::Nothing { .. }), "{state}: {d:?}");
         }
-        let d = decide(
+        let d = decide_at(
             &settled(OrderState::Success),
             &report(TradeState::Refund, Some(99)),
             now(),
-            0.0,
-            &Policy::default(),
         );
         assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
     }
@@ -771,13 +723,7 @@ mod tests {
             OrderState::PayError,
         ] {
             for fee in [Some(100), Some(5)] {
-                let d = decide(
-                    &settled(state),
-                    &report(TradeState::Success, fee),
-                    now(),
-                    0.0,
-                    &Policy::default(),
-                );
+                let d = decide_at(&settled(state), &report(TradeState::Success, fee), now());
                 let Decision::Anomaly { anomaly, report } = &d else {
                     panic!("{state}: {d:?}")
                 };
@@ -787,12 +733,10 @@ mod tests {
                 assert!(report.transaction_id.is_some());
             }
         }
-        let d = decide(
+        let d = decide_at(
             &settled(OrderState::Closed),
             &report(TradeState::Closed, None),
             now(),
-            0.0,
-            &Policy::default(),
         );
         assert!(matches!(d, Decision::Nothing { .. }), "{d:?}");
     }
@@ -899,13 +843,13 @@ mod tests {
         o.query_count = 14; // the last interval is 6h, past the 24h horizon
         let now = t0() + TimeDelta::hours(20);
         let notpay = report(TradeState::NotPay, None);
-        let d = decide(&o, &notpay, now, 0.0, &Policy::default());
+        let d = decide_at(&o, &notpay, now);
         assert!(
             matches!(&d, Decision::Reschedule { at, .. } if *at == t0() + TimeDelta::hours(30)),
             "polling stops, the close at expiry does not: {d:?}"
         );
         o.query_count = MAX_QUERIES - 1;
-        let d = decide(&o, &notpay, now, 0.0, &Policy::default());
+        let d = decide_at(&o, &notpay, now);
         assert!(
             matches!(&d, Decision::Reschedule { at, .. } if *at == t0() + TimeDelta::hours(30)),
             "past the schedule too: {d:?}"

@@ -23,8 +23,15 @@ use crate::wxpay::time::format_wechat_time;
 
 type Key = (String, String);
 
+/// A handler's answer; an error answer is `Err`, so that it can return early with `?`.
+type Answer = Result<Response, Response>;
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn no_such_order() -> Response {
+    error(StatusCode::NOT_FOUND, "no such order")
 }
 
 fn order_key(state: &SimState, mch_id: String, out_trade_no: String) -> Result<Key, Response> {
@@ -76,31 +83,26 @@ pub async fn create(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
     Json(body): Json<CreateBody>,
-) -> Response {
-    let key = match order_key(&state, mch_id, out_trade_no) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    match state.create_order(
-        &key.0,
-        &key.1,
-        body.total_fee,
-        body.notify_url,
-        body.sign_type,
-    ) {
-        Ok(mut order) => {
-            if body.age_seconds > 0 {
-                let age = chrono::TimeDelta::seconds(i64::from(body.age_seconds));
-                if let Some(o) = lock(&state.orders).get_mut(&key) {
-                    o.created_at -= age;
-                    o.prepay_expires_at -= age;
-                    order = o.clone();
-                }
-            }
-            (StatusCode::CREATED, Json(order_json(&key, &order))).into_response()
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    let mut order = state
+        .create_order(
+            &key.0,
+            &key.1,
+            body.total_fee,
+            body.notify_url,
+            body.sign_type,
+        )
+        .map_err(sim_error)?;
+    if body.age_seconds > 0 {
+        let age = chrono::TimeDelta::seconds(i64::from(body.age_seconds));
+        if let Some(o) = lock(&state.orders).get_mut(&key) {
+            o.created_at -= age;
+            o.prepay_expires_at -= age;
+            order = o.clone();
         }
-        Err(e) => sim_error(e),
     }
+    Ok((StatusCode::CREATED, Json(order_json(&key, &order))).into_response())
 }
 
 fn sim_error(e: SimError) -> Response {
@@ -115,15 +117,11 @@ fn sim_error(e: SimError) -> Response {
 pub async fn show(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
-) -> Response {
-    let key = match order_key(&state, mch_id, out_trade_no) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    match lock(&state.orders).get(&key) {
-        Some(o) => Json(order_json(&key, o)).into_response(),
-        None => error(StatusCode::NOT_FOUND, "no such order"),
-    }
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    let orders = lock(&state.orders);
+    let order = orders.get(&key).ok_or_else(no_such_order)?;
+    Ok(Json(order_json(&key, order)).into_response())
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -148,70 +146,53 @@ pub async fn pay(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
     Json(body): Json<PayBody>,
-) -> Response {
-    let key = match order_key(&state, mch_id, out_trade_no) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    match state.pay(
-        &key.0,
-        &key.1,
-        body.total_fee,
-        body.notify == NotifyMode::Deliver,
-    ) {
-        Ok(p) => Json(json!({
-            "transaction_id": p.transaction_id,
-            "time_end": format_wechat_time(p.time_end),
-            "total_fee": p.total_fee,
-        }))
-        .into_response(),
-        Err(e) => sim_error(e),
-    }
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    let deliver = body.notify == NotifyMode::Deliver;
+    let paid = state
+        .pay(&key.0, &key.1, body.total_fee, deliver)
+        .map_err(sim_error)?;
+    Ok(Json(json!({
+        "transaction_id": paid.transaction_id,
+        "time_end": format_wechat_time(paid.time_end),
+        "total_fee": paid.total_fee,
+    }))
+    .into_response())
 }
 
 /// Moves an order from one of `from` to `to`, or answers 404 / 409.
-fn transition(state: &SimState, key: Key, from: &[TradeState], to: TradeState) -> Response {
+fn transition(state: &SimState, key: Key, from: &[TradeState], to: TradeState) -> Answer {
     let mut orders = lock(&state.orders);
-    let Some(order) = orders.get_mut(&key) else {
-        return error(StatusCode::NOT_FOUND, "no such order");
-    };
+    let order = orders.get_mut(&key).ok_or_else(no_such_order)?;
     if !from.contains(&order.state) {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             format!("order is {}, expected one of {from:?}", order.state),
-        );
+        ));
     }
     order.state = to;
-    Json(order_json(&key, order)).into_response()
+    Ok(Json(order_json(&key, order)).into_response())
 }
 
 pub async fn refund(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
-) -> Response {
-    match order_key(&state, mch_id, out_trade_no) {
-        Ok(key) => transition(&state, key, &[TradeState::Success], TradeState::Refund),
-        Err(r) => r,
-    }
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    transition(&state, key, &[TradeState::Success], TradeState::Refund)
 }
 
 pub async fn close(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
-) -> Response {
-    match order_key(&state, mch_id, out_trade_no) {
-        Ok(key) => transition(
-            &state,
-            key,
-            &[
-                TradeState::NotPay,
-                TradeState::UserPaying,
-                TradeState::PayError,
-            ],
-            TradeState::Closed,
-        ),
-        Err(r) => r,
-    }
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    let open = [
+        TradeState::NotPay,
+        TradeState::UserPaying,
+        TradeState::PayError,
+    ];
+    transition(&state, key, &open, TradeState::Closed)
 }
 
 /// Body of `…/state`: forces any `trade_state`, known or not (for tests of rare states).
@@ -225,17 +206,12 @@ pub async fn force_state(
     State(state): State<Arc<SimState>>,
     Path((mch_id, out_trade_no)): Path<(String, String)>,
     Json(body): Json<StateBody>,
-) -> Response {
-    let key = match order_key(&state, mch_id, out_trade_no) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
     let mut orders = lock(&state.orders);
-    let Some(order) = orders.get_mut(&key) else {
-        return error(StatusCode::NOT_FOUND, "no such order");
-    };
+    let order = orders.get_mut(&key).ok_or_else(no_such_order)?;
     order.state = TradeState::parse(&body.trade_state);
-    Json(order_json(&key, order)).into_response()
+    Ok(Json(order_json(&key, order)).into_response())
 }
 
 /// `PUT /_sim/faults`: `{"endpoint": "orderquery" | "closeorder" | "unifiedorder" | "all", …rates}`.

@@ -99,29 +99,16 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/pay/unifiedorder", post(wechat::unified_order))
         .route("/pay/orderquery", post(wechat::order_query))
         .route("/pay/closeorder", post(wechat::close_order));
+    // One order of the control API, or an action on it (`/pay`, …).
+    let order = |action: &str| format!("/_sim/orders/{{mch_id}}/{{out_trade_no}}{action}");
     Router::new()
         .merge(wechat.clone())
         .nest("/sandboxnew", wechat)
-        .route(
-            "/_sim/orders/{mch_id}/{out_trade_no}",
-            post(control::create).get(control::show),
-        )
-        .route(
-            "/_sim/orders/{mch_id}/{out_trade_no}/pay",
-            post(control::pay),
-        )
-        .route(
-            "/_sim/orders/{mch_id}/{out_trade_no}/refund",
-            post(control::refund),
-        )
-        .route(
-            "/_sim/orders/{mch_id}/{out_trade_no}/close",
-            post(control::close),
-        )
-        .route(
-            "/_sim/orders/{mch_id}/{out_trade_no}/state",
-            post(control::force_state),
-        )
+        .route(&order(""), post(control::create).get(control::show))
+        .route(&order("/pay"), post(control::pay))
+        .route(&order("/refund"), post(control::refund))
+        .route(&order("/close"), post(control::close))
+        .route(&order("/state"), post(control::force_state))
         .route(
             "/_sim/faults",
             put(control::set_faults).get(control::get_faults),

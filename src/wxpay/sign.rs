@@ -245,6 +245,7 @@ mod tests {
 
     #[test]
     fn notifications_accept_the_stronger_sign_type_never_the_weaker() {
+        use SignType::{HmacSha256, Md5};
         let key = doc_key();
         let mut hmac = doc_fields();
         sign_in_place(&mut hmac, &key, SignType::HmacSha256);
@@ -256,23 +257,18 @@ mod tests {
         sign_in_place(&mut md5, &key, SignType::Md5);
         let md5_merchant = notification_sign_types(SignType::Md5);
         let hmac_merchant = notification_sign_types(SignType::HmacSha256);
-        assert_eq!(
-            verify_any(&hmac, &key, md5_merchant),
-            Ok(SignType::HmacSha256)
-        );
-        assert_eq!(
-            verify_any(&hmac_undeclared, &key, md5_merchant),
-            Ok(SignType::HmacSha256)
-        );
-        assert_eq!(verify_any(&md5, &key, md5_merchant), Ok(SignType::Md5));
-        assert_eq!(
-            verify_any(&hmac, &key, hmac_merchant),
-            Ok(SignType::HmacSha256)
-        );
-        assert_eq!(
-            verify_any(&md5, &key, hmac_merchant),
-            Err(SignError::Invalid)
-        );
+        for (case, (fields, accepted, expected)) in [
+            (&hmac, md5_merchant, Ok(HmacSha256)),
+            (&hmac_undeclared, md5_merchant, Ok(HmacSha256)),
+            (&md5, md5_merchant, Ok(Md5)),
+            (&hmac, hmac_merchant, Ok(HmacSha256)),
+            (&md5, hmac_merchant, Err(SignError::Invalid)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(verify_any(fields, &key, accepted), expected, "case {case}");
+        }
         let mut declared_md5 = md5.clone();
         declared_md5.insert("sign_type", "MD5");
         assert!(matches!(
