@@ -122,24 +122,13 @@ fn write_config(dir: &Path, db_url: &str, wechat_url: &str) -> std::path::PathBu
     path
 }
 
-/// A payment notification for `m`, signed with `key` under `sign_type`.
+/// A payment notification for `m` (as `lifecycle::notification` builds it), signed with `key`
+/// under `sign_type`.
 pub(super) fn notification(m: &Merchant, key: &str, sign_type: SignType) -> Fields {
     let otn = unique_otn("log").to_string();
-    let mut f = Fields::new()
-        .with("appid", m.appid.as_str())
-        .with("bank_type", "CFT")
-        .with("cash_fee", "100")
-        .with("fee_type", "CNY")
-        .with("mch_id", m.mch_id.as_str())
-        .with("nonce_str", "5K8264ILTKCH16CQ2502SI8ZNMTM67VS")
-        .with("openid", "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o")
-        .with("out_trade_no", otn)
-        .with("result_code", "SUCCESS")
-        .with("return_code", "SUCCESS")
-        .with("time_end", "20261123101530")
-        .with("total_fee", "100")
-        .with("trade_type", "JSAPI")
-        .with("transaction_id", "4200000000202611230000000001");
+    let mut f = crate::lifecycle::notification(m, &otn, 100, "4200000000202611230000000001");
+    f.remove("sign");
+    f.remove("sign_type");
     let key = wxpay_reconciler::wxpay::ApiKey::parse(key).unwrap();
     sign::sign_in_place(&mut f, &key, sign_type);
     f
