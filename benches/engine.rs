@@ -234,7 +234,6 @@ async fn db_raw_rate(b: &Bench, n: u64, conc: usize) -> f64 {
                         detail: None,
                     },
                     source: Source::Poll,
-                    queried: true,
                 };
                 store
                     .apply(&order.row, order.guard(), &change, Utc::now())

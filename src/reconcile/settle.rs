@@ -216,11 +216,7 @@ pub fn plan(decision: Decision, source: Source) -> Planned {
     let nothing = |reason| Planned::Nothing { reason };
     match decision {
         Decision::Settle(settlement) | Decision::Quarantine(settlement) => {
-            Planned::Write(Change::Settle {
-                settlement,
-                source,
-                queried: scan,
-            })
+            Planned::Write(Change::Settle { settlement, source })
         }
         Decision::Anomaly { anomaly, report } => Planned::Write(Change::Anomaly {
             anomaly,

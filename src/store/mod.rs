@@ -465,9 +465,9 @@ pub enum Change {
     /// Move to `settlement.to`, and record the event.
     Settle {
         settlement: Settlement,
+        /// Who decided; a write of the scan's own (`Source::is_scan`) follows a query of
+        /// WeChat and counts in `query_count`.
         source: Source,
-        /// Whether this write follows a query of WeChat (counts in `query_count`).
-        queried: bool,
     },
     /// Still open: ask again at `at`.
     Reschedule {

@@ -339,11 +339,9 @@ type Settling<'a> = (&'a Settlement, i32, &'static str);
 
 fn settling(change: &Change) -> Option<Settling<'_>> {
     match change {
-        Change::Settle {
-            settlement,
-            queried,
-            source,
-        } => Some((settlement, i32::from(*queried), source.as_str())),
+        Change::Settle { settlement, source } => {
+            Some((settlement, i32::from(source.is_scan()), source.as_str()))
+        }
         _ => None,
     }
 }

@@ -398,12 +398,8 @@ impl<'a> WriteSql<'a> {
     pub fn plan<D: Dialect>(&self) -> Plan<'a> {
         let (now, note) = (Arg::Time(self.now), Arg::OptText(self.note));
         match self.write.change {
-            Change::Settle {
-                settlement,
-                source,
-                queried,
-            } => {
-                let queried = Arg::Int(i64::from(*queried));
+            Change::Settle { settlement, source } => {
+                let queried = Arg::Int(i64::from(source.is_scan()));
                 let tx = settlement.transaction_id.as_ref().map(|t| t.as_str());
                 let (to, paid) = (settlement.to.as_str(), Arg::OptTime(settlement.paid_at));
                 let set = [

@@ -641,7 +641,6 @@ async fn a_batch_of_writes_keeps_each_writes_own_guard_and_result() {
                 detail: None,
             },
             source: Source::Poll,
-            queried: true,
         };
         let later = Change::Reschedule {
             at: Utc::now() + TimeDelta::minutes(5),
