@@ -4,12 +4,15 @@
 //! Codemap (see ARCHITECTURE.md for the invariants):
 //! - [`domain`]: parsed values (`Fen`, `OutTradeNo`, `MchId`, `TradeState`, `OrderState`, …).
 //! - [`reconcile`]: the pure policy (`decide`, backoff, expiry), the scanner that applies it, and
-//!   the one loop (`settle`) that applies a verified report from any source.
+//!   the one loop (`settle`) that applies a verified report from any source. It speaks only
+//!   [`gateway`]'s types, never a protocol's.
 //! - [`store`]: the only module with SQL (SQLite, PostgreSQL, MySQL/MariaDB).
-//! - [`daemon`]: `run`: scheduler, scan loop, gauges, HTTP, drained through one token.
+//! - [`daemon`]: what `run` runs: named jobs (scan, gauges), the listeners, supervision of its
+//!   tasks and reload, drained through one token.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`listener`]: the accept loop of both listeners: timeouts and a connection cap.
-//! - [`notify`]: `POST /wxpay/v2/notify`, WeChat's payment notifications, on its own listener.
+//! - [`notify`]: WeChat's notifications on their own listener: the transport, a
+//!   protocol-neutral ingest of a verified payment, and v2's `POST /wxpay/v2/notify`.
 //! - [`gateway`]: the protocol-neutral answers, reports and errors, and `Gateway`, which
 //!   dispatches each call to the merchant's protocol client.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
