@@ -106,7 +106,17 @@ pub(crate) fn body(f: &Fields) -> String {
 
 /// POSTs a body; returns the HTTP status and WeChat's `return_code`.
 pub(crate) async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
-    let resp = reqwest::Client::new()
+    let (status, answer) = post_answer(&reqwest::Client::new(), url, body).await;
+    (status, answer.get("return_code").unwrap_or("").to_owned())
+}
+
+/// POSTs a body as XML; returns the HTTP status and the whole answer, decoded.
+pub(crate) async fn post_answer(
+    http: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Fields) {
+    let resp = http
         .post(url)
         .header("content-type", "text/xml")
         .body(body)
@@ -116,7 +126,7 @@ pub(crate) async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Str
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap();
     let answer = xml::decode(&bytes).unwrap_or_else(|e| panic!("answer {bytes:?}: {e}"));
-    (status, answer.get("return_code").unwrap_or("").to_owned())
+    (status, answer)
 }
 
 /// POSTs `len` bytes with chunked transfer encoding (no declared length) over a raw

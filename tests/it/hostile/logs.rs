@@ -167,17 +167,7 @@ pub(super) async fn post(
     url: &str,
     body: impl Into<reqwest::Body>,
 ) -> (u16, Fields) {
-    let resp = http
-        .post(url)
-        .header("content-type", "text/xml")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    let answer = xml::decode(&bytes).unwrap_or_else(|e| panic!("answer {bytes:?}: {e}"));
-    (status, answer)
+    crate::lifecycle::post_answer(http, url, body).await
 }
 
 /// Lines of `log` that are not the subscriber's own (each of which starts with a timestamp).
