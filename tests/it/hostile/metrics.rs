@@ -35,16 +35,9 @@ fn readme_metrics() -> BTreeMap<String, (String, Vec<String>)> {
 }
 
 async fn scrape(addr: SocketAddr) -> String {
-    let client = wxpay_reconciler::wxpay::client::http_client_builder()
-        .build()
-        .unwrap();
-    let resp = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    resp.text().await.unwrap()
+    let (status, text) = crate::daemon::get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    text
 }
 
 /// The sample lines of `text` (no comments, no blank lines).
