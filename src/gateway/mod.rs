@@ -6,7 +6,7 @@
 pub mod merchant;
 pub mod report;
 
-pub use merchant::{Credentials, Merchant};
+pub use merchant::{Api, Credentials, Merchant, V3Credentials};
 pub use report::{
     CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RetryHint, TradeReport,
 };

@@ -146,7 +146,8 @@ impl WxPayClient {
         path: &str,
         mut request: Fields,
     ) -> Result<Fields, WxPayError> {
-        sign::sign_in_place(&mut request, merchant.v2_key(), merchant.v2_sign_type());
+        let (key, sign_type) = v2_credentials(merchant)?;
+        sign::sign_in_place(&mut request, key, sign_type);
         let body = xml::encode(&request)?;
         let (endpoint, base) = self.failover.pick(
             Instant::now(),
@@ -243,7 +244,15 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, WxPayE
 /// merchant's own sign type, and `appid` / `mch_id` / `sub_mch_id` of this merchant (a
 /// `sub_mch_id` where the merchant has none is refused too).
 pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPayError> {
-    envelope(merchant, fields, &[merchant.v2_sign_type()])
+    let (_, sign_type) = v2_credentials(merchant)?;
+    envelope(merchant, fields, &[sign_type])
+}
+
+/// The merchant's v2 key and sign type, or why it has none.
+fn v2_credentials(merchant: &Merchant) -> Result<(&sign::ApiKey, SignType), WxPayError> {
+    merchant
+        .v2_credentials()
+        .ok_or_else(|| WxPayError::NotV2(merchant.mch_id.to_string()))
 }
 
 /// [`verify_envelope`] for a notification, whose sign type is its order's
@@ -252,11 +261,8 @@ pub fn verify_notification_envelope(
     merchant: &Merchant,
     fields: &Fields,
 ) -> Result<(), WxPayError> {
-    envelope(
-        merchant,
-        fields,
-        sign::notification_sign_types(merchant.v2_sign_type()),
-    )
+    let (_, sign_type) = v2_credentials(merchant)?;
+    envelope(merchant, fields, sign::notification_sign_types(sign_type))
 }
 
 fn envelope(merchant: &Merchant, fields: &Fields, accepted: &[SignType]) -> Result<(), WxPayError> {
@@ -277,7 +283,8 @@ fn envelope(merchant: &Merchant, fields: &Fields, accepted: &[SignType]) -> Resu
             });
         }
     }
-    sign::verify_any(fields, merchant.v2_key(), accepted)?;
+    let (key, _) = v2_credentials(merchant)?;
+    sign::verify_any(fields, key, accepted)?;
     echo("appid", merchant.appid.as_str(), fields.get("appid"))?;
     echo("mch_id", merchant.mch_id.as_str(), fields.get("mch_id"))?;
     match &merchant.sub_mch_id {

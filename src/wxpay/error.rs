@@ -86,6 +86,9 @@ pub enum WxPayError {
     ResultFail { code: ErrCode, description: String },
     #[error("request could not be encoded: {0}")]
     Encode(#[from] EncodeError),
+    /// The merchant is configured for another API: nothing was sent or trusted.
+    #[error("merchant {0} is not configured for API v2")]
+    NotV2(String),
 }
 
 impl WxPayError {
@@ -115,7 +118,7 @@ impl WxPayError {
             WxPayError::Malformed(_) | WxPayError::BadField { .. } => Failure::Malformed,
             WxPayError::ReturnFail(_) => Failure::ReturnFail,
             WxPayError::Sign(_) => Failure::SignInvalid,
-            WxPayError::Mismatch { .. } => Failure::Mismatch,
+            WxPayError::Mismatch { .. } | WxPayError::NotV2(_) => Failure::Mismatch,
             WxPayError::ResultFail { .. } => Failure::ResultFail,
         }
     }

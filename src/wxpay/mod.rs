@@ -6,6 +6,7 @@ pub mod error;
 pub mod notify;
 pub mod sign;
 pub mod time;
+pub mod v3;
 pub mod xml;
 
 pub use client::{ClientConfig, WxPayClient};

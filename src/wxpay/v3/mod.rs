@@ -1,0 +1,10 @@
+//! WeChat Pay API v3: JSON over HTTPS, SHA256withRSA signatures both ways, AES-256-GCM for
+//! notifications and downloaded certificates. Nothing outside `wxpay` signs, verifies or
+//! decrypts v3 messages.
+
+pub mod auth;
+pub mod crypto;
+pub mod keys;
+
+pub use crypto::{ApiV3Key, Certificate, CryptoError, PrivateKey, PublicKey};
+pub use keys::{CertificateMode, WechatKeys, WechatPublicKey};
