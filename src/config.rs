@@ -54,6 +54,22 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub notify: NotifySettings,
     pub log: LogSettings,
+    /// `[simulator]`: read by `simulate --config` only.
+    pub simulator: SimulatorSettings,
+}
+
+/// `[simulator]`: WeChat's side of the v3 merchants, for `simulate --config` (the daemon never
+/// reads it). Paths are relative to the config file. Without it the simulator signs with the
+/// published wechatpay-go test key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorSettings {
+    /// WeChat's private key (PEM, RSA-2048): signs answers, notifications and certificates.
+    pub wechatpay_private_key_file: Option<PathBuf>,
+    /// The id the public-key mode names that key by (`PUB_KEY_ID_…`).
+    pub wechatpay_public_key_id: Option<String>,
+    /// Platform certificates over WeChat's key (PEM), served by `GET /v3/certificates`.
+    pub platform_certificate_files: Vec<PathBuf>,
 }
 
 /// `[notify]`: WeChat's payment notifications, received directly (off unless `listen` is set).
@@ -273,6 +289,8 @@ struct RawSettings {
     notify: NotifySettings,
     #[serde(default)]
     log: LogSettings,
+    #[serde(default)]
+    simulator: SimulatorSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,7 +357,20 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         metrics: raw.metrics,
         notify: raw.notify,
         log: raw.log,
+        simulator: resolve_simulator(raw.simulator, path),
     })
+}
+
+/// The simulator's paths, relative to the config file's folder.
+fn resolve_simulator(mut s: SimulatorSettings, path: &Path) -> SimulatorSettings {
+    let base = path.parent().unwrap_or(Path::new("."));
+    if let Some(p) = &mut s.wechatpay_private_key_file {
+        *p = base.join(&*p);
+    }
+    for p in &mut s.platform_certificate_files {
+        *p = base.join(&*p);
+    }
+    s
 }
 
 /// Where the values of one load came from: the errors name the file or the variable.

@@ -90,6 +90,7 @@ pub fn daemon_settings(db_url: &str, sim_url: &str) -> Settings {
         },
         notify: Default::default(),
         log: Default::default(),
+        simulator: Default::default(),
     }
 }
 
