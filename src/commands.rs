@@ -16,7 +16,6 @@ use crate::store::{
     UnreadableOrder,
 };
 use crate::telemetry::Telemetry;
-use crate::wxpay::{WxPayClient, WxPayError};
 
 /// `status` lists at most this many PAID_AFTER_CLOSE events.
 const PAID_AFTER_CLOSE_SHOWN: u32 = 50;
@@ -29,7 +28,7 @@ pub enum CommandError {
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(transparent)]
-    WxPay(#[from] WxPayError),
+    Gateway(#[from] GatewayError),
     #[error("{0}")]
     Usage(String),
 }
@@ -417,7 +416,7 @@ pub async fn query(
         )));
     }
 
-    let gateway = Gateway::V2(WxPayClient::new(settings.wechat.client_config())?);
+    let gateway = Gateway::new(settings.wechat.client_config())?;
     let answer = gateway
         .order_query(merchant, &OrderRef::OutTradeNo(otn))
         .await;

@@ -18,7 +18,8 @@ use metrics_exporter_prometheus::{
 use tracing_subscriber::EnvFilter;
 
 use crate::domain::{OrderState, Source, TradeState};
-use crate::gateway::report::{CloseAnswer, Failure, GatewayError, QueryAnswer};
+use crate::gateway::Api;
+use crate::gateway::report::{CloseAnswer, Failure, GatewayError, QueryAnswer, UNVERIFIED_REASONS};
 
 /// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
 static LOG_FILTER: std::sync::OnceLock<
@@ -102,6 +103,11 @@ pub mod names {
     pub const AMOUNT_MISMATCH_ORDERS: &str = "wxpay_reconciler_amount_mismatch_orders";
     pub const SET_ASIDE_ORDERS: &str = "wxpay_reconciler_set_aside_orders";
     pub const LISTENER_REFUSED: &str = "wxpay_reconciler_listener_refused_connections_total";
+    pub const UNVERIFIED: &str = "wxpay_reconciler_unverified_messages_total";
+    pub const CLOCK_SKEW: &str = "wxpay_reconciler_wechatpay_clock_skew_seconds";
+    pub const CERT_EXPIRY: &str = "wxpay_reconciler_platform_certificate_expiry_timestamp_seconds";
+    pub const CERT_DOWNLOADS: &str = "wxpay_reconciler_certificate_downloads_total";
+    pub const MERCHANT_INFO: &str = "wxpay_reconciler_merchant_info";
 }
 
 /// The `outcome` of `orderquery_requests_total`: a verified answer, or why there was none.
@@ -179,10 +185,17 @@ pub enum NotifyOutcome {
     ReturnFail,
     Mismatch,
     DbError,
+    /// A v3 notification whose signature could not be checked (a probe, an unknown serial,
+    /// a stale timestamp, a missing header).
+    Unverified,
+    /// A v3 notification whose resource did not decrypt: a wrong or reset APIv3 key.
+    DecryptFailed,
+    /// A v3 event this version does not act on: acknowledged, never guessed at.
+    Ignored,
 }
 
 impl NotifyOutcome {
-    pub const ALL: [NotifyOutcome; 11] = [
+    pub const ALL: [NotifyOutcome; 14] = [
         NotifyOutcome::Ok,
         NotifyOutcome::Repeat,
         NotifyOutcome::SignInvalid,
@@ -194,15 +207,19 @@ impl NotifyOutcome {
         NotifyOutcome::ReturnFail,
         NotifyOutcome::Mismatch,
         NotifyOutcome::DbError,
+        NotifyOutcome::Unverified,
+        NotifyOutcome::DecryptFailed,
+        NotifyOutcome::Ignored,
     ];
 
     /// The outcomes that can come without a configured merchant (`mch_id="unknown"`): refused
     /// before a merchant is known, or naming another one.
-    pub const WITHOUT_MERCHANT: [NotifyOutcome; 4] = [
+    pub const WITHOUT_MERCHANT: [NotifyOutcome; 5] = [
         NotifyOutcome::UnknownMerchant,
         NotifyOutcome::Malformed,
         NotifyOutcome::TooLarge,
         NotifyOutcome::Timeout,
+        NotifyOutcome::Unverified,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -218,6 +235,9 @@ impl NotifyOutcome {
             NotifyOutcome::ReturnFail => "return_fail",
             NotifyOutcome::Mismatch => "mismatch",
             NotifyOutcome::DbError => "db_error",
+            NotifyOutcome::Unverified => "unverified",
+            NotifyOutcome::DecryptFailed => "decrypt_failed",
+            NotifyOutcome::Ignored => "ignored",
         }
     }
 
@@ -225,7 +245,10 @@ impl NotifyOutcome {
     fn is_suspicious(self) -> bool {
         matches!(
             self,
-            NotifyOutcome::SignInvalid | NotifyOutcome::Mismatch | NotifyOutcome::UnknownMerchant
+            NotifyOutcome::SignInvalid
+                | NotifyOutcome::Mismatch
+                | NotifyOutcome::UnknownMerchant
+                | NotifyOutcome::DecryptFailed
         )
     }
 }
@@ -340,7 +363,7 @@ enum Measure {
 
 /// Every metric: its kind, what it measures, its name and its help text.
 #[rustfmt::skip]
-const DESCRIPTIONS: [(Kind, Measure, &str, &str); 25] = {
+const DESCRIPTIONS: [(Kind, Measure, &str, &str); 30] = {
     use Kind::*;
     use Measure::*;
     use names::*;
@@ -370,6 +393,11 @@ const DESCRIPTIONS: [(Kind, Measure, &str, &str); 25] = {
         (Gauge,     Count,   AMOUNT_MISMATCH_ORDERS, "Orders in state AMOUNT_MISMATCH (quarantined until a person decides)"),
         (Gauge,     Count,   SET_ASIDE_ORDERS,       "Orders set aside because a value in their row cannot be used"),
         (Counter,   Count,   LISTENER_REFUSED,       "Connections closed because their listener was at max_connections"),
+        (Counter,   Count,   UNVERIFIED,             "API v3 answers and notifications whose signature could not be checked, by reason"),
+        (Gauge,     Seconds, CLOCK_SKEW,             "WeChat's clock minus ours, from the last correctly signed v3 message"),
+        (Gauge,     Seconds, CERT_EXPIRY,            "Unix time a held WeChat Pay platform certificate expires"),
+        (Counter,   Count,   CERT_DOWNLOADS,         "Platform certificate downloads (GET /v3/certificates) by outcome"),
+        (Gauge,     Count,   MERCHANT_INFO,          "Always 1 per configured merchant; the API (v2, v3) is a label"),
     ]
 };
 
@@ -414,6 +442,10 @@ fn zero_series(merchants: &HashSet<String>) {
     for outcome in NotifyOutcome::WITHOUT_MERCHANT {
         counter!(NOTIFY_REQUESTS, "mch_id" => "unknown", "outcome" => outcome.as_str()).absolute(0);
     }
+    for reason in UNVERIFIED_REASONS {
+        counter!(UNVERIFIED, "mch_id" => "unknown", "source" => "notification", "reason" => reason)
+            .absolute(0);
+    }
     let _ = histogram!(NOTIFY_DURATION, "mch_id" => "unknown");
     for m in merchants {
         zero_merchant_series(m);
@@ -454,6 +486,12 @@ fn zero_merchant_series(m: &str) {
     for outcome in QueryOutcome::all() {
         counter!(ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
             .absolute(0);
+    }
+    for source in ["answer", "notification"] {
+        for reason in UNVERIFIED_REASONS {
+            counter!(UNVERIFIED, "mch_id" => m.clone(), "source" => source, "reason" => reason)
+                .absolute(0);
+        }
     }
 }
 
@@ -557,6 +595,9 @@ impl Telemetry {
             Err(error) => {
                 tracing::info!(%error, mch_id, out_trade_no, outcome = label, "orderquery failed; will retry");
             }
+        }
+        if let Err(e) = outcome {
+            self.unverified_answer(&m, e);
         }
         self.with(|| {
             counter!(names::ORDERQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => label)
@@ -828,8 +869,105 @@ impl Telemetry {
             ),
         }
         let m = self.mch_label(mch_id);
+        if let Err(e) = outcome {
+            self.unverified_answer(&m, e);
+        }
         self.with(|| {
             counter!(names::CLOSEORDER_REQUESTS, "mch_id" => m, "outcome" => label).increment(1)
+        });
+    }
+
+    /// Counts why an answer was not verified (already logged with its call).
+    fn unverified_answer(&self, m: &str, error: &GatewayError) {
+        if let Some(reason) = error.reason() {
+            self.with(|| {
+                counter!(names::UNVERIFIED, "mch_id" => m.to_owned(), "source" => "answer", "reason" => reason)
+                    .increment(1)
+            });
+        }
+    }
+
+    /// Counts why a notification was not verified (logged by [`Telemetry::notify`]).
+    pub fn unverified_notification(&self, mch_id: Option<&str>, reason: &'static str) {
+        let m = self.mch_label(mch_id.unwrap_or_default());
+        self.with(|| {
+            counter!(names::UNVERIFIED, "mch_id" => m, "source" => "notification", "reason" => reason)
+                .increment(1)
+        });
+    }
+
+    /// The API each configured merchant speaks (`merchant_info`), for dashboards.
+    pub fn merchant_apis<'a>(&self, merchants: impl IntoIterator<Item = (&'a str, Api)>) {
+        self.with(|| {
+            for (m, api) in merchants {
+                gauge!(names::MERCHANT_INFO, "mch_id" => m.to_owned(), "api" => api.as_str())
+                    .set(1.0);
+                if api == Api::V3 {
+                    counter!(names::CERT_DOWNLOADS, "mch_id" => m.to_owned(), "outcome" => "ok").absolute(0);
+                    counter!(names::CERT_DOWNLOADS, "mch_id" => m.to_owned(), "outcome" => "public_key_only").absolute(0);
+                    counter!(names::CERT_DOWNLOADS, "mch_id" => m.to_owned(), "outcome" => "error").absolute(0);
+                    gauge!(names::CLOCK_SKEW, "mch_id" => m.to_owned()).set(0.0);
+                }
+            }
+        });
+    }
+
+    /// The skew WeChat's last correctly signed v3 message showed.
+    pub fn clock_skew(&self, mch_id: &str, skew_seconds: i64) {
+        let m = self.mch_label(mch_id);
+        self.with(|| gauge!(names::CLOCK_SKEW, "mch_id" => m).set(skew_seconds as f64));
+    }
+
+    /// A platform certificate download: the certificates now held (serial, expiry).
+    pub fn certificates_downloaded(
+        &self,
+        mch_id: &str,
+        held: &[(String, chrono::DateTime<chrono::Utc>)],
+    ) {
+        let m = self.mch_label(mch_id);
+        let serials: Vec<&str> = held.iter().map(|(s, _)| s.as_str()).collect();
+        tracing::info!(
+            mch_id,
+            ?serials,
+            "WeChat Pay platform certificates downloaded"
+        );
+        self.with(|| {
+            counter!(names::CERT_DOWNLOADS, "mch_id" => m.clone(), "outcome" => "ok").increment(1);
+            for (serial, expiry) in held {
+                gauge!(names::CERT_EXPIRY, "mch_id" => m.clone(), "serial" => serial.clone())
+                    .set(expiry.timestamp() as f64);
+            }
+        });
+    }
+
+    /// `GET /v3/certificates` said RESOURCE_NOT_EXISTS: the merchant has only the WeChat Pay
+    /// public key. Said once at start-up; the job does not ask again.
+    pub fn certificates_public_key_only(&self, mch_id: &str, has_public_key: bool) {
+        let m = self.mch_label(mch_id);
+        if has_public_key {
+            tracing::warn!(
+                mch_id,
+                "merchant has no WeChat Pay platform certificate (RESOURCE_NOT_EXISTS): verifying with the WeChat Pay public key only; set platform_certificates = \"off\" to stop asking"
+            );
+        } else {
+            tracing::error!(
+                mch_id,
+                "merchant has no WeChat Pay platform certificate (RESOURCE_NOT_EXISTS) and no wechatpay_public_key_file is configured: no v3 answer can be verified; configure the WeChat Pay public key"
+            );
+        }
+        self.with(|| {
+            counter!(names::CERT_DOWNLOADS, "mch_id" => m, "outcome" => "public_key_only")
+                .increment(1)
+        });
+    }
+
+    /// A platform certificate download that failed; the job tries again later.
+    pub fn certificates_failed(&self, mch_id: &str, error: &GatewayError) {
+        let m = self.mch_label(mch_id);
+        tracing::warn!(%error, mch_id, "WeChat Pay platform certificate download failed; will retry");
+        self.unverified_answer(&m, error);
+        self.with(|| {
+            counter!(names::CERT_DOWNLOADS, "mch_id" => m, "outcome" => "error").increment(1)
         });
     }
 

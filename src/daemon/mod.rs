@@ -30,7 +30,6 @@ use crate::http::Health;
 use crate::shutdown::{DRAIN_DEADLINE, systemd};
 use crate::store::{InstanceLock, StoreError};
 use crate::telemetry::Telemetry;
-use crate::wxpay::WxPayError;
 use jobs::Jobs;
 use wiring::Wiring;
 
@@ -47,7 +46,7 @@ pub enum DaemonError {
     #[error("scheduler: {0}")]
     Scheduler(String),
     #[error("WeChat Pay client: {0}")]
-    Client(#[from] WxPayError),
+    Client(#[from] crate::gateway::GatewayError),
     /// A task ended or panicked while the daemon was running; the rest was drained.
     #[error("task {task} {how} while the daemon was running; stopped so that it can be restarted")]
     TaskFailed {

@@ -20,7 +20,6 @@ use crate::reconcile::policy::Policy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
 use crate::telemetry::Telemetry;
-use crate::wxpay::WxPayClient;
 
 /// The WeChat Pay gateway, shared by every scanner the daemon builds: a reload keeps it, and
 /// with it its connection pool and its primary/backup failover state.
@@ -28,9 +27,7 @@ pub(super) type Client = Arc<Gateway>;
 
 /// The gateway of `settings.wechat`.
 pub(super) fn client(settings: &Settings) -> Result<Client, DaemonError> {
-    Ok(Arc::new(Gateway::V2(WxPayClient::new(
-        settings.wechat.client_config(),
-    )?)))
+    Ok(Arc::new(Gateway::new(settings.wechat.client_config())?))
 }
 
 /// Opens the configured database (`create_if_missing` only for `migrate`).

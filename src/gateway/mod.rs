@@ -8,28 +8,46 @@ pub mod report;
 
 pub use merchant::{Api, Credentials, Merchant, V3Credentials};
 pub use report::{
-    CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RetryHint, TradeReport,
+    CertificateRefresh, CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RetryHint,
+    TradeReport,
 };
 
 use crate::domain::OutTradeNo;
-use crate::wxpay::client::WxPayClient;
+use crate::wxpay::client::{ClientConfig, WxPayClient};
+use crate::wxpay::v3::V3Client;
 
-/// The protocol clients, one per API version. Cheap to share (`Arc`) across tasks; each keeps
-/// its connection pool and failover state for as long as it lives.
+/// The protocol clients, one per API version; each call goes to the merchant's. Cheap to share
+/// (`Arc`) across tasks; each client keeps its connection pool and failover state for as long
+/// as it lives.
 #[derive(Debug)]
-pub enum Gateway {
-    V2(WxPayClient),
+pub struct Gateway {
+    v2: WxPayClient,
+    v3: V3Client,
 }
 
 impl Gateway {
+    /// Both clients, for one WeChat endpoint (and its backup).
+    pub fn new(config: ClientConfig) -> Result<Gateway, GatewayError> {
+        Ok(Gateway {
+            v2: WxPayClient::new(config.clone())?,
+            v3: V3Client::new(config)?,
+        })
+    }
+
+    /// The v3 client (certificate downloads).
+    pub fn v3(&self) -> &V3Client {
+        &self.v3
+    }
+
     /// Asks WeChat about one order; a verified answer, or why there is none.
     pub async fn order_query(
         &self,
         merchant: &Merchant,
         order: &OrderRef,
     ) -> Result<QueryAnswer, GatewayError> {
-        match self {
-            Gateway::V2(client) => Ok(client.order_query(merchant, order).await?),
+        match merchant.api() {
+            Api::V2 => Ok(self.v2.order_query(merchant, order).await?),
+            Api::V3 => Ok(self.v3.order_query(merchant, order).await?),
         }
     }
 
@@ -39,8 +57,17 @@ impl Gateway {
         merchant: &Merchant,
         out_trade_no: &OutTradeNo,
     ) -> Result<CloseAnswer, GatewayError> {
-        match self {
-            Gateway::V2(client) => Ok(client.close_order(merchant, out_trade_no).await?),
+        match merchant.api() {
+            Api::V2 => Ok(self.v2.close_order(merchant, out_trade_no).await?),
+            Api::V3 => Ok(self.v3.close_order(merchant, out_trade_no).await?),
         }
+    }
+
+    /// Downloads a v3 merchant's platform certificates and keeps every valid one.
+    pub async fn download_certificates(
+        &self,
+        merchant: &Merchant,
+    ) -> Result<CertificateRefresh, GatewayError> {
+        Ok(self.v3.download_certificates(merchant).await?)
     }
 }

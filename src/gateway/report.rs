@@ -75,6 +75,15 @@ impl CloseAnswer {
     }
 }
 
+/// What a platform certificate download found (API v3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateRefresh {
+    /// The certificates now held: serial and expiry.
+    Updated(Vec<(String, DateTime<Utc>)>),
+    /// `RESOURCE_NOT_EXISTS`: the merchant has no platform certificate, only the public key.
+    PublicKeyOnly,
+}
+
 /// What the caller should do before asking again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryHint {
@@ -83,6 +92,18 @@ pub enum RetryHint {
     /// WeChat rate-limited us: slow down before anything else.
     SlowDown,
 }
+
+/// The reasons a v3 message is not verified ([`GatewayError::reason`] of a
+/// [`Failure::Unverified`]; the `reason` label of `unverified_messages_total`).
+pub const UNVERIFIED_REASONS: [&str; 7] = [
+    "missing_header",
+    "signtest_probe",
+    "signature_type",
+    "bad_timestamp",
+    "unknown_serial",
+    "bad_signature",
+    "stale_timestamp",
+];
 
 /// Why a call gave no usable answer, as a bounded class (the `outcome` label of
 /// `orderquery_requests_total` and of `closeorder_requests_total`'s failures).
@@ -97,11 +118,14 @@ pub enum Failure {
     Malformed,
     /// A correctly signed reply that does not echo the request.
     Mismatch,
+    /// A v3 answer whose signature could not be checked: a probe, a missing header, an
+    /// unknown serial or a stale timestamp (the reason is [`GatewayError::reason`]).
+    Unverified,
 }
 
 impl Failure {
     /// Every class, in the order of their labels.
-    pub const ALL: [Failure; 8] = [
+    pub const ALL: [Failure; 9] = [
         Failure::Timeout,
         Failure::TransportError,
         Failure::HttpStatus,
@@ -110,6 +134,7 @@ impl Failure {
         Failure::SignInvalid,
         Failure::Malformed,
         Failure::Mismatch,
+        Failure::Unverified,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +147,7 @@ impl Failure {
             Failure::SignInvalid => "sign_invalid",
             Failure::Malformed => "malformed",
             Failure::Mismatch => "mismatch",
+            Failure::Unverified => "unverified",
         }
     }
 
@@ -143,6 +169,8 @@ impl Failure {
 pub struct GatewayError {
     failure: Failure,
     retry: RetryHint,
+    /// A bounded detail label of the failure (why a v3 answer was not verified).
+    reason: Option<&'static str>,
     message: String,
 }
 
@@ -152,6 +180,7 @@ impl GatewayError {
         GatewayError {
             failure,
             retry: RetryHint::Backoff,
+            reason: None,
             message: message.into(),
         }
     }
@@ -161,8 +190,21 @@ impl GatewayError {
         GatewayError { retry, ..self }
     }
 
+    /// The same failure, with a bounded detail label.
+    pub fn with_reason(self, reason: &'static str) -> GatewayError {
+        GatewayError {
+            reason: Some(reason),
+            ..self
+        }
+    }
+
     pub fn failure(&self) -> Failure {
         self.failure
+    }
+
+    /// The bounded detail label, when the failure has one.
+    pub fn reason(&self) -> Option<&'static str> {
+        self.reason
     }
 
     /// The bounded `outcome` label.
@@ -185,7 +227,8 @@ impl GatewayError {
             | Failure::ResultFail
             | Failure::SignInvalid
             | Failure::Malformed
-            | Failure::Mismatch => true,
+            | Failure::Mismatch
+            | Failure::Unverified => true,
         }
     }
 

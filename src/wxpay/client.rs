@@ -207,8 +207,12 @@ fn transport_error(e: &reqwest::Error) -> WxPayError {
     if e.is_timeout() {
         return WxPayError::Timeout;
     }
-    // The chain of sources says what happened (connection refused, DNS, reset); the URL holds
-    // no secret.
+    WxPayError::Transport(error_chain(e))
+}
+
+/// What a transport error says, with the chain of its sources (connection refused, DNS,
+/// reset); the URL holds no secret.
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -216,7 +220,7 @@ fn transport_error(e: &reqwest::Error) -> WxPayError {
         message.push_str(&s.to_string());
         source = s.source();
     }
-    WxPayError::Transport(message)
+    message
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, WxPayError> {

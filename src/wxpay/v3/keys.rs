@@ -3,6 +3,7 @@
 //! signs with the old and the new certificate, so every certificate still valid is kept.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -32,6 +33,11 @@ pub struct WechatKeys {
     public_key: Option<WechatPublicKey>,
     certificates: CertificateMode,
     by_serial: RwLock<BTreeMap<String, Certificate>>,
+    /// The skew of the last verified message (seconds, positive: WeChat's clock ahead).
+    skew_seconds: AtomicI64,
+    skew_seen: AtomicBool,
+    /// Set when a message named a serial we do not know: the certificates job refreshes.
+    refresh_wanted: tokio::sync::Notify,
 }
 
 impl WechatKeys {
@@ -40,6 +46,9 @@ impl WechatKeys {
             public_key,
             certificates,
             by_serial: RwLock::new(BTreeMap::new()),
+            skew_seconds: AtomicI64::new(0),
+            skew_seen: AtomicBool::new(false),
+            refresh_wanted: tokio::sync::Notify::new(),
         })
     }
 
@@ -99,6 +108,15 @@ impl WechatKeys {
             .collect()
     }
 
+    /// Whether any platform certificate is held.
+    pub fn has_certificates(&self) -> bool {
+        !self
+            .by_serial
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// Whether any key can verify anything yet.
     pub fn has_any(&self) -> bool {
         self.public_key.is_some()
@@ -107,5 +125,31 @@ impl WechatKeys {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
+    }
+
+    /// Records the clock skew a correctly signed message showed.
+    pub fn observe_skew(&self, skew_seconds: i64) {
+        self.skew_seconds.store(skew_seconds, Ordering::Relaxed);
+        self.skew_seen.store(true, Ordering::Relaxed);
+    }
+
+    /// The skew of the last correctly signed message, if any came.
+    pub fn last_skew_seconds(&self) -> Option<i64> {
+        self.skew_seen
+            .load(Ordering::Relaxed)
+            .then(|| self.skew_seconds.load(Ordering::Relaxed))
+    }
+
+    /// Asks the certificates job for a refresh (a message named an unknown serial). Only in
+    /// download mode; the job rate-limits.
+    pub fn want_refresh(&self) {
+        if self.certificates == CertificateMode::Download {
+            self.refresh_wanted.notify_one();
+        }
+    }
+
+    /// Resolves when a refresh was asked for.
+    pub async fn refresh_wanted(&self) {
+        self.refresh_wanted.notified().await;
     }
 }

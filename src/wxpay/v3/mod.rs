@@ -3,8 +3,13 @@
 //! decrypts v3 messages.
 
 pub mod auth;
+pub mod client;
 pub mod crypto;
+pub mod error;
 pub mod keys;
+pub mod model;
 
+pub use client::V3Client;
 pub use crypto::{ApiV3Key, Certificate, CryptoError, PrivateKey, PublicKey};
+pub use error::V3Error;
 pub use keys::{CertificateMode, WechatKeys, WechatPublicKey};
