@@ -54,7 +54,15 @@ pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
     let merchants: Vec<String> = settings
         .merchants
         .iter()
-        .map(|m| format!("{} ({}, {})", m.mch_id, m.appid, m.signing()))
+        .map(|m| {
+            format!(
+                "{} ({}, API {}, {})",
+                m.mch_id,
+                m.appid,
+                m.api(),
+                m.signing()
+            )
+        })
         .collect();
     Ok(format!(
         "config {} is valid\ndatabase {} answers, schema up to date\nWeChat Pay {}\nmerchants: {}\n",
@@ -113,6 +121,8 @@ pub async fn status(
 /// What `status` shows, read once.
 struct StatusReads {
     now: DateTime<Utc>,
+    /// The API of each configured merchant, by mch_id.
+    apis: std::collections::HashMap<String, crate::gateway::Api>,
     stuck_after_seconds: u64,
     counts: Vec<(OrderState, i64)>,
     open: Vec<OpenSummary>,
@@ -122,6 +132,11 @@ struct StatusReads {
 }
 
 impl StatusReads {
+    /// `v2`, `v3`, or `-` for a merchant the config does not have.
+    fn api_of(&self, mch_id: &str) -> &'static str {
+        self.apis.get(mch_id).map_or("-", |a| a.as_str())
+    }
+
     async fn read(settings: &Settings, oldest: u32) -> Result<StatusReads, CommandError> {
         let store = open_store(settings, false).await?;
         store.check_schema().await?;
@@ -135,6 +150,11 @@ impl StatusReads {
         Ok(StatusReads {
             now,
             stuck_after_seconds: settings.metrics.stuck_after_seconds,
+            apis: settings
+                .merchants
+                .iter()
+                .map(|m| (m.mch_id.to_string(), m.api()))
+                .collect(),
             counts: store.count_by_state().await?,
             open: store.open_summary(&request).await?,
             paid_after_close: store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?,
@@ -175,6 +195,7 @@ fn status_json(reads: &StatusReads) -> String {
             .collect::<serde_json::Map<_, _>>(),
         "open_by_merchant": reads.open.iter().map(|o| json!({
             "mch_id": o.mch_id,
+            "api": reads.api_of(&o.mch_id),
             "open": o.open,
             "stuck": o.stuck,
             "expired": o.expired,
@@ -234,8 +255,8 @@ fn write_states_and_merchants(out: &mut String, reads: &StatusReads) {
     );
     let _ = writeln!(
         out,
-        "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
-        "MCH_ID", "OPEN", "STUCK", "EXPIRED", "OLDEST"
+        "  {:<12} {:<4} {:>8} {:>8} {:>8}  {:<10}",
+        "MCH_ID", "API", "OPEN", "STUCK", "EXPIRED", "OLDEST"
     );
     if reads.open.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -243,8 +264,9 @@ fn write_states_and_merchants(out: &mut String, reads: &StatusReads) {
     for o in &reads.open {
         let _ = writeln!(
             out,
-            "  {:<12} {:>8} {:>8} {:>8}  {:<10}",
+            "  {:<12} {:<4} {:>8} {:>8} {:>8}  {:<10}",
             o.mch_id,
+            reads.api_of(&o.mch_id),
             o.open,
             o.stuck,
             o.expired,
@@ -417,10 +439,37 @@ pub async fn query(
     }
 
     let gateway = Gateway::new(settings.wechat.client_config())?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "merchant: {} API {} ({})",
+        merchant.mch_id,
+        merchant.api(),
+        merchant.signing()
+    );
+    if let Some(creds) = merchant.v3_credentials()
+        && creds.wechat.certificate_mode() == crate::wxpay::v3::CertificateMode::Download
+    {
+        // A one-off command holds no certificates yet: download them to verify the answer.
+        match gateway.download_certificates(merchant).await {
+            Ok(crate::gateway::CertificateRefresh::Updated(held)) => {
+                let serials: Vec<&str> = held.iter().map(|(s, _)| s.as_str()).collect();
+                let _ = writeln!(out, "platform certificates: {}", serials.join(", "));
+            }
+            Ok(crate::gateway::CertificateRefresh::PublicKeyOnly) => {
+                let _ = writeln!(
+                    out,
+                    "platform certificates: none (RESOURCE_NOT_EXISTS: public-key mode only)"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "platform certificates: download failed: {e}");
+            }
+        }
+    }
     let answer = gateway
         .order_query(merchant, &OrderRef::OutTradeNo(otn))
         .await;
-    let mut out = String::new();
     if let Some(r) = &row {
         let _ = writeln!(
             out,

@@ -9,6 +9,7 @@
 //! the daemon drains the rest and [`Daemon::wait`] returns [`DaemonError::TaskFailed`], so that
 //! `run` exits non-zero and systemd restarts it.
 
+mod certificates;
 mod jobs;
 mod reload;
 mod wiring;
@@ -201,6 +202,15 @@ impl Daemon {
             None => None,
         };
         let jobs = Jobs::start(&mut tasks, settings, &wiring, work_stop.clone()).await?;
+        tasks.spawn(
+            "certificates",
+            certificates::keep_fresh(
+                wiring.scanners.client.clone(),
+                settings.merchants.clone(),
+                telemetry.clone(),
+                work_stop.clone(),
+            ),
+        );
         let scheduler = jobs.cron();
 
         systemd::ready();

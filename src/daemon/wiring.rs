@@ -111,6 +111,12 @@ impl Wiring {
         let instance_lock = store.lock_instance()?;
         store.check_schema().await?;
         let telemetry = Telemetry::new(settings.merchants.iter().map(|m| m.mch_id.as_str()));
+        telemetry.merchant_apis(
+            settings
+                .merchants
+                .iter()
+                .map(|m| (m.mch_id.as_str(), m.api())),
+        );
         let client = client(settings)?;
         let health = Health::new(Duration::from_secs(
             settings.metrics.ready_max_scan_age_seconds,

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::auth::{Request, RequestSigner, SignedHeaders, Unverified, Verified};
 use super::crypto::Certificate;
@@ -28,6 +28,8 @@ pub struct V3Client {
     http: reqwest::Client,
     config: ClientConfig,
     failover: Failover,
+    /// Our clock, for the timestamp check and the request's own timestamp.
+    clock: fn() -> DateTime<Utc>,
 }
 
 /// An answer as it came: its status, body and whether its signature verified.
@@ -98,7 +100,13 @@ impl V3Client {
             failover: Failover::new(config.failover_after, config.failback_after),
             http,
             config,
+            clock: Utc::now,
         })
+    }
+
+    /// The same client on another clock (tests replaying answers signed in the past).
+    pub fn with_clock(self, clock: fn() -> DateTime<Utc>) -> V3Client {
+        V3Client { clock, ..self }
     }
 
     /// The path of an order, for a direct merchant or a service provider's sub-merchant.
@@ -223,7 +231,7 @@ impl V3Client {
             }
             return Err(answer.error());
         }
-        let now = Utc::now();
+        let now = (self.clock)();
         let list = Certificates::parse(&answer.body)?;
         let mut fresh = Vec::with_capacity(list.data.len());
         for entry in &list.data {
@@ -288,7 +296,7 @@ impl V3Client {
         .authorization(&Request {
             method,
             path_and_query,
-            timestamp: Utc::now().timestamp(),
+            timestamp: (self.clock)().timestamp(),
             nonce: &nonce,
             body,
         })
@@ -329,7 +337,7 @@ impl V3Client {
         let verified = headers
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|h| h.verify(&body, Utc::now(), &creds.wechat));
+            .and_then(|h| h.verify(&body, (self.clock)(), &creds.wechat));
         match &verified {
             Ok(v) => creds.wechat.observe_skew(v.skew_seconds),
             Err(u) => {

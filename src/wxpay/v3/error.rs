@@ -83,6 +83,16 @@ impl V3Error {
     }
 }
 
+impl From<super::model::Mismatch> for V3Error {
+    fn from(m: super::model::Mismatch) -> V3Error {
+        V3Error::Mismatch {
+            field: m.field,
+            expected: m.expected,
+            got: m.got,
+        }
+    }
+}
+
 impl From<V3Error> for GatewayError {
     fn from(e: V3Error) -> GatewayError {
         let reason = e.unverified().map(Unverified::as_str);

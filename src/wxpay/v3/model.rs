@@ -137,13 +137,11 @@ impl Transaction {
         &self,
         mch_id: &MchId,
         sub_mch_id: Option<&MchId>,
-    ) -> Result<(), BodyError> {
-        let mismatch = |field: &'static str, got: Option<&str>, want: &str| BodyError::Field {
+    ) -> Result<(), Mismatch> {
+        let mismatch = |field: &'static str, got: Option<&str>, want: &str| Mismatch {
             field,
-            reason: format!(
-                "is {}, the merchant is {want}",
-                crate::text::quote(got.unwrap_or(""))
-            ),
+            expected: want.to_owned(),
+            got: got.unwrap_or_default().chars().take(64).collect(),
         };
         if self.mch_id.as_deref() != Some(mch_id.as_str()) {
             return Err(mismatch("mchid", self.mch_id.as_deref(), mch_id.as_str()));
@@ -160,6 +158,19 @@ impl Transaction {
             _ => Ok(()),
         }
     }
+}
+
+/// A verified message about another merchant than the one asked about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "field {field} is {}, expected {}",
+    crate::text::quote(got),
+    crate::text::quote(expected)
+)]
+pub struct Mismatch {
+    pub field: &'static str,
+    pub expected: String,
+    pub got: String,
 }
 
 /// RFC 3339 (`2021-03-22T10:29:05+08:00`) to UTC.
