@@ -130,6 +130,9 @@ async fn replay(
     (format!("http://{addr}"), seen)
 }
 
+/// A header set to a value, or removed (`None`).
+type HeaderChange<'a> = (&'a str, Option<&'a str>);
+
 /// A signed answer of the fixture, with some headers changed (`None`: removed).
 fn answer(
     name: &str,
@@ -276,7 +279,7 @@ async fn a_signed_404_order_not_exist_is_v2s_ordernotexist() {
 async fn unverified_answers_are_transient_and_say_why() {
     let _one = SERIAL.lock().await;
     let probe = "WECHATPAY/SIGNTEST/ZTFuQYnHKNPtLYXNVmjQLPUhvWq2X+6yjqvkPH8peW4iimvSCGBFgqxIufP7ZjH76mHKsFodRntpWNnlRg0yzpuYQGH/EhnwYAs/0aAVG4Y9gdL0MOGW0JCu043o5eYTSKMrpoNEaNIJEcGcZjvvJAxtolLqJmREHG237cVS3DLUO/uB0B21dGzZZPx4V13BffIIQPb+Yx+OrWXwpvjjgC20HLPNIREGyBYEPfDyzPHaBpXrxWeTVl7oAi3zfDVIx848iTx/cCWwqhNcSPVmBJGSLSuT6uV1PDcLW2W9/YCChxVMd9awXfgWkYiuaThCWBA==";
-    let cases: Vec<(&str, Vec<(&str, Option<&str>)>, Holds, i64)> = vec![
+    let cases: Vec<(&str, Vec<HeaderChange>, Holds, i64)> = vec![
         (
             "signtest_probe",
             vec![("Wechatpay-Signature", Some(probe))],
