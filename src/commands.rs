@@ -16,6 +16,7 @@ use crate::store::{
     UnreadableOrder,
 };
 use crate::telemetry::Telemetry;
+use crate::wxpay::v3::CertificateMode;
 
 /// `status` lists at most this many PAID_AFTER_CLOSE events.
 const PAID_AFTER_CLOSE_SHOWN: u32 = 50;
@@ -51,19 +52,7 @@ pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
     let store = open_store(settings, false).await?;
     store.ping().await?;
     store.check_schema().await?;
-    let merchants: Vec<String> = settings
-        .merchants
-        .iter()
-        .map(|m| {
-            format!(
-                "{} ({}, API {}, {})",
-                m.mch_id,
-                m.appid,
-                m.api(),
-                m.signing()
-            )
-        })
-        .collect();
+    let merchants: Vec<String> = settings.merchants.iter().map(merchant_line).collect();
     Ok(format!(
         "config {} is valid\ndatabase {} answers, schema up to date\nWeChat Pay {}\nmerchants: {}\n",
         settings.path.display(),
@@ -75,6 +64,32 @@ pub async fn check_config(settings: &Settings) -> Result<String, CommandError> {
             merchants.join(", ")
         }
     ))
+}
+
+/// One merchant for `check-config`: `ID (APPID, MD5)` for v2; for v3 the API and WeChat's
+/// keys it verifies with (never a key).
+fn merchant_line(m: &Merchant) -> String {
+    match m.v3_credentials() {
+        None => format!("{} ({}, {})", m.mch_id, m.appid, m.signing()),
+        Some(v3) => {
+            let mut wechat = Vec::new();
+            if let Some(pk) = v3.wechat.public_key() {
+                wechat.push(format!("public key {}", pk.id));
+            }
+            if v3.wechat.certificate_mode() == CertificateMode::Download {
+                wechat.push("platform certificates downloaded".to_owned());
+            }
+            format!(
+                "{} ({}, {} {}, certificate {}, WeChat's keys: {})",
+                m.mch_id,
+                m.appid,
+                m.api(),
+                m.signing(),
+                v3.cert_serial_no,
+                wechat.join(" + ")
+            )
+        }
+    }
 }
 
 /// How many set-aside orders `status` lists.
@@ -448,7 +463,7 @@ pub async fn query(
         merchant.signing()
     );
     if let Some(creds) = merchant.v3_credentials()
-        && creds.wechat.certificate_mode() == crate::wxpay::v3::CertificateMode::Download
+        && creds.wechat.certificate_mode() == CertificateMode::Download
     {
         // A one-off command holds no certificates yet: download them to verify the answer.
         match gateway.download_certificates(merchant).await {

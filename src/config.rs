@@ -5,7 +5,10 @@
 //! Secrets are never in the file: each merchant's API key is read from `api_key_file` (relative
 //! paths are relative to the config file), from the systemd credential named by
 //! `api_key_credential` (`$CREDENTIALS_DIRECTORY/NAME`, see `LoadCredential=`), or from the
-//! variable named by `api_key_env`.
+//! variable named by `api_key_env`. A v3 merchant (`api = "v3"`) has two secrets read the same
+//! way: `private_key_*` (the merchant API private key, PEM) and `apiv3_key_*` (32 bytes), and
+//! WeChat's keys: the public key (`wechatpay_public_key_file` + `_id`) and/or downloaded
+//! platform certificates (`platform_certificates`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,9 +18,14 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
+use zeroize::Zeroizing;
+
 use crate::domain::{AppId, MchId};
-use crate::gateway::{Credentials, Merchant};
+use crate::gateway::{Api, Credentials, Merchant, V3Credentials};
 use crate::store::DatabaseUrl;
+use crate::wxpay::v3::{
+    ApiV3Key, CertificateMode, PrivateKey, PublicKey, WechatKeys, WechatPublicKey,
+};
 use crate::wxpay::{ApiKey, ClientConfig, SignType};
 
 /// Where the config file is looked for when no `--config` is given.
@@ -300,18 +308,116 @@ struct RawMerchant {
     appid: AppId,
     #[serde(default)]
     sub_mch_id: Option<MchId>,
-    #[serde(default = "default_sign_type")]
-    sign_type: SignType,
+    /// `"v2"` (the default) or `"v3"`.
+    #[serde(default)]
+    api: Option<Api>,
+    // v2: the sign type (default MD5) and the API key.
+    #[serde(default)]
+    sign_type: Option<SignType>,
     #[serde(default)]
     api_key_file: Option<PathBuf>,
     #[serde(default)]
     api_key_env: Option<String>,
     #[serde(default)]
     api_key_credential: Option<String>,
+    // v3: the merchant API private key and its certificate's serial, the APIv3 key, and
+    // WeChat's keys.
+    #[serde(default)]
+    private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    private_key_env: Option<String>,
+    #[serde(default)]
+    private_key_credential: Option<String>,
+    #[serde(default)]
+    cert_serial_no: Option<String>,
+    #[serde(default)]
+    apiv3_key_file: Option<PathBuf>,
+    #[serde(default)]
+    apiv3_key_env: Option<String>,
+    #[serde(default)]
+    apiv3_key_credential: Option<String>,
+    #[serde(default)]
+    wechatpay_public_key_file: Option<PathBuf>,
+    #[serde(default)]
+    wechatpay_public_key_id: Option<String>,
+    #[serde(default)]
+    platform_certificates: Option<CertificateMode>,
 }
 
-fn default_sign_type() -> SignType {
-    SignType::Md5
+impl RawMerchant {
+    /// Where the v2 API key is read from.
+    fn api_key(&self) -> SecretSource<'_> {
+        SecretSource {
+            prefix: "api_key",
+            file: self.api_key_file.as_deref(),
+            env: self.api_key_env.as_deref(),
+            credential: self.api_key_credential.as_deref(),
+        }
+    }
+
+    /// Where the v3 merchant API private key is read from.
+    fn private_key(&self) -> SecretSource<'_> {
+        SecretSource {
+            prefix: "private_key",
+            file: self.private_key_file.as_deref(),
+            env: self.private_key_env.as_deref(),
+            credential: self.private_key_credential.as_deref(),
+        }
+    }
+
+    /// Where the APIv3 key is read from.
+    fn apiv3_key(&self) -> SecretSource<'_> {
+        SecretSource {
+            prefix: "apiv3_key",
+            file: self.apiv3_key_file.as_deref(),
+            env: self.apiv3_key_env.as_deref(),
+            credential: self.apiv3_key_credential.as_deref(),
+        }
+    }
+
+    /// The v2-only keys that are set.
+    fn v2_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("sign_type", self.sign_type.is_some()),
+            ("api_key_file", self.api_key_file.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("api_key_credential", self.api_key_credential.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+
+    /// The v3-only keys that are set.
+    fn v3_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("private_key_file", self.private_key_file.is_some()),
+            ("private_key_env", self.private_key_env.is_some()),
+            (
+                "private_key_credential",
+                self.private_key_credential.is_some(),
+            ),
+            ("cert_serial_no", self.cert_serial_no.is_some()),
+            ("apiv3_key_file", self.apiv3_key_file.is_some()),
+            ("apiv3_key_env", self.apiv3_key_env.is_some()),
+            ("apiv3_key_credential", self.apiv3_key_credential.is_some()),
+            (
+                "wechatpay_public_key_file",
+                self.wechatpay_public_key_file.is_some(),
+            ),
+            (
+                "wechatpay_public_key_id",
+                self.wechatpay_public_key_id.is_some(),
+            ),
+            (
+                "platform_certificates",
+                self.platform_certificates.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
 }
 
 /// Which file to read: `--config`, else `$WXPAY_RECONCILER_CONFIG`, else [`DEFAULT_PATH`].
@@ -326,6 +432,12 @@ pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
 
 /// Loads and validates the settings from `path` and the environment.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    load_with(path, &|name| std::env::var_os(name))
+}
+
+/// [`load`], with the merchants' secrets' variables (`*_env`, `$CREDENTIALS_DIRECTORY`) read
+/// through `var` (the tests' environment, without touching the process's).
+fn load_with(path: &Path, var: &EnvLookup<'_>) -> Result<Settings, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::NotFound(path.to_owned()));
     }
@@ -344,7 +456,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         return Err(origins.invalid("log.level", format!("{:?}: {e}", raw.log.level)));
     }
     check_listeners(&raw.metrics, &raw.notify, &origins)?;
-    let merchants = load_merchants(raw.merchants, &origins)?;
+    let merchants = load_merchants(raw.merchants, &origins, var)?;
     Ok(Settings {
         path: path.to_owned(),
         database: DatabaseSettings {
@@ -555,10 +667,17 @@ fn check_limits(
     )
 }
 
-/// `[[merchants]]`: each once, each with its key read from where the config says.
-fn load_merchants(raw: Vec<RawMerchant>, o: &Origins<'_>) -> Result<Vec<Merchant>, ConfigError> {
+/// `[[merchants]]`: each once, each with its keys read from where the config says.
+fn load_merchants(
+    raw: Vec<RawMerchant>,
+    o: &Origins<'_>,
+    var: &EnvLookup<'_>,
+) -> Result<Vec<Merchant>, ConfigError> {
     let path = o.path;
-    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let at = Where {
+        base_dir: path.parent().unwrap_or(Path::new(".")),
+        var,
+    };
     let mut merchants: Vec<Merchant> = Vec::with_capacity(raw.len());
     for (i, m) in raw.into_iter().enumerate() {
         let key_name = |k: &str| format!("merchants[{i}].{k}");
@@ -568,23 +687,162 @@ fn load_merchants(raw: Vec<RawMerchant>, o: &Origins<'_>) -> Result<Vec<Merchant
                 format!("merchant {} is configured twice", m.mch_id),
             ));
         }
-        let key = load_key(base_dir, &m).map_err(|(k, message)| ConfigError::Invalid {
+        let credentials = match m.api.unwrap_or(Api::V2) {
+            Api::V2 => v2_credentials(&at, &m),
+            Api::V3 => v3_credentials(&at, &m).map(Credentials::V3),
+        }
+        .map_err(|(k, message)| ConfigError::Invalid {
             origin: format!("config file {}", path.display()),
-            key: key_name(k),
+            key: key_name(&k),
             message,
         })?;
         merchants.push(Merchant {
             mch_id: m.mch_id,
             appid: m.appid,
             sub_mch_id: m.sub_mch_id,
-            credentials: Credentials::V2 {
-                sign_type: m.sign_type,
-                key,
-            },
+            credentials,
         });
     }
     Ok(merchants)
 }
+
+/// A bad merchant setting: the key (within its `[[merchants]]` entry) and what is wrong.
+type MerchantError = (String, String);
+
+/// A v2 merchant: its sign type and API key; no v3 key.
+fn v2_credentials(at: &Where<'_>, m: &RawMerchant) -> Result<Credentials, MerchantError> {
+    if let Some(k) = m.v3_keys_set().first() {
+        return Err((
+            (*k).to_owned(),
+            "is a v3 key, and this merchant speaks API v2 (`api` is \"v2\" or not set); \
+             set api = \"v3\" for a v3 merchant, or remove the key"
+                .into(),
+        ));
+    }
+    let secret = m.api_key().read(at, true)?;
+    let text = std::str::from_utf8(&secret.bytes).unwrap_or_default();
+    let key = ApiKey::parse(text).map_err(|e| (secret.key.clone(), secret.about(e)))?;
+    Ok(Credentials::V2 {
+        sign_type: m.sign_type.unwrap_or(SignType::Md5),
+        key,
+    })
+}
+
+/// A v3 merchant: its private key and certificate serial, its APIv3 key, and WeChat's keys
+/// (the public key, the platform certificates or both); no v2 key.
+fn v3_credentials(at: &Where<'_>, m: &RawMerchant) -> Result<V3Credentials, MerchantError> {
+    if let Some(k) = m.v2_keys_set().first() {
+        return Err((
+            (*k).to_owned(),
+            "is a v2 key, and this merchant has api = \"v3\": a v3 merchant signs with \
+             private_key_* and decrypts with apiv3_key_*; remove the key"
+                .into(),
+        ));
+    }
+    let cert_serial_no = cert_serial_no(m.cert_serial_no.as_deref())?;
+    let public_key_files = (&m.wechatpay_public_key_file, &m.wechatpay_public_key_id);
+    let public_key = match public_key_files {
+        (Some(file), Some(id)) => Some((file, public_key_id(id)?)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                "wechatpay_public_key_id".into(),
+                "missing: wechatpay_public_key_file is set, and WeChat names its public key by \
+                 its id (PUB_KEY_ID_…, shown next to the key in the merchant platform)"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "wechatpay_public_key_file".into(),
+                "missing: wechatpay_public_key_id is set; set wechatpay_public_key_file to the \
+                 WeChat Pay public key (PEM) downloaded from the merchant platform"
+                    .into(),
+            ));
+        }
+    };
+    // A merchant with the public key needs no certificates (new merchants have none); one
+    // without it can only verify with downloaded certificates.
+    let certificates = m.platform_certificates.unwrap_or(if public_key.is_some() {
+        CertificateMode::Off
+    } else {
+        CertificateMode::Download
+    });
+    if public_key.is_none() && certificates == CertificateMode::Off {
+        return Err((
+            "platform_certificates".into(),
+            "is \"off\" and no WeChat Pay public key is configured: WeChat's answers could not \
+             be verified; set wechatpay_public_key_file and wechatpay_public_key_id, or \
+             platform_certificates = \"download\""
+                .into(),
+        ));
+    }
+
+    let secret = m.private_key().read(at, false)?;
+    let private_key =
+        PrivateKey::from_pem(&secret.bytes).map_err(|e| (secret.key.clone(), secret.about(e)))?;
+
+    let secret = m.apiv3_key().read(at, false)?;
+    let trimmed = secret.bytes.trim_ascii_end();
+    let apiv3_key = ApiV3Key::new(trimmed).map_err(|e| (secret.key.clone(), secret.about(e)))?;
+
+    let public_key = match public_key {
+        Some((file, id)) => {
+            let k = "wechatpay_public_key_file";
+            let shown = shown_path(at.base_dir, file);
+            let pem = std::fs::read(at.base_dir.join(file))
+                .map_err(|e| (k.to_owned(), format!("cannot read {shown}: {e}")))?;
+            let key =
+                PublicKey::from_pem(&pem).map_err(|e| (k.to_owned(), format!("{shown}: {e}")))?;
+            Some(WechatPublicKey { id, key })
+        }
+        None => None,
+    };
+    Ok(V3Credentials {
+        private_key,
+        cert_serial_no,
+        apiv3_key,
+        wechat: WechatKeys::new(public_key, certificates),
+    })
+}
+
+/// The serial of the merchant API certificate: hex, at most 40 digits, uppercased.
+fn cert_serial_no(serial: Option<&str>) -> Result<String, MerchantError> {
+    let k = "cert_serial_no";
+    let serial = serial.ok_or_else(|| {
+        (
+            k.to_owned(),
+            "missing: a v3 merchant names its API certificate by its serial (hex, shown in \
+             the merchant platform under API security)"
+                .to_owned(),
+        )
+    })?;
+    if serial.is_empty() || serial.len() > 40 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err((
+            k.to_owned(),
+            format!("must be the certificate's serial: 1 to 40 hex digits; {NOT_SHOWN}"),
+        ));
+    }
+    Ok(serial.to_ascii_uppercase())
+}
+
+/// WeChat's public key id: `PUB_KEY_ID_` and letters or digits.
+fn public_key_id(id: &str) -> Result<String, MerchantError> {
+    let rest = id.strip_prefix(PUBLIC_KEY_ID_PREFIX).unwrap_or_default();
+    if rest.is_empty() || id.len() > 64 || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err((
+            "wechatpay_public_key_id".into(),
+            format!(
+                "must be WeChat's public key id: {PUBLIC_KEY_ID_PREFIX} and letters or digits, \
+                 at most 64 characters; {NOT_SHOWN}"
+            ),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+/// How the ids of WeChat Pay public keys begin.
+const PUBLIC_KEY_ID_PREFIX: &str = "PUB_KEY_ID_";
 
 /// Checks a six-field cron expression (seconds first) with the scheduler's own parser.
 pub fn validate_cron(expr: &str) -> Result<(), String> {
@@ -601,84 +859,151 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 /// The variable systemd sets for a service with `LoadCredential=`.
 pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
-fn load_key(base_dir: &Path, m: &RawMerchant) -> Result<ApiKey, (&'static str, String)> {
-    let sources = [
-        m.api_key_file.is_some(),
-        m.api_key_env.is_some(),
-        m.api_key_credential.is_some(),
-    ];
-    match sources.iter().filter(|s| **s).count() {
-        0 => {
-            return Err((
-                "api_key_file",
-                "missing: set api_key_file (a file holding the key), api_key_credential (a systemd credential) or api_key_env (a variable)".into(),
-            ));
-        }
-        1 => {}
-        _ => {
-            return Err((
-                "api_key_file",
-                "set only one of api_key_file, api_key_credential and api_key_env".into(),
-            ));
-        }
+/// Reads an environment variable (the process's, or a test's).
+type EnvLookup<'a> = dyn Fn(&str) -> Option<std::ffi::OsString> + 'a;
+
+/// What the merchants' secrets are found through: the config file's folder (relative paths)
+/// and the environment.
+struct Where<'a> {
+    base_dir: &'a Path,
+    var: &'a EnvLookup<'a>,
+}
+
+/// Where one secret of a merchant is kept: exactly one of `PREFIX_file` (relative to the
+/// config file), `PREFIX_credential` (`$CREDENTIALS_DIRECTORY/NAME`) and `PREFIX_env`.
+struct SecretSource<'a> {
+    prefix: &'static str,
+    file: Option<&'a Path>,
+    env: Option<&'a str>,
+    credential: Option<&'a str>,
+}
+
+/// A secret as read, with the key it was read through and how to name where it came from.
+struct Secret {
+    /// `api_key_file`, `private_key_credential`, …
+    key: String,
+    /// `/etc/…/key`, `credential NAME` or `environment variable NAME` (never the value).
+    origin: String,
+    bytes: Zeroizing<Vec<u8>>,
+}
+
+impl Secret {
+    /// The message for a secret that was read but refused: its origin and why.
+    fn about(&self, why: impl std::fmt::Display) -> String {
+        format!("{}: {why}", self.origin)
     }
-    if let Some(name) = &m.api_key_credential {
-        let k = "api_key_credential";
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err((
-                k,
-                format!("not a credential name (no '/', no leading '.'); {NOT_SHOWN}"),
-            ));
-        }
-        let shown = shown_name(name);
-        let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or_else(|| {
-            (
-                k,
-                format!(
-                    "${CREDENTIALS_DIRECTORY} is not set: run under systemd with LoadCredential={}:/path/to/key, or use api_key_file",
-                    if may_be_secret(name) { "NAME" } else { name }
-                ),
-            )
-        })?;
-        let file = Path::new(&dir).join(name);
-        let raw = std::fs::read_to_string(&file)
-            .map_err(|e| (k, format!("cannot read credential {shown}: {e}")))?;
-        return ApiKey::parse(&raw).map_err(|e| (k, format!("credential {shown}: {e}")));
-    }
-    match (&m.api_key_file, &m.api_key_env) {
-        (Some(file), _) => {
-            let k = "api_key_file";
-            let shown = match file.to_str() {
-                Some(f) if may_be_secret(f) => NAME_NOT_SHOWN.to_owned(),
-                _ => base_dir.join(file).display().to_string(),
-            };
-            let file = base_dir.join(file);
-            let raw = std::fs::read_to_string(&file)
-                .map_err(|e| (k, format!("cannot read {shown}: {e}")))?;
-            ApiKey::parse(&raw).map_err(|e| (k, format!("{shown}: {e}")))
-        }
-        (None, Some(var)) => {
-            let k = "api_key_env";
-            let valid = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !valid {
+}
+
+impl SecretSource<'_> {
+    /// Reads the secret: as UTF-8 text when `text` (the errors tell invalid UTF-8), else as
+    /// bytes.
+    fn read(&self, at: &Where<'_>, text: bool) -> Result<Secret, MerchantError> {
+        let p = self.prefix;
+        let (file_key, env_key, credential_key) = (
+            format!("{p}_file"),
+            format!("{p}_env"),
+            format!("{p}_credential"),
+        );
+        let sources = [
+            self.file.is_some(),
+            self.env.is_some(),
+            self.credential.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => {
                 return Err((
-                    k,
-                    format!("not a valid environment variable name; {NOT_SHOWN}"),
+                    file_key.clone(),
+                    format!(
+                        "missing: set {file_key} (a file holding the key), {credential_key} (a systemd credential) or {env_key} (a variable)"
+                    ),
                 ));
             }
-            let shown = shown_name(var);
-            let raw = std::env::var(var).map_err(|e| {
-                let why = match e {
-                    std::env::VarError::NotPresent => "is not set",
-                    // Its Display would print the value: the key.
-                    std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
-                };
-                (k, format!("environment variable {shown} {why}"))
-            })?;
-            ApiKey::parse(&raw).map_err(|e| (k, format!("environment variable {shown}: {e}")))
+            1 => {}
+            _ => {
+                return Err((
+                    file_key.clone(),
+                    format!("set only one of {file_key}, {credential_key} and {env_key}"),
+                ));
+            }
         }
-        (None, None) => Err(("api_key_file", "missing".into())),
+        let read_file = |file: &Path| -> std::io::Result<Vec<u8>> {
+            if text {
+                std::fs::read_to_string(file).map(String::into_bytes)
+            } else {
+                std::fs::read(file)
+            }
+        };
+        if let Some(name) = self.credential {
+            let k = credential_key;
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err((
+                    k,
+                    format!("not a credential name (no '/', no leading '.'); {NOT_SHOWN}"),
+                ));
+            }
+            let shown = shown_name(name);
+            let Some(dir) = (at.var)(CREDENTIALS_DIRECTORY) else {
+                let message = format!(
+                    "${CREDENTIALS_DIRECTORY} is not set: run under systemd with LoadCredential={}:/path/to/key, or use {file_key}",
+                    if may_be_secret(name) { "NAME" } else { name }
+                );
+                return Err((k, message));
+            };
+            let file = Path::new(&dir).join(name);
+            let bytes = read_file(&file)
+                .map_err(|e| (k.clone(), format!("cannot read credential {shown}: {e}")))?;
+            return Ok(Secret {
+                key: k,
+                origin: format!("credential {shown}"),
+                bytes: Zeroizing::new(bytes),
+            });
+        }
+        if let Some(file) = self.file {
+            let k = file_key;
+            let shown = shown_path(at.base_dir, file);
+            let bytes = read_file(&at.base_dir.join(file))
+                .map_err(|e| (k.clone(), format!("cannot read {shown}: {e}")))?;
+            return Ok(Secret {
+                key: k,
+                origin: shown,
+                bytes: Zeroizing::new(bytes),
+            });
+        }
+        let var = self.env.unwrap_or_default();
+        let k = env_key;
+        let valid = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err((
+                k,
+                format!("not a valid environment variable name; {NOT_SHOWN}"),
+            ));
+        }
+        let shown = shown_name(var);
+        let bytes = match (at.var)(var) {
+            None => Err("is not set"),
+            // Never the value's text: it would be the key.
+            Some(v) if text => v
+                .into_string()
+                .map(String::into_bytes)
+                .map_err(|_| "is not valid UTF-8"),
+            Some(v) => Ok(std::os::unix::ffi::OsStringExt::into_vec(v)),
+        }
+        .map_err(|why| (k.clone(), format!("environment variable {shown} {why}")))?;
+        Ok(Secret {
+            key: k,
+            origin: format!("environment variable {shown}"),
+            bytes: Zeroizing::new(bytes),
+        })
+    }
+}
+
+/// A file named in the config, relative to its folder, for a message; not shown when the name
+/// looks like a key put in its place.
+fn shown_path(base_dir: &Path, file: &Path) -> String {
+    match file.to_str() {
+        Some(f) if may_be_secret(f) => NAME_NOT_SHOWN.to_owned(),
+        _ => base_dir.join(file).display().to_string(),
     }
 }
 
@@ -990,5 +1315,372 @@ mod tests {
         let err = load(&cfg).unwrap_err().to_string();
         assert!(err.contains("merchants[0].api_key_file"), "{err}");
         assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    /// A published test key of the fixtures (not a secret).
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel)
+    }
+
+    const MERCHANT_KEY: &str = "wxpay-v3/keys/java_sdk_merchant_private_key.pem";
+    const WECHAT_PUBLIC_KEY: &str = "wxpay-v3/keys/go_sdk_test_public_key.pem";
+    const PUBLIC_KEY_ID: &str = "PUB_KEY_ID_0000000000000024101100397200000006";
+    const APIV3_KEY: &str = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
+
+    /// A v3 merchant entry with its keys in files (`apiv3` in the config's folder), with
+    /// `extra` lines added.
+    fn v3_merchant(extra: &str) -> String {
+        format!(
+            "[[merchants]]\nmch_id = \"1900000100\"\nappid = \"wxd678efh567hg6787\"\napi = \"v3\"\n\
+             cert_serial_no = \"5f1c72e2a8931b72a2e13af8dee92471eb397115\"\n{extra}"
+        )
+    }
+
+    fn key_files() -> String {
+        format!(
+            "private_key_file = {:?}\napiv3_key_file = \"apiv3\"\n",
+            fixture(MERCHANT_KEY)
+        )
+    }
+
+    fn public_key_lines() -> String {
+        format!(
+            "wechatpay_public_key_file = {:?}\nwechatpay_public_key_id = \"{PUBLIC_KEY_ID}\"\n",
+            fixture(WECHAT_PUBLIC_KEY)
+        )
+    }
+
+    /// The lines of the merchant's private key a message must never contain.
+    fn private_key_lines() -> Vec<String> {
+        std::fs::read_to_string(fixture(MERCHANT_KEY))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn assert_no_secret(err: &str) {
+        assert!(!err.contains(APIV3_KEY), "{err}");
+        assert!(!err.contains(&APIV3_KEY[..16]), "{err}");
+        for line in private_key_lines() {
+            assert!(!err.contains(&line), "{err}");
+        }
+    }
+
+    #[test]
+    fn loads_v3_merchants_from_files_beside_v2_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "apiv3", &format!("{APIV3_KEY}\n\n"));
+        write(dir.path(), "key", "192006250b4c09247ec02edce69f6a2d\n");
+        let text = format!(
+            "[[merchants]]\nmch_id = \"10000100\"\nappid = \"wxd930ea5d5a258f4f\"\napi_key_file = \"key\"\n\n{}\n{}",
+            v3_merchant(&(key_files() + &public_key_lines())),
+            "[[merchants]]\nmch_id = \"1900000101\"\nappid = \"wxd678efh567hg6787\"\napi = \"v3\"\n\
+             cert_serial_no = \"5F1C72E2A8931B72A2E13AF8DEE92471EB397115\"\n"
+                .to_owned() + &key_files(),
+        );
+        let cfg = write(dir.path(), "c.toml", &text);
+        let s = load(&cfg).unwrap();
+        assert_eq!(
+            s.merchants.iter().map(Merchant::api).collect::<Vec<_>>(),
+            [Api::V2, Api::V3, Api::V3]
+        );
+        assert_eq!(s.merchants[0].v2_sign_type(), SignType::Md5);
+
+        let v3 = s.merchants[1].v3_credentials().unwrap();
+        assert_eq!(
+            v3.cert_serial_no,
+            "5F1C72E2A8931B72A2E13AF8DEE92471EB397115"
+        );
+        assert!(
+            v3.apiv3_key
+                .same_as(&ApiV3Key::new(APIV3_KEY.as_bytes()).unwrap())
+        );
+        let pem = std::fs::read(fixture(MERCHANT_KEY)).unwrap();
+        assert!(v3.private_key.same_as(&PrivateKey::from_pem(&pem).unwrap()));
+        let public = v3.wechat.public_key().unwrap();
+        assert_eq!(public.id, PUBLIC_KEY_ID);
+        let pem = std::fs::read(fixture(WECHAT_PUBLIC_KEY)).unwrap();
+        assert_eq!(public.key, PublicKey::from_pem(&pem).unwrap());
+        // With the public key, the certificates are off unless asked for.
+        assert_eq!(v3.wechat.certificate_mode(), CertificateMode::Off);
+
+        // Without it, they are downloaded.
+        let other = s.merchants[2].v3_credentials().unwrap();
+        assert!(other.wechat.public_key().is_none());
+        assert_eq!(other.wechat.certificate_mode(), CertificateMode::Download);
+
+        let debug = format!("{s:?}");
+        assert_no_secret(&debug);
+        assert!(
+            !debug.contains("192006250b4c09247ec02edce69f6a2d"),
+            "{debug}"
+        );
+
+        // Both, during a switch from certificates to the public key.
+        let cfg = write(
+            dir.path(),
+            "c.toml",
+            &v3_merchant(
+                &(key_files() + &public_key_lines() + "platform_certificates = \"download\"\n"),
+            ),
+        );
+        let s = load(&cfg).unwrap();
+        let v3 = s.merchants[0].v3_credentials().unwrap();
+        assert!(v3.wechat.public_key().is_some());
+        assert_eq!(v3.wechat.certificate_mode(), CertificateMode::Download);
+    }
+
+    #[test]
+    fn v3_errors_name_the_file_and_the_key_never_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_pem = std::fs::read_to_string(fixture(MERCHANT_KEY)).unwrap();
+        write(dir.path(), "apiv3", &format!("{APIV3_KEY}\n"));
+        write(dir.path(), "apiv3_short", &APIV3_KEY[..31]);
+        write(dir.path(), "apiv3_long", &format!("{APIV3_KEY}x\n"));
+        // A private key that is not PEM (a key pasted without its armour).
+        write(
+            dir.path(),
+            "garbage.pem",
+            &secret_pem
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        let key =
+            |file: &Path| format!("private_key_file = {file:?}\napiv3_key_file = \"apiv3\"\n");
+        let merchant_key = fixture(MERCHANT_KEY);
+        let public_key = public_key_lines();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                v3_merchant(&(public_key.clone() + "apiv3_key_file = \"apiv3\"\n")),
+                "merchants[0].private_key_file",
+                "missing",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key + "private_key_env = \"K\"\n")),
+                "merchants[0].private_key_file",
+                "only one of",
+            ),
+            (
+                v3_merchant(&(key(&dir.path().join("garbage.pem")) + &public_key)),
+                "merchants[0].private_key_file",
+                "not a PEM private key",
+            ),
+            (
+                v3_merchant(&(key(&fixture("local/rsa1024_test_key.pem")) + &public_key)),
+                "merchants[0].private_key_file",
+                "RSA-1024",
+            ),
+            (
+                v3_merchant(&(key(&fixture("local/ec_p256_test_key.pem")) + &public_key)),
+                "merchants[0].private_key_file",
+                "not an RSA private key",
+            ),
+            (
+                v3_merchant(&(key(&dir.path().join("absent.pem")) + &public_key)),
+                "merchants[0].private_key_file",
+                "cannot read",
+            ),
+            (
+                format!(
+                    "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi = \"v3\"\n{}{public_key}",
+                    key(&merchant_key)
+                ),
+                "merchants[0].cert_serial_no",
+                "missing",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key))
+                    .replace("5f1c72e2a8931b72a2e13af8dee92471eb397115", APIV3_KEY),
+                "merchants[0].cert_serial_no",
+                "hex digits",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key))
+                    .replace("5f1c72e2a8931b72a2e13af8dee92471eb397115", &"A".repeat(41)),
+                "merchants[0].cert_serial_no",
+                "hex digits",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key))
+                    .replace("\"apiv3\"", "\"apiv3_short\""),
+                "merchants[0].apiv3_key_file",
+                "31 bytes",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key))
+                    .replace("\"apiv3\"", "\"apiv3_long\""),
+                "merchants[0].apiv3_key_file",
+                "33 bytes",
+            ),
+            (
+                v3_merchant(&(format!("private_key_file = {merchant_key:?}\n") + &public_key)),
+                "merchants[0].apiv3_key_file",
+                "missing",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &format!("wechatpay_public_key_file = {:?}\n", fixture(WECHAT_PUBLIC_KEY)))),
+                "merchants[0].wechatpay_public_key_id",
+                "missing",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &format!("wechatpay_public_key_id = \"{PUBLIC_KEY_ID}\"\n"))),
+                "merchants[0].wechatpay_public_key_file",
+                "missing",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key)).replace(PUBLIC_KEY_ID, "F5765756002FDD77"),
+                "merchants[0].wechatpay_public_key_id",
+                "PUB_KEY_ID_",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key))
+                    .replace(WECHAT_PUBLIC_KEY, MERCHANT_KEY),
+                "merchants[0].wechatpay_public_key_file",
+                "not a PEM public key",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + "platform_certificates = \"off\"\n")),
+                "merchants[0].platform_certificates",
+                "WeChat's answers could not be verified",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + "platform_certificates = \"sometimes\"\n")),
+                "merchants[0].platform_certificates",
+                "",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key)).replace("\"v3\"", "\"v4\""),
+                "merchants[0].api",
+                "",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key + "sign_type = \"MD5\"\n")),
+                "merchants[0].sign_type",
+                "is a v2 key",
+            ),
+            (
+                v3_merchant(&(key(&merchant_key) + &public_key + "api_key_file = \"apiv3\"\n")),
+                "merchants[0].api_key_file",
+                "is a v2 key",
+            ),
+            (
+                format!(
+                    "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi_key_file = \"apiv3\"\nprivate_key_file = {merchant_key:?}\n"
+                ),
+                "merchants[0].private_key_file",
+                "is a v3 key",
+            ),
+            (
+                "[[merchants]]\nmch_id = \"1\"\nappid = \"wx1\"\napi = \"v2\"\napi_key_file = \"apiv3\"\napiv3_key_env = \"K\"\n".to_owned(),
+                "merchants[0].apiv3_key_env",
+                "is a v3 key",
+            ),
+        ];
+        for (text, key, what) in cases {
+            let cfg = write(dir.path(), "c.toml", &text);
+            let err = load(&cfg).unwrap_err().to_string();
+            assert!(err.contains(&cfg.display().to_string()), "{text}: {err}");
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains(what), "{text}: {err}");
+            assert_no_secret(&err);
+        }
+    }
+
+    #[test]
+    fn v3_secrets_from_variables_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        let pem = std::fs::read_to_string(fixture(MERCHANT_KEY)).unwrap();
+        write(&creds, "apiclient_key.pem", &pem);
+        write(&creds, "apiv3_key", &format!("{APIV3_KEY}\r\n"));
+        let vars: std::collections::HashMap<&str, String> = [
+            ("MCH_PRIVATE_KEY", pem.clone()),
+            ("MCH_APIV3_KEY", APIV3_KEY.to_owned()),
+            ("MCH_SHORT_KEY", APIV3_KEY[..20].to_owned()),
+            (CREDENTIALS_DIRECTORY, creds.display().to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let env = |name: &str| vars.get(name).map(std::ffi::OsString::from);
+        let no_credentials = |name: &str| {
+            (name != CREDENTIALS_DIRECTORY)
+                .then(|| vars.get(name).map(std::ffi::OsString::from))
+                .flatten()
+        };
+        let public_key = public_key_lines();
+        let expected = PrivateKey::from_pem(pem.as_bytes()).unwrap();
+        let apiv3 = ApiV3Key::new(APIV3_KEY.as_bytes()).unwrap();
+        for lines in [
+            "private_key_env = \"MCH_PRIVATE_KEY\"\napiv3_key_credential = \"apiv3_key\"\n",
+            "private_key_credential = \"apiclient_key.pem\"\napiv3_key_env = \"MCH_APIV3_KEY\"\n",
+        ] {
+            let cfg = write(
+                dir.path(),
+                "c.toml",
+                &v3_merchant(&(lines.to_owned() + &public_key)),
+            );
+            let s = load_with(&cfg, &env).unwrap();
+            let v3 = s.merchants[0].v3_credentials().unwrap();
+            assert!(v3.private_key.same_as(&expected), "{lines}");
+            assert!(v3.apiv3_key.same_as(&apiv3), "{lines}");
+        }
+
+        let cases = [
+            (
+                "private_key_credential = \"apiclient_key.pem\"\napiv3_key_env = \"MCH_APIV3_KEY\"\n",
+                &no_credentials as &EnvLookup<'_>,
+                "merchants[0].private_key_credential",
+                "LoadCredential=apiclient_key.pem:",
+            ),
+            (
+                "private_key_env = \"MCH_PRIVATE_KEY\"\napiv3_key_credential = \"absent\"\n",
+                &env,
+                "merchants[0].apiv3_key_credential",
+                "cannot read credential absent",
+            ),
+            (
+                "private_key_env = \"MCH_PRIVATE_KEY\"\napiv3_key_credential = \"../apiv3_key\"\n",
+                &env,
+                "merchants[0].apiv3_key_credential",
+                "not a credential name",
+            ),
+            (
+                "private_key_env = \"UNSET_VARIABLE\"\napiv3_key_env = \"MCH_APIV3_KEY\"\n",
+                &env,
+                "merchants[0].private_key_env",
+                "environment variable UNSET_VARIABLE is not set",
+            ),
+            (
+                "private_key_env = \"MCH_PRIVATE_KEY\"\napiv3_key_env = \"MCH_SHORT_KEY\"\n",
+                &env,
+                "merchants[0].apiv3_key_env",
+                "environment variable MCH_SHORT_KEY: the APIv3 key is 20 bytes",
+            ),
+            (
+                "private_key_env = \"MCH_APIV3_KEY\"\napiv3_key_env = \"MCH_APIV3_KEY\"\n",
+                &env,
+                "merchants[0].private_key_env",
+                "environment variable MCH_APIV3_KEY: not a PEM private key",
+            ),
+        ];
+        for (lines, var, key, what) in cases {
+            let cfg = write(
+                dir.path(),
+                "c.toml",
+                &v3_merchant(&(lines.to_owned() + &public_key)),
+            );
+            let err = load_with(&cfg, var).unwrap_err().to_string();
+            assert!(err.contains(&cfg.display().to_string()), "{lines}: {err}");
+            assert!(err.contains(key), "{lines}: {err}");
+            assert!(err.contains(what), "{lines}: {err}");
+            assert_no_secret(&err);
+        }
     }
 }

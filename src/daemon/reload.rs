@@ -247,4 +247,62 @@ mod tests {
         stop.cancel();
         daemon.wait().await.unwrap();
     }
+
+    /// A v3 merchant from the published test keys, with `apiv3_key` and WeChat's public key
+    /// under `public_key_id`.
+    fn v3_merchant(apiv3_key: &[u8], public_key_id: &str) -> Merchant {
+        use crate::wxpay::v3::{
+            ApiV3Key, CertificateMode, PrivateKey, PublicKey, WechatKeys, WechatPublicKey,
+        };
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wxpay-v3/keys/");
+        let read = |f: &str| std::fs::read(format!("{keys}{f}")).unwrap();
+        let public_key = WechatPublicKey {
+            id: public_key_id.into(),
+            key: PublicKey::from_pem(&read("go_sdk_test_public_key.pem")).unwrap(),
+        };
+        Merchant::v3(
+            "1900000100".parse().unwrap(),
+            "wxd678efh567hg6787".parse().unwrap(),
+            crate::gateway::V3Credentials {
+                private_key: PrivateKey::from_pem(&read("java_sdk_merchant_private_key.pem"))
+                    .unwrap(),
+                cert_serial_no: "5F1C72E2A8931B72A2E13AF8DEE92471EB397115".into(),
+                apiv3_key: ApiV3Key::new(apiv3_key).unwrap(),
+                wechat: WechatKeys::new(Some(public_key), CertificateMode::Off),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_changed_v3_key_is_a_merchants_change() {
+        const ID: &str = "PUB_KEY_ID_0000000000000024101100397200000006";
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = settings(dir.path());
+        old.merchants
+            .push(v3_merchant(b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb", ID));
+        open_store(&old, true)
+            .await
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let daemon = Daemon::start(&old, stop.clone()).await.unwrap();
+
+        // The same keys (read again: other Arcs) are no change.
+        let mut same = old.clone();
+        *same.merchants.last_mut().unwrap() = v3_merchant(b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb", ID);
+        same.schedule.scan_cron = "0 0 0 2 1 *".into();
+        assert!(daemon.reloader.reload(&same).await.unwrap().is_empty());
+
+        let mut new = old.clone();
+        *new.merchants.last_mut().unwrap() = v3_merchant(b"0123456789abcdefghijABCDEFGHIJ01", ID);
+        assert_eq!(daemon.reloader.reload(&new).await.unwrap(), ["merchants"]);
+        let mut new = old.clone();
+        *new.merchants.last_mut().unwrap() =
+            v3_merchant(b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb", "PUB_KEY_ID_0001");
+        assert_eq!(needs_restart(&old, &new), ["merchants"]);
+        stop.cancel();
+        daemon.wait().await.unwrap();
+    }
 }

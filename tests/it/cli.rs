@@ -194,3 +194,95 @@ async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
         "plain progress lines in a pipe: {stderr}"
     );
 }
+
+/// `check-config` of v3 merchants: a bad one fails naming the file and the key (never the
+/// secret); a good one is listed with its API and WeChat's keys.
+#[test]
+fn check_config_of_v3_merchants() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let cfg_s = cfg.to_str().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let apiv3 = "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb";
+    std::fs::write(dir.path().join("apiv3_key"), format!("{apiv3}\n")).unwrap();
+    let db = dir.path().join("orders.db");
+    let config = |private_key: &str, apiv3_key_file: &str, extra: &str| {
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n\n[[merchants]]\nmch_id = \"1900000100\"\nappid = \"wxd678efh567hg6787\"\napi = \"v3\"\n\
+             private_key_file = \"{fixtures}/{private_key}\"\ncert_serial_no = \"5F1C72E2A8931B72A2E13AF8DEE92471EB397115\"\n\
+             apiv3_key_file = \"{apiv3_key_file}\"\n{extra}",
+            db.display()
+        )
+    };
+    let public_key = format!(
+        "wechatpay_public_key_file = \"{fixtures}/wxpay-v3/keys/go_sdk_test_public_key.pem\"\n\
+         wechatpay_public_key_id = \"PUB_KEY_ID_0000000000000024101100397200000006\"\n"
+    );
+    let merchant_key = "wxpay-v3/keys/java_sdk_merchant_private_key.pem";
+
+    let cases = [
+        (
+            config("local/rsa1024_test_key.pem", "apiv3_key", &public_key),
+            "merchants[0].private_key_file",
+            "RSA-1024",
+        ),
+        (
+            config(merchant_key, "absent", &public_key),
+            "merchants[0].apiv3_key_file",
+            "cannot read",
+        ),
+        (
+            config(
+                merchant_key,
+                "apiv3_key",
+                "platform_certificates = \"off\"\n",
+            ),
+            "merchants[0].platform_certificates",
+            "could not be verified",
+        ),
+        (
+            config(merchant_key, "apiv3_key", "sign_type = \"MD5\"\n"),
+            "merchants[0].sign_type",
+            "is a v2 key",
+        ),
+    ];
+    for (text, key, what) in cases {
+        std::fs::write(&cfg, &text).unwrap();
+        let err = run_expecting_failure(&["--config", cfg_s, "check-config"], &[]);
+        assert!(
+            err.contains(cfg_s) && err.contains(key) && err.contains(what),
+            "{text}: {err}"
+        );
+        assert!(!err.contains(apiv3), "{err}");
+    }
+    // An APIv3 key of the wrong length: named, never shown.
+    std::fs::write(dir.path().join("apiv3_key"), &apiv3[..30]).unwrap();
+    std::fs::write(&cfg, config(merchant_key, "apiv3_key", &public_key)).unwrap();
+    let err = run_expecting_failure(&["--config", cfg_s, "check-config"], &[]);
+    assert!(
+        err.contains("merchants[0].apiv3_key_file") && err.contains("30 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains(&apiv3[..30]), "{err}");
+
+    std::fs::write(dir.path().join("apiv3_key"), format!("{apiv3}\n")).unwrap();
+    std::fs::write(&cfg, config(merchant_key, "apiv3_key", &public_key)).unwrap();
+    for command in ["migrate", "check-config"] {
+        let ran = Ran::of({
+            let mut c = process::command(Some(&cfg));
+            c.arg(command);
+            c
+        });
+        assert!(ran.success(), "{command}: {}", ran.stderr);
+        if command == "check-config" {
+            assert!(
+                ran.stdout.contains(
+                    "1900000100 (wxd678efh567hg6787, v3 WECHATPAY2-SHA256-RSA2048, certificate 5F1C72E2A8931B72A2E13AF8DEE92471EB397115, WeChat's keys: public key PUB_KEY_ID_0000000000000024101100397200000006)"
+                ),
+                "{}",
+                ran.stdout
+            );
+            assert!(!ran.stdout.contains(apiv3), "{}", ran.stdout);
+        }
+    }
+}

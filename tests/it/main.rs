@@ -14,3 +14,4 @@ mod lifecycle;
 mod process;
 mod simulator;
 mod v3client;
+mod v3vectors;

@@ -81,7 +81,12 @@ impl PrivateKey {
             PrivateKeyDer::Pkcs1(k) => signature::RsaKeyPair::from_der(k.secret_pkcs1_der()),
             _ => return Err(CryptoError::PrivateKeyRsa),
         }
-        .map_err(|_| CryptoError::PrivateKeyRsa)?;
+        // *ring* refuses RSA keys under 2048 bits as it refuses keys that are not RSA: tell
+        // an RSA key of the wrong size by its modulus.
+        .map_err(|_| match rsa_modulus_bits(&der) {
+            Some(bits) if bits != RSA_2048_MODULUS_BYTES * 8 => CryptoError::PrivateKeySize(bits),
+            _ => CryptoError::PrivateKeyRsa,
+        })?;
         let modulus = pair.public().modulus_len();
         if modulus != RSA_2048_MODULUS_BYTES {
             return Err(CryptoError::PrivateKeySize(modulus * 8));
@@ -115,6 +120,55 @@ impl PrivateKey {
     /// Whether both are the same key (a reload that changes nothing).
     pub fn same_as(&self, other: &PrivateKey) -> bool {
         self.pair.public().as_ref() == other.pair.public().as_ref()
+    }
+}
+
+/// The size in bits of the modulus of an RSA private key (PKCS#8 of `rsaEncryption`, or
+/// PKCS#1); `None` for any other key or a malformed one.
+fn rsa_modulus_bits(der: &PrivateKeyDer<'_>) -> Option<usize> {
+    use x509_cert::der::asn1::{OctetStringRef, UintRef};
+    use x509_cert::der::{Reader, SliceReader};
+    use x509_cert::spki::AlgorithmIdentifierRef;
+
+    // The rest of a SEQUENCE, skipped.
+    fn skip_rest<'a, R: Reader<'a>>(r: &mut R) -> x509_cert::der::Result<()> {
+        r.read_slice(r.remaining_len()).map(drop)
+    }
+    // RSAPrivateKey ::= SEQUENCE { version INTEGER, modulus INTEGER, … }
+    let modulus = |pkcs1: &[u8]| -> Option<usize> {
+        let mut reader = SliceReader::new(pkcs1).ok()?;
+        let modulus = reader
+            .sequence(|r| {
+                UintRef::decode(r)?;
+                let modulus = UintRef::decode(r)?.as_bytes().to_vec();
+                skip_rest(r)?;
+                Ok(modulus)
+            })
+            .ok()?;
+        let first = *modulus.first()?;
+        Some((modulus.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+    };
+    match der {
+        PrivateKeyDer::Pkcs1(k) => modulus(k.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs8(k) => {
+            // PrivateKeyInfo ::= SEQUENCE { version, AlgorithmIdentifier, privateKey OCTET
+            // STRING, … }
+            let mut reader = SliceReader::new(k.secret_pkcs8_der()).ok()?;
+            let inner = reader
+                .sequence(|r| {
+                    UintRef::decode(r)?;
+                    let algorithm = AlgorithmIdentifierRef::decode(r)?;
+                    let key = OctetStringRef::decode(r)?.as_bytes().to_vec();
+                    skip_rest(r)?;
+                    Ok((algorithm.oid.to_string(), Zeroizing::new(key)))
+                })
+                .ok()?;
+            match inner {
+                (oid, key) if oid == RSA_ENCRYPTION => modulus(&key),
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 
@@ -301,6 +355,28 @@ mod tests {
     fn keys_never_print() {
         let key = ApiV3Key::new(b"a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb").expect("32 bytes");
         assert_eq!(format!("{key:?}"), "ApiV3Key(redacted)");
+    }
+
+    #[test]
+    fn private_keys_other_than_rsa_2048_are_refused_by_what_they_are() {
+        let rsa1024 = include_bytes!("../../../tests/fixtures/local/rsa1024_test_key.pem");
+        let ec = include_bytes!("../../../tests/fixtures/local/ec_p256_test_key.pem");
+        let rsa2048 = include_bytes!(
+            "../../../tests/fixtures/wxpay-v3/keys/java_sdk_merchant_private_key.pem"
+        );
+        assert_eq!(
+            PrivateKey::from_pem(rsa1024).err(),
+            Some(CryptoError::PrivateKeySize(1024))
+        );
+        assert_eq!(
+            PrivateKey::from_pem(ec).err(),
+            Some(CryptoError::PrivateKeyRsa)
+        );
+        assert_eq!(
+            PrivateKey::from_pem(b"not a key").err(),
+            Some(CryptoError::PrivateKeyPem)
+        );
+        assert!(PrivateKey::from_pem(rsa2048).is_ok());
     }
 
     #[test]
