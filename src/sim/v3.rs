@@ -1181,6 +1181,56 @@ mod tests {
         assert!(unknown.apply(&initial, &w).is_err());
     }
 
+    fn fixture_key(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/wxpay-v3/keys")
+            .join(name)
+    }
+
+    #[test]
+    fn simulator_settings_fall_back_to_the_test_keys_and_are_checked() {
+        let all_default = WechatSide::from_settings(&SimulatorSettings::default()).unwrap();
+        assert_eq!(all_default.certificates().len(), 2);
+        assert_eq!(all_default.public_key_id(), TEST_PUBLIC_KEY_ID);
+
+        // A key without certificates: public-key mode only.
+        let key_only = WechatSide::from_settings(&SimulatorSettings {
+            wechatpay_private_key_file: Some(fixture_key("go_sdk_test_private_key.pem")),
+            wechatpay_public_key_id: Some("PUB_KEY_ID_0000000000000000000000000000000001".into()),
+            platform_certificate_files: vec![],
+        })
+        .unwrap();
+        assert!(key_only.certificates().is_empty());
+        assert_eq!(key_only.initial_setup().mode, KeyMode::PublicKey);
+        assert_eq!(
+            key_only.initial_setup().sign_with,
+            "PUB_KEY_ID_0000000000000000000000000000000001"
+        );
+
+        // A certificate over another key than WeChat's is refused, naming it.
+        let mismatch = WechatSide::from_settings(&SimulatorSettings {
+            wechatpay_private_key_file: Some(fixture_key("java_sdk_wechat_pay_private_key.pem")),
+            wechatpay_public_key_id: None,
+            platform_certificate_files: vec![fixture_key("go_sdk_test_cert_F5765756002FDD77.pem")],
+        })
+        .unwrap_err();
+        assert!(
+            mismatch.to_string().contains("F5765756002FDD77"),
+            "{mismatch}"
+        );
+
+        // A missing file names its path.
+        let missing = WechatSide::from_settings(&SimulatorSettings {
+            wechatpay_private_key_file: Some("/nonexistent/wechat.pem".into()),
+            ..SimulatorSettings::default()
+        })
+        .unwrap_err();
+        assert!(
+            missing.to_string().contains("/nonexistent/wechat.pem"),
+            "{missing}"
+        );
+    }
+
     #[test]
     fn times_are_china_standard_time() {
         let t = DateTime::parse_from_rfc3339("2023-05-06T07:17:31Z")

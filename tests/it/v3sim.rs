@@ -754,3 +754,41 @@ async fn a_notification_is_delivered_signed_and_encrypted_and_retried_until_ackn
     task.abort();
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn a_service_provider_queries_its_sub_merchants_orders() {
+    let mut sp = merchant();
+    sp.sub_mch_id = Some(wxpay_reconciler::domain::MchId::parse("1900000111").unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = wxpay_reconciler::sim::RunningSimulator::start(listener, vec![sp]).unwrap();
+    let sim = TestSim {
+        sim: running,
+        http: wxpay_reconciler::wxpay::client::http_client_builder()
+            .build()
+            .unwrap(),
+    };
+    let n = unique_otn("v3sp");
+    create(&sim, n.as_str(), 66).await;
+    sim.control(
+        "POST",
+        &format!("/_sim/orders/{MCH}/{n}/pay"),
+        json!({"notify": "drop"}),
+    )
+    .await;
+    let path = |sub: &str| {
+        format!("/v3/pay/partner/transactions/out-trade-no/{n}?sp_mchid={MCH}&sub_mchid={sub}")
+    };
+    let t = send(&sim, "GET", &path("1900000111"), "")
+        .await
+        .verified(200);
+    assert_eq!(t["sp_mchid"], MCH);
+    assert_eq!(t["sub_mchid"], "1900000111");
+    assert_eq!(t["sp_appid"], "wxd678efh567hg6787");
+    assert!(t.get("mchid").is_none() && t.get("appid").is_none(), "{t}");
+    assert!(t["payer"]["sp_openid"].is_string(), "{t}");
+    assert_eq!(t["trade_state"], "SUCCESS");
+    assert_eq!(t["amount"]["total"], 66);
+    let a = send(&sim, "GET", &path("1900000999"), "").await;
+    assert_eq!(a.verified(400)["code"], "PARAM_ERROR");
+    sim.stop().await;
+}
