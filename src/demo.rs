@@ -168,7 +168,11 @@ async fn register_orders(
     orders: u32,
     notify_url: Option<String>,
 ) -> Result<Vec<Planned>, DemoError> {
-    let merchants = sim::default_merchants();
+    // The daemon reconciles v2 orders; the v3 test merchant has none in the demo.
+    let merchants: Vec<_> = sim::default_merchants()
+        .into_iter()
+        .filter(|m| m.api() == crate::gateway::Api::V2)
+        .collect();
     let mut plan: Vec<Planned> = Vec::new();
     for i in 0..orders {
         let m = &merchants[i as usize % merchants.len()];

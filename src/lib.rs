@@ -16,7 +16,7 @@
 //! - [`gateway`]: the protocol-neutral answers, reports and errors, and `Gateway`, which
 //!   dispatches each call to the merchant's protocol client.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.
-//! - [`sim`]: a WeChat Pay v2 server for tests, the demo, benchmarks and staging.
+//! - [`sim`]: a WeChat Pay server (v2 and v3) for tests, the demo, benchmarks and staging.
 //! - [`config`]: the TOML file + environment overrides, validated up front.
 //! - [`shutdown`]: one cancellation token for SIGTERM/SIGINT, with a drain deadline.
 //! - [`telemetry`]: logging, and metrics counted where they are logged.

@@ -35,11 +35,11 @@ enum Command {
         #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9187")]
         serve: Option<SocketAddr>,
     },
-    /// Serve the WeChat Pay v2 simulator (for tests, benchmarks and staging).
+    /// Serve the WeChat Pay simulator, v2 and v3 (for tests, benchmarks and staging).
     ///
-    /// Without --config it serves the two test merchants of the shared fixtures
-    /// (10000100 with MD5, 1900000109 with HMAC-SHA256); with --config, the config's
-    /// [[merchants]].
+    /// Without --config it serves the test merchants of the shared fixtures
+    /// (10000100 with MD5, 1900000109 with HMAC-SHA256, 1900000100 with API v3); with --config,
+    /// the config's [[merchants]], WeChat's v3 keys from [simulator].
     Simulate {
         /// Address to listen on, e.g. 127.0.0.1:9300 (port 0 picks a free port).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9300")]
@@ -183,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Simulate { listen } => {
-            let merchants = match &cli.config {
+            let (merchants, wechat) = match &cli.config {
                 Some(path) => {
                     let settings = config::load(path)?;
                     anyhow::ensure!(
@@ -191,15 +191,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "config file {}: no [[merchants]] to simulate",
                         path.display()
                     );
-                    settings.merchants
+                    // WeChat's side of the v3 merchants: `[simulator]`, else the test keys.
+                    let wechat = sim::WechatSide::from_settings(&settings.simulator)
+                        .with_context(|| format!("config file {}: [simulator]", path.display()))?;
+                    (settings.merchants, wechat)
                 }
-                None => sim::default_merchants(),
+                None => (
+                    sim::default_merchants(),
+                    sim::WechatSide::test_keys().context("the embedded v3 test keys")?,
+                ),
             };
             let stop = shutdown::on_signals().context("cannot install signal handlers")?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let running = sim::RunningSimulator::start(listener, merchants.clone())
+            let running = sim::RunningSimulator::start_with(listener, merchants.clone(), wechat)
                 .context("cannot start the simulator")?;
             let ids: Vec<String> = merchants
                 .iter()

@@ -140,6 +140,9 @@ pub struct PayBody {
     /// not know yet, creates it with this amount.
     #[serde(default)]
     total_fee: Option<i64>,
+    /// When the customer paid (RFC 3339); defaults to now.
+    #[serde(default)]
+    paid_at: Option<String>,
 }
 
 pub async fn pay(
@@ -149,8 +152,16 @@ pub async fn pay(
 ) -> Answer {
     let key = order_key(&state, mch_id, out_trade_no)?;
     let deliver = body.notify == NotifyMode::Deliver;
+    let paid_at = match &body.paid_at {
+        None => None,
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| error(StatusCode::BAD_REQUEST, "paid_at is not an RFC 3339 time"))?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
     let paid = state
-        .pay(&key.0, &key.1, body.total_fee, deliver)
+        .pay_at(&key.0, &key.1, body.total_fee, paid_at, deliver)
         .map_err(sim_error)?;
     Ok(Json(json!({
         "transaction_id": paid.transaction_id,
@@ -271,7 +282,9 @@ fn faults_json(all: &std::collections::HashMap<SimEndpoint, Faults>) -> Value {
 
 /// `PUT /_sim/config`: `{"notify_retry_ms": [15000, 15000, …]}` replaces WeChat's notification
 /// retry schedule (tests shorten it); `{"close_min_age_ms": 300000}` turns on WeChat's rule that
-/// an order younger than 5 minutes cannot be closed (refusals count as `early_closes`).
+/// an order younger than 5 minutes cannot be closed (refusals count as `early_closes`);
+/// `{"notify_base_url": "http://HOST:PORT"}` sends the v3 notifications of orders without a
+/// notify_url to `{base}/wxpay/v3/notify` (`""` turns it off).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigBody {
@@ -279,6 +292,8 @@ pub struct ConfigBody {
     notify_retry_ms: Option<Vec<u64>>,
     #[serde(default)]
     close_min_age_ms: Option<u64>,
+    #[serde(default)]
+    notify_base_url: Option<String>,
 }
 
 pub async fn set_config(
@@ -294,13 +309,27 @@ pub async fn set_config(
     if let Some(ms) = body.close_min_age_ms {
         *lock(&state.close_min_age) = Duration::from_millis(ms);
     }
+    if let Some(base) = body.notify_base_url {
+        if !(base.is_empty() || base.starts_with("http://") || base.starts_with("https://")) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "notify_base_url must be an http(s) URL",
+            );
+        }
+        state.set_notify_base_url((!base.is_empty()).then_some(base));
+    }
     let retries: Vec<u64> = lock(&state.notify_retries)
         .iter()
         .map(|d| d.as_millis() as u64)
         .collect();
     let close_min_age_ms = lock(&state.close_min_age).as_millis() as u64;
-    Json(json!({ "notify_retry_ms": retries, "close_min_age_ms": close_min_age_ms }))
-        .into_response()
+    let notify_base_url = lock(&state.notify_base_url).clone();
+    Json(json!({
+        "notify_retry_ms": retries,
+        "close_min_age_ms": close_min_age_ms,
+        "notify_base_url": notify_base_url,
+    }))
+    .into_response()
 }
 
 #[derive(Serialize)]

@@ -1,6 +1,8 @@
-//! A WeChat Pay v2 simulator: `unifiedorder`, `orderquery`, `closeorder` (also under
-//! `/sandboxnew/`), payment notifications with WeChat's retry schedule, and a JSON control API
-//! for tests (pay, refund, close, fault injection, per-order counters). Orders live in memory.
+//! A WeChat Pay simulator: v2's `unifiedorder`, `orderquery`, `closeorder` (also under
+//! `/sandboxnew/`), v3's orderquery, close and `GET /v3/certificates` (see [`v3`]), payment
+//! notifications with WeChat's retry schedule, and a JSON control API for tests (pay, refund,
+//! close, fault injection, per-order counters), the same for v2 and v3 merchants. Orders live in
+//! memory.
 //!
 //! It speaks the protocol through [`crate::wxpay`]'s codec and signer: the same strict decoder
 //! that guards the daemon guards the simulator, and every SUCCESS reply is signed with the
@@ -9,6 +11,7 @@
 mod control;
 mod notify;
 mod state;
+pub mod v3;
 mod wechat;
 
 use std::net::SocketAddr;
@@ -29,9 +32,12 @@ use crate::gateway::Merchant;
 use crate::store::DatabaseUrl;
 use crate::wxpay::{ApiKey, SignType, xml::MAX_BODY_BYTES};
 
-pub use state::{Faults, Payment, SimError, SimState, WECHAT_NOTIFY_RETRIES};
+pub use state::{Faults, Payment, SimError, SimSetupError, SimState, WECHAT_NOTIFY_RETRIES};
+pub use v3::{KeyMode, KeySetup, WechatSide};
 
-/// The two test merchants of ../shared/fixtures/wxpay-v2/README.md, served without a config.
+/// The test merchants served without a config: the two v2 ones of
+/// ../shared/fixtures/wxpay-v2/README.md and the v3 one of the published v3 test keys
+/// ([`v3::test_v3_merchant`]).
 pub fn default_merchants() -> Vec<Merchant> {
     let m = |mch_id: &str, appid: &str, sign_type, key: &str| -> Option<Merchant> {
         Some(Merchant::v2(
@@ -54,6 +60,7 @@ pub fn default_merchants() -> Vec<Merchant> {
             SignType::HmacSha256,
             "8934e7d15453e97507ef794cf7b0519d",
         ),
+        v3::test_v3_merchant().ok(),
     ]
     .into_iter()
     .flatten()
@@ -105,6 +112,19 @@ pub fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .merge(wechat.clone())
         .nest("/sandboxnew", wechat)
+        .route(
+            "/v3/pay/transactions/out-trade-no/{out_trade_no}",
+            get(v3::order_query),
+        )
+        .route(
+            "/v3/pay/partner/transactions/out-trade-no/{out_trade_no}",
+            get(v3::partner_order_query),
+        )
+        .route(
+            "/v3/pay/transactions/out-trade-no/{out_trade_no}/close",
+            post(v3::close_order),
+        )
+        .route("/v3/certificates", get(v3::certificates))
         .route(&order(""), post(control::create).get(control::show))
         .route(&order("/pay"), post(control::pay))
         .route(&order("/refund"), post(control::refund))
@@ -115,6 +135,10 @@ pub fn router(state: Arc<SimState>) -> Router {
             put(control::set_faults).get(control::get_faults),
         )
         .route("/_sim/config", put(control::set_config))
+        .route(
+            "/_sim/v3/{mch_id}/keys",
+            put(v3::set_keys).get(v3::get_keys),
+        )
         .route("/_sim/stats", get(control::stats))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -130,11 +154,23 @@ pub struct RunningSimulator {
 }
 
 impl RunningSimulator {
-    /// Starts serving `listener` (bind port 0 in tests).
+    /// Starts serving `listener` (bind port 0 in tests); WeChat signs v3 answers with the
+    /// embedded test keys.
     pub fn start(listener: TcpListener, merchants: Vec<Merchant>) -> std::io::Result<Self> {
+        let wechat = WechatSide::test_keys().map_err(std::io::Error::other)?;
+        RunningSimulator::start_with(listener, merchants, wechat)
+    }
+
+    /// [`RunningSimulator::start`] with WeChat's side of the v3 merchants given.
+    pub fn start_with(
+        listener: TcpListener,
+        merchants: Vec<Merchant>,
+        wechat: WechatSide,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let token = CancellationToken::new();
-        let state = SimState::new(merchants, token.clone()).map_err(std::io::Error::other)?;
+        let state = SimState::with_wechat(merchants, wechat, token.clone())
+            .map_err(std::io::Error::other)?;
         let app = router(state.clone());
         let shutdown = token.clone();
         let task = tokio::spawn(async move {

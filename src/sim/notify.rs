@@ -1,9 +1,13 @@
 //! Payment notifications, delivered like WeChat: at once, then on WeChat's retry schedule until
-//! the merchant answers `return_code` SUCCESS or the schedule runs out.
+//! the merchant answers (v2: `return_code` SUCCESS; v3: any 2xx) or the schedule runs out.
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+
 use super::state::{Payment, SimError, SimState, lock, order_fields};
+use super::v3;
+use crate::gateway::Api;
 use crate::wxpay::client::nonce;
 use crate::wxpay::{Fields, sign, xml};
 
@@ -19,7 +23,19 @@ impl SimState {
         paid_fee: Option<i64>,
         notify: bool,
     ) -> Result<Payment, SimError> {
-        let payment = self.record_payment(mch_id, out_trade_no, paid_fee)?;
+        self.pay_at(mch_id, out_trade_no, paid_fee, None, notify)
+    }
+
+    /// [`SimState::pay`] at `paid_at` (default: now), the payment's `time_end` / `success_time`.
+    pub fn pay_at(
+        self: &Arc<Self>,
+        mch_id: &str,
+        out_trade_no: &str,
+        paid_fee: Option<i64>,
+        paid_at: Option<DateTime<Utc>>,
+        notify: bool,
+    ) -> Result<Payment, SimError> {
+        let payment = self.record_payment(mch_id, out_trade_no, paid_fee, paid_at)?;
         if notify {
             spawn_delivery(self.clone(), (mch_id.to_owned(), out_trade_no.to_owned()));
         }
@@ -58,6 +74,12 @@ async fn attempt(state: &SimState, key: &Key) -> Attempt {
     let Some(merchant) = state.merchants.get(&key.0) else {
         return Attempt::Abandon;
     };
+    if merchant.api() == Api::V3 {
+        return attempt_v3(state, merchant, key).await;
+    }
+    let Some((v2_key, _)) = merchant.v2_credentials() else {
+        return Attempt::Abandon;
+    };
     let (url, body) = {
         let mut orders = lock(&state.orders);
         let Some(order) = orders.get_mut(key) else {
@@ -78,7 +100,7 @@ async fn attempt(state: &SimState, key: &Key) -> Attempt {
                 f.insert(k, v);
             }
         }
-        sign::sign_in_place(&mut f, merchant.v2_key(), order.sign_type);
+        sign::sign_in_place(&mut f, v2_key, order.sign_type);
         match xml::encode(&f) {
             Ok(body) => (url, body),
             Err(_) => return Attempt::Abandon,
@@ -107,6 +129,39 @@ async fn attempt(state: &SimState, key: &Key) -> Attempt {
         Attempt::Delivered
     } else {
         tracing::debug!(out_trade_no = %key.1, "notification not acknowledged; will retry");
+        Attempt::Failed
+    }
+}
+
+/// One v3 delivery: `TRANSACTION.SUCCESS`, acknowledged by any 2xx answer.
+async fn attempt_v3(state: &SimState, merchant: &crate::gateway::Merchant, key: &Key) -> Attempt {
+    let notification = {
+        let mut orders = lock(&state.orders);
+        let Some(order) = orders.get_mut(key) else {
+            return Attempt::Abandon;
+        };
+        let Some(n) = v3::notification(state, merchant, &key.1, order) else {
+            return Attempt::Abandon;
+        };
+        order.notify_attempts += 1;
+        n
+    };
+    let mut request = state
+        .http
+        .post(&notification.url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(notification.body);
+    for (name, value) in notification.signature.headers() {
+        request = request.header(name, value);
+    }
+    let delivered = matches!(request.send().await, Ok(resp) if resp.status().is_success());
+    if delivered {
+        if let Some(order) = lock(&state.orders).get_mut(key) {
+            order.notify_delivered = true;
+        }
+        Attempt::Delivered
+    } else {
+        tracing::debug!(out_trade_no = %key.1, "v3 notification not acknowledged; will retry");
         Attempt::Failed
     }
 }

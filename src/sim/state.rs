@@ -9,8 +9,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::v3::{KeySetup, WechatSide, WechatSideError};
 use crate::domain::TradeState;
-use crate::gateway::Merchant;
+use crate::gateway::{Api, Merchant};
 use crate::wxpay::Fields;
 use crate::wxpay::client::http_client_builder;
 use crate::wxpay::sign::SignType;
@@ -100,8 +101,16 @@ pub struct Faults {
     /// A correctly signed reply that does not echo the request: another out_trade_no (orderquery)
     /// or another appid (the echo checks must catch it).
     pub mismatch_rate: f64,
-    /// A body that is not XML.
+    /// A body that is not XML (v2) or not JSON (v3, still signed).
     pub malformed_rate: f64,
+    /// v3: a `Wechatpay-Signature` starting `WECHATPAY/SIGNTEST/` (WeChat's probe, never valid).
+    pub signtest_rate: f64,
+    /// v3: HTTP 429 `{"code":"RATELIMIT_EXCEEDED",…}`, signed.
+    pub rate_limit_rate: f64,
+    /// v3: a `Wechatpay-Serial` that names no key WeChat has.
+    pub unknown_serial_rate: f64,
+    /// v3: signs with a `Wechatpay-Timestamp` this many seconds off the clock (every answer).
+    pub timestamp_skew_seconds: i64,
 }
 
 impl Faults {
@@ -116,6 +125,9 @@ impl Faults {
             ("unsigned_rate", self.unsigned_rate),
             ("mismatch_rate", self.mismatch_rate),
             ("malformed_rate", self.malformed_rate),
+            ("signtest_rate", self.signtest_rate),
+            ("rate_limit_rate", self.rate_limit_rate),
+            ("unknown_serial_rate", self.unknown_serial_rate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
@@ -126,21 +138,32 @@ impl Faults {
     }
 }
 
-/// The endpoints faults can be set for.
+/// The endpoints faults can be set for. `orderquery` and `closeorder` cover both the v2 and the
+/// v3 endpoint; `certificates` is v3's `GET /v3/certificates`; `notify` is the signature of v3
+/// notifications (signtest, bad_sign, unknown_serial, timestamp_skew, unsigned, malformed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SimEndpoint {
     UnifiedOrder,
     OrderQuery,
     CloseOrder,
+    Certificates,
+    Notify,
 }
 
 impl SimEndpoint {
-    pub const ALL: [SimEndpoint; 3] = [
+    pub const ALL: [SimEndpoint; 5] = [
         SimEndpoint::UnifiedOrder,
         SimEndpoint::OrderQuery,
         SimEndpoint::CloseOrder,
+        SimEndpoint::Certificates,
+        SimEndpoint::Notify,
     ];
+}
+
+/// Whether a fault with this rate happens to this request.
+pub(crate) fn roll(rate: f64) -> bool {
+    rate > 0.0 && rand::random_bool(rate.min(1.0))
 }
 
 /// Everything the simulator knows.
@@ -154,6 +177,12 @@ pub struct SimState {
     /// WeChat refuses closeorder on orders younger than 5 minutes; off (zero) unless a test or
     /// `PUT /_sim/config` sets it, so that clients can close fresh orders.
     pub(crate) close_min_age: Mutex<Duration>,
+    /// WeChat's side of the v3 merchants: its key, public key id and platform certificates.
+    pub(crate) wechat: Arc<WechatSide>,
+    /// Which of WeChat's keys each v3 merchant sees (by mch_id).
+    pub(crate) v3_keys: Mutex<HashMap<String, KeySetup>>,
+    /// Where v3 notifications of orders without a notify_url go: `{base}/wxpay/v3/notify`.
+    pub(crate) notify_base_url: Mutex<Option<String>>,
     pub(crate) requests: AtomicU64,
     pub(crate) sequence: AtomicU64,
     pub(crate) http: reqwest::Client,
@@ -175,15 +204,42 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why a simulator could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SimSetupError {
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("WeChat's v3 keys: {0}")]
+    Wechat(#[from] WechatSideError),
+}
+
 impl SimState {
+    /// A simulator whose WeChat side signs with the embedded test keys.
     pub fn new(
         merchants: Vec<Merchant>,
         shutdown: CancellationToken,
-    ) -> Result<Arc<Self>, reqwest::Error> {
+    ) -> Result<Arc<Self>, SimSetupError> {
+        SimState::with_wechat(merchants, WechatSide::test_keys()?, shutdown)
+    }
+
+    /// A simulator whose WeChat side is `wechat` (`simulate --config` with a `[simulator]`).
+    pub fn with_wechat(
+        merchants: Vec<Merchant>,
+        wechat: WechatSide,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, SimSetupError> {
         let http = http_client_builder()
             .timeout(Duration::from_secs(5))
             .build()?;
+        let v3_keys = merchants
+            .iter()
+            .filter(|m| m.api() == Api::V3)
+            .map(|m| (m.mch_id.as_str().to_owned(), wechat.initial_setup()))
+            .collect();
         Ok(Arc::new(SimState {
+            wechat: Arc::new(wechat),
+            v3_keys: Mutex::new(v3_keys),
+            notify_base_url: Mutex::new(None),
             merchants: merchants
                 .into_iter()
                 .map(|m| (m.mch_id.as_str().to_owned(), m))
@@ -199,6 +255,16 @@ impl SimState {
             http,
             shutdown,
         }))
+    }
+
+    /// Sends the v3 notifications of orders without a notify_url to `{base}/wxpay/v3/notify`.
+    pub fn set_notify_base_url(&self, base: Option<String>) {
+        *lock(&self.notify_base_url) = base;
+    }
+
+    /// What a v3 merchant sees of WeChat's keys (`None`: not a v3 merchant).
+    pub fn v3_keys(&self, mch_id: &str) -> Option<super::v3::KeySetup> {
+        lock(&self.v3_keys).get(mch_id).cloned()
     }
 
     /// Sets the same faults on every endpoint (the control API's `"endpoint": "all"`).
@@ -336,7 +402,10 @@ impl SimState {
             state: TradeState::NotPay,
             transaction_id: None,
             time_end: None,
-            sign_type: sign_type.unwrap_or(merchant.v2_sign_type()),
+            // A v3 order never signs with it.
+            sign_type: sign_type
+                .or(merchant.v2_credentials().map(|(_, t)| t))
+                .unwrap_or(SignType::Md5),
             notify_attempts: 0,
             notify_delivered: false,
         })
@@ -374,6 +443,7 @@ impl SimState {
         mch_id: &str,
         out_trade_no: &str,
         paid_fee: Option<i64>,
+        paid_at: Option<DateTime<Utc>>,
     ) -> Result<Payment, SimError> {
         if paid_fee.is_some_and(|f| f <= 0) {
             return Err(SimError::BadRequest(
@@ -410,15 +480,16 @@ impl SimState {
                 format_wechat_time(now),
                 self.next_sequence()
             );
+            let paid_at = paid_at.unwrap_or(now);
             order.state = TradeState::Success;
             order.transaction_id = Some(transaction_id.clone());
-            order.time_end = Some(now);
+            order.time_end = Some(paid_at);
             let total_fee = paid_fee.unwrap_or(order.total_fee);
             order.paid_fee = Some(total_fee);
             lock(&self.by_transaction).insert(transaction_id.clone(), key.clone());
             Payment {
                 transaction_id,
-                time_end: now,
+                time_end: paid_at,
                 total_fee,
             }
         };
@@ -464,4 +535,46 @@ pub(crate) fn order_fields(out_trade_no: &str, order: &SimOrder) -> Fields {
         }
     }
     f
+}
+
+/// What WeChat does with a close request (`closeorder`, v2 and v3 alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseOutcome {
+    NotFound,
+    /// Younger than the configured minimum age (WeChat's 5-minute rule, off by default).
+    TooEarly,
+    Paid,
+    AlreadyClosed,
+    Closed,
+}
+
+impl SimState {
+    /// Closes an open order, as WeChat would, counting a close refused for the order's youth.
+    pub(crate) fn close_at_wechat(&self, mch_id: &str, out_trade_no: &str) -> CloseOutcome {
+        let outcome = {
+            let mut orders = lock(&self.orders);
+            match orders.get_mut(&(mch_id.to_owned(), out_trade_no.to_owned())) {
+                None => CloseOutcome::NotFound,
+                Some(o)
+                    if (Utc::now() - o.created_at)
+                        .to_std()
+                        .is_ok_and(|age| age < *lock(&self.close_min_age)) =>
+                {
+                    CloseOutcome::TooEarly
+                }
+                Some(o) => match o.state {
+                    TradeState::Success | TradeState::Refund => CloseOutcome::Paid,
+                    TradeState::Closed | TradeState::Revoked => CloseOutcome::AlreadyClosed,
+                    _ => {
+                        o.state = TradeState::Closed;
+                        CloseOutcome::Closed
+                    }
+                },
+            }
+        };
+        if outcome == CloseOutcome::TooEarly {
+            self.count_early_close(out_trade_no);
+        }
+        outcome
+    }
 }

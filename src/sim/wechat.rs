@@ -18,17 +18,21 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 
-use super::state::{Faults, PREPAY_LIFETIME, SimEndpoint, SimOrder, SimState, lock, order_fields};
+use super::state::{
+    CloseOutcome, Faults, PREPAY_LIFETIME, SimEndpoint, SimOrder, SimState, lock, order_fields,
+    roll,
+};
 use crate::domain::{Fen, OutTradeNo, TradeState};
 use crate::gateway::Merchant;
 use crate::wxpay::client::nonce;
-use crate::wxpay::sign::{self, SignType, declared_sign_type};
+use crate::wxpay::sign::{self, ApiKey, SignType, declared_sign_type};
 use crate::wxpay::time::format_wechat_time;
 use crate::wxpay::{Fields, xml};
 
 /// An authenticated request.
 struct Request {
     merchant: Merchant,
+    key: ApiKey,
     fields: Fields,
     sign_type: SignType,
 }
@@ -80,13 +84,19 @@ fn authenticate(state: &SimState, body: &[u8]) -> Result<Request, Response> {
     if fields.get("appid") != Some(merchant.appid.as_str()) {
         return Err(fail("appid和mch_id不匹配"));
     }
+    // A v3 merchant has no v2 API key here: it cannot sign a v2 request.
+    let key = merchant
+        .v2_credentials()
+        .map(|(key, _)| key.clone())
+        .ok_or_else(|| fail("商户未开通API v2，请使用API v3"))?;
     let sign_type = declared_sign_type(&fields).map_err(|_| fail("sign_type参数格式错误"))?;
-    sign::verify(&fields, merchant.v2_key(), sign_type).map_err(|_| fail("签名错误"))?;
+    sign::verify(&fields, &key, sign_type).map_err(|_| fail("签名错误"))?;
     if fields.get_nonempty("nonce_str").is_none() {
         return Err(fail("缺少参数nonce_str"));
     }
     Ok(Request {
         merchant,
+        key,
         fields,
         sign_type,
     })
@@ -126,10 +136,6 @@ fn result_fault(faults: &Faults) -> Option<Fields> {
     None
 }
 
-fn roll(rate: f64) -> bool {
-    rate > 0.0 && rand::random_bool(rate.min(1.0))
-}
-
 /// Wraps a result in the signed envelope and applies the reply-corrupting faults.
 fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
     let result = match answer {
@@ -161,7 +167,7 @@ fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
             f.insert("appid", "wx0000000000000000");
         }
     }
-    let mut sign = sign::sign(&f, req.merchant.v2_key(), req.sign_type);
+    let mut sign = sign::sign(&f, &req.key, req.sign_type);
     if roll(faults.bad_sign_rate) {
         let first = if sign.starts_with('A') { "B" } else { "A" };
         sign.replace_range(..1, first);
@@ -231,49 +237,21 @@ pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Res
     reply(&req, Answer::Result(answer), &faults)
 }
 
-/// Closes an open order, as WeChat would, counting a close refused for the order's youth.
+/// Closes an open order, as WeChat would.
 fn close(state: &SimState, req: &Request, out_trade_no: &str) -> Fields {
-    let mut early_close = false;
-    let answer = {
-        let mut orders = lock(&state.orders);
-        let key = (
-            req.merchant.mch_id.as_str().to_owned(),
-            out_trade_no.to_owned(),
-        );
-        match orders.get_mut(&key) {
-            None => result_fail("ORDERNOTEXIST", "订单不存在"),
-            // WeChat refuses to close an order younger than 5 minutes.
-            Some(o)
-                if (Utc::now() - o.created_at)
-                    .to_std()
-                    .is_ok_and(|age| age < *lock(&state.close_min_age)) =>
-            {
-                early_close = true;
-                result_fail(
-                    "SYSTEMERROR",
-                    "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟",
-                )
-            }
-            Some(o) => match o.state {
-                TradeState::Success | TradeState::Refund => {
-                    result_fail("ORDERPAID", "订单已支付，不能发起关单")
-                }
-                TradeState::Closed | TradeState::Revoked => {
-                    result_fail("ORDERCLOSED", "订单已关闭，无法重复关闭")
-                }
-                _ => {
-                    o.state = TradeState::Closed;
-                    Fields::new()
-                        .with("result_code", "SUCCESS")
-                        .with("result_msg", "OK")
-                }
-            },
-        }
-    };
-    if early_close {
-        state.count_early_close(out_trade_no);
+    match state.close_at_wechat(req.merchant.mch_id.as_str(), out_trade_no) {
+        CloseOutcome::NotFound => result_fail("ORDERNOTEXIST", "订单不存在"),
+        // WeChat refuses to close an order younger than 5 minutes.
+        CloseOutcome::TooEarly => result_fail(
+            "SYSTEMERROR",
+            "订单生成后不能马上调用关单接口，最短调用时间间隔为5分钟",
+        ),
+        CloseOutcome::Paid => result_fail("ORDERPAID", "订单已支付，不能发起关单"),
+        CloseOutcome::AlreadyClosed => result_fail("ORDERCLOSED", "订单已关闭，无法重复关闭"),
+        CloseOutcome::Closed => Fields::new()
+            .with("result_code", "SUCCESS")
+            .with("result_msg", "OK"),
     }
-    answer
 }
 
 pub async fn unified_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {

@@ -1,29 +1,34 @@
-//! A third-party SDK against the simulator: Python's wechatpy creates, pays, queries and closes
-//! orders with both sign types and verifies every reply (tests/interop/wechatpy_interop.py).
+//! Third-party SDKs against the simulator: Python's wechatpy creates, pays, queries and closes
+//! orders with both v2 sign types and verifies every reply (tests/interop/wechatpy_interop.py);
+//! Python's wechatpayv3 queries and closes v3 orders in both key modes with its own signing and
+//! verification, and verifies and decrypts the notifications the simulator delivers
+//! (tests/interop/wechatpayv3_interop.py).
 //!
-//! Runs when `WXPAY_TEST_WECHATPY_PYTHON` names a Python with the pinned wechatpy installed
-//! (`.ci/run` makes one); `WXPAY_TEST_REQUIRE_INTEROP=1` turns a missing interpreter into a
-//! failure instead of a skip, so CI can never pass without it.
+//! Runs when `WXPAY_TEST_WECHATPY_PYTHON` names a Python with the pinned
+//! tests/interop/requirements.txt installed (`.ci/run` makes one); `WXPAY_TEST_REQUIRE_INTEROP=1`
+//! turns a missing interpreter into a failure instead of a skip, so CI can never pass without it.
 
 use std::path::Path;
 
 use crate::helpers::TestSim;
 
-#[tokio::test]
-async fn wechatpy_creates_pays_queries_and_closes_orders_with_both_sign_types() {
+/// Runs `tests/interop/{script}` against a fresh simulator; skips without the interpreter.
+async fn run_interop_script(script: &str) {
     let Some(python) = std::env::var_os("WXPAY_TEST_WECHATPY_PYTHON") else {
         assert!(
             std::env::var_os("WXPAY_TEST_REQUIRE_INTEROP").is_none(),
             "WXPAY_TEST_REQUIRE_INTEROP is set but WXPAY_TEST_WECHATPY_PYTHON is not"
         );
-        eprintln!("skipped: set WXPAY_TEST_WECHATPY_PYTHON to run the wechatpy interop test");
+        eprintln!("skipped: set WXPAY_TEST_WECHATPY_PYTHON to run {script}");
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/wechatpy_interop.py");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(script);
     let sim = TestSim::start().await;
     let out = tokio::process::Command::new(python)
         .arg("-B")
-        .arg(&script)
+        .arg(&path)
         .arg("--base-url")
         .arg(format!("{}/", sim.url()))
         .output()
@@ -33,7 +38,7 @@ async fn wechatpy_creates_pays_queries_and_closes_orders_with_both_sign_types() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "wechatpy interop failed ({}):\n{stdout}\n{stderr}",
+        "{script} failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
     let summary = stdout.lines().last().unwrap_or_default();
@@ -42,4 +47,14 @@ async fn wechatpy_creates_pays_queries_and_closes_orders_with_both_sign_types() 
         "unexpected summary {summary:?}\n{stdout}"
     );
     sim.stop().await;
+}
+
+#[tokio::test]
+async fn wechatpy_creates_pays_queries_and_closes_orders_with_both_sign_types() {
+    run_interop_script("wechatpy_interop.py").await;
+}
+
+#[tokio::test]
+async fn wechatpayv3_queries_closes_and_verifies_notifications_in_both_key_modes() {
+    run_interop_script("wechatpayv3_interop.py").await;
 }

@@ -14,4 +14,5 @@ mod lifecycle;
 mod process;
 mod simulator;
 mod v3client;
+mod v3sim;
 mod v3vectors;
