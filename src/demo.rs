@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::daemon::{Daemon, open_store};
 use crate::domain::OrderState;
+use crate::gateway::Api;
 use crate::sim::{self, RunningSimulator, SimState};
 use crate::store::{NewOrder, Store};
 
@@ -45,6 +46,18 @@ pub struct DemoSummary {
     pub settle_p50: Duration,
     pub settle_p99: Duration,
     pub elapsed: Duration,
+    /// The same story per API: v2 and v3 merchants side by side.
+    pub by_api: Vec<ApiSummary>,
+}
+
+/// The demo's orders of one API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSummary {
+    pub api: Api,
+    pub orders: u32,
+    pub paid: u32,
+    pub settled_success: i64,
+    pub settled_by_notify: i64,
 }
 
 impl std::fmt::Display for DemoSummary {
@@ -77,11 +90,20 @@ impl std::fmt::Display for DemoSummary {
             self.settle_p50.as_secs_f64(),
             self.settle_p99.as_secs_f64()
         )?;
-        write!(
+        writeln!(
             f,
             "took                        {:.1}s",
             self.elapsed.as_secs_f64()
-        )
+        )?;
+        write!(f, "by API       orders     paid  settled  by notification")?;
+        for a in &self.by_api {
+            write!(
+                f,
+                "\n  {:<6} {:>10} {:>8} {:>8} {:>16}",
+                a.api, a.orders, a.paid, a.settled_success, a.settled_by_notify
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -134,12 +156,10 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let store = open_store(&settings, false).await?;
     let daemon_stop = stop.child_token();
     let daemon = Daemon::start(&settings, daemon_stop.clone()).await?;
-    let notify_url = daemon
-        .notify_addr
-        .map(|a| format!("http://{a}{}", crate::notify::NOTIFY_PATH));
+    let notify_base = daemon.notify_addr.map(|a| format!("http://{a}"));
     let daemon_task = tokio::spawn(daemon.wait());
 
-    let plan = register_orders(&store, &simulator.state, options.orders, notify_url).await?;
+    let plan = register_orders(&store, &simulator.state, options.orders, notify_base).await?;
     let tally = Tally::of(&plan);
     let payer = spawn_payer(simulator.state.clone(), plan);
     wait_until_settled(&store, tally.paid, started, &stop).await?;
@@ -166,13 +186,10 @@ async fn register_orders(
     store: &Store,
     state: &SimState,
     orders: u32,
-    notify_url: Option<String>,
+    notify_base: Option<String>,
 ) -> Result<Vec<Planned>, DemoError> {
-    // The daemon reconciles v2 orders; the v3 test merchant has none in the demo.
-    let merchants: Vec<_> = sim::default_merchants()
-        .into_iter()
-        .filter(|m| m.api() == crate::gateway::Api::V2)
-        .collect();
+    // Every test merchant: two v2 ones and a v3 one, side by side.
+    let merchants = sim::default_merchants();
     let mut plan: Vec<Planned> = Vec::new();
     for i in 0..orders {
         let m = &merchants[i as usize % merchants.len()];
@@ -186,8 +203,13 @@ async fn register_orders(
                 total_fee: fee,
             })
             .await?;
-        state.create_order(m.mch_id.as_str(), &otn, fee, notify_url.clone(), None)?;
-        plan.push(Planned::draw(m.mch_id.to_string(), otn, fee));
+        let path = match m.api() {
+            Api::V2 => crate::notify::NOTIFY_PATH,
+            Api::V3 => crate::notify::V3_NOTIFY_PATH,
+        };
+        let notify_url = notify_base.as_ref().map(|b| format!("{b}{path}"));
+        state.create_order(m.mch_id.as_str(), &otn, fee, notify_url, None)?;
+        plan.push(Planned::draw(m.mch_id.to_string(), m.api(), otn, fee));
     }
     Ok(plan)
 }
@@ -197,6 +219,8 @@ struct Tally {
     paid: u32,
     notified: u32,
     mismatched: u32,
+    /// Orders and paid orders of each API.
+    by_api: Vec<(Api, u32, u32)>,
 }
 
 impl Tally {
@@ -210,10 +234,20 @@ impl Tally {
             .iter()
             .filter(|p| p.pay_after.is_some() && p.wrong_amount)
             .count() as u32;
+        let by_api = Api::ALL
+            .iter()
+            .map(|api| {
+                let of = plan.iter().filter(|p| p.api == *api);
+                let orders = of.clone().count() as u32;
+                let paid = of.filter(|p| p.pay_after.is_some()).count() as u32;
+                (*api, orders, paid)
+            })
+            .collect();
         Tally {
             paid,
             notified,
             mismatched,
+            by_api,
         }
     }
 }
@@ -280,7 +314,7 @@ async fn summarize(
     simulator: &RunningSimulator,
     started: Instant,
 ) -> Result<DemoSummary, DemoError> {
-    let (mut delays, by_notify) = settle_delays(store, paid_at).await?;
+    let (mut delays, by_notify, by_api) = settle_delays(store, paid_at).await?;
     delays.sort();
     let pct = |q: f64| {
         delays
@@ -308,15 +342,38 @@ async fn summarize(
         settle_p50: pct(0.50),
         settle_p99: pct(0.99),
         elapsed: started.elapsed(),
+        by_api: tally
+            .by_api
+            .iter()
+            .map(|&(api, orders, paid)| {
+                let (settled_success, settled_by_notify) =
+                    by_api.get(&api).copied().unwrap_or_default();
+                ApiSummary {
+                    api,
+                    orders,
+                    paid,
+                    settled_success,
+                    settled_by_notify,
+                }
+            })
+            .collect(),
     })
 }
 
-/// From the events: each paid order's time from payment to settlement (unsorted), and how many
-/// settled from a notification.
+/// Per API: orders settled SUCCESS, and of them by a notification.
+type SettledByApi = HashMap<Api, (i64, i64)>;
+
+/// From the events: each paid order's time from payment to settlement (unsorted), how many
+/// settled from a notification, and both per API.
 async fn settle_delays(
     store: &Store,
     paid_at: &HashMap<String, DateTime<Utc>>,
-) -> Result<(Vec<Duration>, i64), DemoError> {
+) -> Result<(Vec<Duration>, i64, SettledByApi), DemoError> {
+    let apis: HashMap<String, Api> = sim::default_merchants()
+        .iter()
+        .map(|m| (m.mch_id.to_string(), m.api()))
+        .collect();
+    let mut by_api = SettledByApi::new();
     let mut delays: Vec<Duration> = Vec::new();
     let mut by_notify = 0;
     let mut after = 0;
@@ -325,23 +382,29 @@ async fn settle_delays(
         let Some(last) = events.last() else { break };
         after = last.id;
         for e in &events {
-            if e.source == crate::domain::Source::Notify
-                && e.to_state == crate::domain::EventTo::State(OrderState::Success)
-            {
+            let success = e.to_state == crate::domain::EventTo::State(OrderState::Success);
+            let notified = success && e.source == crate::domain::Source::Notify;
+            if notified {
                 by_notify += 1;
+            }
+            if success && let Some(api) = apis.get(e.mch_id.as_str()) {
+                let counts = by_api.entry(*api).or_default();
+                counts.0 += 1;
+                counts.1 += i64::from(notified);
             }
             if let Some(p) = paid_at.get(&e.out_trade_no) {
                 delays.push((e.created_at - *p).to_std().unwrap_or_default());
             }
         }
     }
-    Ok((delays, by_notify))
+    Ok((delays, by_notify, by_api))
 }
 
 /// One order of the demo and what its customer does.
 #[derive(Debug, Clone)]
 struct Planned {
     mch_id: String,
+    api: Api,
     out_trade_no: String,
     fee: i64,
     /// When the customer pays, if ever.
@@ -355,7 +418,7 @@ struct Planned {
 impl Planned {
     /// 70% are paid: most within the grace period, some later (after a NOTPAY answer); a few
     /// pay another amount. 30% are never paid.
-    fn draw(mch_id: String, out_trade_no: String, fee: i64) -> Planned {
+    fn draw(mch_id: String, api: Api, out_trade_no: String, fee: i64) -> Planned {
         let roll = rand::random_range(0..1000);
         let pay_after = match roll {
             0..630 => Some(Duration::from_millis(rand::random_range(0..1500))),
@@ -365,6 +428,7 @@ impl Planned {
         let wrong_amount = pay_after.is_some() && roll % 250 == 0;
         Planned {
             mch_id,
+            api,
             out_trade_no,
             fee,
             pay_after,

@@ -32,6 +32,8 @@ use crate::store::Store;
 use crate::telemetry::{NotifyOutcome, Telemetry};
 
 pub use v2::NOTIFY_PATH;
+/// Where WeChat posts API v3 notifications (also `/wxpay/v3/notify/{mch_id}`).
+pub const V3_NOTIFY_PATH: &str = "/wxpay/v3/notify";
 
 /// How long the whole body of a notification may take to arrive.
 pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
