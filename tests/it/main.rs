@@ -13,3 +13,4 @@ mod interop;
 mod lifecycle;
 mod process;
 mod simulator;
+mod v3notify;
