@@ -224,6 +224,10 @@ pub fn read_notification<'m>(
                 if let Some(skew) = reason.skew_seconds() {
                     k.observe_skew(skew);
                 }
+                // Known but no longer valid (an expired certificate): a fresh one is needed.
+                if matches!(reason, Unverified::UnknownSerial(_)) {
+                    k.want_refresh();
+                }
                 refused.get_or_insert((m, reason));
             }
         }
