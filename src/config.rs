@@ -84,7 +84,7 @@ pub struct SimulatorSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifySettings {
-    /// Serves `POST /wxpay/v2/notify` (behind the merchant's HTTPS reverse proxy).
+    /// Serves `POST /wxpay/v2/notify` and `/wxpay/v3/notify[/{mch_id}]` (behind the merchant's HTTPS reverse proxy).
     pub listen: Option<SocketAddr>,
     /// Connections open at once; beyond it the oldest not in a request is closed.
     pub max_connections: u32,

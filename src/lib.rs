@@ -12,7 +12,8 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`listener`]: the accept loop of both listeners: timeouts and a connection cap.
 //! - [`notify`]: WeChat's notifications on their own listener: the transport, a
-//!   protocol-neutral ingest of a verified payment, and v2's `POST /wxpay/v2/notify`.
+//!   protocol-neutral ingest of a verified payment, v2's `POST /wxpay/v2/notify` and v3's
+//!   `POST /wxpay/v3/notify[/{mch_id}]`.
 //! - [`gateway`]: the protocol-neutral answers, reports and errors, and `Gateway`, which
 //!   dispatches each call to the merchant's protocol client.
 //! - [`wxpay`]: the only module that knows XML, signing and WeChat's HTTP API.

@@ -155,7 +155,7 @@ fn how_it_ended(result: &Result<(), JoinError>) -> &'static str {
 pub struct Daemon {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
-    /// Where `POST /wxpay/v2/notify` is served, when `[notify] listen` is set.
+    /// Where `POST /wxpay/v2/notify` and `/wxpay/v3/notify` are served, when `[notify] listen` is set.
     pub notify_addr: Option<SocketAddr>,
     pub telemetry: Telemetry,
     pub health: Arc<Health>,

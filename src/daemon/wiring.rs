@@ -151,7 +151,7 @@ impl Wiring {
         }
     }
 
-    /// `POST /wxpay/v2/notify` on `[notify] listen`, when it is set.
+    /// `POST /wxpay/v2/notify` and `/wxpay/v3/notify[/{mch_id}]` on `[notify] listen`, when it is set.
     pub fn notify_listener(&self, settings: &Settings, stop: CancellationToken) -> Option<Serve> {
         let addr = settings.notify.listen?;
         let app = notify::router(Arc::new(NotifyApp::new(

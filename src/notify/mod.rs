@@ -7,21 +7,28 @@
 //!   by the same [`Settler`](crate::reconcile::settle::Settler) as every other report (source
 //!   `notify`), or refused;
 //! - `v2`: `POST /wxpay/v2/notify`, WeChat Pay v2's XML: verified by `wxpay::notify` exactly
-//!   as an orderquery reply, answered in v2's XML.
+//!   as an orderquery reply, answered in v2's XML;
+//! - `v3`: `POST /wxpay/v3/notify` and `/wxpay/v3/notify/{mch_id}`, API v3's signed JSON with
+//!   an encrypted resource: verified and decrypted by `wxpay::v3::notify` exactly as a signed
+//!   answer (the merchant is the one whose WeChat key `Wechatpay-Serial` names), answered
+//!   `204` or 4xx/5xx with v3's `{"code":"FAIL","message":…}`.
 //!
-//! WeChat gets SUCCESS only once the result is committed (or was already there); every other
-//! answer is FAIL, and WeChat retries later, so nothing is lost.
+//! Only `wxpay` verifies or decrypts; the protocol files map its verdicts to answers, and
+//! `ingest` never sees a protocol. WeChat is acknowledged (v2 SUCCESS, v3 2xx) only once the
+//! result is committed (or was already there); every other answer is a refusal, and WeChat
+//! retries later, so nothing is lost.
 
 mod ingest;
 mod v2;
+mod v3;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -32,21 +39,27 @@ use crate::store::Store;
 use crate::telemetry::{NotifyOutcome, Telemetry};
 
 pub use v2::NOTIFY_PATH;
-/// Where WeChat posts API v3 notifications (also `/wxpay/v3/notify/{mch_id}`).
-pub const V3_NOTIFY_PATH: &str = "/wxpay/v3/notify";
+pub use v3::{MERCHANT_NOTIFY_PATH as V3_MERCHANT_NOTIFY_PATH, NOTIFY_PATH as V3_NOTIFY_PATH};
 
 /// How long the whole body of a notification may take to arrive.
 pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The largest notification body read.
-pub const MAX_BODY_BYTES: usize = crate::wxpay::xml::MAX_BODY_BYTES;
+/// The largest notification body read, of either protocol.
+pub const MAX_BODY_BYTES: usize = {
+    let (v2, v3) = (
+        crate::wxpay::xml::MAX_BODY_BYTES,
+        crate::wxpay::v3::model::MAX_BODY_BYTES,
+    );
+    if v2 > v3 { v2 } else { v3 }
+};
 
 /// What the endpoint needs.
 pub struct NotifyApp {
     pub store: Store,
     pub telemetry: Telemetry,
     pub policy: Policy,
-    merchants: HashMap<String, Merchant>,
+    /// By mch_id (ordered: a v3 serial several merchants know is tried in a stable order).
+    merchants: BTreeMap<String, Merchant>,
 }
 
 impl NotifyApp {
@@ -70,11 +83,17 @@ impl NotifyApp {
     fn merchant(&self, mch_id: &str) -> Option<&Merchant> {
         self.merchants.get(mch_id)
     }
+
+    fn merchants(&self) -> impl Iterator<Item = &Merchant> {
+        self.merchants.values()
+    }
 }
 
 pub fn router(app: Arc<NotifyApp>) -> Router {
     Router::new()
         .route(NOTIFY_PATH, post(v2_notify))
+        .route(V3_NOTIFY_PATH, post(v3_notify))
+        .route(V3_MERCHANT_NOTIFY_PATH, post(v3_merchant_notify))
         .with_state(app)
 }
 
@@ -83,7 +102,8 @@ pub fn router(app: Arc<NotifyApp>) -> Router {
 struct Reply {
     mch_id: Option<String>,
     status: StatusCode,
-    content_type: &'static str,
+    /// `None` for an answer without a body (v3's 204).
+    content_type: Option<&'static str>,
     body: String,
     outcome: NotifyOutcome,
     refusal: Option<String>,
@@ -95,6 +115,25 @@ async fn v2_notify(State(app): State<Arc<NotifyApp>>, headers: HeaderMap, body: 
     answer(&app, reply, started)
 }
 
+async fn v3_notify(State(app): State<Arc<NotifyApp>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let reply = v3::handle(&app, None, &headers, body).await;
+    answer(&app, reply, started)
+}
+
+async fn v3_merchant_notify(
+    State(app): State<Arc<NotifyApp>>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    // A path that does not decode names no merchant: refused as an unknown one, and counted.
+    let mch_id = path.map(|Path(m)| m).unwrap_or_default();
+    let reply = v3::handle(&app, Some(&mch_id), &headers, body).await;
+    answer(&app, reply, started)
+}
+
 /// Logs and counts a reply, then sends it.
 fn answer(app: &NotifyApp, reply: Reply, started: Instant) -> Response {
     app.telemetry.notify(
@@ -103,12 +142,15 @@ fn answer(app: &NotifyApp, reply: Reply, started: Instant) -> Response {
         reply.refusal.as_deref(),
         started.elapsed(),
     );
-    (
-        reply.status,
-        [(header::CONTENT_TYPE, reply.content_type)],
-        reply.body,
-    )
-        .into_response()
+    match reply.content_type {
+        Some(content_type) => (
+            reply.status,
+            [(header::CONTENT_TYPE, content_type)],
+            reply.body,
+        )
+            .into_response(),
+        None => reply.status.into_response(),
+    }
 }
 
 /// Why a body could not be read.

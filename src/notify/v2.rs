@@ -20,7 +20,7 @@ fn success(mch_id: Option<String>, outcome: NotifyOutcome) -> Reply {
     Reply {
         mch_id,
         status: StatusCode::OK,
-        content_type: XML,
+        content_type: Some(XML),
         body: ANSWER_SUCCESS.to_owned(),
         outcome,
         refusal: None,
@@ -37,7 +37,7 @@ fn fail(
     Reply {
         mch_id,
         status,
-        content_type: XML,
+        content_type: Some(XML),
         body: answer_fail(reason),
         outcome,
         refusal: why,

@@ -14,5 +14,6 @@ mod lifecycle;
 mod process;
 mod simulator;
 mod v3client;
+mod v3notify;
 mod v3sim;
 mod v3vectors;

@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod error;
 pub mod keys;
 pub mod model;
+pub mod notify;
 
 pub use client::V3Client;
 pub use crypto::{ApiV3Key, Certificate, CryptoError, PrivateKey, PublicKey};
