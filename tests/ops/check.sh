@@ -221,6 +221,8 @@ NPORT=$(free_port)
 PPORT=$(free_port)
 export WXPAY_KEY_10000100=192006250b4c09247ec02edce69f6a2d
 export WXPAY_KEY_1900000109=8934e7d15453e97507ef794cf7b0519d
+export WXPAY_APIV3_KEY_1900000100=a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb
+V3KEYS=$ROOT/tests/fixtures/wxpay-v3/keys
 cat >"$TMP/config.toml" <<EOF
 [database]
 url = "sqlite://$TMP/orders.db"
@@ -242,6 +244,18 @@ mch_id = "1900000109"
 appid = "wx2421b1c4370ec43b"
 sign_type = "HMAC-SHA256"
 api_key_env = "WXPAY_KEY_1900000109"
+
+# The simulator's v3 test merchant (published test keys): public key and certificates both.
+[[merchants]]
+mch_id = "1900000100"
+appid = "wxd678efh567hg6787"
+api = "v3"
+private_key_file = "$V3KEYS/java_sdk_merchant_private_key.pem"
+cert_serial_no = "5F1C72E2A8931B72A2E13AF8DEE92471EB397115"
+apiv3_key_env = "WXPAY_APIV3_KEY_1900000100"
+wechatpay_public_key_file = "$V3KEYS/go_sdk_test_public_key.pem"
+wechatpay_public_key_id = "PUB_KEY_ID_0000000000000024101100397200000006"
+platform_certificates = "download"
 
 [schedule]
 scan_cron = "* * * * * *"
@@ -366,7 +380,7 @@ def api(path, **params):
 
 # Grafana's variables, as Grafana would expand them for this one daemon and both merchants.
 subst = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "5m", "$instance": instance,
-         "$mch_id": "10000100|1900000109", "${datasource}": "prometheus", "$datasource": "prometheus"}
+         "$mch_id": "10000100|1900000109|1900000100", "${datasource}": "prometheus", "$datasource": "prometheus"}
 def expand(expr):
     for k in sorted(subst, key=len, reverse=True):
         expr = expr.replace(k, subst[k])
