@@ -70,16 +70,22 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
+/// The keep-alive client both protocols' clients talk to WeChat with: [`http_client_builder`]
+/// with `config`'s timeouts.
+pub(crate) fn pooled_client(config: &ClientConfig) -> Result<reqwest::Client, String> {
+    http_client_builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.timeout)
+        .pool_idle_timeout(Duration::from_secs(50))
+        .tcp_nodelay(true)
+        .user_agent(concat!("wxpay-reconciler/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))
+}
+
 impl WxPayClient {
     pub fn new(config: ClientConfig) -> Result<Self, WxPayError> {
-        let http = http_client_builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .user_agent(concat!("wxpay-reconciler/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| WxPayError::Transport(format!("cannot build HTTP client: {e}")))?;
+        let http = pooled_client(&config).map_err(WxPayError::Transport)?;
         Ok(WxPayClient {
             failover: Failover::new(config.failover_after, config.failback_after),
             http,

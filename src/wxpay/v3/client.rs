@@ -7,7 +7,7 @@
 //! answer is a hint at most; only a verified `404 ORDER_NOT_EXIST` is an answer. A close is
 //! always confirmed by a query: a 204 proves nothing about the order.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
@@ -19,7 +19,7 @@ use super::model::{Certificates, ErrorBody, MAX_BODY_BYTES, Transaction};
 use crate::domain::{OutTradeNo, TradeState, TransactionId};
 use crate::gateway::merchant::{Merchant, V3Credentials};
 use crate::gateway::report::{CertificateRefresh, CloseAnswer, OrderRef, QueryAnswer};
-use crate::wxpay::client::{ClientConfig, Failover, error_chain, http_client_builder, nonce};
+use crate::wxpay::client::{ClientConfig, Failover, error_chain, nonce, pooled_client};
 
 /// A WeChat Pay v3 client with a keep-alive pool and primary/backup failover. Cheap to share
 /// (`Arc`) across tasks.
@@ -88,14 +88,7 @@ fn credentials(merchant: &Merchant) -> Result<&V3Credentials, V3Error> {
 
 impl V3Client {
     pub fn new(config: ClientConfig) -> Result<Self, V3Error> {
-        let http = http_client_builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .user_agent(concat!("wxpay-reconciler/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| V3Error::Transport(format!("cannot build HTTP client: {e}")))?;
+        let http = pooled_client(&config).map_err(V3Error::Transport)?;
         Ok(V3Client {
             failover: Failover::new(config.failover_after, config.failback_after),
             http,
