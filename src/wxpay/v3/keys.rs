@@ -3,7 +3,7 @@
 //! signs with the old and the new certificate, so every certificate still valid is kept.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -38,6 +38,8 @@ pub struct WechatKeys {
     skew_seen: AtomicBool,
     /// Set when a message named a serial we do not know: the certificates job refreshes.
     refresh_wanted: tokio::sync::Notify,
+    /// How many refreshes were asked for (the waiter takes the wake-up; this stays).
+    refresh_requests: AtomicU64,
 }
 
 impl WechatKeys {
@@ -49,6 +51,7 @@ impl WechatKeys {
             skew_seconds: AtomicI64::new(0),
             skew_seen: AtomicBool::new(false),
             refresh_wanted: tokio::sync::Notify::new(),
+            refresh_requests: AtomicU64::new(0),
         })
     }
 
@@ -144,8 +147,14 @@ impl WechatKeys {
     /// download mode; the job rate-limits.
     pub fn want_refresh(&self) {
         if self.certificates == CertificateMode::Download {
+            self.refresh_requests.fetch_add(1, Ordering::Relaxed);
             self.refresh_wanted.notify_one();
         }
+    }
+
+    /// How many refreshes were asked for so far.
+    pub fn refresh_requests(&self) -> u64 {
+        self.refresh_requests.load(Ordering::Relaxed)
     }
 
     /// Resolves when a refresh was asked for.
