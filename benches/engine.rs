@@ -22,10 +22,30 @@ use wxpay_reconciler::reconcile::policy::Settlement;
 use wxpay_reconciler::sim::{self, RunningSimulator};
 use wxpay_reconciler::store::{Change, ClaimRequest, Claimed, ConnectOptions, DatabaseUrl, Store};
 use wxpay_reconciler::telemetry::Telemetry;
+use wxpay_reconciler::wxpay::v3::PrivateKey;
 use wxpay_reconciler::wxpay::{Fields, sign, xml};
 
 const MD5_MCH: &str = "10000100";
 const MD5_APPID: &str = "wxd930ea5d5a258f4f";
+
+/// A merchant of the simulator's defaults: the v2 MD5 one or the v3 one (public-key mode).
+#[derive(Clone, Copy)]
+struct Mch {
+    mch_id: &'static str,
+    appid: &'static str,
+}
+
+const V2: Mch = Mch {
+    mch_id: MD5_MCH,
+    appid: MD5_APPID,
+};
+const V3: Mch = Mch {
+    mch_id: sim::v3::TEST_V3_MCH_ID,
+    appid: sim::v3::TEST_V3_APPID,
+};
+
+/// The published test keys (`tests/fixtures/wxpay-v3/keys/`) the simulator's v3 merchant uses.
+const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wxpay-v3/keys");
 
 struct Sizes {
     settle_orders: u64,
@@ -105,17 +125,18 @@ async fn fresh(db: Db, pg_base: Option<&str>) -> Bench {
     }
 }
 
-/// Bulk-inserts `n` orders named `{prefix}{i}` in state `state`, due now.
-async fn bulk_orders(b: &Bench, prefix: &str, n: u64, state: &str) {
+/// Bulk-inserts `n` orders of `m` named `{prefix}{i}` in state `state`, due now.
+async fn bulk_orders_of(b: &Bench, m: Mch, prefix: &str, n: u64, state: &str) {
+    let Mch { mch_id, appid } = m;
     let sql = match b.db {
         Db::Sqlite => format!(
             "WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i + 1 < {n})
              INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee, state, created_at)
-             SELECT '{MD5_MCH}', '{MD5_APPID}', '{prefix}' || i, 100, '{state}', strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 minute') FROM seq"
+             SELECT '{mch_id}', '{appid}', '{prefix}' || i, 100, '{state}', strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 minute') FROM seq"
         ),
         Db::Postgres => format!(
             "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee, state, created_at)
-             SELECT '{MD5_MCH}', '{MD5_APPID}', '{prefix}' || i, 100, '{state}', now() - interval '1 minute'
+             SELECT '{mch_id}', '{appid}', '{prefix}' || i, 100, '{state}', now() - interval '1 minute'
              FROM generate_series(0, {n} - 1) AS i"
         ),
     };
@@ -137,6 +158,11 @@ async fn bulk_orders(b: &Bench, prefix: &str, n: u64, state: &str) {
             pool.close().await;
         }
     }
+}
+
+/// [`bulk_orders_of`] the v2 MD5 merchant.
+async fn bulk_orders(b: &Bench, prefix: &str, n: u64, state: &str) {
+    bulk_orders_of(b, V2, prefix, n, state).await;
 }
 
 async fn simulator() -> RunningSimulator {
@@ -246,17 +272,60 @@ async fn db_raw_rate(b: &Bench, n: u64, conc: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The rate at which this machine makes the RSA operations one settled v3 order needs: the
+/// daemon's request signature (the merchant's key) plus the simulator's answer signature
+/// (WeChat's key), on every core. Verifications (public-key operations) are left out: they
+/// cost a few percent of a signature.
+fn rsa_limit(seconds: u64) -> f64 {
+    let key = |file: &str| {
+        PrivateKey::from_pem(&std::fs::read(format!("{KEYS}/{file}")).unwrap()).unwrap()
+    };
+    let merchant = key("java_sdk_merchant_private_key.pem");
+    let wechat = key("go_sdk_test_private_key.pem");
+    let request = b"GET\n/v3/pay/transactions/out-trade-no/v3set1?mchid=1900000100\n1700000000\n\
+                    593BEC0C930BF1AFEB40B4A08C8FB242\n\n";
+    let answer = format!(
+        "1700000000\n5K8264ILTKCH16CQ2502SI8ZNMTM67VS\n{}\n",
+        "{\"amount\":{\"total\":100}}".repeat(20)
+    );
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let pairs: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        merchant.sign(request).unwrap();
+                        wechat.sign(answer.as_bytes()).unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    pairs as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Orders settled per second: `n` paid orders, the simulator at zero latency, no QPS cap.
 async fn settle_rate(b: &Bench, n: u64) -> f64 {
+    settle_rate_of(b, V2, n).await
+}
+
+/// [`settle_rate`] for the orders of merchant `m`.
+async fn settle_rate_of(b: &Bench, m: Mch, n: u64) -> f64 {
     let s = simulator().await;
-    bulk_orders(b, "set", n, "NOTPAY").await;
+    bulk_orders_of(b, m, "set", n, "NOTPAY").await;
     for i in 0..n {
         s.state
-            .pay(MD5_MCH, &format!("set{i}"), Some(100), false)
+            .pay(m.mch_id, &format!("set{i}"), Some(100), false)
             .unwrap();
     }
     let cfg = settings(&b.url, &s.base_url());
-    let scanner = daemon::scanner(&cfg, b.store.clone(), Telemetry::new([MD5_MCH])).unwrap();
+    let scanner = daemon::scanner(&cfg, b.store.clone(), Telemetry::new([m.mch_id])).unwrap();
     let start = Instant::now();
     let report = scanner
         .scan(&CancellationToken::new(), &|| {})
@@ -340,24 +409,40 @@ async fn claim_time(db: Db, pg: Option<&str>, total: u64) -> Duration {
     times[times.len() / 2]
 }
 
-/// Peak RSS of the real daemon (`run`, release build) draining `n` due paid orders on SQLite.
-async fn daemon_rss(n: u64) -> (Rss, f64) {
+/// Peak RSS of the real daemon (`run`, release build) draining `n` due paid orders of merchant
+/// `m` on SQLite.
+async fn daemon_rss(m: Mch, n: u64) -> (Rss, f64) {
     let s = simulator().await;
     let b = fresh(Db::Sqlite, None).await;
-    bulk_orders(&b, "mem", n, "NOTPAY").await;
+    bulk_orders_of(&b, m, "mem", n, "NOTPAY").await;
     for i in 0..n {
         s.state
-            .pay(MD5_MCH, &format!("mem{i}"), Some(100), false)
+            .pay(m.mch_id, &format!("mem{i}"), Some(100), false)
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("k"), "192006250b4c09247ec02edce69f6a2d").unwrap();
+    let Mch { mch_id, appid } = m;
+    let merchant = if mch_id == V3.mch_id {
+        std::fs::write(dir.path().join("k"), sim::v3::TEST_V3_APIV3_KEY).unwrap();
+        format!(
+            "[[merchants]]\nmch_id = \"{mch_id}\"\nappid = \"{appid}\"\napi = \"v3\"\n\
+             private_key_file = \"{KEYS}/java_sdk_merchant_private_key.pem\"\n\
+             cert_serial_no = \"{}\"\napiv3_key_file = \"k\"\n\
+             wechatpay_public_key_file = \"{KEYS}/go_sdk_test_public_key.pem\"\n\
+             wechatpay_public_key_id = \"{}\"\n",
+            sim::v3::TEST_V3_MERCHANT_SERIAL,
+            sim::v3::TEST_PUBLIC_KEY_ID
+        )
+    } else {
+        std::fs::write(dir.path().join("k"), "192006250b4c09247ec02edce69f6a2d").unwrap();
+        format!("[[merchants]]\nmch_id = \"{mch_id}\"\nappid = \"{appid}\"\napi_key_file = \"k\"\n")
+    };
     let cfg = dir.path().join("c.toml");
     std::fs::write(
         &cfg,
         format!(
             "[database]\nurl = \"{}\"\n[wechat]\nbase_url = \"{}\"\nmax_qps = 100000\nconcurrency = 64\n\
-             [[merchants]]\nmch_id = \"{MD5_MCH}\"\nappid = \"{MD5_APPID}\"\napi_key_file = \"k\"\n\
+             {merchant}\
              [schedule]\nscan_cron = \"* * * * * *\"\ngrace_seconds = 0\nbatch_size = 500\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n",
             b.url,
@@ -435,7 +520,7 @@ async fn main() {
             memory_orders: 100_000,
         }
     };
-    // `only=NAME,NAME` runs some parts: sim, settle, cap, little, claim, memory.
+    // `only=NAME,NAME` runs some parts: sim, settle, v3, cap, little, claim, memory, v3memory.
     let only: Option<Vec<String>> = std::env::args().find_map(|a| {
         a.strip_prefix("only=")
             .map(|v| v.split(',').map(str::to_owned).collect())
@@ -468,6 +553,27 @@ async fn main() {
             "{db:?}: settled {settled:.0}/s; limits: simulator {sim_rate:.0}/s, database {raw:.0} tx/s; settled/lower limit = {:.0}%",
             100.0 * settled / limit
         );
+    }
+    if part("v3") {
+        // The limit right before and right after the settle run: the machine drifts.
+        let before = rsa_limit(sizes.load_seconds);
+        let mut results = Vec::new();
+        for db in &dbs {
+            let b = fresh(*db, pg.as_deref()).await;
+            results.push((*db, settle_rate_of(&b, V3, sizes.settle_orders).await));
+        }
+        let after = rsa_limit(sizes.load_seconds);
+        let limit = before.max(after);
+        println!(
+            "RSA limit (merchant request signature + WeChat answer signature, every core): \
+             {before:.0}/s before, {after:.0}/s after"
+        );
+        for (db, settled) in results {
+            println!(
+                "{db:?} v3: settled {settled:.0}/s; RSA limit {limit:.0}/s; settled/limit = {:.0}%",
+                100.0 * settled / limit
+            );
+        }
     }
     if part("cap") {
         let b = fresh(Db::Sqlite, None).await;
@@ -513,13 +619,17 @@ async fn main() {
                 .unwrap();
         }
     }
-    if part("memory") {
-        let (rss, rate) = daemon_rss(sizes.memory_orders).await;
+    for (name, m) in [("memory", V2), ("v3memory", V3)] {
+        if !part(name) {
+            continue;
+        }
+        let (rss, rate) = daemon_rss(m, sizes.memory_orders).await;
         let mb = |kb: u64| kb as f64 / 1024.0;
         println!(
-            "daemon peak RSS draining {} due orders (SQLite): {:.1} MB at {rate:.0} settled/s \
+            "daemon peak RSS draining {} due orders of {} (SQLite): {:.1} MB at {rate:.0} settled/s \
              (at the end: {:.1} MB anonymous, {:.1} MB file-backed)",
             sizes.memory_orders,
+            m.mch_id,
             mb(rss.peak_kb),
             mb(rss.anon_kb),
             mb(rss.file_kb)

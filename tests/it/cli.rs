@@ -82,6 +82,76 @@ async fn simulate_serves_the_merchants_of_a_config_file() {
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
 }
 
+/// `simulate --config` with a v3 merchant and `[simulator]` keys: WeChat's side signs with the
+/// configured key under the configured public key id, so a daemon holding that public key (the
+/// same config file, loaded as `run` loads it) verifies the answers, and one holding the
+/// embedded test key does not.
+#[tokio::test]
+async fn simulate_serves_v3_merchants_with_the_wechat_keys_of_a_config_file() {
+    use wxpay_reconciler::wxpay::v3::{V3Client, V3Error};
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wxpay-v3/keys");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("apiv3_key"),
+        "a7cde1ZJB1kG2e7VfTs3jQzaWizur8Gb\n",
+    )
+    .unwrap();
+    let id = "PUB_KEY_ID_0000000000000000000000000000000042";
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[merchants]]\nmch_id = \"1900000100\"\nappid = \"wxd678efh567hg6787\"\napi = \"v3\"\n\
+             private_key_file = \"{keys}/java_sdk_merchant_private_key.pem\"\n\
+             cert_serial_no = \"5F1C72E2A8931B72A2E13AF8DEE92471EB397115\"\n\
+             apiv3_key_file = \"apiv3_key\"\n\
+             wechatpay_public_key_file = \"{keys}/java_sdk_wechat_pay_public_key.pem\"\n\
+             wechatpay_public_key_id = \"{id}\"\n\n\
+             [simulator]\nwechatpay_private_key_file = \"{keys}/java_sdk_wechat_pay_private_key.pem\"\n\
+             wechatpay_public_key_id = \"{id}\"\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, url) = spawn_simulator(&["--config", cfg.to_str().unwrap()], &[], &[]);
+
+    let otn = unique_otn("v3cfg");
+    let http = wxpay_reconciler::wxpay::client::http_client_builder()
+        .build()
+        .unwrap();
+    let paid = http
+        .post(format!("{url}/_sim/orders/1900000100/{}/pay", otn.as_str()))
+        .header("Content-Type", "application/json")
+        .body(r#"{"notify":"drop","total_fee":1234}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(paid.status().is_success(), "{:?}", paid.text().await);
+
+    let settings = wxpay_reconciler::config::load(&cfg).unwrap();
+    let configured = &settings.merchants[0];
+    let client = V3Client::new(wxpay_reconciler::wxpay::ClientConfig::new(&url)).unwrap();
+    let order = OrderRef::OutTradeNo(otn.clone());
+    match client.order_query(configured, &order).await {
+        Ok(QueryAnswer::Order(report)) => {
+            assert_eq!(report.out_trade_no, otn);
+            assert_eq!(
+                report.trade_state,
+                wxpay_reconciler::domain::TradeState::Success
+            );
+            assert_eq!(report.amount.map(|a| a.get()), Some(1234));
+        }
+        other => panic!("expected a verified SUCCESS, got {other:?}"),
+    }
+    // The embedded test keys are not WeChat's here: their answers do not verify.
+    let embedded = wxpay_reconciler::sim::v3::test_v3_merchant().unwrap();
+    match client.order_query(&embedded, &order).await {
+        Err(V3Error::Unverified(..)) => {}
+        other => panic!("an answer under another WeChat key must not verify, got {other:?}"),
+    }
+    signal(child.id(), "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}
+
 fn run_expecting_failure(args: &[&str], envs: &[(&str, &str)]) -> String {
     let mut command = process::command(None);
     command.args(args).envs(envs.iter().copied());
