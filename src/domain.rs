@@ -154,6 +154,12 @@ text_id! {
     TransactionId("transaction_id", 32, |b| b.is_ascii_alphanumeric());
     /// A currency (`fee_type`): ISO 4217 letters as WeChat writes them (`CNY`, `USD`, …).
     Currency("fee_type", 16, |b| b.is_ascii_uppercase());
+    /// The merchant's refund number: up to 64 characters of `0-9 A-Z a-z _ - | * @`, WeChat's rule.
+    OutRefundNo("out_refund_no", 64, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'|' | b'*' | b'@')
+    });
+    /// WeChat's refund number (`refund_id`): up to 32 ASCII letters and digits.
+    RefundId("refund_id", 32, |b| b.is_ascii_alphanumeric());
 }
 
 impl Currency {
@@ -227,6 +233,117 @@ impl TradeState {
 }
 
 impl fmt::Display for TradeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What WeChat says about a refund (v2 `refund_status_$n`, v3 `status` / `refund_status`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RefundStatus {
+    /// The money went back.
+    Success,
+    /// The refund was closed without paying out (v2 `REFUNDCLOSE`).
+    Closed,
+    /// Still on its way (v2 `PROCESSING`).
+    Processing,
+    /// The refund could not reach the payer's card or account: a person must act (v2 `CHANGE`).
+    Abnormal,
+    /// A value this version does not know: in flight, counted, never a result.
+    Unknown(String),
+}
+
+impl RefundStatus {
+    /// v2's words (`SUCCESS`, `REFUNDCLOSE`, `PROCESSING`, `CHANGE`).
+    pub fn parse_v2(s: &str) -> RefundStatus {
+        match s {
+            "SUCCESS" => RefundStatus::Success,
+            "REFUNDCLOSE" => RefundStatus::Closed,
+            "PROCESSING" => RefundStatus::Processing,
+            "CHANGE" => RefundStatus::Abnormal,
+            other => RefundStatus::Unknown(other.to_owned()),
+        }
+    }
+
+    /// v3's words (`SUCCESS`, `CLOSED`, `PROCESSING`, `ABNORMAL`).
+    pub fn parse_v3(s: &str) -> RefundStatus {
+        match s {
+            "SUCCESS" => RefundStatus::Success,
+            "CLOSED" => RefundStatus::Closed,
+            "PROCESSING" => RefundStatus::Processing,
+            "ABNORMAL" => RefundStatus::Abnormal,
+            other => RefundStatus::Unknown(other.to_owned()),
+        }
+    }
+
+    /// A bounded label for metrics and logs: unknown values all as `"unknown"`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RefundStatus::Success => "SUCCESS",
+            RefundStatus::Closed => "CLOSED",
+            RefundStatus::Processing => "PROCESSING",
+            RefundStatus::Abnormal => "ABNORMAL",
+            RefundStatus::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// A refund's state in `wxpay_refunds.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefundState {
+    /// Registered by the merchant, not final at WeChat: polled.
+    Processing,
+    Success,
+    Closed,
+    /// WeChat could not pay it out (v2 `CHANGE`): a person must act.
+    Abnormal,
+    /// WeChat never received it (after the grace): the merchant may retry with the same
+    /// `out_refund_no`.
+    NotFound,
+    /// WeChat's refund disagrees with the row (amount, order, or the order's total): set aside.
+    AmountMismatch,
+}
+
+impl RefundState {
+    pub const ALL: [RefundState; 6] = [
+        RefundState::Processing,
+        RefundState::Success,
+        RefundState::Closed,
+        RefundState::Abnormal,
+        RefundState::NotFound,
+        RefundState::AmountMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundState::Processing => "PROCESSING",
+            RefundState::Success => "SUCCESS",
+            RefundState::Closed => "CLOSED",
+            RefundState::Abnormal => "ABNORMAL",
+            RefundState::NotFound => "NOT_FOUND",
+            RefundState::AmountMismatch => "AMOUNT_MISMATCH",
+        }
+    }
+
+    /// The state the daemon polls.
+    pub fn is_open(self) -> bool {
+        self == RefundState::Processing
+    }
+}
+
+impl FromStr for RefundState {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RefundState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                ParseError::new("refund state", format!("{} is not a known state", quote(s)))
+            })
+    }
+}
+
+impl fmt::Display for RefundState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

@@ -8,8 +8,8 @@ pub mod report;
 
 pub use merchant::{Api, Credentials, Merchant, V3Credentials};
 pub use report::{
-    CertificateRefresh, CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RetryHint,
-    TradeReport,
+    CertificateRefresh, CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RefundAnswer,
+    RefundReport, RetryHint, TradeReport,
 };
 
 use crate::domain::OutTradeNo;

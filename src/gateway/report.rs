@@ -5,7 +5,10 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{AppId, Currency, Fen, OutTradeNo, TradeState, TransactionId};
+use crate::domain::{
+    AppId, Currency, Fen, OutRefundNo, OutTradeNo, RefundId, RefundStatus, TradeState,
+    TransactionId,
+};
 
 /// Which order to ask about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +43,34 @@ pub struct TradeReport {
 pub enum QueryAnswer {
     Order(TradeReport),
     /// WeChat never accepted this order.
+    NotExist,
+}
+
+/// A verified report about one refund: a refund query's answer (the entry of this
+/// `out_refund_no`, never one found by position) or a refund notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundReport {
+    pub out_refund_no: OutRefundNo,
+    /// The order the refund belongs to, as WeChat names it.
+    pub out_trade_no: OutTradeNo,
+    pub status: RefundStatus,
+    pub refund_id: Option<RefundId>,
+    /// What WeChat refunds (v2 `refund_fee_$n`, v3 `amount.refund`).
+    pub refund_fee: Fen,
+    /// The order's amount as WeChat knows it (v2 `total_fee`, v3 `amount.total`).
+    pub total_fee: Option<Fen>,
+    pub currency: Currency,
+    /// When the money went back (SUCCESS only).
+    pub success_time: Option<DateTime<Utc>>,
+    /// Where the money went (v2 `refund_recv_accout_$n`, v3 `user_received_account`), bounded.
+    pub recv_account: Option<String>,
+}
+
+/// A definitive refund query answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundAnswer {
+    Refund(RefundReport),
+    /// WeChat knows no refund of this number (v2 `REFUNDNOTEXIST`, v3 `RESOURCE_NOT_EXISTS`).
     NotExist,
 }
 
