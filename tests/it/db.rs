@@ -295,6 +295,18 @@ impl TestDb {
         done.map_err(|e| e.to_string())
     }
 
+    /// The first column of the first row of `sql` (no parameters) as text (`None` for SQL
+    /// NULL or no row); the query casts non-text columns itself.
+    pub async fn text(&self, sql: &str) -> Option<String> {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match &self.raw {
+            Raw::Sqlite(p) => sqlx::query_scalar(sql).fetch_optional(p).await.unwrap(),
+            Raw::Postgres(p) => sqlx::query_scalar(sql).fetch_optional(p).await.unwrap(),
+            Raw::Mysql(p) => sqlx::query_scalar(sql).fetch_optional(p).await.unwrap(),
+        }
+        .flatten()
+    }
+
     /// Runs several `;`-separated statements on one connection (a session of the merchant's
     /// application), with no parameters.
     pub async fn exec_script(&self, sql: &str) {
