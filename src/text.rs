@@ -58,13 +58,18 @@ pub fn quote_bytes(b: &[u8]) -> String {
 /// `s` bounded for a column: control characters escaped, at most [`MAX_NOTE_CHARS`]
 /// characters in all, cut on a character boundary and marked with `…` when cut.
 pub fn note(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().min(MAX_NOTE_CHARS));
+    note_with(s, MAX_NOTE_CHARS)
+}
+
+/// [`note`] with another bound (a `VARCHAR(n)` column counts characters: `max_chars` = n).
+pub fn note_with(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars));
     let mut chars = 0;
     for c in s.chars() {
         let before = out.len();
         escape_into(&mut out, c, false);
         chars += out[before..].chars().count();
-        if chars > MAX_NOTE_CHARS - 1 {
+        if chars > max_chars.saturating_sub(1) {
             out.truncate(before);
             out.push('…');
             return out;

@@ -2,5 +2,6 @@
 //! a verified report from any source (notification, manual query, a poll that lost a race).
 
 pub mod policy;
+pub mod refund_policy;
 pub mod scanner;
 pub mod settle;

@@ -593,6 +593,13 @@ macro_rules! fetch_all {
     }};
 }
 
+mod refunds;
+
+pub use refunds::{
+    ClaimedRefund, ClaimedRefundRow, RefundApplied, RefundChange, RefundClaim, RefundGuard,
+    RefundOutcome, RefundRow, UnreadableRefund,
+};
+
 impl Store {
     /// Opens a pool. Connections are made lazily, so an outage at start-up is reported by the
     /// first query, not here (except a missing SQLite file).

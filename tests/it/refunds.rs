@@ -135,3 +135,337 @@ async fn the_merchant_registers_a_refund_with_four_columns_and_the_schema_keeps_
         db.cleanup().await;
     }
 }
+
+use chrono::{TimeDelta, Utc};
+use wxpay_reconciler::domain::{Fen, RefundId, RefundState, Source};
+use wxpay_reconciler::store::{
+    ClaimedRefund, ClaimedRefundRow, RefundApplied, RefundChange, RefundClaim, RefundGuard,
+    RefundOutcome, Store,
+};
+
+use crate::db::TestDb;
+
+/// A paid order of `total` fen, and refunds of it (`(out_refund_no, fee)`), as the merchant's
+/// application writes them.
+async fn paid_order_with_refunds(db: &TestDb, total: i64, refunds: &[(&str, i64)]) -> String {
+    let otn = unique_otn("rs").to_string();
+    db.exec(
+        &format!(
+            "INSERT INTO wxpay_orders (mch_id, appid, out_trade_no, total_fee) VALUES ('{MCH}', '{APPID}', $1, {total})"
+        ),
+        &[&otn],
+    )
+    .await;
+    db.exec(
+        "UPDATE wxpay_orders SET state = 'SUCCESS', transaction_id = '4200000001' WHERE out_trade_no = $1",
+        &[&otn],
+    )
+    .await;
+    for (orn, fee) in refunds {
+        db.exec(
+            &format!(
+                "INSERT INTO wxpay_refunds (mch_id, out_trade_no, out_refund_no, refund_fee) VALUES ($1, $2, $3, {fee})"
+            ),
+            &[MCH, &otn, &format!("{orn}{otn}")],
+        )
+        .await;
+    }
+    otn
+}
+
+/// Claims every due refund as of `minutes` from now (a first query a minute after
+/// registration, leases of five minutes).
+async fn claim_at(store: &Store, minutes: i64) -> Vec<ClaimedRefund> {
+    let now = Utc::now() + TimeDelta::minutes(minutes);
+    store
+        .claim_due_refunds(&RefundClaim {
+            now,
+            first_delay: TimeDelta::minutes(1),
+            lease_until: now + TimeDelta::minutes(5),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| match c {
+            ClaimedRefundRow::Refund(r) => r,
+            ClaimedRefundRow::Unreadable(u) => panic!("unreadable {u:?}"),
+        })
+        .collect()
+}
+
+fn finish(to: RefundState, fee: i64, source: Source) -> RefundChange {
+    RefundChange::Finish {
+        outcome: RefundOutcome {
+            to,
+            refund_id: Some(RefundId::parse("50000000382019052709732678859").unwrap()),
+            success_time: (to == RefundState::Success).then(Utc::now),
+            recv_account: Some("支付用户的零钱".into()),
+            reported_fee: Some(Fen::new(fee).unwrap()),
+            detail: None,
+        },
+        source,
+    }
+}
+
+async fn order_state(db: &TestDb, otn: &str) -> String {
+    db.text(&format!(
+        "SELECT state FROM wxpay_orders WHERE out_trade_no = '{otn}'"
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_refund_is_claimed_when_due_and_finishes_once_moving_its_order_to_refund() {
+    for db in backends().await {
+        let kind = db.kind;
+        let otn = paid_order_with_refunds(&db, 1000, &[("A", 300)]).await;
+        let orn = format!("A{otn}");
+        assert!(
+            claim_at(&db.store, 0).await.is_empty(),
+            "{kind:?}: due a minute after registration"
+        );
+        let claimed = claim_at(&db.store, 2).await;
+        assert_eq!(claimed.len(), 1, "{kind:?}");
+        let first = claimed[0].clone();
+        assert_eq!(first.row.out_refund_no.as_str(), orn);
+        assert_eq!(first.row.refund_fee.get(), 300);
+        assert!(claim_at(&db.store, 2).await.is_empty(), "{kind:?}: leased");
+
+        // The lease ran out and another worker claimed it: the first worker's write is refused.
+        let second = claim_at(&db.store, 10).await;
+        assert_eq!(second.len(), 1, "{kind:?}");
+        assert!(second[0].lease > first.lease);
+        let done = finish(RefundState::Success, 300, Source::Poll);
+        assert_eq!(
+            db.store
+                .apply_refund(first.guard(), &done, Utc::now())
+                .await
+                .unwrap(),
+            RefundApplied::NoOp,
+            "{kind:?}: a stale lease"
+        );
+        assert_eq!(
+            db.store
+                .apply_refund(second[0].guard(), &done, Utc::now())
+                .await
+                .unwrap(),
+            RefundApplied::Done {
+                state: RefundState::Success,
+                order_refunded: true
+            },
+            "{kind:?}"
+        );
+        // A notification of the same refund afterwards changes nothing.
+        let by_notify = RefundGuard {
+            refund_id: first.row.id,
+            lease: None,
+        };
+        assert_eq!(
+            db.store
+                .apply_refund(
+                    by_notify,
+                    &finish(RefundState::Success, 300, Source::Notify),
+                    Utc::now()
+                )
+                .await
+                .unwrap(),
+            RefundApplied::NoOp
+        );
+        let row = db.store.find_refund(MCH, &orn).await.unwrap().unwrap();
+        assert_eq!(row.state, RefundState::Success);
+        assert_eq!(
+            row.refund_id.as_deref(),
+            Some("50000000382019052709732678859")
+        );
+        assert_eq!(row.refund_recv_accout.as_deref(), Some("支付用户的零钱"));
+        assert!(row.success_time.is_some());
+        assert_eq!(row.query_count, 1, "{kind:?}: the poll's query");
+        assert_eq!(
+            db.store.refund_events(row.id).await.unwrap(),
+            vec![("PROCESSING".into(), "SUCCESS".into(), "poll".into())]
+        );
+        assert_eq!(order_state(&db, &otn).await, "REFUND", "{kind:?}");
+        let order_events = db
+            .text(&format!(
+                "SELECT from_state || '>' || to_state || '>' || source FROM wxpay_order_events WHERE out_trade_no = '{otn}'"
+            ))
+            .await;
+        let order_events = match kind {
+            Kind::Mysql => db
+                .text(&format!(
+                    "SELECT CONCAT_WS('>', from_state, to_state, source) FROM wxpay_order_events WHERE out_trade_no = '{otn}'"
+                ))
+                .await,
+            _ => order_events,
+        };
+        assert_eq!(
+            order_events.as_deref(),
+            Some("SUCCESS>REFUND>poll"),
+            "{kind:?}"
+        );
+        assert!(
+            claim_at(&db.store, 60).await.is_empty(),
+            "{kind:?}: a final refund is not polled"
+        );
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn refunds_that_would_add_up_to_more_than_the_order_are_quarantined() {
+    for db in backends().await {
+        let kind = db.kind;
+        let otn = paid_order_with_refunds(&db, 1000, &[("A", 700), ("B", 400), ("C", 300)]).await;
+        let claimed = claim_at(&db.store, 2).await;
+        assert_eq!(claimed.len(), 3, "{kind:?}");
+        let of = |p: &str| {
+            claimed
+                .iter()
+                .find(|c| c.row.out_refund_no.as_str() == format!("{p}{otn}"))
+                .unwrap()
+                .clone()
+        };
+        let (a, b, c) = (of("A"), of("B"), of("C"));
+        let apply = |c: ClaimedRefund, to, fee| {
+            let store = db.store.clone();
+            async move {
+                store
+                    .apply_refund(c.guard(), &finish(to, fee, Source::Poll), Utc::now())
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            apply(a, RefundState::Success, 700).await,
+            RefundApplied::Done {
+                state: RefundState::Success,
+                order_refunded: true
+            }
+        );
+        // 700 + 400 > 1000: set aside, never applied.
+        assert_eq!(
+            apply(b.clone(), RefundState::Success, 400).await,
+            RefundApplied::Done {
+                state: RefundState::AmountMismatch,
+                order_refunded: false
+            },
+            "{kind:?}"
+        );
+        let row = db
+            .store
+            .find_refund(MCH, b.row.out_refund_no.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.state, RefundState::AmountMismatch);
+        assert!(row.last_error.unwrap().contains("1100 fen"), "{kind:?}");
+        // 700 + 300 = 1000: exactly the order.
+        assert_eq!(
+            apply(c, RefundState::Success, 300).await,
+            RefundApplied::Done {
+                state: RefundState::Success,
+                order_refunded: false
+            },
+            "{kind:?}: the order is already REFUND"
+        );
+        assert_eq!(order_state(&db, &otn).await, "REFUND");
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn closed_abnormal_and_reschedules_leave_the_order_alone_and_a_race_has_one_winner() {
+    for db in backends().await {
+        let kind = db.kind;
+        let otn = paid_order_with_refunds(&db, 1000, &[("A", 100), ("B", 100), ("C", 100)]).await;
+        let claimed = claim_at(&db.store, 2).await;
+        assert_eq!(claimed.len(), 3, "{kind:?}");
+        let by = |p: &str| {
+            claimed
+                .iter()
+                .find(|c| c.row.out_refund_no.as_str() == format!("{p}{otn}"))
+                .unwrap()
+                .clone()
+        };
+        let a = by("A");
+        let closed = db
+            .store
+            .apply_refund(
+                a.guard(),
+                &finish(RefundState::Closed, 100, Source::Poll),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            closed,
+            RefundApplied::Done {
+                state: RefundState::Closed,
+                order_refunded: false
+            }
+        );
+        assert_eq!(order_state(&db, &otn).await, "SUCCESS", "{kind:?}");
+
+        // A notification and a poll finish C at once: one event, one winner.
+        let c = by("C");
+        let notify = RefundGuard {
+            refund_id: c.row.id,
+            lease: None,
+        };
+        let (s1, s2) = (db.store.clone(), db.store.clone());
+        let (by_poll, by_notify) = (
+            finish(RefundState::Abnormal, 100, Source::Poll),
+            finish(RefundState::Abnormal, 100, Source::Notify),
+        );
+        let (p, n) = tokio::join!(
+            s1.apply_refund(c.guard(), &by_poll, Utc::now()),
+            s2.apply_refund(notify, &by_notify, Utc::now()),
+        );
+        let wins = [p.unwrap(), n.unwrap()]
+            .iter()
+            .filter(|a| matches!(a, RefundApplied::Done { .. }))
+            .count();
+        assert_eq!(wins, 1, "{kind:?}");
+        assert_eq!(db.store.refund_events(c.row.id).await.unwrap().len(), 1);
+        // Still PROCESSING at WeChat: the next query is scheduled, with the note.
+        let b = by("B");
+        let later = Utc::now() + TimeDelta::hours(1);
+        let rescheduled = db
+            .store
+            .apply_refund(
+                b.guard(),
+                &RefundChange::Reschedule {
+                    at: later,
+                    note: Some("still PROCESSING".into()),
+                },
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(rescheduled, RefundApplied::Done { .. }),
+            "{kind:?}"
+        );
+        let row = db
+            .store
+            .find_refund(MCH, b.row.out_refund_no.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((row.state, row.query_count), (RefundState::Processing, 1));
+        assert_eq!(row.last_error.as_deref(), Some("still PROCESSING"));
+        assert!(
+            claim_at(&db.store, 30).await.is_empty(),
+            "{kind:?}: not due before its next query"
+        );
+        assert_eq!(
+            claim_at(&db.store, 70).await.len(),
+            1,
+            "{kind:?}: due after it"
+        );
+
+        db.cleanup().await;
+    }
+}
