@@ -12,6 +12,7 @@ mod hostile;
 mod interop;
 mod lifecycle;
 mod process;
+mod refundsim;
 mod simulator;
 mod v3client;
 mod v3notify;
