@@ -12,7 +12,7 @@ pub use report::{
     RefundReport, RetryHint, TradeReport,
 };
 
-use crate::domain::OutTradeNo;
+use crate::domain::{OutRefundNo, OutTradeNo};
 use crate::wxpay::client::{ClientConfig, WxPayClient};
 use crate::wxpay::v3::V3Client;
 
@@ -48,6 +48,19 @@ impl Gateway {
         match merchant.api() {
             Api::V2 => Ok(self.v2.order_query(merchant, order).await?),
             Api::V3 => Ok(self.v3.order_query(merchant, order).await?),
+        }
+    }
+
+    /// Asks WeChat about one refund by its `out_refund_no`; a verified answer, or why there is
+    /// none.
+    pub async fn refund_query(
+        &self,
+        merchant: &Merchant,
+        out_refund_no: &OutRefundNo,
+    ) -> Result<RefundAnswer, GatewayError> {
+        match merchant.api() {
+            Api::V2 => Ok(self.v2.refund_query(merchant, out_refund_no).await?),
+            Api::V3 => Ok(self.v3.refund_query(merchant, out_refund_no).await?),
         }
     }
 

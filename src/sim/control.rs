@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::state::{Faults, SimEndpoint, SimError, SimOrder, SimState, lock};
-use crate::domain::{OutTradeNo, TradeState};
+use super::state::{Faults, SimEndpoint, SimError, SimOrder, SimRefund, SimState, lock};
+use crate::domain::{OutRefundNo, OutTradeNo, RefundStatus, TradeState};
 use crate::wxpay::sign::SignType;
 use crate::wxpay::time::format_wechat_time;
 
@@ -107,7 +107,9 @@ pub async fn create(
 
 fn sim_error(e: SimError) -> Response {
     let status = match &e {
-        SimError::UnknownMerchant | SimError::NoSuchOrder => StatusCode::NOT_FOUND,
+        SimError::UnknownMerchant | SimError::NoSuchOrder | SimError::NoSuchRefund => {
+            StatusCode::NOT_FOUND
+        }
         SimError::Conflict(_) => StatusCode::CONFLICT,
         SimError::BadRequest(_) => StatusCode::BAD_REQUEST,
     };
@@ -191,6 +193,105 @@ pub async fn refund(
 ) -> Answer {
     let key = order_key(&state, mch_id, out_trade_no)?;
     transition(&state, key, &[TradeState::Success], TradeState::Refund)
+}
+
+/// What a refund ends as (the control API's `outcome`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+enum RefundOutcome {
+    Success,
+    Closed,
+    Abnormal,
+    Processing,
+}
+
+impl RefundOutcome {
+    fn status(self) -> RefundStatus {
+        match self {
+            RefundOutcome::Success => RefundStatus::Success,
+            RefundOutcome::Closed => RefundStatus::Closed,
+            RefundOutcome::Abnormal => RefundStatus::Abnormal,
+            RefundOutcome::Processing => RefundStatus::Processing,
+        }
+    }
+}
+
+/// Body of `…/refunds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    out_refund_no: String,
+    refund_fee: i64,
+    outcome: RefundOutcome,
+    /// Kept with the refund; refund notifications are not sent yet.
+    #[serde(default)]
+    notify: Option<NotifyMode>,
+}
+
+fn refund_json(mch_id: &str, out_refund_no: &str, r: &SimRefund) -> Value {
+    json!({
+        "mch_id": mch_id,
+        "out_refund_no": out_refund_no,
+        "out_trade_no": r.out_trade_no,
+        "refund_id": r.refund_id,
+        "refund_fee": r.refund_fee,
+        "status": r.status.label(),
+        "success_time": r.success_time.map(super::v3::format_v3_time),
+        "notify": if r.notify_deliver { "deliver" } else { "drop" },
+    })
+}
+
+/// `POST /_sim/orders/{mch_id}/{out_trade_no}/refunds`: WeChat accepts a refund of the paid
+/// order (400 for a refund_fee of 0 or one that would refund more than was paid).
+pub async fn create_refund(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_trade_no)): Path<(String, String)>,
+    Json(body): Json<RefundBody>,
+) -> Answer {
+    let key = order_key(&state, mch_id, out_trade_no)?;
+    if OutRefundNo::parse(&body.out_refund_no).is_err() {
+        return Err(error(StatusCode::BAD_REQUEST, "invalid out_refund_no"));
+    }
+    let refund = state
+        .create_refund(
+            &key.0,
+            &key.1,
+            &body.out_refund_no,
+            body.refund_fee,
+            body.outcome.status(),
+            body.notify == Some(NotifyMode::Deliver),
+        )
+        .map_err(sim_error)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(refund_json(&key.0, &body.out_refund_no, &refund)),
+    )
+        .into_response())
+}
+
+/// Body of `…/finish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishBody {
+    outcome: RefundOutcome,
+}
+
+/// `POST /_sim/refunds/{mch_id}/{out_refund_no}/finish`: a PROCESSING refund ends.
+pub async fn finish_refund(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, out_refund_no)): Path<(String, String)>,
+    Json(body): Json<FinishBody>,
+) -> Answer {
+    if !state.merchants.contains_key(&mch_id) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("unknown merchant {mch_id}"),
+        ));
+    }
+    let refund = state
+        .finish_refund(&mch_id, &out_refund_no, body.outcome.status())
+        .map_err(sim_error)?;
+    Ok(Json(refund_json(&mch_id, &out_refund_no, &refund)).into_response())
 }
 
 pub async fn close(

@@ -1,6 +1,6 @@
-//! A WeChat Pay simulator: v2's `unifiedorder`, `orderquery`, `closeorder` (also under
-//! `/sandboxnew/`), v3's orderquery, close and `GET /v3/certificates` (see [`v3`]), payment
-//! notifications with WeChat's retry schedule, and a JSON control API for tests (pay, refund,
+//! A WeChat Pay simulator: v2's `unifiedorder`, `orderquery`, `closeorder`, `refundquery` (also
+//! under `/sandboxnew/`), v3's orderquery, refund query, close and `GET /v3/certificates` (see [`v3`]), payment
+//! notifications with WeChat's retry schedule, and a JSON control API for tests (pay, refunds,
 //! close, fault injection, per-order counters), the same for v2 and v3 merchants. Orders live in
 //! memory.
 //!
@@ -106,7 +106,8 @@ pub fn router(state: Arc<SimState>) -> Router {
     let wechat = Router::new()
         .route("/pay/unifiedorder", post(wechat::unified_order))
         .route("/pay/orderquery", post(wechat::order_query))
-        .route("/pay/closeorder", post(wechat::close_order));
+        .route("/pay/closeorder", post(wechat::close_order))
+        .route("/pay/refundquery", post(wechat::refund_query));
     // One order of the control API, or an action on it (`/pay`, …).
     let order = |action: &str| format!("/_sim/orders/{{mch_id}}/{{out_trade_no}}{action}");
     Router::new()
@@ -124,10 +125,19 @@ pub fn router(state: Arc<SimState>) -> Router {
             "/v3/pay/transactions/out-trade-no/{out_trade_no}/close",
             post(v3::close_order),
         )
+        .route(
+            "/v3/refund/domestic/refunds/{out_refund_no}",
+            get(v3::refund_query),
+        )
         .route("/v3/certificates", get(v3::certificates))
         .route(&order(""), post(control::create).get(control::show))
         .route(&order("/pay"), post(control::pay))
         .route(&order("/refund"), post(control::refund))
+        .route(&order("/refunds"), post(control::create_refund))
+        .route(
+            "/_sim/refunds/{mch_id}/{out_refund_no}/finish",
+            post(control::finish_refund),
+        )
         .route(&order("/close"), post(control::close))
         .route(&order("/state"), post(control::force_state))
         .route(

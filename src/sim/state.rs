@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::v3::{KeySetup, WechatSide, WechatSideError};
-use crate::domain::TradeState;
+use crate::domain::{RefundStatus, TradeState};
 use crate::gateway::{Api, Merchant};
 use crate::wxpay::Fields;
 use crate::wxpay::client::http_client_builder;
@@ -67,6 +67,35 @@ pub struct SimOrder {
     pub sign_type: SignType,
     pub notify_attempts: u32,
     pub notify_delivered: bool,
+}
+
+/// A refund as WeChat holds it, keyed by (mch_id, out_refund_no).
+#[derive(Debug, Clone)]
+pub struct SimRefund {
+    pub out_trade_no: String,
+    pub refund_fee: i64,
+    /// Never `Unknown`.
+    pub status: RefundStatus,
+    pub refund_id: String,
+    pub created_at: DateTime<Utc>,
+    /// Set when the refund succeeds.
+    pub success_time: Option<DateTime<Utc>>,
+    /// Where the money went (`refund_recv_accout_$n`, `user_received_account`).
+    pub recv_account: String,
+    /// Whether the test asked for the refund notification to be delivered (`"notify"`). The
+    /// simulator does not send refund notifications yet; this is kept for when it does.
+    pub notify_deliver: bool,
+}
+
+/// The v2 word of a refund status (`refund_status_$n`).
+pub(crate) fn refund_status_v2(status: &RefundStatus) -> &'static str {
+    match status {
+        RefundStatus::Success => "SUCCESS",
+        RefundStatus::Closed => "REFUNDCLOSE",
+        RefundStatus::Processing => "PROCESSING",
+        RefundStatus::Abnormal => "CHANGE",
+        RefundStatus::Unknown(_) => "UNKNOWN",
+    }
 }
 
 /// Per-order request counters (keyed by out_trade_no, as the control API reports them).
@@ -138,8 +167,8 @@ impl Faults {
     }
 }
 
-/// The endpoints faults can be set for. `orderquery` and `closeorder` cover both the v2 and the
-/// v3 endpoint; `certificates` is v3's `GET /v3/certificates`; `notify` is the signature of v3
+/// The endpoints faults can be set for. `orderquery`, `closeorder` and `refundquery` cover both
+/// the v2 and the v3 endpoint; `certificates` is v3's `GET /v3/certificates`; `notify` is the signature of v3
 /// notifications (signtest, bad_sign, unknown_serial, timestamp_skew, unsigned, malformed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,15 +176,17 @@ pub enum SimEndpoint {
     UnifiedOrder,
     OrderQuery,
     CloseOrder,
+    RefundQuery,
     Certificates,
     Notify,
 }
 
 impl SimEndpoint {
-    pub const ALL: [SimEndpoint; 5] = [
+    pub const ALL: [SimEndpoint; 6] = [
         SimEndpoint::UnifiedOrder,
         SimEndpoint::OrderQuery,
         SimEndpoint::CloseOrder,
+        SimEndpoint::RefundQuery,
         SimEndpoint::Certificates,
         SimEndpoint::Notify,
     ];
@@ -171,6 +202,8 @@ pub struct SimState {
     pub(crate) merchants: HashMap<String, Merchant>,
     pub(crate) orders: Mutex<HashMap<(String, String), SimOrder>>,
     pub(crate) by_transaction: Mutex<HashMap<String, (String, String)>>,
+    /// Refunds by (mch_id, out_refund_no). Locked after `orders` when both are held.
+    pub(crate) refunds: Mutex<HashMap<(String, String), SimRefund>>,
     pub(crate) stats: Mutex<HashMap<String, OrderStats>>,
     pub(crate) faults: Mutex<HashMap<SimEndpoint, Faults>>,
     pub(crate) notify_retries: Mutex<Vec<Duration>>,
@@ -246,6 +279,7 @@ impl SimState {
                 .collect(),
             orders: Mutex::default(),
             by_transaction: Mutex::default(),
+            refunds: Mutex::default(),
             stats: Mutex::default(),
             faults: Mutex::default(),
             notify_retries: Mutex::new(WECHAT_NOTIFY_RETRIES.to_vec()),
@@ -360,6 +394,8 @@ pub enum SimError {
     UnknownMerchant,
     #[error("no such order (give total_fee to create and pay it at once)")]
     NoSuchOrder,
+    #[error("no such refund")]
+    NoSuchRefund,
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -494,6 +530,119 @@ impl SimState {
             }
         };
         Ok(payment)
+    }
+}
+
+impl SimState {
+    /// A copy of a refund.
+    pub fn refund(&self, mch_id: &str, out_refund_no: &str) -> Option<SimRefund> {
+        lock(&self.refunds)
+            .get(&(mch_id.to_owned(), out_refund_no.to_owned()))
+            .cloned()
+    }
+
+    /// WeChat accepts a refund of a paid order: `refund_fee` fen, in `status` (PROCESSING, or
+    /// already finished). The order's refunds that are not closed never add up to more than
+    /// what was paid. The order reports `trade_state` REFUND from now on.
+    pub fn create_refund(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        out_refund_no: &str,
+        refund_fee: i64,
+        status: RefundStatus,
+        notify_deliver: bool,
+    ) -> Result<SimRefund, SimError> {
+        if !self.merchants.contains_key(mch_id) {
+            return Err(SimError::UnknownMerchant);
+        }
+        if refund_fee <= 0 {
+            return Err(SimError::BadRequest(
+                "refund_fee must be a positive number of fen".into(),
+            ));
+        }
+        if matches!(status, RefundStatus::Unknown(_)) {
+            return Err(SimError::BadRequest("unknown refund outcome".into()));
+        }
+        let mut orders = lock(&self.orders);
+        let order = orders
+            .get_mut(&(mch_id.to_owned(), out_trade_no.to_owned()))
+            .ok_or(SimError::NoSuchOrder)?;
+        if !matches!(order.state, TradeState::Success | TradeState::Refund) {
+            return Err(SimError::Conflict(format!(
+                "order is {}, only a paid order can be refunded",
+                order.state
+            )));
+        }
+        let paid = order.paid_fee.unwrap_or(order.total_fee);
+        let mut refunds = lock(&self.refunds);
+        let key = (mch_id.to_owned(), out_refund_no.to_owned());
+        if refunds.contains_key(&key) {
+            return Err(SimError::Conflict("refund exists".into()));
+        }
+        let refunded: i64 = refunds
+            .iter()
+            .filter(|((m, _), r)| {
+                m == mch_id && r.out_trade_no == out_trade_no && r.status != RefundStatus::Closed
+            })
+            .map(|(_, r)| r.refund_fee)
+            .sum();
+        if refunded.saturating_add(refund_fee) > paid {
+            return Err(SimError::BadRequest(format!(
+                "refunds of {} fen would exceed the {paid} fen paid ({refunded} refunded already)",
+                refunded.saturating_add(refund_fee)
+            )));
+        }
+        let now = Utc::now();
+        let refund = SimRefund {
+            out_trade_no: out_trade_no.to_owned(),
+            refund_fee,
+            success_time: (status == RefundStatus::Success).then_some(now),
+            status,
+            refund_id: format!(
+                "5000{}{:011}",
+                format_wechat_time(now),
+                self.next_sequence()
+            ),
+            created_at: now,
+            recv_account: "支付用户的零钱".into(),
+            notify_deliver,
+        };
+        order.state = TradeState::Refund;
+        refunds.insert(key, refund.clone());
+        Ok(refund)
+    }
+
+    /// Finishes a PROCESSING refund as SUCCESS, CLOSED or ABNORMAL.
+    pub fn finish_refund(
+        &self,
+        mch_id: &str,
+        out_refund_no: &str,
+        status: RefundStatus,
+    ) -> Result<SimRefund, SimError> {
+        if !matches!(
+            status,
+            RefundStatus::Success | RefundStatus::Closed | RefundStatus::Abnormal
+        ) {
+            return Err(SimError::BadRequest(
+                "outcome must be SUCCESS, CLOSED or ABNORMAL".into(),
+            ));
+        }
+        let mut refunds = lock(&self.refunds);
+        let refund = refunds
+            .get_mut(&(mch_id.to_owned(), out_refund_no.to_owned()))
+            .ok_or(SimError::NoSuchRefund)?;
+        if refund.status != RefundStatus::Processing {
+            return Err(SimError::Conflict(format!(
+                "refund is {}, only a PROCESSING one can be finished",
+                refund.status.label()
+            )));
+        }
+        if status == RefundStatus::Success {
+            refund.success_time = Some(Utc::now());
+        }
+        refund.status = status;
+        Ok(refund.clone())
     }
 }
 

@@ -62,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::state::{
-    CloseOutcome, Faults, SimEndpoint, SimOrder, SimState, lock, roll, trade_state_desc,
+    CloseOutcome, Faults, SimEndpoint, SimOrder, SimRefund, SimState, lock, roll, trade_state_desc,
 };
 use crate::config::SimulatorSettings;
 use crate::domain::{AppId, MchId, TradeState};
@@ -924,6 +924,86 @@ pub async fn partner_order_query(
     query_answer(&state, &authed, &out_trade_no, |o| {
         partner_json(&merchant, &sub, &out_trade_no, o)
     })
+}
+
+/// `GET /v3/refund/domestic/refunds/{out_refund_no}[?sub_mchid=]`.
+pub async fn refund_query(
+    State(state): State<Arc<SimState>>,
+    Path(out_refund_no): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let authed = match authenticate(
+        &state,
+        SimEndpoint::RefundQuery,
+        &method,
+        &uri,
+        &headers,
+        b"",
+    ) {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    match (&authed.merchant.sub_mch_id, query_param(&uri, "sub_mchid")) {
+        (None, None) => {}
+        (Some(mine), Some(asked)) if mine.as_str() == asked => {}
+        (Some(_), None) => return param_error(&state, &authed, "缺少参数sub_mchid"),
+        _ => return param_error(&state, &authed, "sub_mchid与sp_mchid没有受理关系"),
+    }
+    if let Err(resp) = faults_before(&state, &authed).await {
+        return resp;
+    }
+    let mch_id = authed.merchant.mch_id.as_str();
+    let found = state
+        .refund(mch_id, &out_refund_no)
+        .and_then(|r| state.order(mch_id, &r.out_trade_no).map(|o| (r, o)));
+    let Some((refund, order)) = found else {
+        return error(
+            &state,
+            &authed.signing,
+            StatusCode::NOT_FOUND,
+            "RESOURCE_NOT_EXISTS",
+            "退款单不存在",
+        );
+    };
+    let mut body = refund_json(&out_refund_no, &refund, &order);
+    if roll(authed.signing.faults.mismatch_rate) {
+        body["out_refund_no"] = json!("SIMMISMATCH");
+    }
+    answer(&state, &authed.signing, StatusCode::OK, Some(&body))
+}
+
+/// A refund as v3's refund query shows it.
+fn refund_json(out_refund_no: &str, refund: &SimRefund, order: &SimOrder) -> Value {
+    let paid = order.paid_fee.unwrap_or(order.total_fee);
+    let mut r = json!({
+        "refund_id": refund.refund_id,
+        "out_refund_no": out_refund_no,
+        "transaction_id": order.transaction_id,
+        "out_trade_no": refund.out_trade_no,
+        "channel": "ORIGINAL",
+        "user_received_account": refund.recv_account,
+        "create_time": format_v3_time(refund.created_at),
+        "status": refund.status.label(),
+        "funds_account": "AVAILABLE",
+        "amount": {
+            "total": paid,
+            "refund": refund.refund_fee,
+            "from": [],
+            "payer_total": paid,
+            "payer_refund": refund.refund_fee,
+            "settlement_refund": refund.refund_fee,
+            "settlement_total": paid,
+            "discount_refund": 0,
+            "currency": "CNY",
+        },
+        "promotion_detail": [],
+    });
+    if let Some(t) = refund.success_time {
+        r["success_time"] = json!(format_v3_time(t));
+    }
+    r
 }
 
 #[derive(Deserialize)]

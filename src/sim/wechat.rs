@@ -20,13 +20,13 @@ use chrono::Utc;
 
 use super::state::{
     CloseOutcome, Faults, PREPAY_LIFETIME, SimEndpoint, SimOrder, SimState, lock, order_fields,
-    roll,
+    refund_status_v2, roll,
 };
 use crate::domain::{Fen, OutTradeNo, TradeState};
 use crate::gateway::Merchant;
 use crate::wxpay::client::nonce;
 use crate::wxpay::sign::{self, ApiKey, SignType, declared_sign_type};
-use crate::wxpay::time::format_wechat_time;
+use crate::wxpay::time::{format_wechat_datetime, format_wechat_time};
 use crate::wxpay::{Fields, xml};
 
 /// An authenticated request.
@@ -161,7 +161,9 @@ fn reply(req: &Request, answer: Answer, faults: &Faults) -> Response {
         f.insert(k, v);
     }
     if roll(faults.mismatch_rate) {
-        if f.get("out_trade_no").is_some() {
+        if f.get("out_refund_no_0").is_some() {
+            f.insert("out_refund_no_0", "SIMMISMATCH");
+        } else if f.get("out_trade_no").is_some() {
             f.insert("out_trade_no", "SIMMISMATCH");
         } else {
             f.insert("appid", "wx0000000000000000");
@@ -215,6 +217,56 @@ pub async fn order_query(State(state): State<Arc<SimState>>, body: Bytes) -> Res
         }
     };
     reply(&req, Answer::Result(answer), &faults)
+}
+
+/// `pay/refundquery` by `out_refund_no`: the refund as entry 0, with its order's fields.
+pub async fn refund_query(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
+    let req = match authenticate(&state, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let Some(out_refund_no) = req.fields.get_nonempty("out_refund_no").map(str::to_owned) else {
+        return fail("缺少参数out_refund_no");
+    };
+    let faults = match faults_before(&state, SimEndpoint::RefundQuery).await {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    let answer = match result_fault(&faults) {
+        Some(r) => r,
+        None => refund_fields(&state, req.merchant.mch_id.as_str(), &out_refund_no),
+    };
+    reply(&req, Answer::Result(answer), &faults)
+}
+
+/// The result fields of a refundquery reply, as WeChat sends them (indexed from 0).
+fn refund_fields(state: &SimState, mch_id: &str, out_refund_no: &str) -> Fields {
+    let Some(refund) = state.refund(mch_id, out_refund_no) else {
+        return result_fail("REFUNDNOTEXIST", "not exist");
+    };
+    let Some(order) = state.order(mch_id, &refund.out_trade_no) else {
+        return result_fail("REFUNDNOTEXIST", "not exist");
+    };
+    let paid = order.paid_fee.unwrap_or(order.total_fee).to_string();
+    let fee = refund.refund_fee.to_string();
+    let mut f = Fields::new()
+        .with("result_code", "SUCCESS")
+        .with("out_trade_no", refund.out_trade_no.as_str())
+        .with("transaction_id", order.transaction_id.unwrap_or_default())
+        .with("total_fee", paid.as_str())
+        .with("cash_fee", paid)
+        .with("refund_fee", fee.as_str())
+        .with("refund_count", "1")
+        .with("out_refund_no_0", out_refund_no)
+        .with("refund_id_0", refund.refund_id.as_str())
+        .with("refund_channel_0", "ORIGINAL")
+        .with("refund_fee_0", fee)
+        .with("refund_status_0", refund_status_v2(&refund.status));
+    if let Some(t) = refund.success_time {
+        f.insert("refund_success_time_0", format_wechat_datetime(t));
+    }
+    f.insert("refund_recv_accout_0", refund.recv_account.as_str());
+    f
 }
 
 pub async fn close_order(State(state): State<Arc<SimState>>, body: Bytes) -> Response {

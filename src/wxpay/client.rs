@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use super::error::{ErrCode, WxPayError};
 use super::sign::{self, SignType};
-use super::time::parse_wechat_time;
+use super::time::{parse_wechat_datetime, parse_wechat_time};
 use super::xml::{self, Fields, MAX_BODY_BYTES};
-use crate::domain::{AppId, Currency, Fen, OutTradeNo, TradeState, TransactionId};
+use crate::domain::{
+    AppId, Currency, Fen, OutRefundNo, OutTradeNo, RefundId, RefundStatus, TradeState,
+    TransactionId,
+};
 use crate::gateway::merchant::Merchant;
-use crate::gateway::report::{CloseAnswer, OrderRef, QueryAnswer, TradeReport};
+use crate::gateway::report::{
+    CloseAnswer, OrderRef, QueryAnswer, RefundAnswer, RefundReport, TradeReport,
+};
 
 /// Where and how patiently to talk to WeChat.
 #[derive(Debug, Clone)]
@@ -142,6 +147,27 @@ impl WxPayClient {
             Err(ErrCode::OrderNotExist) => Ok(CloseAnswer::NotExist),
             Err(code) => Err(result_fail(&reply, code)),
         }
+    }
+
+    /// `pay/refundquery` by `out_refund_no`, verified: the entry of this `out_refund_no` (found
+    /// by its number, never by its position), or `REFUNDNOTEXIST`.
+    pub async fn refund_query(
+        &self,
+        merchant: &Merchant,
+        out_refund_no: &OutRefundNo,
+    ) -> Result<RefundAnswer, WxPayError> {
+        let mut req = base_request(merchant);
+        req.insert("out_refund_no", out_refund_no.as_str());
+        let reply = self.call(merchant, "pay/refundquery", req).await?;
+        match result_code(&reply)? {
+            Ok(()) => {}
+            Err(ErrCode::RefundNotExist) => return Ok(RefundAnswer::NotExist),
+            Err(code) => return Err(result_fail(&reply, code)),
+        }
+        Ok(RefundAnswer::Refund(parse_refund_report(
+            &reply,
+            out_refund_no,
+        )?))
     }
 
     /// Signs, posts to the current endpoint and verifies the reply's envelope: status, codec,
@@ -417,6 +443,134 @@ pub(super) fn order_fields(
     Ok(report)
 }
 
+/// The most refund entries a refundquery reply may list (WeChat pages them by 20 when asked by
+/// order; asked by `out_refund_no` it lists one).
+pub const MAX_REFUND_ENTRIES: u32 = 100;
+
+/// The most characters kept of `refund_recv_accout_$n` (WeChat: String(64)).
+pub const MAX_RECV_ACCOUNT_CHARS: usize = 64;
+
+/// The most characters kept of a refund status this version does not know.
+const MAX_UNKNOWN_STATUS_CHARS: usize = 32;
+
+/// Reads the entry of `asked` in a verified refundquery reply: `refund_count`, then the indexed
+/// `out_refund_no_$n`, `refund_id_$n`, `refund_status_$n`, `refund_fee_$n`,
+/// `refund_success_time_$n` (`yyyy-MM-dd HH:mm:ss`, China time), `refund_recv_accout_$n`;
+/// and the order's `out_trade_no`, `total_fee`, `fee_type` (CNY when absent). The entry is
+/// found by its number: a reply without it is a [`WxPayError::Mismatch`], one that lists it
+/// twice is malformed. A SUCCESS needs its `refund_id` and success time.
+pub fn parse_refund_report(
+    fields: &Fields,
+    asked: &OutRefundNo,
+) -> Result<RefundReport, WxPayError> {
+    let count: u32 = fields
+        .get_nonempty("refund_count")
+        .ok_or_else(|| bad_field("refund_count", "missing"))?
+        .parse()
+        .map_err(|_| {
+            bad_field(
+                "refund_count",
+                format!(
+                    "{} is not a count",
+                    crate::text::quote(fields.get("refund_count").unwrap_or_default())
+                ),
+            )
+        })?;
+    if count > MAX_REFUND_ENTRIES {
+        return Err(bad_field(
+            "refund_count",
+            format!("{count} entries, more than the {MAX_REFUND_ENTRIES} allowed"),
+        ));
+    }
+    let mut found = None;
+    let mut first_listed = None;
+    for n in 0..count {
+        let Some(no) = fields.get(&format!("out_refund_no_{n}")) else {
+            return Err(bad_field(
+                "out_refund_no_$n",
+                format!("entry {n} is missing"),
+            ));
+        };
+        first_listed.get_or_insert(no);
+        if no == asked.as_str() {
+            if found.is_some() {
+                return Err(bad_field(
+                    "out_refund_no_$n",
+                    format!("{} is listed twice", crate::text::quote(no)),
+                ));
+            }
+            found = Some(n);
+        }
+    }
+    let Some(n) = found else {
+        return Err(WxPayError::Mismatch {
+            field: "out_refund_no",
+            expected: asked.as_str().to_owned(),
+            got: first_listed.unwrap_or_default().chars().take(64).collect(),
+        });
+    };
+    let entry = |name: &str| fields.get_nonempty(&format!("{name}_{n}"));
+    let status = entry("refund_status")
+        .map(|s| match RefundStatus::parse_v2(s) {
+            RefundStatus::Unknown(u) => {
+                RefundStatus::Unknown(u.chars().take(MAX_UNKNOWN_STATUS_CHARS).collect())
+            }
+            known => known,
+        })
+        .ok_or_else(|| bad_field("refund_status_$n", "missing"))?;
+    let refund_fee = entry("refund_fee")
+        .ok_or_else(|| bad_field("refund_fee_$n", "missing"))?
+        .parse::<Fen>()
+        .map_err(|e| bad_field("refund_fee_$n", e))?;
+    let refund_id = entry("refund_id")
+        .map(RefundId::parse)
+        .transpose()
+        .map_err(|e| bad_field("refund_id_$n", e))?;
+    let success_time = entry("refund_success_time")
+        .map(parse_wechat_datetime)
+        .transpose()
+        .map_err(|e| bad_field("refund_success_time_$n", e))?;
+    let recv_account = entry("refund_recv_accout")
+        .map(|a| a.chars().take(MAX_RECV_ACCOUNT_CHARS).collect::<String>());
+    let out_trade_no = fields
+        .get_nonempty("out_trade_no")
+        .ok_or_else(|| bad_field("out_trade_no", "missing"))
+        .and_then(|s| OutTradeNo::parse(s).map_err(|e| bad_field("out_trade_no", e)))?;
+    let total_fee = fields
+        .get_nonempty("total_fee")
+        .map(str::parse::<Fen>)
+        .transpose()
+        .map_err(|e| bad_field("total_fee", e))?;
+    let currency = fields
+        .get_nonempty("fee_type")
+        .map(Currency::parse)
+        .transpose()
+        .map_err(|e| bad_field("fee_type", e))?
+        .unwrap_or_else(Currency::cny);
+    if status == RefundStatus::Success {
+        if refund_id.is_none() {
+            return Err(bad_field("refund_id_$n", "missing in a successful refund"));
+        }
+        if success_time.is_none() {
+            return Err(bad_field(
+                "refund_success_time_$n",
+                "missing in a successful refund",
+            ));
+        }
+    }
+    Ok(RefundReport {
+        out_refund_no: asked.clone(),
+        out_trade_no,
+        status,
+        refund_id,
+        refund_fee,
+        total_fee,
+        currency,
+        success_time,
+        recv_account,
+    })
+}
+
 /// Which base URL a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -528,6 +682,163 @@ mod tests {
         let f = Failover::new(1, Duration::from_secs(1));
         f.record(Endpoint::Primary, true, Instant::now());
         assert_eq!(f.pick(Instant::now(), "p", None).0, Endpoint::Primary);
+    }
+
+    fn refund_reply(entries: &[(&str, &str, &str)]) -> Fields {
+        let mut f = Fields::new()
+            .with("return_code", "SUCCESS")
+            .with("result_code", "SUCCESS")
+            .with("out_trade_no", "order1")
+            .with("transaction_id", "4200000032201712018244009390")
+            .with("total_fee", "1000")
+            .with("cash_fee", "1000")
+            .with("refund_count", entries.len().to_string());
+        for (n, (no, status, fee)) in entries.iter().enumerate() {
+            f.insert(format!("out_refund_no_{n}"), *no);
+            f.insert(
+                format!("refund_id_{n}"),
+                format!("5000060491201712010252455178{n}"),
+            );
+            f.insert(format!("refund_status_{n}"), *status);
+            f.insert(format!("refund_fee_{n}"), *fee);
+            f.insert(format!("refund_recv_accout_{n}"), "支付用户的零钱");
+            f.insert(format!("refund_success_time_{n}"), "2017-12-01 12:56:40");
+        }
+        f
+    }
+
+    fn orn(s: &str) -> OutRefundNo {
+        OutRefundNo::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_refund_entry_is_found_by_its_number_not_its_position() {
+        let f = refund_reply(&[
+            ("r-first", "PROCESSING", "100"),
+            ("r-second", "REFUNDCLOSE", "200"),
+            ("r-third", "SUCCESS", "333"),
+        ]);
+        let r = parse_refund_report(&f, &orn("r-third")).unwrap();
+        assert_eq!(r.out_refund_no.as_str(), "r-third");
+        assert_eq!(r.status, RefundStatus::Success);
+        assert_eq!(r.refund_fee, Fen::new(333).unwrap());
+        assert_eq!(r.total_fee, Some(Fen::new(1000).unwrap()));
+        assert_eq!(
+            r.refund_id.unwrap().as_str(),
+            "50000604912017120102524551782"
+        );
+        assert_eq!(r.currency, Currency::cny());
+        assert_eq!(r.out_trade_no.as_str(), "order1");
+        assert_eq!(
+            r.success_time.unwrap().to_rfc3339(),
+            "2017-12-01T04:56:40+00:00"
+        );
+        assert_eq!(r.recv_account.as_deref(), Some("支付用户的零钱"));
+        let closed = parse_refund_report(&f, &orn("r-second")).unwrap();
+        assert_eq!(closed.status, RefundStatus::Closed);
+        assert_eq!(closed.refund_fee.get(), 200);
+    }
+
+    #[test]
+    fn a_reply_without_the_asked_refund_is_a_mismatch() {
+        let f = refund_reply(&[("r-other", "SUCCESS", "1")]);
+        let e = parse_refund_report(&f, &orn("r-mine")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WxPayError::Mismatch {
+                    field: "out_refund_no",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.outcome(), "mismatch");
+        // An entry beyond refund_count is not listed.
+        let mut f = refund_reply(&[("r-other", "SUCCESS", "1")]);
+        f.insert("out_refund_no_1", "r-mine");
+        f.insert("refund_status_1", "SUCCESS");
+        f.insert("refund_fee_1", "1");
+        assert!(matches!(
+            parse_refund_report(&f, &orn("r-mine")),
+            Err(WxPayError::Mismatch { .. })
+        ));
+        // Listed twice is ambiguous.
+        let f = refund_reply(&[("r-mine", "SUCCESS", "1"), ("r-mine", "PROCESSING", "1")]);
+        assert_eq!(
+            parse_refund_report(&f, &orn("r-mine"))
+                .unwrap_err()
+                .outcome(),
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn refund_statuses_and_amounts() {
+        for (wire, status) in [
+            ("PROCESSING", RefundStatus::Processing),
+            ("CHANGE", RefundStatus::Abnormal),
+            ("REFUNDCLOSE", RefundStatus::Closed),
+            (
+                "SOMETHING_NEW",
+                RefundStatus::Unknown("SOMETHING_NEW".into()),
+            ),
+        ] {
+            let f = refund_reply(&[("r1", wire, "9007199254740993")]);
+            let r = parse_refund_report(&f, &orn("r1")).unwrap();
+            assert_eq!(r.status, status);
+            // Exact fen, beyond what a float holds.
+            assert_eq!(r.refund_fee.get(), 9_007_199_254_740_993);
+        }
+        let long = "X".repeat(5000);
+        let f = refund_reply(&[("r1", &long, "1")]);
+        match parse_refund_report(&f, &orn("r1")).unwrap().status {
+            RefundStatus::Unknown(u) => assert!(u.len() <= 32),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["1.00", "-1", "", "1e3"] {
+            let f = refund_reply(&[("r1", "SUCCESS", bad)]);
+            assert_eq!(
+                parse_refund_report(&f, &orn("r1")).unwrap_err().outcome(),
+                "malformed",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refund_reply_is_read_strictly_and_bounded() {
+        let mut f = refund_reply(&[("r1", "SUCCESS", "1")]);
+        f.insert("refund_recv_accout_0", "卡".repeat(10_000));
+        let r = parse_refund_report(&f, &orn("r1")).unwrap();
+        assert_eq!(
+            r.recv_account.unwrap().chars().count(),
+            MAX_RECV_ACCOUNT_CHARS
+        );
+        let mut f = refund_reply(&[("r1", "SUCCESS", "1")]);
+        f.remove("refund_success_time_0");
+        assert!(
+            parse_refund_report(&f, &orn("r1")).is_err(),
+            "SUCCESS needs its time"
+        );
+        let mut f = refund_reply(&[("r1", "SUCCESS", "1")]);
+        f.insert("refund_success_time_0", "20171201125640");
+        assert!(parse_refund_report(&f, &orn("r1")).is_err());
+        let mut f = refund_reply(&[("r1", "SUCCESS", "1")]);
+        f.insert("refund_count", "100000");
+        assert!(parse_refund_report(&f, &orn("r1")).is_err());
+        let mut f = refund_reply(&[("r1", "SUCCESS", "1")]);
+        f.remove("refund_count");
+        assert!(parse_refund_report(&f, &orn("r1")).is_err());
+        let mut f = refund_reply(&[("r1", "PROCESSING", "1")]);
+        f.insert("fee_type", "USD");
+        assert_eq!(
+            parse_refund_report(&f, &orn("r1"))
+                .unwrap()
+                .currency
+                .as_str(),
+            "USD"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum ErrCode {
     FrequencyLimited,
     OrderPaid,
     OrderClosed,
+    /// refundquery: WeChat knows no refund of this number.
+    RefundNotExist,
     Other(String),
 }
 
@@ -27,6 +29,7 @@ impl ErrCode {
             "FREQUENCY_LIMITED" => ErrCode::FrequencyLimited,
             "ORDERPAID" => ErrCode::OrderPaid,
             "ORDERCLOSED" => ErrCode::OrderClosed,
+            "REFUNDNOTEXIST" => ErrCode::RefundNotExist,
             other => ErrCode::Other(other.to_owned()),
         }
     }
@@ -38,6 +41,7 @@ impl ErrCode {
             ErrCode::FrequencyLimited => "FREQUENCY_LIMITED",
             ErrCode::OrderPaid => "ORDERPAID",
             ErrCode::OrderClosed => "ORDERCLOSED",
+            ErrCode::RefundNotExist => "REFUNDNOTEXIST",
             ErrCode::Other(s) => s,
         }
     }

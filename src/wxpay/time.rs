@@ -1,4 +1,5 @@
-//! WeChat Pay v2 times: `yyyyMMddHHmmss` in China Standard Time (`time_end`, `time_start`).
+//! WeChat Pay v2 times: `yyyyMMddHHmmss` in China Standard Time (`time_end`, `time_start`), and
+//! `yyyy-MM-dd HH:mm:ss` (`refund_success_time_$n`).
 
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
 
@@ -35,9 +36,56 @@ pub fn format_wechat_time(t: DateTime<Utc>) -> String {
         .to_string()
 }
 
+/// Parses WeChat's `yyyy-MM-dd HH:mm:ss` (China Standard Time, e.g. `refund_success_time_$n`)
+/// into UTC.
+pub fn parse_wechat_datetime(s: &str) -> Result<DateTime<Utc>, ParseError> {
+    let shape_ok = s.len() == 19
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            10 => b == b' ',
+            13 | 16 => b == b':',
+            _ => b.is_ascii_digit(),
+        });
+    if !shape_ok {
+        return Err(ParseError::new(
+            "time",
+            format!("{} is not yyyy-MM-dd HH:mm:ss", quote(s)),
+        ));
+    }
+    let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+        .map_err(|e| ParseError::new("time", format!("{}: {e}", quote(s))))?;
+    china_standard_time()
+        .from_local_datetime(&naive)
+        .single()
+        .map(|t| t.with_timezone(&Utc))
+        .ok_or_else(|| ParseError::new("time", format!("{} is not a valid time", quote(s))))
+}
+
+/// Formats a UTC time as WeChat's `yyyy-MM-dd HH:mm:ss` in China Standard Time.
+pub fn format_wechat_datetime(t: DateTime<Utc>) -> String {
+    t.with_timezone(&china_standard_time())
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refund_success_time_is_china_standard_time() {
+        let t = parse_wechat_datetime("2017-12-01 12:56:40").unwrap();
+        assert_eq!(t.to_rfc3339(), "2017-12-01T04:56:40+00:00");
+        assert_eq!(format_wechat_datetime(t), "2017-12-01 12:56:40");
+        for bad in [
+            "20171201125640",
+            "2017-12-01T12:56:40",
+            "2017-13-01 12:56:40",
+            "2017-12-01 12:56:4",
+        ] {
+            assert!(parse_wechat_datetime(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn wechat_time_is_china_standard_time() {

@@ -13,6 +13,7 @@ mod interop;
 mod lifecycle;
 mod process;
 mod refunds;
+mod refundsim;
 mod simulator;
 mod v3client;
 mod v3notify;

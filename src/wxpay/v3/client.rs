@@ -15,10 +15,12 @@ use super::auth::{Request, RequestSigner, SignedHeaders, Unverified, Verified};
 use super::crypto::Certificate;
 use super::error::V3Error;
 use super::keys::WechatKeys;
-use super::model::{Certificates, ErrorBody, MAX_BODY_BYTES, Transaction};
-use crate::domain::{OutTradeNo, TradeState, TransactionId};
+use super::model::{Certificates, ErrorBody, MAX_BODY_BYTES, Transaction, parse_refund};
+use crate::domain::{OutRefundNo, OutTradeNo, TradeState, TransactionId};
 use crate::gateway::merchant::{Merchant, V3Credentials};
-use crate::gateway::report::{CertificateRefresh, CloseAnswer, OrderRef, QueryAnswer};
+use crate::gateway::report::{
+    CertificateRefresh, CloseAnswer, OrderRef, QueryAnswer, RefundAnswer,
+};
 use crate::wxpay::client::{ClientConfig, Failover, error_chain, nonce, pooled_client};
 
 /// A WeChat Pay v3 client with a keep-alive pool and primary/backup failover. Cheap to share
@@ -160,6 +162,50 @@ impl V3Client {
             )?,
         }
         Ok(QueryAnswer::Order(transaction.report))
+    }
+
+    /// The path of a refund query (a service provider names its sub-merchant).
+    fn refund_path(merchant: &Merchant, out_refund_no: &OutRefundNo) -> String {
+        match &merchant.sub_mch_id {
+            Some(sub) => format!("/v3/refund/domestic/refunds/{out_refund_no}?sub_mchid={sub}"),
+            None => format!("/v3/refund/domestic/refunds/{out_refund_no}"),
+        }
+    }
+
+    /// `GET /v3/refund/domestic/refunds/{out_refund_no}`, verified as any answer; a verified
+    /// 404 `RESOURCE_NOT_EXISTS` is [`RefundAnswer::NotExist`]. The answer must name the refund
+    /// asked about.
+    pub async fn refund_query(
+        &self,
+        merchant: &Merchant,
+        out_refund_no: &OutRefundNo,
+    ) -> Result<RefundAnswer, V3Error> {
+        let creds = credentials(merchant)?;
+        let answer = self
+            .call(
+                merchant,
+                creds,
+                "GET",
+                &Self::refund_path(merchant, out_refund_no),
+                "",
+            )
+            .await?;
+        if !(200..300).contains(&answer.status) {
+            if answer.status == 404 && answer.code().as_deref() == Some("RESOURCE_NOT_EXISTS") {
+                // Only a verified "no such refund" is an answer.
+                answer.verified_body(&creds.wechat)?;
+                return Ok(RefundAnswer::NotExist);
+            }
+            return Err(answer.error());
+        }
+        let body = answer.verified_body(&creds.wechat)?;
+        let report = parse_refund(&body)?;
+        echo(
+            "out_refund_no",
+            out_refund_no.as_str(),
+            report.out_refund_no.as_str(),
+        )?;
+        Ok(RefundAnswer::Refund(report))
     }
 
     /// closeorder, then a query that says what the order is now.

@@ -1,5 +1,5 @@
 //! API v3's JSON bodies, read strictly: a transaction (an orderquery answer, or the decrypted
-//! resource of a `TRANSACTION.SUCCESS` notification), an error body, the certificates list and
+//! resource of a `TRANSACTION.SUCCESS` notification), a refund (a refund query's answer), an error body, the certificates list and
 //! a notification's envelope. Unknown fields are ignored (WeChat adds fields); a repeated
 //! field, a wrong type or a missing required field is refused.
 
@@ -7,9 +7,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::domain::{
-    AppId, Currency, Fen, MchId, OutTradeNo, ParseError, TradeState, TransactionId,
+    AppId, Currency, Fen, MchId, OutRefundNo, OutTradeNo, ParseError, RefundId, RefundStatus,
+    TradeState, TransactionId,
 };
-use crate::gateway::report::TradeReport;
+use crate::gateway::report::{RefundReport, TradeReport};
 
 /// The most of a body any v3 answer or notification may have (a certificates list of a few
 /// certificates is the largest: about 6 KiB).
@@ -160,6 +161,82 @@ impl Transaction {
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct RawRefundAmount {
+    refund: i64,
+    total: Option<i64>,
+    currency: Option<String>,
+}
+
+/// A refund as `GET /v3/refund/domestic/refunds/{out_refund_no}` answers it.
+#[derive(Debug, Deserialize)]
+struct RawRefund {
+    out_refund_no: String,
+    out_trade_no: String,
+    refund_id: Option<String>,
+    status: String,
+    success_time: Option<String>,
+    user_received_account: Option<String>,
+    amount: RawRefundAmount,
+}
+
+/// The most characters kept of `user_received_account` (WeChat: string[1, 64]).
+pub const MAX_RECV_ACCOUNT_CHARS: usize = 64;
+
+/// The most characters kept of a refund status this version does not know.
+const MAX_UNKNOWN_STATUS_CHARS: usize = 32;
+
+/// Reads a refund query's answer into the neutral report. `amount.refund` is required; a
+/// SUCCESS needs its `refund_id` and `success_time`; an unknown `status` is kept (bounded) as
+/// [`RefundStatus::Unknown`]; `amount.currency` defaults to CNY.
+pub fn parse_refund(body: &[u8]) -> Result<RefundReport, BodyError> {
+    let raw: RawRefund = json(body)?;
+    let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let status = match RefundStatus::parse_v3(&raw.status) {
+        RefundStatus::Unknown(u) => {
+            RefundStatus::Unknown(u.chars().take(MAX_UNKNOWN_STATUS_CHARS).collect())
+        }
+        known => known,
+    };
+    let report = RefundReport {
+        out_refund_no: field("out_refund_no", OutRefundNo::parse(&raw.out_refund_no))?,
+        out_trade_no: field("out_trade_no", OutTradeNo::parse(&raw.out_trade_no))?,
+        refund_id: nonempty(raw.refund_id)
+            .map(|r| field("refund_id", RefundId::parse(&r)))
+            .transpose()?,
+        refund_fee: field("amount.refund", Fen::new(raw.amount.refund))?,
+        total_fee: raw
+            .amount
+            .total
+            .map(|t| field("amount.total", Fen::new(t)))
+            .transpose()?,
+        currency: match nonempty(raw.amount.currency) {
+            Some(c) => field("amount.currency", Currency::parse(&c))?,
+            None => Currency::cny(),
+        },
+        success_time: nonempty(raw.success_time)
+            .map(|t| parse_time("success_time", &t))
+            .transpose()?,
+        recv_account: nonempty(raw.user_received_account)
+            .map(|a| a.chars().take(MAX_RECV_ACCOUNT_CHARS).collect()),
+        status,
+    };
+    if report.status == RefundStatus::Success {
+        for (name, missing) in [
+            ("refund_id", report.refund_id.is_none()),
+            ("success_time", report.success_time.is_none()),
+        ] {
+            if missing {
+                return Err(BodyError::Field {
+                    field: name,
+                    reason: "missing in a successful refund".into(),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
 /// A verified message about another merchant than the one asked about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -242,5 +319,92 @@ pub struct Notification {
 impl Notification {
     pub fn parse(body: &[u8]) -> Result<Notification, BodyError> {
         json(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/wxpay-v3")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn the_skit_refund_query_sample_parses() {
+        let r = parse_refund(&fixture("sample_refund_query_success_skit.json")).unwrap();
+        assert_eq!(r.out_refund_no.as_str(), "sdk12345678920210326145039");
+        assert_eq!(r.out_trade_no.as_str(), "sdk12345678920210326145039");
+        assert_eq!(r.status, RefundStatus::Success);
+        assert_eq!(
+            r.refund_id.unwrap().as_str(),
+            "50001307732021032607480019805"
+        );
+        assert_eq!(
+            (r.refund_fee.get(), r.total_fee.map(Fen::get)),
+            (1, Some(1))
+        );
+        assert_eq!(r.currency.as_str(), "CNY");
+        assert_eq!(
+            r.success_time.unwrap().to_rfc3339(),
+            "2021-03-26T06:52:11+00:00"
+        );
+        assert_eq!(r.recv_account.as_deref(), Some("支付用户零钱"));
+    }
+
+    #[test]
+    fn the_logged_processing_refund_parses() {
+        let r = parse_refund(&fixture("real_refund_create_processing_logged.json")).unwrap();
+        assert_eq!(r.status, RefundStatus::Processing);
+        assert_eq!(r.out_refund_no.as_str(), "1818571211644825600");
+        assert_eq!(
+            (r.refund_fee.get(), r.total_fee.map(Fen::get)),
+            (10, Some(10))
+        );
+        assert_eq!(r.success_time, None);
+    }
+
+    fn body(status: &str, refund: &str) -> Vec<u8> {
+        format!(
+            r#"{{"out_refund_no":"r1","out_trade_no":"o1","refund_id":"5000","status":"{status}","success_time":"2021-03-26T14:52:11+08:00","amount":{{"refund":{refund},"total":9007199254740993,"currency":"CNY"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn statuses_amounts_and_strictness() {
+        for (wire, status) in [
+            ("CLOSED", RefundStatus::Closed),
+            ("ABNORMAL", RefundStatus::Abnormal),
+            ("PROCESSING", RefundStatus::Processing),
+            ("REFUNDCLOSE", RefundStatus::Unknown("REFUNDCLOSE".into())),
+        ] {
+            let r = parse_refund(&body(wire, "9007199254740993")).unwrap();
+            assert_eq!(r.status, status);
+            assert_eq!(r.refund_fee.get(), 9_007_199_254_740_993);
+            assert_eq!(r.total_fee.unwrap().get(), 9_007_199_254_740_993);
+        }
+        for bad in ["1.5", "-1", "\"1\"", "null"] {
+            assert!(parse_refund(&body("SUCCESS", bad)).is_err(), "{bad}");
+        }
+        let twice = br#"{"out_refund_no":"r1","out_refund_no":"r2","out_trade_no":"o1","status":"PROCESSING","amount":{"refund":1}}"#;
+        assert!(parse_refund(twice).is_err(), "a repeated field is refused");
+        let no_time = br#"{"out_refund_no":"r1","out_trade_no":"o1","refund_id":"5000","status":"SUCCESS","amount":{"refund":1}}"#;
+        assert!(parse_refund(no_time).is_err(), "SUCCESS needs its time");
+        let long = format!(
+            r#"{{"out_refund_no":"r1","out_trade_no":"o1","status":"{}","user_received_account":"{}","amount":{{"refund":1}}}}"#,
+            "Z".repeat(3000),
+            "卡".repeat(3000)
+        );
+        let r = parse_refund(long.as_bytes()).unwrap();
+        assert!(matches!(&r.status, RefundStatus::Unknown(u) if u.len() <= 32));
+        assert_eq!(
+            r.recv_account.unwrap().chars().count(),
+            MAX_RECV_ACCOUNT_CHARS
+        );
+        assert_eq!(r.currency, Currency::cny());
     }
 }
