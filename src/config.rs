@@ -59,6 +59,7 @@ pub struct Settings {
     pub wechat: WechatSettings,
     pub merchants: Vec<Merchant>,
     pub schedule: ScheduleSettings,
+    pub refunds: RefundSettings,
     pub metrics: MetricsSettings,
     pub notify: NotifySettings,
     pub log: LogSettings,
@@ -203,6 +204,33 @@ impl Default for ScheduleSettings {
     }
 }
 
+/// `[refunds]`: how refunds in `PROCESSING` are polled (in the same scan as orders, under the
+/// same QPS budget and leases).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefundSettings {
+    /// Poll refunds at all (the merchant registers them in `wxpay_refunds`).
+    pub enabled: bool,
+    /// The first query this long after the refund's registration.
+    pub first_query_seconds: u64,
+    /// Stop polling a refund this long after its registration (then it is alerted on).
+    pub horizon_days: u64,
+    /// WeChat not knowing a refund makes it `NOT_FOUND` only this long after its registration
+    /// (the merchant may register a refund before it calls WeChat).
+    pub not_found_after_minutes: u64,
+}
+
+impl Default for RefundSettings {
+    fn default() -> Self {
+        RefundSettings {
+            enabled: true,
+            first_query_seconds: 60,
+            horizon_days: 15,
+            not_found_after_minutes: 60,
+        }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -291,6 +319,8 @@ struct RawSettings {
     merchants: Vec<RawMerchant>,
     #[serde(default)]
     schedule: ScheduleSettings,
+    #[serde(default)]
+    refunds: RefundSettings,
     #[serde(default)]
     metrics: MetricsSettings,
     #[serde(default)]
@@ -452,6 +482,7 @@ fn load_with(path: &Path, var: &EnvLookup<'_>) -> Result<Settings, ConfigError> 
     check_wechat(&raw.wechat, &origins)?;
     let url = check_database(&raw.database, &origins)?;
     check_schedule(&raw.schedule, &raw.wechat, &origins)?;
+    check_refunds(&raw.refunds, &origins)?;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
         return Err(origins.invalid("log.level", format!("{:?}: {e}", raw.log.level)));
     }
@@ -466,6 +497,7 @@ fn load_with(path: &Path, var: &EnvLookup<'_>) -> Result<Settings, ConfigError> 
         wechat: raw.wechat,
         merchants,
         schedule: raw.schedule,
+        refunds: raw.refunds,
         metrics: raw.metrics,
         notify: raw.notify,
         log: raw.log,
@@ -575,6 +607,23 @@ fn check_schedule(
     if s.grace_seconds > 3600 {
         return Err(o.invalid("schedule.grace_seconds", "must be at most 3600".into()));
     }
+    Ok(())
+}
+
+/// `[refunds]`: the first query, the horizon and the NOT_FOUND grace within sensible bounds.
+fn check_refunds(r: &RefundSettings, o: &Origins<'_>) -> Result<(), ConfigError> {
+    o.within(
+        "refunds.first_query_seconds",
+        r.first_query_seconds,
+        1..=3600,
+    )?;
+    // WeChat accepts refunds up to a year after the payment; a refund answer lives as long.
+    o.within("refunds.horizon_days", r.horizon_days, 1..=365)?;
+    o.within(
+        "refunds.not_found_after_minutes",
+        r.not_found_after_minutes,
+        1..=60 * 24 * 7,
+    )?;
     Ok(())
 }
 
@@ -1270,6 +1319,11 @@ mod tests {
                 "schedule.scan_cron",
             ),
             ("[schedule]\nlease_seconds = 5\n", "schedule.lease_seconds"),
+            ("[refunds]\nhorizon_days = 0\n", "refunds.horizon_days"),
+            (
+                "[refunds]\nfirst_query_seconds = 86400\n",
+                "refunds.first_query_seconds",
+            ),
             ("[database]\nurl = \"oracle://x\"\n", "database.url"),
             ("[metrics]\nlisten = \"not an address\"\n", "metrics.listen"),
             (

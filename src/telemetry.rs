@@ -17,9 +17,11 @@ use metrics_exporter_prometheus::{
 };
 use tracing_subscriber::EnvFilter;
 
-use crate::domain::{OrderState, Source, TradeState};
+use crate::domain::{OrderState, RefundState, Source, TradeState};
 use crate::gateway::Api;
-use crate::gateway::report::{CloseAnswer, Failure, GatewayError, QueryAnswer, UNVERIFIED_REASONS};
+use crate::gateway::report::{
+    CloseAnswer, Failure, GatewayError, QueryAnswer, RefundAnswer, UNVERIFIED_REASONS,
+};
 
 /// The running subscriber's filter, reloadable (`[log] level`, SIGHUP).
 static LOG_FILTER: std::sync::OnceLock<
@@ -108,6 +110,8 @@ pub mod names {
     pub const CERT_EXPIRY: &str = "wxpay_reconciler_platform_certificate_expiry_timestamp_seconds";
     pub const CERT_DOWNLOADS: &str = "wxpay_reconciler_certificate_downloads_total";
     pub const MERCHANT_INFO: &str = "wxpay_reconciler_merchant_info";
+    pub const REFUNDQUERY_REQUESTS: &str = "wxpay_reconciler_refundquery_requests_total";
+    pub const REFUND_TRANSITIONS: &str = "wxpay_reconciler_refund_transitions_total";
 }
 
 /// The `outcome` of `orderquery_requests_total`: a verified answer, or why there was none.
@@ -363,7 +367,7 @@ enum Measure {
 
 /// Every metric: its kind, what it measures, its name and its help text.
 #[rustfmt::skip]
-const DESCRIPTIONS: [(Kind, Measure, &str, &str); 30] = {
+const DESCRIPTIONS: [(Kind, Measure, &str, &str); 32] = {
     use Kind::*;
     use Measure::*;
     use names::*;
@@ -398,6 +402,8 @@ const DESCRIPTIONS: [(Kind, Measure, &str, &str); 30] = {
         (Gauge,     Seconds, CERT_EXPIRY,            "Unix time a held WeChat Pay platform certificate expires"),
         (Counter,   Count,   CERT_DOWNLOADS,         "Platform certificate downloads (GET /v3/certificates) by outcome"),
         (Gauge,     Count,   MERCHANT_INFO,          "Always 1 per configured merchant; the API (v2, v3) is a label"),
+        (Counter,   Count,   REFUNDQUERY_REQUESTS,   "Refund queries (v2 refundquery, v3 refund query) by outcome"),
+        (Counter,   Count,   REFUND_TRANSITIONS,     "Refund state changes applied, by final state and source"),
     ]
 };
 
@@ -491,6 +497,49 @@ fn zero_merchant_series(m: &str) {
         for reason in UNVERIFIED_REASONS {
             counter!(UNVERIFIED, "mch_id" => m.clone(), "source" => source, "reason" => reason)
                 .absolute(0);
+        }
+    }
+    for outcome in RefundQueryOutcome::all() {
+        counter!(REFUNDQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
+            .absolute(0);
+    }
+    for to in RefundState::ALL.into_iter().filter(|s| !s.is_open()) {
+        for source in [Source::Poll, Source::Notify, Source::Manual] {
+            counter!(REFUND_TRANSITIONS, "mch_id" => m.clone(), "to" => to.as_str(), "source" => source.as_str())
+                .absolute(0);
+        }
+    }
+}
+
+/// The `outcome` of `refundquery_requests_total`: a verified answer (`ok`), WeChat knowing no
+/// such refund (`not_exist`), or why there was none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundQueryOutcome {
+    Ok,
+    NotExist,
+    Failed(Failure),
+}
+
+impl RefundQueryOutcome {
+    pub fn all() -> impl Iterator<Item = RefundQueryOutcome> {
+        [RefundQueryOutcome::Ok, RefundQueryOutcome::NotExist]
+            .into_iter()
+            .chain(Failure::ALL.map(RefundQueryOutcome::Failed))
+    }
+
+    pub fn of(outcome: &Result<RefundAnswer, GatewayError>) -> RefundQueryOutcome {
+        match outcome {
+            Ok(RefundAnswer::Refund(_)) => RefundQueryOutcome::Ok,
+            Ok(RefundAnswer::NotExist) => RefundQueryOutcome::NotExist,
+            Err(e) => RefundQueryOutcome::Failed(e.failure()),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundQueryOutcome::Ok => "ok",
+            RefundQueryOutcome::NotExist => "not_exist",
+            RefundQueryOutcome::Failed(f) => f.as_str(),
         }
     }
 }
@@ -635,6 +684,84 @@ impl Telemetry {
             );
             self.with(|| counter!(names::AMOUNT_MISMATCH, "mch_id" => m).increment(1));
         }
+    }
+
+    /// A refund query answered or failed: counted by outcome, a failure logged.
+    pub fn refundquery(
+        &self,
+        mch_id: &str,
+        out_refund_no: &str,
+        outcome: &Result<RefundAnswer, GatewayError>,
+    ) {
+        let m = self.mch_label(mch_id);
+        let label = RefundQueryOutcome::of(outcome).as_str();
+        match outcome {
+            Ok(RefundAnswer::Refund(report)) => {
+                tracing::debug!(
+                    mch_id,
+                    out_refund_no,
+                    status = report.status.label(),
+                    "refund query answered"
+                );
+            }
+            Ok(RefundAnswer::NotExist) => {
+                tracing::debug!(
+                    mch_id,
+                    out_refund_no,
+                    "refund query: WeChat knows no such refund"
+                );
+            }
+            Err(error) if error.is_suspicious() => {
+                tracing::warn!(%error, mch_id, out_refund_no, outcome = label, "refund query reply rejected");
+            }
+            Err(error) => {
+                tracing::info!(%error, mch_id, out_refund_no, outcome = label, "refund query failed; will retry");
+            }
+        }
+        if let Err(e) = outcome {
+            self.unverified_answer(&m, e);
+        }
+        self.with(|| {
+            counter!(names::REFUNDQUERY_REQUESTS, "mch_id" => m, "outcome" => label).increment(1)
+        });
+    }
+
+    /// A refund reached a final state (and, for a success, maybe its order `REFUND`).
+    pub fn refund_finished(
+        &self,
+        mch_id: &str,
+        out_refund_no: &str,
+        to: RefundState,
+        source: Source,
+        order_refunded: bool,
+    ) {
+        let m = self.mch_label(mch_id);
+        match to {
+            RefundState::AmountMismatch => tracing::error!(
+                mch_id,
+                out_refund_no,
+                source = source.as_str(),
+                "WeChat's refund does not match the row (or would refund more than the order): quarantined as AMOUNT_MISMATCH"
+            ),
+            RefundState::Abnormal => tracing::error!(
+                mch_id,
+                out_refund_no,
+                source = source.as_str(),
+                "refund ABNORMAL: the money could not reach the payer; a person must act"
+            ),
+            _ => tracing::info!(
+                mch_id,
+                out_refund_no,
+                to = to.as_str(),
+                source = source.as_str(),
+                order_refunded,
+                "refund settled"
+            ),
+        }
+        self.with(|| {
+            counter!(names::REFUND_TRANSITIONS, "mch_id" => m, "to" => to.as_str(), "source" => source.as_str())
+                .increment(1)
+        });
     }
 
     pub fn noop(&self, mch_id: &str, out_trade_no: &str, source: Source) {

@@ -19,6 +19,7 @@ use super::wiring::{ScannerParts, Wiring, policy};
 use super::{DaemonError, Tasks};
 use crate::config::Settings;
 use crate::http::Health;
+use crate::reconcile::refund_scan::RefundScanReport;
 use crate::reconcile::scanner::{ScanReport, Scanner};
 use crate::shutdown::systemd;
 use crate::store::{Attention, OpenSummary, Store, StoreError, SummaryRequest};
@@ -410,7 +411,15 @@ impl Job for ScanJob {
             stall_limit: Some(scanner.stall_limit()),
             work: async move {
                 let result = scanner.scan(stop, &|| progress.made()).await;
+                let orders_ok = result.is_ok();
                 scan_finished(&self.health, result);
+                // Refunds after the orders, under the same rate limit and leases.
+                if orders_ok {
+                    refund_scan_finished(
+                        &self.health,
+                        scanner.scan_refunds(stop, &|| progress.made()).await,
+                    );
+                }
             },
         }
     }
@@ -435,6 +444,28 @@ fn scan_finished(health: &Health, result: Result<ScanReport, StoreError>) {
             // Already counted in db_errors_total; the next tick tries again.
             health.db(false);
             tracing::warn!(%error, "scan failed; retrying at the next tick");
+        }
+    }
+}
+
+fn refund_scan_finished(health: &Health, result: Result<RefundScanReport, StoreError>) {
+    match result {
+        Ok(report) => {
+            if report.claimed > 0 {
+                tracing::info!(
+                    claimed = report.claimed,
+                    finished = report.finished,
+                    rescheduled = report.rescheduled,
+                    gave_up = report.gave_up,
+                    noop = report.noop,
+                    abandoned = report.abandoned,
+                    "refund scan done"
+                );
+            }
+        }
+        Err(error) => {
+            health.db(false);
+            tracing::warn!(%error, "refund scan failed; retrying at the next tick");
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::gateway::Merchant;
 use crate::telemetry::Telemetry;
 
 /// Applies a new configuration to a running daemon (SIGHUP). What can change safely changes at
-/// once: `[log] level`, every `[schedule]` key, `wechat.max_qps` and `wechat.concurrency` (a new
+/// once: `[log] level`, every `[schedule]` and `[refunds]` key, `wechat.max_qps` and `wechat.concurrency` (a new
 /// scanner on the same WeChat Pay client, whose failover state stays). The rest (database,
 /// merchants and keys, listen addresses, other `[wechat]` and `[metrics]` keys) needs a
 /// restart: it is kept as it was, and the sections are named in a warning.
@@ -119,6 +119,7 @@ impl Reloader {
 fn reloaded(old: &Settings, new: &Settings) -> Settings {
     let mut next = old.clone();
     next.schedule = new.schedule.clone();
+    next.refunds = new.refunds.clone();
     next.wechat.max_qps = new.wechat.max_qps;
     next.wechat.concurrency = new.wechat.concurrency;
     next.log = new.log.clone();
@@ -188,6 +189,7 @@ mod tests {
         new.wechat.concurrency += 1;
         new.schedule.scan_cron = "*/2 * * * * *".into();
         new.schedule.lease_seconds += 1;
+        new.refunds.horizon_days += 1;
         new.log.level = "debug".into();
         assert!(needs_restart(&old, &new).is_empty());
 

@@ -17,6 +17,7 @@ use crate::http::{self, Health};
 use crate::listener::{self, Limits, Listener};
 use crate::notify::{self, NotifyApp};
 use crate::reconcile::policy::Policy;
+use crate::reconcile::refund_policy::RefundPolicy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
 use crate::store::{ConnectOptions, InstanceLock, Store, StoreError};
 use crate::telemetry::Telemetry;
@@ -65,6 +66,17 @@ pub fn policy(settings: &Settings) -> Policy {
     }
 }
 
+/// The refund policy of `[refunds]` (`None` when refunds are not polled).
+pub fn refund_policy(settings: &Settings) -> Option<RefundPolicy> {
+    let r = &settings.refunds;
+    let secs = |n: u64| TimeDelta::seconds(i64::try_from(n).unwrap_or(i64::MAX / 1000));
+    r.enabled.then(|| RefundPolicy {
+        first_delay: secs(r.first_query_seconds),
+        horizon: secs(r.horizon_days.saturating_mul(86_400)),
+        not_found_after: secs(r.not_found_after_minutes.saturating_mul(60)),
+    })
+}
+
 /// What every scanner of a running daemon shares; [`ScannerParts::build`] makes one for the
 /// settings of the moment (at start, and at each reload).
 #[derive(Clone)]
@@ -89,6 +101,7 @@ impl ScannerParts {
                 concurrency: settings.wechat.concurrency as usize,
                 max_qps: settings.wechat.max_qps,
                 policy: policy(settings),
+                refunds: refund_policy(settings),
             },
             self.telemetry.clone(),
         )

@@ -3,5 +3,6 @@
 
 pub mod policy;
 pub mod refund_policy;
+pub mod refund_scan;
 pub mod scanner;
 pub mod settle;

@@ -47,6 +47,8 @@ pub struct ScanSettings {
     pub concurrency: usize,
     pub max_qps: u32,
     pub policy: Policy,
+    /// How refunds are polled (after the orders, in the same scan); `None`: not at all.
+    pub refunds: Option<super::refund_policy::RefundPolicy>,
 }
 
 /// What one scan did.
@@ -64,17 +66,17 @@ pub struct ScanReport {
 /// Claims, queries, decides and applies. Cheap to clone.
 #[derive(Clone)]
 pub struct Scanner {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    store: Store,
-    gateway: Arc<Gateway>,
-    merchants: HashMap<String, Merchant>,
-    settings: ScanSettings,
+pub(super) struct Inner {
+    pub(super) store: Store,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) merchants: HashMap<String, Merchant>,
+    pub(super) settings: ScanSettings,
     limiter: DefaultDirectRateLimiter,
     paused_until: Mutex<Option<Instant>>,
-    telemetry: Telemetry,
+    pub(super) telemetry: Telemetry,
 }
 
 impl std::fmt::Debug for Scanner {
@@ -411,7 +413,7 @@ impl Scanner {
     }
 
     /// After FREQUENCY_LIMITED, every query of this scanner waits a little.
-    fn slow_down_if_asked(&self, error: Option<&GatewayError>) {
+    pub(super) fn slow_down_if_asked(&self, error: Option<&GatewayError>) {
         if error.is_some_and(|e| e.retry_hint() == RetryHint::SlowDown) {
             *lock(&self.inner.paused_until) = Some(Instant::now() + RATE_LIMITED_PAUSE);
         }
@@ -477,7 +479,7 @@ impl Scanner {
     }
 
     /// Waits for this order's turn to call WeChat; `false` when stopped first.
-    async fn take_turn(&self, stop: &CancellationToken) -> bool {
+    pub(super) async fn take_turn(&self, stop: &CancellationToken) -> bool {
         tokio::select! {
             _ = self.wait_for_turn() => true,
             _ = stop.cancelled() => false,

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    DatabaseSettings, MetricsSettings, ScheduleSettings, Settings, WechatSettings,
+    DatabaseSettings, MetricsSettings, RefundSettings, ScheduleSettings, Settings, WechatSettings,
 };
 use crate::domain::{AppId, MchId};
 use crate::gateway::Merchant;
@@ -89,6 +89,11 @@ pub fn daemon_settings(db_url: &str, sim_url: &str) -> Settings {
             grace_seconds: 0,
             lease_seconds: 30,
             ..ScheduleSettings::default()
+        },
+        // Refunds against the simulator: the first query a second after the registration.
+        refunds: RefundSettings {
+            first_query_seconds: 1,
+            ..RefundSettings::default()
         },
         metrics: MetricsSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),

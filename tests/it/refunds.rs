@@ -469,3 +469,126 @@ async fn closed_abnormal_and_reschedules_leave_the_order_alone_and_a_race_has_on
         db.cleanup().await;
     }
 }
+
+/// The shop registers a refund (the contract's INSERT), due at once.
+async fn register(e: &crate::engine::Engine, mch_id: &str, otn: &str, orn: &str, fee: i64) {
+    e.db
+        .exec(
+            &format!(
+                "INSERT INTO wxpay_refunds (mch_id, out_trade_no, out_refund_no, refund_fee) VALUES ($1, $2, $3, {fee})"
+            ),
+            &[mch_id, otn, orn],
+        )
+        .await;
+    // Two hours ago: due, past the NOT_FOUND grace (an hour), well within the horizon.
+    let past = match e.db.kind {
+        Kind::Sqlite => "strftime('%Y-%m-%d %H:%M:%f', 'now', '-2 hours')",
+        Kind::Postgres => "now() - interval '2 hours'",
+        Kind::Mysql => "UTC_TIMESTAMP(6) - INTERVAL 2 HOUR",
+    };
+    e.db.exec(
+        &format!("UPDATE wxpay_refunds SET created_at = {past} WHERE out_refund_no = $1"),
+        &[orn],
+    )
+    .await;
+}
+
+async fn due_again(e: &crate::engine::Engine, orn: &str) {
+    let past = match e.db.kind {
+        Kind::Sqlite => "'2000-01-01 00:00:00.000'",
+        Kind::Postgres => "'2000-01-01 00:00:00+00'",
+        Kind::Mysql => "'2000-01-01 00:00:00'",
+    };
+    e.db.exec(
+        &format!("UPDATE wxpay_refunds SET next_query_at = {past} WHERE out_refund_no = $1"),
+        &[orn],
+    )
+    .await;
+}
+
+/// The simulator refunds at WeChat (`outcome`), its notification lost.
+async fn wechat_refunds(
+    e: &crate::engine::Engine,
+    mch_id: &str,
+    otn: &str,
+    orn: &str,
+    fee: i64,
+    outcome: &str,
+) {
+    let (status, body) = e
+        .sim
+        .control(
+            "POST",
+            &format!("/_sim/orders/{mch_id}/{otn}/refunds"),
+            serde_json::json!({"out_refund_no": orn, "refund_fee": fee, "outcome": outcome, "notify": "drop"}),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{status} {body}");
+}
+
+#[tokio::test]
+async fn the_scan_polls_lost_refunds_of_v2_and_v3_merchants_to_their_final_state() {
+    crate::frame::for_each_backend(async |kind, e| {
+        let v3 = wxpay_reconciler::sim::v3::test_v3_merchant().unwrap();
+        for m in [crate::helpers::md5_merchant(), v3] {
+            let mch = m.mch_id.as_str().to_owned();
+            let (otn, _) = e.paid_order(&m, 1000).await;
+            e.scan().await;
+            assert_eq!(e.row(&otn).await.state, wxpay_reconciler::domain::OrderState::Success);
+            let [ok, slow, stuck, never] = ["S", "P", "A", "N"].map(|p| format!("{p}{otn}"));
+            wechat_refunds(e, &mch, &otn, &ok, 300, "SUCCESS").await;
+            wechat_refunds(e, &mch, &otn, &slow, 200, "PROCESSING").await;
+            wechat_refunds(e, &mch, &otn, &stuck, 100, "ABNORMAL").await;
+            for (orn, fee) in [(&ok, 300), (&slow, 200), (&stuck, 100), (&never, 50)] {
+                register(e, &mch, &otn, orn, fee).await;
+            }
+            let report = e
+                .scanner
+                .scan_refunds(&tokio_util::sync::CancellationToken::new(), &|| {})
+                .await
+                .unwrap();
+            assert_eq!((report.claimed, report.finished), (4, 3), "{kind:?} {mch}: {report:?}");
+            let state = |orn: String| {
+                let store = e.db.store.clone();
+                let mch = mch.clone();
+                async move { store.find_refund(&mch, &orn).await.unwrap().unwrap() }
+            };
+            let done = state(ok.clone()).await;
+            assert_eq!(done.state, RefundState::Success, "{kind:?} {mch}");
+            assert!(done.refund_id.is_some() && done.success_time.is_some());
+            assert_eq!(state(stuck.clone()).await.state, RefundState::Abnormal);
+            // Registered long ago and unknown at WeChat: past the grace, NOT_FOUND.
+            assert_eq!(state(never.clone()).await.state, RefundState::NotFound, "{kind:?} {mch}");
+            let open = state(slow.clone()).await;
+            assert_eq!((open.state, open.query_count), (RefundState::Processing, 1), "{kind:?} {mch}: {report:?} {open:?}");
+            assert_eq!(e.row(&otn).await.state, wxpay_reconciler::domain::OrderState::Refund);
+
+            // WeChat finishes the slow one later; its next query finds it closed.
+            let (status, body) = e
+                .sim
+                .control(
+                    "POST",
+                    &format!("/_sim/refunds/{mch}/{slow}/finish"),
+                    serde_json::json!({"outcome": "CLOSED"}),
+                )
+                .await;
+            assert!((200..300).contains(&status), "{status} {body}");
+            due_again(e, &slow).await;
+            let report = e
+                .scanner
+                .scan_refunds(&tokio_util::sync::CancellationToken::new(), &|| {})
+                .await
+                .unwrap();
+            assert_eq!((report.claimed, report.finished), (1, 1), "{kind:?} {mch}");
+            assert_eq!(state(slow.clone()).await.state, RefundState::Closed);
+            assert_eq!(
+                e.metric(&format!(
+                    "wxpay_reconciler_refund_transitions_total{{mch_id=\"{mch}\",to=\"SUCCESS\",source=\"poll\"}}"
+                )),
+                1.0,
+                "{kind:?} {mch}"
+            );
+        }
+    })
+    .await;
+}
