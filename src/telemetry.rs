@@ -183,6 +183,8 @@ pub enum NotifyOutcome {
     SignInvalid,
     UnknownMerchant,
     UnknownOrder,
+    /// A refund notification for a refund `wxpay_refunds` does not hold.
+    UnknownRefund,
     Malformed,
     TooLarge,
     Timeout,
@@ -199,12 +201,13 @@ pub enum NotifyOutcome {
 }
 
 impl NotifyOutcome {
-    pub const ALL: [NotifyOutcome; 14] = [
+    pub const ALL: [NotifyOutcome; 15] = [
         NotifyOutcome::Ok,
         NotifyOutcome::Repeat,
         NotifyOutcome::SignInvalid,
         NotifyOutcome::UnknownMerchant,
         NotifyOutcome::UnknownOrder,
+        NotifyOutcome::UnknownRefund,
         NotifyOutcome::Malformed,
         NotifyOutcome::TooLarge,
         NotifyOutcome::Timeout,
@@ -233,6 +236,7 @@ impl NotifyOutcome {
             NotifyOutcome::SignInvalid => "sign_invalid",
             NotifyOutcome::UnknownMerchant => "unknown_merchant",
             NotifyOutcome::UnknownOrder => "unknown_order",
+            NotifyOutcome::UnknownRefund => "unknown_refund",
             NotifyOutcome::Malformed => "malformed",
             NotifyOutcome::TooLarge => "too_large",
             NotifyOutcome::Timeout => "timeout",

@@ -167,12 +167,16 @@ impl Wiring {
     /// `POST /wxpay/v2/notify` and `/wxpay/v3/notify[/{mch_id}]` on `[notify] listen`, when it is set.
     pub fn notify_listener(&self, settings: &Settings, stop: CancellationToken) -> Option<Serve> {
         let addr = settings.notify.listen?;
-        let app = notify::router(Arc::new(NotifyApp::new(
+        let mut app = NotifyApp::new(
             self.store().clone(),
             self.telemetry().clone(),
             policy(settings),
             &settings.merchants,
-        )));
+        );
+        if let Some(refunds) = refund_policy(settings) {
+            app.refunds = refunds;
+        }
+        let app = notify::router(Arc::new(app));
         Some(Serve {
             which: Listener::Notify,
             addr,

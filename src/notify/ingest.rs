@@ -3,10 +3,13 @@
 //! by the one [`Settler`] with source `notify`. Answers in neutral terms; each protocol renders
 //! them in its own format.
 
-use crate::domain::Source;
-use crate::gateway::TradeReport;
+use chrono::Utc;
+
+use crate::domain::{Currency, Source};
+use crate::gateway::{RefundReport, TradeReport};
+use crate::reconcile::refund_policy::{RefundView, decide_refund_report};
 use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
-use crate::store::OrderRow;
+use crate::store::{OrderRow, RefundApplied, RefundChange, RefundGuard};
 use crate::telemetry::{DbOp, NotifyOutcome};
 
 use super::NotifyApp;
@@ -87,4 +90,93 @@ fn foreign_app(row: &OrderRow, report: &TradeReport) -> Option<Ingested> {
             crate::text::quote(row.appid.as_str())
         ),
     })
+}
+
+/// Applies a verified refund report (a refund notification) to its refund, if `wxpay_refunds`
+/// holds it: decided by the refund policy, written with the refund's guard (no lease), source
+/// `notify`. A refund already final is a repeat; a report that does not describe the row
+/// quarantines it as `AMOUNT_MISMATCH` (durable: acknowledged).
+pub(super) async fn ingest_refund(
+    app: &NotifyApp,
+    mch_id: &str,
+    report: &RefundReport,
+) -> Ingested {
+    let out_refund_no = report.out_refund_no.as_str();
+    let row = match app.store.find_refund(mch_id, out_refund_no).await {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            return Ingested::Refused {
+                outcome: NotifyOutcome::UnknownRefund,
+                reason: "unknown refund",
+                why: format!("no refund {out_refund_no}"),
+            };
+        }
+        Err(e) => {
+            app.telemetry.db_error(DbOp::Notify, &e);
+            return Ingested::Unavailable;
+        }
+    };
+    if !row.state.is_open() {
+        if report.status.label() != row.state.as_str() {
+            tracing::warn!(
+                mch_id,
+                out_refund_no,
+                state = row.state.as_str(),
+                reported = report.status.label(),
+                "refund notification for a refund already final in another state; nothing changed"
+            );
+        }
+        return Ingested::Acknowledged(NotifyOutcome::Repeat);
+    }
+    let order = match app
+        .store
+        .find_order(mch_id, row.out_trade_no.as_str())
+        .await
+    {
+        Ok(order) => order,
+        Err(e) => {
+            app.telemetry.db_error(DbOp::Notify, &e);
+            return Ingested::Unavailable;
+        }
+    };
+    let currency = order
+        .as_ref()
+        .map_or_else(Currency::cny, |o| o.fee_type.clone());
+    let view = RefundView {
+        row: &row,
+        order_total: order.as_ref().map(|o| o.total_fee),
+        order_currency: &currency,
+    };
+    let now = Utc::now();
+    let change = decide_refund_report(&view, report, Source::Notify, now, 0.0, &app.refunds);
+    if !matches!(change, RefundChange::Finish { .. }) {
+        // Not final (a notification says PROCESSING, or a status this version does not know):
+        // nothing to record; the poll goes on.
+        return Ingested::Acknowledged(NotifyOutcome::Ignored);
+    }
+    let guard = RefundGuard {
+        refund_id: row.id,
+        lease: None,
+    };
+    match app.store.apply_refund(guard, &change, now).await {
+        Ok(RefundApplied::Done {
+            state,
+            order_refunded,
+        }) => {
+            app.telemetry.refund_finished(
+                mch_id,
+                out_refund_no,
+                state,
+                Source::Notify,
+                order_refunded,
+            );
+            Ingested::Acknowledged(NotifyOutcome::Ok)
+        }
+        // The poll (or another delivery) finished it first.
+        Ok(RefundApplied::NoOp) => Ingested::Acknowledged(NotifyOutcome::Repeat),
+        Err(e) => {
+            app.telemetry.db_error(DbOp::Notify, &e);
+            Ingested::Unavailable
+        }
+    }
 }

@@ -35,6 +35,7 @@ use axum::routing::post;
 
 use crate::gateway::Merchant;
 use crate::reconcile::policy::Policy;
+use crate::reconcile::refund_policy::RefundPolicy;
 use crate::store::Store;
 use crate::telemetry::{NotifyOutcome, Telemetry};
 
@@ -58,6 +59,8 @@ pub struct NotifyApp {
     pub store: Store,
     pub telemetry: Telemetry,
     pub policy: Policy,
+    /// How a refund notification is decided (`[refunds]`; used whether or not refunds are polled).
+    pub refunds: RefundPolicy,
     /// By mch_id (ordered: a v3 serial several merchants know is tried in a stable order).
     merchants: BTreeMap<String, Merchant>,
 }
@@ -73,6 +76,7 @@ impl NotifyApp {
             store,
             telemetry,
             policy,
+            refunds: RefundPolicy::default(),
             merchants: merchants
                 .iter()
                 .map(|m| (m.mch_id.as_str().to_owned(), m.clone()))
