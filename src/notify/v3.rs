@@ -111,10 +111,11 @@ pub(super) async fn handle(
     };
     let mch_id = notified.merchant.mch_id.as_str().to_owned();
     app.telemetry.clock_skew(&mch_id, notified.skew_seconds);
-    let report = match notified.event {
-        Event::Paid(report) => report,
+    let ingested = match notified.event {
+        Event::Paid(report) => ingest::ingest(app, &mch_id, &report).await,
+        Event::Refund(report) => ingest::ingest_refund(app, &mch_id, &report).await,
         Event::Other { event_type, id } => {
-            // Refunds and the rest come in a later version: acknowledged, never guessed at.
+            // Events this version does not act on: acknowledged, never guessed at.
             tracing::info!(
                 mch_id,
                 event_type,
@@ -124,7 +125,7 @@ pub(super) async fn handle(
             return success(Some(mch_id), NotifyOutcome::Ignored);
         }
     };
-    match ingest::ingest(app, &mch_id, &report).await {
+    match ingested {
         Ingested::Acknowledged(outcome) => success(Some(mch_id), outcome),
         Ingested::Refused {
             outcome,

@@ -181,8 +181,13 @@ impl Make<'_> {
         let nonce = "fdasflkja484";
         let key = ApiV3Key::new(self.apiv3_key).unwrap();
         let plaintext = self.resource.to_string();
+        let original_type = if self.event_type.starts_with("REFUND.") {
+            "refund"
+        } else {
+            "transaction"
+        };
         let ciphertext = key
-            .encrypt(nonce, "transaction", plaintext.as_bytes())
+            .encrypt(nonce, original_type, plaintext.as_bytes())
             .unwrap();
         let body = json!({
             "id": format!("EV-{}", unique_otn("ev")),
@@ -191,10 +196,10 @@ impl Make<'_> {
             "event_type": self.event_type,
             "summary": "支付成功",
             "resource": {
-                "original_type": "transaction",
+                "original_type": original_type,
                 "algorithm": "AEAD_AES_256_GCM",
                 "ciphertext": ciphertext,
-                "associated_data": "transaction",
+                "associated_data": original_type,
                 "nonce": nonce,
             }
         })
@@ -435,13 +440,13 @@ async fn a_wrong_apiv3_key_and_other_events_are_counted_apart() {
         assert!(is_fail_json(&body), "{body}");
         assert_eq!(d.notify_count(CERT_MCH, "decrypt_failed").await, 1.0);
         assert_eq!(e.row(&otn).await.state, OrderState::NotPay, "{kind:?}");
-        // A refund event (a later version acts on it): acknowledged, ignored, nothing changes.
+        // An event this version does not act on (a transfer's bill): acknowledged, ignored,
+        // nothing changes.
         let refund = Make {
-            event_type: "REFUND.SUCCESS",
+            event_type: "MCHTRANSFER.BILL.FINISHED",
             resource: json!({
-                "mchid": CERT_MCH, "out_trade_no": otn, "out_refund_no": "R1",
-                "refund_id": "50000000382019052709732678859", "refund_status": "SUCCESS",
-                "amount": {"total": 300, "refund": 300, "payer_total": 300, "payer_refund": 300}
+                "mch_id": CERT_MCH, "out_bill_no": otn, "transfer_bill_no": "1330000071100999991182020050700019480001",
+                "state": "SUCCESS", "transfer_amount": 300
             }),
             ..Make::payment(CERT_MCH, &otn, 300, CERT_SERIAL)
         }
@@ -459,6 +464,132 @@ async fn a_wrong_apiv3_key_and_other_events_are_counted_apart() {
         let stray = Make::payment(CERT_MCH, unique_otn("stray").as_str(), 300, CERT_SERIAL).build();
         assert_eq!(d.post(V3_NOTIFY_PATH, &stray).await.0, 400, "{kind:?}");
         assert_eq!(d.notify_count(CERT_MCH, "unknown_order").await, 1.0);
+        d.stop().await;
+    })
+    .await;
+}
+
+/// A refund's resource as WeChat's `REFUND.*` notifications carry it (the shape of the fixture
+/// `sample_notify_resource_refund_skit.json`).
+fn refund_resource(
+    mch_id: &str,
+    otn: &str,
+    orn: &str,
+    refund: i64,
+    total: i64,
+    status: &str,
+) -> serde_json::Value {
+    let mut r = json!({
+        "mchid": mch_id,
+        "transaction_id": "1008450740201411110005820873",
+        "out_trade_no": otn,
+        "refund_id": "50200207182018070300011301001",
+        "out_refund_no": orn,
+        "refund_status": status,
+        "user_received_account": "招商银行信用卡0403",
+        "amount": {"total": total, "refund": refund, "payer_total": total, "payer_refund": refund},
+    });
+    if status == "SUCCESS" {
+        r["success_time"] = json!("2026-12-01T10:34:56+08:00");
+    }
+    r
+}
+
+#[tokio::test]
+async fn a_verified_refund_notification_finishes_its_refund_once() {
+    use wxpay_reconciler::domain::RefundState;
+    for_each_backend_with(with_listener, async |kind, e| {
+        let d = Running::start(e).await;
+        let otn = order(e, PK_MCH, APPID, 1000).await;
+        e.db.exec(
+            "UPDATE wxpay_orders SET state = 'SUCCESS' WHERE out_trade_no = $1",
+            &[&otn],
+        )
+        .await;
+        let refunds = [("S", 300), ("O", 800), ("W", 100), ("A", 50)];
+        for (p, fee) in refunds {
+            e.db.exec(
+                &format!(
+                    "INSERT INTO wxpay_refunds (mch_id, out_trade_no, out_refund_no, refund_fee) VALUES ($1, $2, $3, {fee})"
+                ),
+                &[PK_MCH, &otn, &format!("{p}{otn}")],
+            )
+            .await;
+        }
+        let notice = |p: &str, refund: i64, status: &str, event: &'static str| Make {
+            event_type: event,
+            resource: refund_resource(PK_MCH, &otn, &format!("{p}{otn}"), refund, 1000, status),
+            serial: PUB_KEY_ID,
+            apiv3_key: APIV3_KEY,
+            timestamp_offset: 0,
+        }
+        .build();
+        let state = async |p: &str| {
+            e.db.store
+                .find_refund(PK_MCH, &format!("{p}{otn}"))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+
+        let n = notice("S", 300, "SUCCESS", "REFUND.SUCCESS");
+        let (status, body) = d.post(V3_NOTIFY_PATH, &n).await;
+        assert_eq!(status, 204, "{kind:?}: {body}");
+        let done = state("S").await;
+        assert_eq!(done.state, RefundState::Success, "{kind:?}");
+        assert_eq!(done.refund_id.as_deref(), Some("50200207182018070300011301001"));
+        assert_eq!(done.refund_recv_accout.as_deref(), Some("招商银行信用卡0403"));
+        assert!(done.success_time.is_some());
+        assert_eq!(
+            e.db.store.refund_events(done.id).await.unwrap(),
+            vec![("PROCESSING".into(), "SUCCESS".into(), "notify".into())]
+        );
+        assert_eq!(e.row(&otn).await.state, OrderState::Refund, "{kind:?}");
+        // WeChat delivers it again: acknowledged, nothing twice.
+        assert_eq!(d.post(V3_NOTIFY_PATH, &n).await.0, 204);
+        assert_eq!(e.db.store.refund_events(done.id).await.unwrap().len(), 1);
+        assert_eq!(d.notify_count(PK_MCH, "ok").await, 1.0, "{kind:?}");
+        assert_eq!(d.notify_count(PK_MCH, "repeat").await, 1.0, "{kind:?}");
+
+        // 300 + 800 > 1000, and 150 fen for a refund of 100: quarantined, acknowledged.
+        let over = notice("O", 800, "SUCCESS", "REFUND.SUCCESS");
+        assert_eq!(d.post(V3_NOTIFY_PATH, &over).await.0, 204, "{kind:?}");
+        assert_eq!(state("O").await.state, RefundState::AmountMismatch, "{kind:?}");
+        let wrong = notice("W", 150, "SUCCESS", "REFUND.SUCCESS");
+        assert_eq!(d.post(V3_NOTIFY_PATH, &wrong).await.0, 204, "{kind:?}");
+        assert_eq!(state("W").await.state, RefundState::AmountMismatch, "{kind:?}");
+        // ABNORMAL: the money did not reach the payer.
+        let abnormal = notice("A", 50, "ABNORMAL", "REFUND.ABNORMAL");
+        assert_eq!(d.post(V3_NOTIFY_PATH, &abnormal).await.0, 204, "{kind:?}");
+        assert_eq!(state("A").await.state, RefundState::Abnormal, "{kind:?}");
+
+        // A refund the shop never registered: refused (WeChat retries), counted.
+        let unknown = notice("X", 10, "SUCCESS", "REFUND.SUCCESS");
+        let (status, body) = d.post(V3_NOTIFY_PATH, &unknown).await;
+        assert!(status >= 400 && is_fail_json(&body), "{kind:?}: {status} {body}");
+        assert_eq!(d.notify_count(PK_MCH, "unknown_refund").await, 1.0);
+        // Sealed with another APIv3 key: refused, nothing changes.
+        let mut forged = Make {
+            event_type: "REFUND.CLOSED",
+            resource: refund_resource(PK_MCH, &otn, &format!("S{otn}"), 300, 1000, "CLOSED"),
+            serial: PUB_KEY_ID,
+            apiv3_key: b"0123456789abcdef0123456789abcdef",
+            timestamp_offset: 0,
+        };
+        assert!(d.post(V3_NOTIFY_PATH, &forged.build()).await.0 >= 400);
+        // Another merchant's refund under this merchant's key: refused.
+        forged.apiv3_key = APIV3_KEY;
+        forged.resource["mchid"] = json!(CERT_MCH);
+        assert!(d.post(V3_NOTIFY_PATH, &forged.build()).await.0 >= 400);
+        assert_eq!(state("S").await.state, RefundState::Success, "{kind:?}");
+        assert_eq!(
+            d.metric(&format!(
+                "wxpay_reconciler_refund_transitions_total{{mch_id=\"{PK_MCH}\",to=\"AMOUNT_MISMATCH\",source=\"notify\"}}"
+            ))
+            .await,
+            2.0,
+            "{kind:?}"
+        );
         d.stop().await;
     })
     .await;

@@ -174,6 +174,8 @@ struct RawRefund {
     out_refund_no: String,
     out_trade_no: String,
     refund_id: Option<String>,
+    /// `refund_status` in a refund notification's resource.
+    #[serde(alias = "refund_status")]
     status: String,
     success_time: Option<String>,
     user_received_account: Option<String>,
@@ -235,6 +237,42 @@ pub fn parse_refund(body: &[u8]) -> Result<RefundReport, BodyError> {
         }
     }
     Ok(report)
+}
+
+/// Who a refund notification's resource names: `mchid`, or `sp_mchid` and `sub_mchid`.
+#[derive(Debug, Deserialize)]
+struct RawRefundMerchant {
+    mchid: Option<String>,
+    sp_mchid: Option<String>,
+    sub_mchid: Option<String>,
+}
+
+/// Reads the decrypted resource of a `REFUND.*` notification (the query's shape, with
+/// `refund_status` for `status`) and checks that it is `mch_id`'s (and `sub_mch_id`'s).
+pub fn parse_refund_notice(
+    body: &[u8],
+    mch_id: &MchId,
+    sub_mch_id: Option<&MchId>,
+) -> Result<Result<RefundReport, Mismatch>, BodyError> {
+    let report = parse_refund(body)?;
+    let who: RawRefundMerchant = json(body)?;
+    let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let named = Transaction {
+        report: TradeReport {
+            out_trade_no: report.out_trade_no.clone(),
+            trade_state: crate::domain::TradeState::Refund,
+            state_desc: None,
+            transaction_id: None,
+            amount: None,
+            currency: Currency::cny(),
+            payer_amount: None,
+            paid_at: None,
+            appid: None,
+        },
+        mch_id: nonempty(who.sp_mchid.or(who.mchid)),
+        sub_mch_id: nonempty(who.sub_mchid),
+    };
+    Ok(named.check_merchant(mch_id, sub_mch_id).map(|()| report))
 }
 
 /// A verified message about another merchant than the one asked about.

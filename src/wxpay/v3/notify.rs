@@ -12,10 +12,10 @@ use reqwest::header::HeaderMap;
 
 use super::auth::{SignedHeaders, Unverified};
 use super::crypto::CryptoError;
-use super::model::{Notification, Transaction};
+use super::model::{Notification, Transaction, parse_refund_notice};
 use crate::domain::{MchId, TradeState};
 use crate::gateway::merchant::Merchant;
-use crate::gateway::report::TradeReport;
+use crate::gateway::report::{RefundReport, TradeReport};
 use crate::telemetry::NotifyOutcome;
 use crate::text::quote;
 
@@ -23,6 +23,9 @@ use crate::text::quote;
 pub const ALGORITHM: &str = "AEAD_AES_256_GCM";
 /// The event of a payment.
 pub const TRANSACTION_SUCCESS: &str = "TRANSACTION.SUCCESS";
+
+/// The refund events a v3 notification may carry (resource `original_type` `refund`).
+pub const REFUND_EVENTS: [&str; 3] = ["REFUND.SUCCESS", "REFUND.ABNORMAL", "REFUND.CLOSED"];
 
 /// The answer to a body that is not a usable notification.
 pub const INVALID_NOTIFICATION: &str = "invalid notification";
@@ -154,7 +157,9 @@ impl NotifyError {
 pub enum Event {
     /// `TRANSACTION.SUCCESS`: the customer paid (a [`TradeReport`] of trade state SUCCESS).
     Paid(TradeReport),
-    /// Any other event (`REFUND.SUCCESS`, …): verified and decrypted, not acted on here.
+    /// `REFUND.SUCCESS`, `REFUND.ABNORMAL`, `REFUND.CLOSED`: a refund reached a final state.
+    Refund(RefundReport),
+    /// Any other event: verified and decrypted, not acted on here.
     Other {
         /// The envelope's `event_type`, quoted and bounded.
         event_type: String,
@@ -292,6 +297,12 @@ fn open(m: &Merchant, body: &[u8]) -> Result<Event, NotifyError> {
             CryptoError::Tag => NotifyError::Decrypt(mch_id.clone(), e),
             other => malformed(format!("resource: {other}")),
         })?;
+    if REFUND_EVENTS.contains(&envelope.event_type.as_str()) {
+        let report = parse_refund_notice(&plain, mch_id, m.sub_mch_id.as_ref())
+            .map_err(|e| malformed(format!("refund: {e}")))?
+            .map_err(|e| NotifyError::Mismatch(mch_id.clone(), e.to_string()))?;
+        return Ok(Event::Refund(report));
+    }
     if envelope.event_type != TRANSACTION_SUCCESS {
         return Ok(Event::Other {
             event_type: quote(&envelope.event_type),
