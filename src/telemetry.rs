@@ -112,6 +112,11 @@ pub mod names {
     pub const MERCHANT_INFO: &str = "wxpay_reconciler_merchant_info";
     pub const REFUNDQUERY_REQUESTS: &str = "wxpay_reconciler_refundquery_requests_total";
     pub const REFUND_TRANSITIONS: &str = "wxpay_reconciler_refund_transitions_total";
+    pub const OPEN_REFUNDS: &str = "wxpay_reconciler_open_refunds";
+    pub const STUCK_REFUNDS: &str = "wxpay_reconciler_stuck_refunds";
+    pub const OLDEST_OPEN_REFUND_AGE: &str = "wxpay_reconciler_oldest_open_refund_age_seconds";
+    pub const ABNORMAL_REFUNDS: &str = "wxpay_reconciler_abnormal_refunds";
+    pub const AMOUNT_MISMATCH_REFUNDS: &str = "wxpay_reconciler_amount_mismatch_refunds";
 }
 
 /// The `outcome` of `orderquery_requests_total`: a verified answer, or why there was none.
@@ -371,7 +376,7 @@ enum Measure {
 
 /// Every metric: its kind, what it measures, its name and its help text.
 #[rustfmt::skip]
-const DESCRIPTIONS: [(Kind, Measure, &str, &str); 32] = {
+const DESCRIPTIONS: [(Kind, Measure, &str, &str); 37] = {
     use Kind::*;
     use Measure::*;
     use names::*;
@@ -408,6 +413,11 @@ const DESCRIPTIONS: [(Kind, Measure, &str, &str); 32] = {
         (Gauge,     Count,   MERCHANT_INFO,          "Always 1 per configured merchant; the API (v2, v3) is a label"),
         (Counter,   Count,   REFUNDQUERY_REQUESTS,   "Refund queries (v2 refundquery, v3 refund query) by outcome"),
         (Counter,   Count,   REFUND_TRANSITIONS,     "Refund state changes applied, by final state and source"),
+        (Gauge,     Count,   OPEN_REFUNDS,           "Refunds in PROCESSING"),
+        (Gauge,     Count,   STUCK_REFUNDS,          "Refunds still PROCESSING after refunds.horizon_days: polling stopped"),
+        (Gauge,     Seconds, OLDEST_OPEN_REFUND_AGE, "Age of the oldest refund in PROCESSING (0 when none)"),
+        (Gauge,     Count,   ABNORMAL_REFUNDS,       "Refunds in ABNORMAL: the money could not reach the payer, a person must act"),
+        (Gauge,     Count,   AMOUNT_MISMATCH_REFUNDS, "Refunds in AMOUNT_MISMATCH (quarantined until a person decides)"),
     ]
 };
 
@@ -502,6 +512,15 @@ fn zero_merchant_series(m: &str) {
             counter!(UNVERIFIED, "mch_id" => m.clone(), "source" => source, "reason" => reason)
                 .absolute(0);
         }
+    }
+    for name in [
+        OPEN_REFUNDS,
+        STUCK_REFUNDS,
+        OLDEST_OPEN_REFUND_AGE,
+        ABNORMAL_REFUNDS,
+        AMOUNT_MISMATCH_REFUNDS,
+    ] {
+        gauge!(name, "mch_id" => m.clone()).set(0.0);
     }
     for outcome in RefundQueryOutcome::all() {
         counter!(REFUNDQUERY_REQUESTS, "mch_id" => m.clone(), "outcome" => outcome.as_str())
@@ -727,6 +746,27 @@ impl Telemetry {
         }
         self.with(|| {
             counter!(names::REFUNDQUERY_REQUESTS, "mch_id" => m, "outcome" => label).increment(1)
+        });
+    }
+
+    /// The refund gauges of one configured merchant (zeros when it has no such refund).
+    pub fn refund_gauges(
+        &self,
+        mch_id: &str,
+        summary: Option<&crate::store::RefundSummary>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let m = self.mch_label(mch_id);
+        let get = |f: fn(&crate::store::RefundSummary) -> i64| summary.map_or(0.0, |s| f(s) as f64);
+        let oldest = summary
+            .and_then(|s| s.oldest_open)
+            .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+        self.with(|| {
+            gauge!(names::OPEN_REFUNDS, "mch_id" => m.clone()).set(get(|s| s.open));
+            gauge!(names::STUCK_REFUNDS, "mch_id" => m.clone()).set(get(|s| s.stuck));
+            gauge!(names::OLDEST_OPEN_REFUND_AGE, "mch_id" => m.clone()).set(oldest);
+            gauge!(names::ABNORMAL_REFUNDS, "mch_id" => m.clone()).set(get(|s| s.abnormal));
+            gauge!(names::AMOUNT_MISMATCH_REFUNDS, "mch_id" => m).set(get(|s| s.amount_mismatch));
         });
     }
 

@@ -45,6 +45,9 @@ CREATE INDEX wxpay_refunds_open ON wxpay_refunds (mch_id, created_at)
     WHERE state = 'PROCESSING';
 -- The refunds of one order (their sum never exceeds the order's total_fee), and the foreign key.
 CREATE INDEX wxpay_refunds_order ON wxpay_refunds (mch_id, out_trade_no);
+-- The gauges of ABNORMAL and quarantined refunds read only these rows.
+CREATE INDEX wxpay_refunds_attention ON wxpay_refunds (mch_id)
+    WHERE state IN ('ABNORMAL', 'AMOUNT_MISMATCH');
 
 CREATE TABLE wxpay_refund_events (
     id             BIGSERIAL    PRIMARY KEY,

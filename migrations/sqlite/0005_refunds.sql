@@ -39,6 +39,9 @@ CREATE INDEX wxpay_refunds_due_next ON wxpay_refunds (next_query_at)
 CREATE INDEX wxpay_refunds_open ON wxpay_refunds (mch_id, created_at)
     WHERE state = 'PROCESSING';
 CREATE INDEX wxpay_refunds_order ON wxpay_refunds (mch_id, out_trade_no);
+-- The gauges of ABNORMAL and quarantined refunds read only these rows.
+CREATE INDEX wxpay_refunds_attention ON wxpay_refunds (mch_id)
+    WHERE state IN ('ABNORMAL', 'AMOUNT_MISMATCH');
 
 CREATE TABLE wxpay_refund_events (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -534,12 +534,17 @@ impl GaugeJob {
         let read = async {
             let summary = self.store.open_summary(&request).await?;
             let attention = self.store.attention().await?;
-            Ok::<_, StoreError>((summary, attention))
+            let refunds = self.store.refund_summary().await?;
+            Ok::<_, StoreError>((summary, attention, refunds))
         };
         match read.await {
-            Ok((summary, attention)) => {
+            Ok((summary, attention, refunds)) => {
                 self.health.db(true);
                 self.publish(&summary, &attention, now);
+                for mch in &self.merchants {
+                    let of = refunds.iter().find(|r| &r.mch_id == mch);
+                    self.telemetry.refund_gauges(mch, of, now);
+                }
             }
             Err(error) => {
                 self.health.db(false);

@@ -597,7 +597,7 @@ mod refunds;
 
 pub use refunds::{
     ClaimedRefund, ClaimedRefundRow, RefundApplied, RefundChange, RefundClaim, RefundGuard,
-    RefundOutcome, RefundRow, UnreadableRefund,
+    RefundOutcome, RefundRow, RefundSummary, UnreadableRefund,
 };
 
 impl Store {

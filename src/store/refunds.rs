@@ -522,7 +522,71 @@ where
     })
 }
 
+/// The refunds of one merchant that need watching: open ones (and the oldest), those whose
+/// polling stopped, `ABNORMAL` and quarantined ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefundSummary {
+    pub mch_id: String,
+    pub open: i64,
+    /// Still `PROCESSING` after the horizon: polling stopped.
+    pub stuck: i64,
+    pub oldest_open: Option<DateTime<Utc>>,
+    pub abnormal: i64,
+    pub amount_mismatch: i64,
+}
+
 impl Store {
+    /// [`RefundSummary`] per merchant that has any such refund.
+    pub async fn refund_summary(&self) -> Result<Vec<RefundSummary>, StoreError> {
+        let stmt = Statement::new(
+            "SELECT mch_id, state, COUNT(*) AS n, COUNT(gave_up_at) AS stopped, \
+             MIN(created_at) AS oldest FROM wxpay_refunds \
+             WHERE state IN ('PROCESSING', 'ABNORMAL', 'AMOUNT_MISMATCH') GROUP BY mch_id, state",
+            Vec::new(),
+        );
+        let rows: Vec<(String, String, i64, i64, Option<DateTime<Utc>>)> =
+            on_pool!(self, |pool, D| {
+                stmt.query::<D>()
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            r.text("mch_id")?,
+                            r.text("state")?,
+                            r.int("n")?,
+                            r.int("stopped")?,
+                            r.opt_ts("oldest")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })?;
+        let mut out: Vec<RefundSummary> = Vec::new();
+        for (mch_id, state, n, stopped, oldest) in rows {
+            let i = match out.iter().position(|s| s.mch_id == mch_id) {
+                Some(i) => i,
+                None => {
+                    out.push(RefundSummary {
+                        mch_id,
+                        ..RefundSummary::default()
+                    });
+                    out.len() - 1
+                }
+            };
+            let s = &mut out[i];
+            match state.as_str() {
+                "PROCESSING" => {
+                    s.open = n;
+                    s.stuck = stopped;
+                    s.oldest_open = oldest;
+                }
+                "ABNORMAL" => s.abnormal = n,
+                _ => s.amount_mismatch = n,
+            }
+        }
+        Ok(out)
+    }
+
     fn row_lock(&self) -> &'static str {
         match self.backend() {
             Backend::Sqlite => "",

@@ -562,6 +562,19 @@ async fn the_scan_polls_lost_refunds_of_v2_and_v3_merchants_to_their_final_state
             let open = state(slow.clone()).await;
             assert_eq!((open.state, open.query_count), (RefundState::Processing, 1), "{kind:?} {mch}: {report:?} {open:?}");
             assert_eq!(e.row(&otn).await.state, wxpay_reconciler::domain::OrderState::Refund);
+            // What the refund gauges read: one open (registered two hours ago), one ABNORMAL.
+            let summary = e.db.store.refund_summary().await.unwrap();
+            let mine = summary.iter().find(|s| s.mch_id == mch).unwrap();
+            assert_eq!(
+                (mine.open, mine.stuck, mine.abnormal, mine.amount_mismatch),
+                (1, 0, 1, 0),
+                "{kind:?} {mch}: {mine:?}"
+            );
+            let age = chrono::Utc::now() - mine.oldest_open.unwrap();
+            assert!(
+                (TimeDelta::minutes(119)..TimeDelta::minutes(125)).contains(&age),
+                "{kind:?}: {age}"
+            );
 
             // WeChat finishes the slow one later; its next query finds it closed.
             let (status, body) = e
