@@ -522,6 +522,9 @@ where
     })
 }
 
+/// One row of the refund summary: merchant, state, count, stopped, oldest.
+type SummaryRow = (String, String, i64, i64, Option<DateTime<Utc>>);
+
 /// The refunds of one merchant that need watching: open ones (and the oldest), those whose
 /// polling stopped, `ABNORMAL` and quarantined ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -544,23 +547,22 @@ impl Store {
              WHERE state IN ('PROCESSING', 'ABNORMAL', 'AMOUNT_MISMATCH') GROUP BY mch_id, state",
             Vec::new(),
         );
-        let rows: Vec<(String, String, i64, i64, Option<DateTime<Utc>>)> =
-            on_pool!(self, |pool, D| {
-                stmt.query::<D>()
-                    .fetch_all(pool)
-                    .await?
-                    .iter()
-                    .map(|r| {
-                        Ok((
-                            r.text("mch_id")?,
-                            r.text("state")?,
-                            r.int("n")?,
-                            r.int("stopped")?,
-                            r.opt_ts("oldest")?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()
-            })?;
+        let rows: Vec<SummaryRow> = on_pool!(self, |pool, D| {
+            stmt.query::<D>()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.text("mch_id")?,
+                        r.text("state")?,
+                        r.int("n")?,
+                        r.int("stopped")?,
+                        r.opt_ts("oldest")?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
         let mut out: Vec<RefundSummary> = Vec::new();
         for (mch_id, state, n, stopped, oldest) in rows {
             let i = match out.iter().position(|s| s.mch_id == mch_id) {
