@@ -7,13 +7,14 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::daemon::{DaemonError, open_store, policy};
-use crate::domain::{OrderState, OutTradeNo, Source};
-use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, QueryAnswer};
+use crate::daemon::{DaemonError, open_store, policy, refund_policy};
+use crate::domain::{OrderState, OutRefundNo, OutTradeNo, Source};
+use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, QueryAnswer, RefundAnswer};
+use crate::reconcile::refund_policy::{RefundView, decide_refund};
 use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
 use crate::store::{
-    EventRow, OpenSummary, OrderRead, OrderRow, SetAsideRow, Store, StoreError, SummaryRequest,
-    UnreadableOrder,
+    EventRow, OpenSummary, OrderRead, OrderRow, RefundApplied, RefundChange, RefundGuard,
+    RefundRow, SetAsideRow, Store, StoreError, SummaryRequest, UnreadableOrder,
 };
 use crate::telemetry::Telemetry;
 use crate::wxpay::v3::CertificateMode;
@@ -453,35 +454,7 @@ pub async fn query(
         )));
     }
 
-    let gateway = Gateway::new(settings.wechat.client_config())?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "merchant: {} API {} ({})",
-        merchant.mch_id,
-        merchant.api(),
-        merchant.signing()
-    );
-    if let Some(creds) = merchant.v3_credentials()
-        && creds.wechat.certificate_mode() == CertificateMode::Download
-    {
-        // A one-off command holds no certificates yet: download them to verify the answer.
-        match gateway.download_certificates(merchant).await {
-            Ok(crate::gateway::CertificateRefresh::Updated(held)) => {
-                let serials: Vec<&str> = held.iter().map(|(s, _)| s.as_str()).collect();
-                let _ = writeln!(out, "platform certificates: {}", serials.join(", "));
-            }
-            Ok(crate::gateway::CertificateRefresh::PublicKeyOnly) => {
-                let _ = writeln!(
-                    out,
-                    "platform certificates: none (RESOURCE_NOT_EXISTS: public-key mode only)"
-                );
-            }
-            Err(e) => {
-                let _ = writeln!(out, "platform certificates: download failed: {e}");
-            }
-        }
-    }
+    let (gateway, mut out) = gateway_for(settings, merchant).await?;
     let answer = gateway
         .order_query(merchant, &OrderRef::OutTradeNo(otn))
         .await;
@@ -534,6 +507,204 @@ pub async fn query(
         let _ = writeln!(out, "{}", apply_manual(&store, settings, r, &answer).await?);
     }
     Ok(out)
+}
+
+/// The gateway of a one-off command and the lines that say which merchant it asks as; a v3
+/// merchant's platform certificates are downloaded first (a one-off command holds none yet).
+async fn gateway_for(
+    settings: &Settings,
+    merchant: &Merchant,
+) -> Result<(Gateway, String), CommandError> {
+    let gateway = Gateway::new(settings.wechat.client_config())?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "merchant: {} API {} ({})",
+        merchant.mch_id,
+        merchant.api(),
+        merchant.signing()
+    );
+    if let Some(creds) = merchant.v3_credentials()
+        && creds.wechat.certificate_mode() == CertificateMode::Download
+    {
+        match gateway.download_certificates(merchant).await {
+            Ok(crate::gateway::CertificateRefresh::Updated(held)) => {
+                let serials: Vec<&str> = held.iter().map(|(s, _)| s.as_str()).collect();
+                let _ = writeln!(out, "platform certificates: {}", serials.join(", "));
+            }
+            Ok(crate::gateway::CertificateRefresh::PublicKeyOnly) => {
+                let _ = writeln!(
+                    out,
+                    "platform certificates: none (RESOURCE_NOT_EXISTS: public-key mode only)"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "platform certificates: download failed: {e}");
+            }
+        }
+    }
+    Ok((gateway, out))
+}
+
+/// `query --refund OUT_REFUND_NO [--mch-id M] [--apply]`: one live, verified refund query,
+/// printed next to the row; with `apply`, a final answer is applied as a scan would apply it
+/// (source `manual`): the refund's state, its event, the order's `REFUND`.
+pub async fn query_refund(
+    settings: &Settings,
+    out_refund_no: &str,
+    mch_id: Option<&str>,
+    apply: bool,
+) -> Result<String, CommandError> {
+    let orn = OutRefundNo::parse(out_refund_no).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let store = open_store(settings, false).await?;
+    store.check_schema().await?;
+    let rows: Vec<RefundRow> = store
+        .find_refunds(out_refund_no)
+        .await?
+        .into_iter()
+        .filter(|r| mch_id.is_none_or(|m| r.mch_id.as_str() == m))
+        .collect();
+    let row = match rows.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        _ => {
+            return Err(CommandError::Usage(format!(
+                "refund {out_refund_no} exists for several merchants; pass --mch-id"
+            )));
+        }
+    };
+    let merchant_id = match (&row, mch_id) {
+        (Some(r), _) => r.mch_id.to_string(),
+        (None, Some(m)) => m.to_owned(),
+        (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
+        (None, None) => {
+            return Err(CommandError::Usage(format!(
+                "refund {out_refund_no} is not in the database; pass --mch-id to query WeChat anyway"
+            )));
+        }
+    };
+    let merchant: &Merchant = settings
+        .merchants
+        .iter()
+        .find(|m| m.mch_id.as_str() == merchant_id)
+        .ok_or_else(|| CommandError::Usage(format!("merchant {merchant_id} is not configured")))?;
+    if apply && row.is_none() {
+        return Err(CommandError::Usage(format!(
+            "--apply needs the refund in the database; {out_refund_no} is not there"
+        )));
+    }
+    let (gateway, mut out) = gateway_for(settings, merchant).await?;
+    let answer = gateway.refund_query(merchant, &orn).await;
+    if let Some(r) = &row {
+        let _ = writeln!(
+            out,
+            "database: {} refund {} of order {} state {} refund_fee {} registered {} queries {}",
+            r.mch_id,
+            r.out_refund_no,
+            r.out_trade_no,
+            r.state,
+            r.refund_fee,
+            r.created_at.to_rfc3339(),
+            r.query_count
+        );
+    }
+    match &answer {
+        Ok(RefundAnswer::NotExist) => {
+            let _ = writeln!(out, "wechat: no such refund (verified reply)");
+        }
+        Ok(RefundAnswer::Refund(rep)) => {
+            let dash = || "-".to_owned();
+            let _ = writeln!(
+                out,
+                "wechat: refund status {} of order {} refund_fee {} total_fee {} refund_id {} success_time {} account {} (verified reply)",
+                rep.status.label(),
+                rep.out_trade_no,
+                rep.refund_fee,
+                rep.total_fee.map_or_else(dash, |f| f.to_string()),
+                rep.refund_id.as_ref().map_or_else(dash, |r| r.to_string()),
+                rep.success_time.map_or_else(dash, |t| t.to_rfc3339()),
+                rep.recv_account
+                    .as_deref()
+                    .map_or_else(dash, |a| cell(a, 64)),
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "wechat: no usable answer: {e} (outcome {})",
+                e.outcome()
+            );
+        }
+    }
+    if let (true, Some(r)) = (apply, &row) {
+        let _ = writeln!(
+            out,
+            "{}",
+            apply_refund_manual(&store, settings, r, &answer).await?
+        );
+    }
+    Ok(out)
+}
+
+/// `query --refund --apply`: a final answer applied with source `manual`; anything else
+/// changes nothing (the refund keeps its schedule).
+async fn apply_refund_manual(
+    store: &Store,
+    settings: &Settings,
+    row: &RefundRow,
+    answer: &Result<RefundAnswer, GatewayError>,
+) -> Result<String, CommandError> {
+    if !row.state.is_open() {
+        return Ok(format!(
+            "apply: no change (the refund is already {})",
+            row.state
+        ));
+    }
+    let order = store
+        .find_order(row.mch_id.as_str(), row.out_trade_no.as_str())
+        .await?;
+    let currency = order
+        .as_ref()
+        .map_or_else(crate::domain::Currency::cny, |o| o.fee_type.clone());
+    let view = RefundView {
+        row,
+        order_total: order.as_ref().map(|o| o.total_fee),
+        order_currency: &currency,
+    };
+    let policy = refund_policy(settings).unwrap_or_default();
+    let change = decide_refund(&view, answer, Utc::now(), 0.0, &policy);
+    let RefundChange::Finish { outcome, .. } = change else {
+        return Ok(
+            "apply: no transition (the refund stays PROCESSING; its schedule is unchanged)".into(),
+        );
+    };
+    let to = outcome.to;
+    let change = RefundChange::Finish {
+        outcome,
+        source: Source::Manual,
+    };
+    let guard = RefundGuard {
+        refund_id: row.id,
+        lease: None,
+    };
+    Ok(
+        match store.apply_refund(guard, &change, Utc::now()).await? {
+            RefundApplied::Done {
+                state,
+                order_refunded,
+            } => format!(
+                "apply: PROCESSING -> {state} recorded (source manual){}",
+                if order_refunded {
+                    format!("; order {} -> REFUND", row.out_trade_no)
+                } else {
+                    String::new()
+                }
+            ),
+            RefundApplied::NoOp => format!(
+                "apply: no change (another writer moved the refund first; WeChat says {to})"
+            ),
+        },
+    )
 }
 
 /// `query --apply`: the same decision as a scan or a notification, recorded with source

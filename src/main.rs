@@ -58,9 +58,13 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         oldest: u32,
     },
-    /// One live, verified orderquery for an order, printed.
+    /// One live, verified orderquery for an order (or refund query, with --refund), printed.
     Query {
-        out_trade_no: String,
+        #[arg(required_unless_present = "refund")]
+        out_trade_no: Option<String>,
+        /// Ask about this refund (out_refund_no) instead of an order.
+        #[arg(long, value_name = "OUT_REFUND_NO", conflicts_with = "out_trade_no")]
+        refund: Option<String>,
         /// The merchant, when the order is not in the database or exists for several.
         #[arg(long)]
         mch_id: Option<String>,
@@ -227,12 +231,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Query {
             out_trade_no,
+            refund,
             mch_id,
             apply,
-        } => print!(
-            "{}",
-            commands::query(&load(&cli)?, out_trade_no, mch_id.as_deref(), *apply).await?
-        ),
+        } => {
+            let settings = load(&cli)?;
+            let out = match (refund, out_trade_no) {
+                (Some(orn), _) => {
+                    commands::query_refund(&settings, orn, mch_id.as_deref(), *apply).await?
+                }
+                (None, Some(otn)) => {
+                    commands::query(&settings, otn, mch_id.as_deref(), *apply).await?
+                }
+                // clap requires one of them.
+                (None, None) => String::new(),
+            };
+            print!("{out}");
+        }
     }
     Ok(())
 }

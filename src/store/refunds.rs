@@ -653,6 +653,24 @@ impl Store {
         })
     }
 
+    /// The refunds of this `out_refund_no`, of every merchant.
+    pub async fn find_refunds(&self, out_refund_no: &str) -> Result<Vec<RefundRow>, StoreError> {
+        let stmt = Statement::new(
+            format!(
+                "SELECT {REFUND_COLUMNS} FROM wxpay_refunds WHERE out_refund_no = ? ORDER BY id"
+            ),
+            vec![Arg::Text(out_refund_no)],
+        );
+        on_pool!(self, |pool, D| {
+            stmt.query::<D>()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(refund_row)
+                .collect()
+        })
+    }
+
     /// The events of one refund, oldest first: `(from, to, source)`.
     pub async fn refund_events(
         &self,

@@ -605,3 +605,65 @@ async fn the_scan_polls_lost_refunds_of_v2_and_v3_merchants_to_their_final_state
     })
     .await;
 }
+
+#[tokio::test]
+async fn query_refund_prints_the_verified_answer_and_applies_it_with_source_manual() {
+    use wxpay_reconciler::commands::query_refund;
+    crate::frame::for_each_backend(async |kind, e| {
+        let m = crate::helpers::md5_merchant();
+        let mch = m.mch_id.as_str().to_owned();
+        let (otn, _) = e.paid_order(&m, 1000).await;
+        e.scan().await;
+        let orn = format!("Q{otn}");
+        wechat_refunds(e, &mch, &otn, &orn, 400, "SUCCESS").await;
+        register(e, &mch, &otn, &orn, 400).await;
+
+        let out = query_refund(&e.settings, &orn, None, false).await.unwrap();
+        assert!(
+            out.contains("state PROCESSING refund_fee 400"),
+            "{kind:?}: {out}"
+        );
+        assert!(
+            out.contains("wechat: refund status SUCCESS"),
+            "{kind:?}: {out}"
+        );
+        assert!(out.contains("(verified reply)"), "{out}");
+        let row = e.db.store.find_refund(&mch, &orn).await.unwrap().unwrap();
+        assert_eq!(
+            row.state,
+            RefundState::Processing,
+            "{kind:?}: without --apply nothing changes"
+        );
+
+        let out = query_refund(&e.settings, &orn, None, true).await.unwrap();
+        assert!(
+            out.contains(&format!(
+                "apply: PROCESSING -> SUCCESS recorded (source manual); order {otn} -> REFUND"
+            )),
+            "{kind:?}: {out}"
+        );
+        assert_eq!(
+            e.db.store.refund_events(row.id).await.unwrap(),
+            vec![("PROCESSING".into(), "SUCCESS".into(), "manual".into())]
+        );
+        let again = query_refund(&e.settings, &orn, None, true).await.unwrap();
+        assert!(
+            again.contains("apply: no change (the refund is already SUCCESS)"),
+            "{again}"
+        );
+
+        // A refund WeChat does not know and the table does not hold: said plainly.
+        let out = query_refund(&e.settings, &format!("Z{otn}"), Some(&mch), false)
+            .await
+            .unwrap();
+        assert!(
+            out.contains("wechat: no such refund (verified reply)"),
+            "{kind:?}: {out}"
+        );
+        let err = query_refund(&e.settings, &format!("Z{otn}"), None, true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not in the database"), "{err}");
+    })
+    .await;
+}
