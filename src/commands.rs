@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::config::Settings;
 use crate::daemon::{DaemonError, open_store, policy, refund_policy};
-use crate::domain::{OrderState, OutRefundNo, OutTradeNo, Source};
+use crate::domain::{OrderState, OutRefundNo, OutTradeNo, RefundState, Source};
 use crate::gateway::{Gateway, GatewayError, Merchant, OrderRef, QueryAnswer, RefundAnswer};
 use crate::reconcile::refund_policy::{RefundView, decide_refund};
 use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
@@ -131,6 +131,7 @@ pub async fn status(
     write_paid_after_close(&mut out, &reads);
     write_set_aside(&mut out, &reads);
     write_oldest_open(&mut out, &reads);
+    write_refunds(&mut out, &reads);
     Ok(out)
 }
 
@@ -145,6 +146,8 @@ struct StatusReads {
     paid_after_close: Vec<EventRow>,
     oldest_read: Vec<OrderRead>,
     set_aside: Vec<SetAsideRow>,
+    refund_counts: Vec<(RefundState, i64)>,
+    oldest_refunds: Vec<RefundRow>,
 }
 
 impl StatusReads {
@@ -176,7 +179,16 @@ impl StatusReads {
             paid_after_close: store.paid_after_close(PAID_AFTER_CLOSE_SHOWN).await?,
             oldest_read: store.oldest_open(oldest).await?,
             set_aside: store.set_aside_orders(SET_ASIDE_SHOWN).await?,
+            refund_counts: store.count_refunds_by_state().await?,
+            oldest_refunds: store.oldest_open_refunds(oldest).await?,
         })
+    }
+
+    fn refunds_of(&self, s: RefundState) -> i64 {
+        self.refund_counts
+            .iter()
+            .find(|(st, _)| *st == s)
+            .map_or(0, |(_, n)| *n)
     }
 
     fn count_of(&self, s: OrderState) -> i64 {
@@ -242,6 +254,22 @@ fn status_json(reads: &StatusReads) -> String {
             "state": a.state,
             "set_aside_at": a.set_aside_at.map(|t| t.to_rfc3339()),
             "reason": a.reason,
+        })).collect::<Vec<_>>(),
+        "refund_states": RefundState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), json!(reads.refunds_of(*s))))
+            .collect::<serde_json::Map<_, _>>(),
+        "oldest_open_refunds": reads.oldest_refunds.iter().map(|r| json!({
+            "mch_id": r.mch_id.as_str(),
+            "out_trade_no": r.out_trade_no.as_str(),
+            "out_refund_no": r.out_refund_no.as_str(),
+            "refund_fee": r.refund_fee.get(),
+            "created_at": r.created_at.to_rfc3339(),
+            "age_seconds": (now - r.created_at).num_seconds(),
+            "query_count": r.query_count,
+            "next_query_at": r.next_query_at.map(|t| t.to_rfc3339()),
+            "gave_up_at": r.gave_up_at.map(|t| t.to_rfc3339()),
+            "last_error": r.last_error,
         })).collect::<Vec<_>>(),
         "paid_after_close": reads.paid_after_close.iter().map(|e| json!({
             "mch_id": e.mch_id,
@@ -399,6 +427,43 @@ fn write_oldest_open(out: &mut String, reads: &StatusReads) {
             cell(r.out_trade_no.as_str(), 32),
             r.state.as_str(),
             r.total_fee,
+            age(now, r.created_at),
+            r.query_count,
+            next,
+            cell(r.last_error.as_deref().unwrap_or(""), 60)
+        );
+    }
+}
+
+/// Refunds by state, then the oldest open ones.
+fn write_refunds(out: &mut String, reads: &StatusReads) {
+    let now = reads.now;
+    let _ = writeln!(out, "\nRefunds by state");
+    for s in RefundState::ALL {
+        let _ = writeln!(out, "  {:<16} {:>10}", s.as_str(), reads.refunds_of(s));
+    }
+    let _ = writeln!(out, "\nOldest open refunds");
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<32} {:<32} {:>10} {:>8} {:>7}  {:<10}  LAST ERROR",
+        "MCH_ID", "OUT_REFUND_NO", "OUT_TRADE_NO", "FEE", "AGE", "QUERIES", "NEXT"
+    );
+    if reads.oldest_refunds.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for r in &reads.oldest_refunds {
+        let next = match (r.gave_up_at, r.next_query_at) {
+            (Some(_), _) => "gave up".to_owned(),
+            (None, Some(t)) if t > now => format!("in {}", span((t - now).num_seconds())),
+            _ => "due".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<32} {:<32} {:>10} {:>8} {:>7}  {:<10}  {}",
+            cell(r.mch_id.as_str(), 12),
+            cell(r.out_refund_no.as_str(), 32),
+            cell(r.out_trade_no.as_str(), 32),
+            r.refund_fee,
             age(now, r.created_at),
             r.query_count,
             next,

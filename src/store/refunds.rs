@@ -653,6 +653,43 @@ impl Store {
         })
     }
 
+    /// Refunds by state (states without refunds left out).
+    pub async fn count_refunds_by_state(&self) -> Result<Vec<(RefundState, i64)>, StoreError> {
+        let stmt = Statement::new(
+            "SELECT state, COUNT(*) AS n FROM wxpay_refunds GROUP BY state",
+            Vec::new(),
+        );
+        on_pool!(self, |pool, D| {
+            stmt.query::<D>()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok((parsed(r, "state", str::parse::<RefundState>)?, r.int("n")?)))
+                .collect()
+        })
+    }
+
+    /// The oldest refunds in `PROCESSING` (the open index, oldest first); a row that cannot
+    /// be read is left out (the scan sets it aside).
+    pub async fn oldest_open_refunds(&self, limit: u32) -> Result<Vec<RefundRow>, StoreError> {
+        let stmt = Statement::new(
+            format!(
+                "SELECT {REFUND_COLUMNS} FROM wxpay_refunds WHERE state = 'PROCESSING' \
+                 ORDER BY created_at LIMIT ?"
+            ),
+            vec![Arg::Int(i64::from(limit))],
+        );
+        on_pool!(self, |pool, D| {
+            Ok(stmt
+                .query::<D>()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .filter_map(|r| refund_row(r).ok())
+                .collect())
+        })
+    }
+
     /// The refunds of this `out_refund_no`, of every merchant.
     pub async fn find_refunds(&self, out_refund_no: &str) -> Result<Vec<RefundRow>, StoreError> {
         let stmt = Statement::new(

@@ -570,6 +570,31 @@ async fn the_scan_polls_lost_refunds_of_v2_and_v3_merchants_to_their_final_state
                 (1, 0, 1, 0),
                 "{kind:?} {mch}: {mine:?}"
             );
+            // `status` shows them: by state, and the open one among the oldest.
+            let text = wxpay_reconciler::commands::status(&e.settings, false, 10)
+                .await
+                .unwrap();
+            assert!(text.contains("Refunds by state"), "{text}");
+            let line = text
+                .lines()
+                .find(|l| l.contains(slow.as_str()))
+                .unwrap_or_else(|| panic!("{kind:?}: {slow} not listed: {text}"));
+            assert!(line.contains(" 200 ") && line.contains(otn.as_str()), "{line}");
+            let json: serde_json::Value = serde_json::from_str(
+                &wxpay_reconciler::commands::status(&e.settings, true, 10)
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(json["refund_states"]["ABNORMAL"].as_i64().unwrap() >= 1, "{json}");
+            assert!(
+                json["oldest_open_refunds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["out_refund_no"] == slow.as_str() && r["refund_fee"] == 200),
+                "{json}"
+            );
             let age = chrono::Utc::now() - mine.oldest_open.unwrap();
             assert!(
                 (TimeDelta::minutes(119)..TimeDelta::minutes(125)).contains(&age),
