@@ -48,6 +48,18 @@ pub struct DemoSummary {
     pub elapsed: Duration,
     /// The same story per API: v2 and v3 merchants side by side.
     pub by_api: Vec<ApiSummary>,
+    /// Refunds of some settled orders, their answers and notifications lost: found by polling.
+    pub refunds: RefundSummary,
+}
+
+/// The demo's refunds: requested (the shop registered them), and what polling found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefundSummary {
+    pub requested: u32,
+    pub succeeded: i64,
+    pub abnormal: i64,
+    /// Orders moved SUCCESS -> REFUND by a refund.
+    pub orders_refunded: i64,
 }
 
 /// The demo's orders of one API.
@@ -94,6 +106,26 @@ impl std::fmt::Display for DemoSummary {
             f,
             "took                        {:.1}s",
             self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "refunds requested           {:>8}",
+            self.refunds.requested
+        )?;
+        writeln!(
+            f,
+            "  refunded (by polling)     {:>8}",
+            self.refunds.succeeded
+        )?;
+        writeln!(
+            f,
+            "  ABNORMAL (person acts)    {:>8}",
+            self.refunds.abnormal
+        )?;
+        writeln!(
+            f,
+            "  orders now REFUND         {:>8}",
+            self.refunds.orders_refunded
         )?;
         write!(f, "by API       orders     paid  settled  by notification")?;
         for a in &self.by_api {
@@ -164,7 +196,8 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let payer = spawn_payer(simulator.state.clone(), plan);
     wait_until_settled(&store, tally.paid, started, &stop).await?;
     let paid_at = payer.await.map_err(std::io::Error::other)?;
-    let summary = summarize(&store, options, &tally, &paid_at, &simulator, started).await?;
+    let mut summary = summarize(&store, options, &tally, &paid_at, &simulator, started).await?;
+    summary.refunds = refund_some(&store, &simulator.state, &stop).await?;
 
     if options.serve.is_some() && !stop.is_cancelled() {
         println!("{summary}");
@@ -177,6 +210,75 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
         Err(e) => return Err(std::io::Error::other(e).into()),
     }
     simulator.shutdown(Duration::from_secs(2)).await?;
+    Ok(summary)
+}
+
+/// One settled order in ten is refunded at WeChat (one refund in ten of them cannot reach the
+/// payer: ABNORMAL); the refund's answer and notification are lost, the shop registers it, and
+/// the scan finds out what became of it.
+async fn refund_some(
+    store: &Store,
+    state: &SimState,
+    stop: &CancellationToken,
+) -> Result<RefundSummary, DemoError> {
+    let mut summary = RefundSummary::default();
+    for row in store.find_by_state(OrderState::Success, 100_000).await? {
+        if rand::random_range(0..10) != 0 {
+            continue;
+        }
+        let fee = row.total_fee.get();
+        let partial = (fee / 2).max(1);
+        let orn = format!("R{}", row.out_trade_no);
+        let status = if rand::random_range(0..10) == 0 {
+            crate::domain::RefundStatus::Abnormal
+        } else {
+            crate::domain::RefundStatus::Success
+        };
+        state.create_refund(
+            row.mch_id.as_str(),
+            row.out_trade_no.as_str(),
+            &orn,
+            partial,
+            status,
+            false,
+        )?;
+        store
+            .insert_refund(
+                row.mch_id.as_str(),
+                row.out_trade_no.as_str(),
+                &orn,
+                partial,
+            )
+            .await?;
+        summary.requested += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = store.count_refunds_by_state().await?;
+        let of = |s: crate::domain::RefundState| {
+            counts
+                .iter()
+                .find(|(st, _)| *st == s)
+                .map_or(0, |(_, n)| *n)
+        };
+        summary.succeeded = of(crate::domain::RefundState::Success);
+        summary.abnormal = of(crate::domain::RefundState::Abnormal);
+        if summary.succeeded + summary.abnormal >= i64::from(summary.requested)
+            || stop.is_cancelled()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Timeout(Duration::from_secs(60)));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    summary.orders_refunded = store
+        .count_by_state()
+        .await?
+        .iter()
+        .find(|(s, _)| *s == OrderState::Refund)
+        .map_or(0, |(_, n)| *n);
     Ok(summary)
 }
 
@@ -357,6 +459,7 @@ async fn summarize(
                 }
             })
             .collect(),
+        refunds: RefundSummary::default(),
     })
 }
 

@@ -835,6 +835,16 @@ impl Store {
         )
     }
 
+    /// At most `limit` orders in `state`, oldest id first (the demo; an operator's tools).
+    pub async fn find_by_state(
+        &self,
+        state: OrderState,
+        limit: u32,
+    ) -> Result<Vec<OrderRow>, StoreError> {
+        let args = vec![Arg::Text(state.as_str()), Arg::Int(i64::from(limit))];
+        readable(self.orders(reads::in_state(), args).await?)
+    }
+
     /// The events of one order, oldest first.
     pub async fn events(&self, order_id: i64) -> Result<Vec<EventRow>, StoreError> {
         self.event_rows(reads::events_of_order(), vec![Arg::Int(order_id)])

@@ -653,6 +653,31 @@ impl Store {
         })
     }
 
+    /// The merchant's registration of a refund (the contract's four-column `INSERT`; the
+    /// demo and tests play the shop with it).
+    pub async fn insert_refund(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        out_refund_no: &str,
+        refund_fee: i64,
+    ) -> Result<(), StoreError> {
+        let stmt = Statement::new(
+            "INSERT INTO wxpay_refunds (mch_id, out_trade_no, out_refund_no, refund_fee) \
+             VALUES (?, ?, ?, ?)",
+            vec![
+                Arg::Text(mch_id),
+                Arg::Text(out_trade_no),
+                Arg::Text(out_refund_no),
+                Arg::Int(refund_fee),
+            ],
+        );
+        on_pool!(self, |pool, D| {
+            stmt.query::<D>().execute(pool).await?;
+            Ok(())
+        })
+    }
+
     /// Refunds by state (states without refunds left out).
     pub async fn count_refunds_by_state(&self) -> Result<Vec<(RefundState, i64)>, StoreError> {
         let stmt = Statement::new(

@@ -159,6 +159,10 @@ pub(crate) mod reads {
         format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE out_trade_no = ? ORDER BY mch_id")
     }
 
+    pub fn in_state() -> String {
+        format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE state = ? ORDER BY id LIMIT ?")
+    }
+
     pub fn find_of_merchant() -> String {
         format!("SELECT {ORDER_COLUMNS} FROM wxpay_orders WHERE mch_id = ? AND out_trade_no = ?")
     }

@@ -259,6 +259,17 @@ async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
         paid
     );
     assert_eq!(number("still open (never paid)"), 200 - paid);
+    // Some settled orders are refunded, every refund answer lost: polling finds each one.
+    assert_eq!(
+        number("  refunded (by polling)") + number("  ABNORMAL (person acts)"),
+        number("refunds requested"),
+        "{stdout}"
+    );
+    assert_eq!(
+        number("  orders now REFUND"),
+        number("  refunded (by polling)"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains("reconciling:"),
         "plain progress lines in a pipe: {stderr}"
