@@ -692,3 +692,65 @@ async fn query_refund_prints_the_verified_answer_and_applies_it_with_source_manu
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_merchants_own_handler_winning_a_race_and_an_unusable_row_are_both_handled() {
+    for db in backends().await {
+        let kind = db.kind;
+        let otn = paid_order_with_refunds(&db, 1000, &[("A", 100)]).await;
+        let orn = format!("A{otn}");
+        let claimed = claim_at(&db.store, 2).await;
+        assert_eq!(claimed.len(), 1, "{kind:?}");
+        // The shop's own refund-notification handler settles it first, with its guarded UPDATE.
+        assert_eq!(
+            db.exec(
+                "UPDATE wxpay_refunds SET state = 'SUCCESS' WHERE out_refund_no = $1 AND state = 'PROCESSING'",
+                &[&orn],
+            )
+            .await,
+            1
+        );
+        let late = db
+            .store
+            .apply_refund(
+                claimed[0].guard(),
+                &finish(RefundState::Success, 100, Source::Poll),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(late, RefundApplied::NoOp, "{kind:?}");
+        assert!(
+            db.store
+                .refund_events(claimed[0].row.id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // A row whose out_refund_no no refund can have (a space): claimed as unreadable, so
+        // the scan sets it aside instead of stopping on it.
+        let bad = format!("B {otn}");
+        db.exec(
+            "INSERT INTO wxpay_refunds (mch_id, out_trade_no, out_refund_no, refund_fee) VALUES ($1, $2, $3, 5)",
+            &[MCH, &otn, &bad],
+        )
+        .await;
+        let now = Utc::now() + TimeDelta::minutes(2);
+        let rows = db
+            .store
+            .claim_due_refunds(&RefundClaim {
+                now,
+                first_delay: TimeDelta::minutes(1),
+                lease_until: now + TimeDelta::minutes(5),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        let [ClaimedRefundRow::Unreadable(u)] = rows.as_slice() else {
+            panic!("{kind:?}: {rows:?}");
+        };
+        assert!(u.reason.contains("out_refund_no"), "{kind:?}: {}", u.reason);
+        db.cleanup().await;
+    }
+}
