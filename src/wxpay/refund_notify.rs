@@ -293,10 +293,8 @@ mod tests {
     #[test]
     fn the_derived_key_is_the_lowercase_hex_md5() {
         let k = key(FIXTURE_KEY).refund_notify_key();
-        assert!(
-            k.iter()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        );
+        // `md5sum` of the key, as text.
+        assert_eq!(&k[..], b"a1fdc4d1da9fb443b1091d34bcee9493");
         assert!(!format!("{:?}", key(FIXTURE_KEY)).contains(FIXTURE_KEY));
     }
 
@@ -436,5 +434,51 @@ mod tests {
         let e = read_refund_notification(fail.as_bytes(), of).unwrap_err();
         assert_eq!(e.outcome(), NotifyOutcome::ReturnFail);
         assert!(!e.to_string().contains('\n'));
+    }
+
+    fn doc(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut f = Fields::new();
+        for (k, v) in fields {
+            f.insert(*k, *v);
+        }
+        xml::encode_rooted(&f, "root").unwrap().into_bytes()
+    }
+
+    #[test]
+    fn states_parse_and_a_success_needs_its_id_and_time() {
+        let base = [
+            ("out_refund_no", "R1"),
+            ("out_trade_no", "T1"),
+            ("refund_fee", "100"),
+            ("total_fee", "300"),
+        ];
+        for (word, status) in [
+            ("CHANGE", RefundStatus::Abnormal),
+            ("REFUNDCLOSE", RefundStatus::Closed),
+        ] {
+            let d = doc(&[&base[..], &[("refund_status", word)]].concat());
+            assert_eq!(parse_req_info(&d).unwrap().status, status);
+        }
+        let bare_success = doc(&[&base[..], &[("refund_status", "SUCCESS")]].concat());
+        assert!(parse_req_info(&bare_success).is_err());
+        // Not the <root> document, or an <xml> one: refused.
+        let mut f = Fields::new();
+        f.insert("out_refund_no", "R1");
+        assert!(parse_req_info(xml::encode(&f).unwrap().as_bytes()).is_err());
+        // A hostile value is quoted and bounded in the message.
+        let hostile = format!("1\nERROR forged{}", "9".repeat(50_000));
+        let d = doc(&[
+            ("out_refund_no", "R1"),
+            ("out_trade_no", "T1"),
+            ("refund_status", "SUCCESS"),
+            ("refund_fee", hostile.as_str()),
+        ]);
+        let e = parse_req_info(&d).unwrap_err();
+        assert!(e.len() < 400 && !e.contains('\n'), "{e}");
+        let unknown = doc(&[&base[..], &[("refund_status", "X".repeat(500).as_str())]].concat());
+        match parse_req_info(&unknown).unwrap().status {
+            RefundStatus::Unknown(u) => assert_eq!(u.len(), MAX_UNKNOWN_STATUS_CHARS),
+            other => panic!("{other:?}"),
+        }
     }
 }
