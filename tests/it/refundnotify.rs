@@ -20,7 +20,7 @@ use wxpay_reconciler::wxpay::{ApiKey, Fields, Merchant, xml};
 use crate::daemon::get;
 use crate::engine::{Engine, metric_value};
 use crate::frame::for_each_backend_with;
-use crate::helpers::{HMAC_KEY, MD5_KEY, TestSim, md5_merchant, unique_otn};
+use crate::helpers::{HMAC_KEY, MD5_KEY, TestSim, hmac_merchant, md5_merchant, unique_otn};
 
 fn with_listener(s: &mut Settings) {
     s.notify.listen = Some("127.0.0.1:0".parse().unwrap());
@@ -173,8 +173,6 @@ async fn wait_until<F: AsyncFn() -> bool>(what: &str, done: F) {
 #[tokio::test]
 async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing() {
     for_each_backend_with(with_listener, async |kind, e| {
-        let m = md5_merchant();
-        let mch = m.mch_id.as_str().to_owned();
         let run = Running::start(e).await;
         let (status, cfg) = e
             .sim
@@ -185,10 +183,32 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
             )
             .await;
         assert_eq!(status, 200, "{cfg}");
+        // The sign type plays no part: the key is the MD5 of the API key for both.
+        for (m, own_key, other_key) in [
+            (md5_merchant(), MD5_KEY, HMAC_KEY),
+            (hmac_merchant(), HMAC_KEY, MD5_KEY),
+        ] {
+            one_merchant(kind, e, &run, &m, own_key, other_key).await;
+        }
+        run.stop().await;
+    })
+    .await;
+}
 
-        let otn = paid_order(e, &m, 1000).await;
+async fn one_merchant(
+    kind: crate::db::Kind,
+    e: &Engine,
+    run: &Running,
+    m: &Merchant,
+    own_key: &str,
+    other_key: &str,
+) {
+    {
+        let mch = m.mch_id.as_str().to_owned();
+
+        let otn = paid_order(e, m, 1000).await;
         let ok = format!("S{otn}");
-        register(e, &m, &otn, &ok, 300).await;
+        register(e, m, &otn, &ok, 300).await;
         let (status, refund) = e
             .sim
             .control(
@@ -206,7 +226,7 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
                 .is_some_and(|r| r.notify_delivered)
         })
         .await;
-        let row = refund_row(e, &m, &ok).await;
+        let row = refund_row(e, m, &ok).await;
         assert_eq!(row.state, RefundState::Success, "{kind:?}");
         assert_eq!(row.refund_id.as_deref(), refund["refund_id"].as_str());
         assert!(row.success_time.is_some() && row.refund_recv_accout.is_some());
@@ -232,16 +252,16 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
             refund_fee: 300,
             status: "SUCCESS",
         };
-        let (status, answer) = run.post(&body(&m, MD5_KEY, &again)).await;
+        let (status, answer) = run.post(&body(m, own_key, &again)).await;
         assert_eq!((status, answer.get("return_code")), (200, Some("SUCCESS")));
         assert_eq!(run.notify_count(&mch, "repeat").await, 1.0, "{kind:?}");
         assert_eq!(e.db.store.refund_events(row.id).await.unwrap(), events);
-        assert_eq!(refund_row(e, &m, &ok).await.success_time, row.success_time);
+        assert_eq!(refund_row(e, m, &ok).await.success_time, row.success_time);
 
         // Forged (another key) and undecryptable notifications of an open refund: FAIL,
         // counted, nothing changes.
         let open = format!("P{otn}");
-        register(e, &m, &otn, &open, 100).await;
+        register(e, m, &otn, &open, 100).await;
         let forged = Info {
             out_refund_no: &open,
             out_trade_no: &otn,
@@ -250,11 +270,15 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
             refund_fee: 100,
             status: "SUCCESS",
         };
-        let (status, answer) = run.post(&body(&m, HMAC_KEY, &forged)).await;
+        let (status, answer) = run.post(&body(m, other_key, &forged)).await;
         assert_eq!((status, answer.get("return_code")), (200, Some("FAIL")));
         for garbage in ["AAAA", "%%%not base64%%%", &"A".repeat(4000)] {
-            let (status, answer) = run.post(&envelope(&m, garbage)).await;
-            assert_eq!((status, answer.get("return_code")), (200, Some("FAIL")), "{garbage}");
+            let (status, answer) = run.post(&envelope(m, garbage)).await;
+            assert_eq!(
+                (status, answer.get("return_code")),
+                (200, Some("FAIL")),
+                "{garbage}"
+            );
         }
         let decrypt_failed = run.notify_count(&mch, "decrypt_failed").await;
         // A wrong key leaves bad padding (decrypt_failed) or, rarely, garbage that does not
@@ -262,14 +286,14 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
         let malformed = run.notify_count(&mch, "malformed").await;
         assert_eq!(decrypt_failed + malformed, 4.0, "{kind:?}");
         assert!(decrypt_failed >= 3.0, "{kind:?}");
-        let still = refund_row(e, &m, &open).await;
+        let still = refund_row(e, m, &open).await;
         assert_eq!(still.state, RefundState::Processing, "{kind:?}");
         assert!(e.db.store.refund_events(still.id).await.unwrap().is_empty());
 
         // An over-refund (300 already back, 800 more of a 1000 fen order), correctly
         // encrypted: quarantined, never applied, and acknowledged (it is durable).
         let over = format!("O{otn}");
-        register(e, &m, &otn, &over, 800).await;
+        register(e, m, &otn, &over, 800).await;
         let info = Info {
             out_refund_no: &over,
             out_trade_no: &otn,
@@ -278,9 +302,9 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
             refund_fee: 800,
             status: "SUCCESS",
         };
-        let (status, answer) = run.post(&body(&m, MD5_KEY, &info)).await;
+        let (status, answer) = run.post(&body(m, own_key, &info)).await;
         assert_eq!((status, answer.get("return_code")), (200, Some("SUCCESS")));
-        let q = refund_row(e, &m, &over).await;
+        let q = refund_row(e, m, &over).await;
         assert_eq!(q.state, RefundState::AmountMismatch, "{kind:?}");
         assert_eq!(e.row(&otn).await.state, OrderState::Refund);
 
@@ -288,18 +312,16 @@ async fn a_v2_refund_notification_is_applied_once_and_forged_ones_change_nothing
         let other_app = envelope(
             &crate::helpers::merchant(
                 m.mch_id.as_str(),
-                "wx2421b1c4370ec43b",
+                "wx00000000000000ff",
                 wxpay_reconciler::wxpay::SignType::Md5,
-                MD5_KEY,
+                own_key,
             ),
-            &encrypt_req_info(forged.xml().as_bytes(), &ApiKey::parse(MD5_KEY).unwrap()),
+            &encrypt_req_info(forged.xml().as_bytes(), &ApiKey::parse(own_key).unwrap()),
         );
         let (_, answer) = run.post(&other_app).await;
         assert_eq!(answer.get("return_code"), Some("FAIL"));
-        assert_eq!(refund_row(e, &m, &open).await.state, RefundState::Processing);
-        run.stop().await;
-    })
-    .await;
+        assert_eq!(refund_row(e, m, &open).await.state, RefundState::Processing);
+    }
 }
 
 #[tokio::test]
