@@ -351,3 +351,25 @@ async fn attempt_v3(state: &SimState, merchant: &crate::gateway::Merchant, key: 
         Attempt::Failed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v2_refund_notification_goes_to_the_base_url_else_next_to_the_payment_one() {
+        let state = SimState::new(Vec::new(), tokio_util::sync::CancellationToken::new()).unwrap();
+        assert_eq!(
+            v2_refund_url(&state, Some("https://shop.example/pay/wxpay/v2/notify")).as_deref(),
+            Some("https://shop.example/pay/wxpay/v2/refund-notify")
+        );
+        // An order whose notify_url is not the daemon's endpoint: nowhere to send it.
+        assert_eq!(v2_refund_url(&state, Some("https://shop.example/cb")), None);
+        assert_eq!(v2_refund_url(&state, None), None);
+        state.set_notify_base_url(Some("http://127.0.0.1:9/".into()));
+        assert_eq!(
+            v2_refund_url(&state, Some("https://shop.example/cb")).as_deref(),
+            Some("http://127.0.0.1:9/wxpay/v2/refund-notify")
+        );
+    }
+}

@@ -334,10 +334,10 @@ async fn a_refund_finished_later_is_notified_then() {
             .control(
                 "PUT",
                 "/_sim/config",
-                json!({"notify_retry_ms": [200, 200], "notify_base_url": run.base}),
+                json!({"notify_retry_ms": vec![200; 20], "notify_base_url": run.base}),
             )
             .await;
-        let otn = paid_order(e, &m, 500).await;
+        let otn = paid_order(e, &m, 700).await;
         let orn = format!("L{otn}");
         register(e, &m, &otn, &orn, 500).await;
         let (status, _) = e
@@ -372,6 +372,37 @@ async fn a_refund_finished_later_is_notified_then() {
         assert_eq!(row.state, RefundState::Abnormal, "{kind:?}");
         // Not a successful refund: the order stays SUCCESS.
         assert_eq!(e.row(&otn).await.state, OrderState::Success, "{kind:?}");
+
+        // A notification that comes before the shop registered its refund is refused
+        // (unknown_refund) and WeChat's retry applies it once the row is there.
+        let early = format!("E{otn}");
+        let (status, _) = e
+            .sim
+            .control(
+                "POST",
+                &format!("/_sim/orders/{mch}/{otn}/refunds"),
+                json!({"out_refund_no": early, "refund_fee": 200, "outcome": "SUCCESS", "notify": "deliver"}),
+            )
+            .await;
+        assert_eq!(status, 201);
+        wait_until("the early notification refused", async || {
+            run.notify_count(&mch, "unknown_refund").await >= 1.0
+        })
+        .await;
+        assert!(!e.sim.sim.state.refund(&mch, &early).unwrap().notify_delivered);
+        register(e, &m, &otn, &early, 200).await;
+        wait_until("the retry applied", async || {
+            e.sim
+                .sim
+                .state
+                .refund(&mch, &early)
+                .is_some_and(|r| r.notify_delivered)
+        })
+        .await;
+        let row = refund_row(e, &m, &early).await;
+        assert_eq!(row.state, RefundState::Success, "{kind:?}");
+        assert!(e.sim.sim.state.refund(&mch, &early).unwrap().notify_attempts >= 2);
+        assert_eq!(e.row(&otn).await.state, OrderState::Refund, "{kind:?}");
         run.stop().await;
     })
     .await;
