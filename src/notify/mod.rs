@@ -8,6 +8,8 @@
 //!   `notify`), or refused;
 //! - `v2`: `POST /wxpay/v2/notify`, WeChat Pay v2's XML: verified by `wxpay::notify` exactly
 //!   as an orderquery reply, answered in v2's XML;
+//! - `v2_refund`: `POST /wxpay/v2/refund-notify`, v2's refund notification: `req_info`
+//!   decrypted by `wxpay::refund_notify`, applied by `ingest::ingest_refund`, answered as `v2`;
 //! - `v3`: `POST /wxpay/v3/notify` and `/wxpay/v3/notify/{mch_id}`, API v3's signed JSON with
 //!   an encrypted resource: verified and decrypted by `wxpay::v3::notify` exactly as a signed
 //!   answer (the merchant is the one whose WeChat key `Wechatpay-Serial` names), answered
@@ -20,6 +22,7 @@
 
 mod ingest;
 mod v2;
+mod v2_refund;
 mod v3;
 
 use std::collections::BTreeMap;
@@ -40,6 +43,7 @@ use crate::store::Store;
 use crate::telemetry::{NotifyOutcome, Telemetry};
 
 pub use v2::NOTIFY_PATH;
+pub use v2_refund::REFUND_NOTIFY_PATH as V2_REFUND_NOTIFY_PATH;
 pub use v3::{MERCHANT_NOTIFY_PATH as V3_MERCHANT_NOTIFY_PATH, NOTIFY_PATH as V3_NOTIFY_PATH};
 
 /// How long the whole body of a notification may take to arrive.
@@ -96,6 +100,7 @@ impl NotifyApp {
 pub fn router(app: Arc<NotifyApp>) -> Router {
     Router::new()
         .route(NOTIFY_PATH, post(v2_notify))
+        .route(V2_REFUND_NOTIFY_PATH, post(v2_refund_notify))
         .route(V3_NOTIFY_PATH, post(v3_notify))
         .route(V3_MERCHANT_NOTIFY_PATH, post(v3_merchant_notify))
         .with_state(app)
@@ -116,6 +121,16 @@ struct Reply {
 async fn v2_notify(State(app): State<Arc<NotifyApp>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let reply = v2::handle(&app, &headers, body).await;
+    answer(&app, reply, started)
+}
+
+async fn v2_refund_notify(
+    State(app): State<Arc<NotifyApp>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let reply = v2_refund::handle(&app, &headers, body).await;
     answer(&app, reply, started)
 }
 

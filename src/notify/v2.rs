@@ -16,7 +16,7 @@ pub const NOTIFY_PATH: &str = "/wxpay/v2/notify";
 
 const XML: &str = "text/xml; charset=utf-8";
 
-fn success(mch_id: Option<String>, outcome: NotifyOutcome) -> Reply {
+pub(super) fn success(mch_id: Option<String>, outcome: NotifyOutcome) -> Reply {
     Reply {
         mch_id,
         status: StatusCode::OK,
@@ -27,7 +27,7 @@ fn success(mch_id: Option<String>, outcome: NotifyOutcome) -> Reply {
     }
 }
 
-fn fail(
+pub(super) fn fail(
     mch_id: Option<String>,
     status: StatusCode,
     outcome: NotifyOutcome,

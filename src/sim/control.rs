@@ -223,7 +223,8 @@ pub struct RefundBody {
     out_refund_no: String,
     refund_fee: i64,
     outcome: RefundOutcome,
-    /// Kept with the refund; refund notifications are not sent yet.
+    /// `deliver`: the refund notification is sent when the refund is final (now, or at
+    /// `…/finish`); `drop` (the default): never.
     #[serde(default)]
     notify: Option<NotifyMode>,
 }
@@ -238,6 +239,8 @@ fn refund_json(mch_id: &str, out_refund_no: &str, r: &SimRefund) -> Value {
         "status": r.status.label(),
         "success_time": r.success_time.map(super::v3::format_v3_time),
         "notify": if r.notify_deliver { "deliver" } else { "drop" },
+        "notify_attempts": r.notify_attempts,
+        "notify_delivered": r.notify_delivered,
     })
 }
 
@@ -253,7 +256,7 @@ pub async fn create_refund(
         return Err(error(StatusCode::BAD_REQUEST, "invalid out_refund_no"));
     }
     let refund = state
-        .create_refund(
+        .create_refund_notifying(
             &key.0,
             &key.1,
             &body.out_refund_no,
@@ -289,7 +292,7 @@ pub async fn finish_refund(
         ));
     }
     let refund = state
-        .finish_refund(&mch_id, &out_refund_no, body.outcome.status())
+        .finish_refund_notifying(&mch_id, &out_refund_no, body.outcome.status())
         .map_err(sim_error)?;
     Ok(Json(refund_json(&mch_id, &out_refund_no, &refund)).into_response())
 }

@@ -82,9 +82,11 @@ pub struct SimRefund {
     pub success_time: Option<DateTime<Utc>>,
     /// Where the money went (`refund_recv_accout_$n`, `user_received_account`).
     pub recv_account: String,
-    /// Whether the test asked for the refund notification to be delivered (`"notify"`). The
-    /// simulator does not send refund notifications yet; this is kept for when it does.
+    /// Whether the test asked for the refund notification to be delivered (`"notify"`): sent
+    /// (by `notify.rs`) when the refund reaches a final state.
     pub notify_deliver: bool,
+    pub notify_attempts: u32,
+    pub notify_delivered: bool,
 }
 
 /// The v2 word of a refund status (`refund_status_$n`).
@@ -607,6 +609,8 @@ impl SimState {
             created_at: now,
             recv_account: "支付用户的零钱".into(),
             notify_deliver,
+            notify_attempts: 0,
+            notify_delivered: false,
         };
         order.state = TradeState::Refund;
         refunds.insert(key, refund.clone());

@@ -65,7 +65,7 @@ use super::state::{
     CloseOutcome, Faults, SimEndpoint, SimOrder, SimRefund, SimState, lock, roll, trade_state_desc,
 };
 use crate::config::SimulatorSettings;
-use crate::domain::{AppId, MchId, TradeState};
+use crate::domain::{AppId, MchId, RefundStatus, TradeState};
 use crate::gateway::{Merchant, V3Credentials};
 use crate::wxpay::client::nonce;
 use crate::wxpay::v3::auth::{
@@ -1150,33 +1150,127 @@ pub(crate) fn notification(
     out_trade_no: &str,
     order: &SimOrder,
 ) -> Option<Notification> {
-    let credentials = merchant.v3_credentials()?;
-    let url = match &order.notify_url {
-        Some(u) => u.clone(),
+    let resource = transaction_json(merchant.mch_id.as_str(), out_trade_no, order);
+    let event = Event {
+        event_type: "TRANSACTION.SUCCESS",
+        summary: "支付成功",
+        original_type: "transaction",
+    };
+    signed_notification(
+        state,
+        merchant,
+        v3_notify_url(state, order)?,
+        event,
+        &resource,
+    )
+}
+
+/// Where an order's v3 notifications go: its `notify_url`, else `{notify_base_url}/wxpay/v3/notify`.
+fn v3_notify_url(state: &SimState, order: &SimOrder) -> Option<String> {
+    match &order.notify_url {
+        Some(u) => Some(u.clone()),
         None => {
             let base = lock(&state.notify_base_url).clone()?;
-            format!("{}{V3_NOTIFY_PATH}", base.trim_end_matches('/'))
+            Some(format!("{}{V3_NOTIFY_PATH}", base.trim_end_matches('/')))
         }
+    }
+}
+
+/// What kind of notification an event is.
+struct Event {
+    event_type: &'static str,
+    summary: &'static str,
+    original_type: &'static str,
+}
+
+/// The decrypted resource of a refund notification (WeChat's documented shape: `refund_status`,
+/// `success_time` only when SUCCESS, `amount` {total, refund, payer_total, payer_refund}).
+pub(crate) fn refund_resource_json(
+    mch_id: &str,
+    out_refund_no: &str,
+    refund: &SimRefund,
+    order: &SimOrder,
+) -> Value {
+    let total = order.paid_fee.unwrap_or(order.total_fee);
+    let mut r = json!({
+        "mchid": mch_id,
+        "out_trade_no": refund.out_trade_no,
+        "transaction_id": order.transaction_id.clone().unwrap_or_default(),
+        "out_refund_no": out_refund_no,
+        "refund_id": refund.refund_id,
+        "refund_status": refund.status.label(),
+        "user_received_account": refund.recv_account,
+        "amount": {
+            "total": total,
+            "refund": refund.refund_fee,
+            "payer_total": total,
+            "payer_refund": refund.refund_fee,
+        },
+    });
+    if let (RefundStatus::Success, Some(t)) = (&refund.status, refund.success_time) {
+        r["success_time"] = json!(format_v3_time(t));
+    }
+    r
+}
+
+/// Builds the notification of a finished refund: `REFUND.SUCCESS` / `REFUND.ABNORMAL` /
+/// `REFUND.CLOSED`, to where the order's payment notification goes (`None`: not final, nowhere
+/// to send it, or no v3 merchant).
+pub(crate) fn refund_notification(
+    state: &SimState,
+    merchant: &Merchant,
+    out_refund_no: &str,
+    refund: &SimRefund,
+    order: &SimOrder,
+) -> Option<Notification> {
+    let (event_type, summary) = match refund.status {
+        RefundStatus::Success => ("REFUND.SUCCESS", "退款成功"),
+        RefundStatus::Abnormal => ("REFUND.ABNORMAL", "退款异常"),
+        RefundStatus::Closed => ("REFUND.CLOSED", "退款关闭"),
+        RefundStatus::Processing | RefundStatus::Unknown(_) => return None,
     };
+    let resource = refund_resource_json(merchant.mch_id.as_str(), out_refund_no, refund, order);
+    let event = Event {
+        event_type,
+        summary,
+        original_type: "refund",
+    };
+    signed_notification(
+        state,
+        merchant,
+        v3_notify_url(state, order)?,
+        event,
+        &resource,
+    )
+}
+
+/// The resource encrypted with the merchant's APIv3 key, the event signed with WeChat's key.
+fn signed_notification(
+    state: &SimState,
+    merchant: &Merchant,
+    url: String,
+    event: Event,
+    resource: &Value,
+) -> Option<Notification> {
+    let credentials = merchant.v3_credentials()?;
     let faults = state.faults(SimEndpoint::Notify);
-    let resource = transaction_json(merchant.mch_id.as_str(), out_trade_no, order);
-    let plaintext = serde_json::to_vec(&resource).ok()?;
+    let plaintext = serde_json::to_vec(resource).ok()?;
     let nonce: String = nonce().chars().take(12).collect();
     let ciphertext = credentials
         .apiv3_key
-        .encrypt(&nonce, "transaction", &plaintext)
+        .encrypt(&nonce, event.original_type, &plaintext)
         .ok()?;
     let event = json!({
         "id": format!("EV-{}{:010}", Utc::now().format("%Y%m%d%H%M%S"), state.next_sequence()),
         "create_time": format_v3_time(Utc::now()),
         "resource_type": "encrypt-resource",
-        "event_type": "TRANSACTION.SUCCESS",
-        "summary": "支付成功",
+        "event_type": event.event_type,
+        "summary": event.summary,
         "resource": {
-            "original_type": "transaction",
+            "original_type": event.original_type,
             "algorithm": "AEAD_AES_256_GCM",
             "ciphertext": ciphertext,
-            "associated_data": "transaction",
+            "associated_data": event.original_type,
             "nonce": nonce,
         },
     });

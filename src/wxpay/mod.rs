@@ -4,6 +4,7 @@
 pub mod client;
 pub mod error;
 pub mod notify;
+pub mod refund_notify;
 pub mod sign;
 pub mod time;
 pub mod v3;

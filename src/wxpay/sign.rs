@@ -93,6 +93,17 @@ impl ApiKey {
         self.0.expose_secret()
     }
 
+    /// The key of a refund notification's `req_info` (AES-256-ECB): the lowercase hex MD5 of
+    /// this key, its 32 ASCII bytes. Zeroed when dropped; never printed.
+    pub(crate) fn refund_notify_key(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        let digest: Zeroizing<[u8; 16]> =
+            Zeroizing::new(Md5::digest(self.expose().as_bytes()).into());
+        let mut out = Zeroizing::new([0u8; 32]);
+        // 16 bytes into 32 hex digits: cannot fail.
+        let _ = hex::encode_to_slice(&digest[..], &mut out[..]);
+        out
+    }
+
     /// Whether two keys are equal (a key rotation on reload), in constant time.
     pub fn same_as(&self, other: &ApiKey) -> bool {
         use subtle::ConstantTimeEq;

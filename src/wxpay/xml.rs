@@ -116,6 +116,12 @@ pub enum XmlError {
 
 /// Decodes a v2 message. See the module documentation for what is rejected.
 pub fn decode(body: &[u8]) -> Result<Fields, XmlError> {
+    decode_rooted(body, "xml")
+}
+
+/// [`decode`] of a document whose root element is `root_name` (a refund notification's
+/// decrypted `req_info` is `<root>…</root>`), under the same rules.
+pub fn decode_rooted(body: &[u8], root_name: &str) -> Result<Fields, XmlError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(XmlError::TooLarge(body.len()));
     }
@@ -169,11 +175,11 @@ pub fn decode(body: &[u8]) -> Result<Fields, XmlError> {
                 at
             }
             (At::Prolog, Event::Start(e)) => {
-                root(&e)?;
+                root(&e, root_name)?;
                 At::InRoot
             }
             (At::Prolog, Event::Empty(e)) => {
-                root(&e)?;
+                root(&e, root_name)?;
                 At::Done
             }
             (At::Prolog, Event::Eof | Event::End(_)) => return Err(XmlError::NoRoot),
@@ -265,10 +271,10 @@ fn resolve_reference(name: &str) -> Result<char, RefError> {
     Ok(c)
 }
 
-fn root(e: &BytesStart<'_>) -> Result<(), XmlError> {
+fn root(e: &BytesStart<'_>, root_name: &str) -> Result<(), XmlError> {
     let qname = e.name();
     let name = <_ as AsRef<str>>::as_ref(&qname).to_owned();
-    if name != "xml" {
+    if name != root_name {
         return Err(XmlError::WrongRoot(name));
     }
     if !e.attributes_raw().trim().is_empty() {
@@ -335,13 +341,20 @@ pub enum EncodeError {
 /// for other text, escaped text where CDATA cannot carry a value exactly (`]]>` or a carriage
 /// return). `decode(encode(f)) == f` for every encodable `f`.
 pub fn encode(fields: &Fields) -> Result<String, EncodeError> {
+    encode_rooted(fields, "xml")
+}
+
+/// [`encode`] under another root element (a refund notification's `req_info` is `<root>`).
+pub fn encode_rooted(fields: &Fields, root_name: &str) -> Result<String, EncodeError> {
     let mut out = String::with_capacity(
         64 + fields
             .iter()
             .map(|(k, v)| 2 * k.len() + v.len() + 16)
             .sum::<usize>(),
     );
-    out.push_str("<xml>");
+    out.push('<');
+    out.push_str(root_name);
+    out.push('>');
     for (name, value) in fields.iter() {
         if !is_field_name(name) {
             return Err(EncodeError::BadName(name.to_owned()));
@@ -379,7 +392,9 @@ pub fn encode(fields: &Fields) -> Result<String, EncodeError> {
         out.push_str(name);
         out.push('>');
     }
-    out.push_str("</xml>");
+    out.push_str("</");
+    out.push_str(root_name);
+    out.push('>');
     Ok(out)
 }
 

@@ -12,6 +12,7 @@ mod hostile;
 mod interop;
 mod lifecycle;
 mod process;
+mod refundnotify;
 mod refunds;
 mod refundsim;
 mod simulator;

@@ -34,7 +34,7 @@ fn key_file(name: &str) -> Vec<u8> {
 }
 
 /// WeChat's keys as a verifier holds them: the public key and both certificates.
-fn wechat_keys() -> Arc<WechatKeys> {
+pub(crate) fn wechat_keys() -> Arc<WechatKeys> {
     let keys = WechatKeys::new(
         Some(WechatPublicKey {
             id: TEST_PUBLIC_KEY_ID.into(),
@@ -173,7 +173,7 @@ async fn close(sim: &TestSim, out_trade_no: &str) -> Answer {
     .await
 }
 
-async fn create(sim: &TestSim, out_trade_no: &str, fee: i64) {
+pub(crate) async fn create(sim: &TestSim, out_trade_no: &str, fee: i64) {
     let (status, body) = sim
         .control(
             "POST",
@@ -631,10 +631,10 @@ async fn each_fault_produces_what_it_says() {
 }
 
 /// What a test receiver got: the path, the headers and the body of each POST.
-type Received = Arc<Mutex<Vec<(String, HeaderMap, Bytes)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(String, HeaderMap, Bytes)>>>;
 
 /// A receiver on a free port: answers 500 to the first `fail_first` POSTs, then 204.
-async fn receiver(fail_first: usize) -> (String, Received, tokio::task::JoinHandle<()>) {
+pub(crate) async fn receiver(fail_first: usize) -> (String, Received, tokio::task::JoinHandle<()>) {
     let got: Received = Arc::default();
     let seen = got.clone();
     let app = axum::Router::new().fallback(
