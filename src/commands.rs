@@ -483,41 +483,15 @@ pub async fn query(
     let otn = OutTradeNo::parse(out_trade_no).map_err(|e| CommandError::Usage(e.to_string()))?;
     let store = open_store(settings, false).await?;
     store.check_schema().await?;
-    let rows: Vec<OrderRow> = store
-        .find(out_trade_no)
-        .await?
-        .into_iter()
-        .filter(|r| mch_id.is_none_or(|m| r.mch_id.as_str() == m))
-        .collect();
-    let row = match rows.as_slice() {
-        [] => None,
-        [one] => Some(one.clone()),
-        _ => {
-            return Err(CommandError::Usage(format!(
-                "{out_trade_no} exists for several merchants; pass --mch-id"
-            )));
-        }
-    };
-    let merchant_id = match (&row, mch_id) {
-        (Some(r), _) => r.mch_id.to_string(),
-        (None, Some(m)) => m.to_owned(),
-        (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
-        (None, None) => {
-            return Err(CommandError::Usage(format!(
-                "{out_trade_no} is not in the database; pass --mch-id to query WeChat anyway"
-            )));
-        }
-    };
-    let merchant: &Merchant = settings
-        .merchants
-        .iter()
-        .find(|m| m.mch_id.as_str() == merchant_id)
-        .ok_or_else(|| CommandError::Usage(format!("merchant {merchant_id} is not configured")))?;
-    if apply && row.is_none() {
-        return Err(CommandError::Usage(format!(
-            "--apply needs the order in the database; {out_trade_no} is not there"
-        )));
-    }
+    let rows = store.find(out_trade_no).await?;
+    let (row, merchant) = resolve(
+        settings,
+        rows,
+        |r: &OrderRow| r.mch_id.as_str(),
+        mch_id,
+        apply,
+        &format!("order {out_trade_no}"),
+    )?;
 
     let (gateway, mut out) = gateway_for(settings, merchant).await?;
     let answer = gateway
@@ -574,6 +548,50 @@ pub async fn query(
     Ok(out)
 }
 
+/// Which row a `query` is about (the one of `--mch-id`, or the only one) and which configured
+/// merchant asks: the row's, else `--mch-id`, else the only configured one. `what` names the
+/// order or refund in the errors; `--apply` needs the row.
+fn resolve<'s, R>(
+    settings: &'s Settings,
+    rows: Vec<R>,
+    mch_of: impl Fn(&R) -> &str,
+    mch_id: Option<&str>,
+    apply: bool,
+    what: &str,
+) -> Result<(Option<R>, &'s Merchant), CommandError> {
+    let mut rows: Vec<R> = rows
+        .into_iter()
+        .filter(|r| mch_id.is_none_or(|m| mch_of(r) == m))
+        .collect();
+    if rows.len() > 1 {
+        return Err(CommandError::Usage(format!(
+            "{what} exists for several merchants; pass --mch-id"
+        )));
+    }
+    let row = rows.pop();
+    let merchant_id = match (&row, mch_id) {
+        (Some(r), _) => mch_of(r).to_owned(),
+        (None, Some(m)) => m.to_owned(),
+        (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
+        (None, None) => {
+            return Err(CommandError::Usage(format!(
+                "{what} is not in the database; pass --mch-id to query WeChat anyway"
+            )));
+        }
+    };
+    let merchant = settings
+        .merchants
+        .iter()
+        .find(|m| m.mch_id.as_str() == merchant_id)
+        .ok_or_else(|| CommandError::Usage(format!("merchant {merchant_id} is not configured")))?;
+    if apply && row.is_none() {
+        return Err(CommandError::Usage(format!(
+            "--apply needs the {what} in the database; it is not there"
+        )));
+    }
+    Ok((row, merchant))
+}
+
 /// The gateway of a one-off command and the lines that say which merchant it asks as; a v3
 /// merchant's platform certificates are downloaded first (a one-off command holds none yet).
 async fn gateway_for(
@@ -623,41 +641,15 @@ pub async fn query_refund(
     let orn = OutRefundNo::parse(out_refund_no).map_err(|e| CommandError::Usage(e.to_string()))?;
     let store = open_store(settings, false).await?;
     store.check_schema().await?;
-    let rows: Vec<RefundRow> = store
-        .find_refunds(out_refund_no)
-        .await?
-        .into_iter()
-        .filter(|r| mch_id.is_none_or(|m| r.mch_id.as_str() == m))
-        .collect();
-    let row = match rows.as_slice() {
-        [] => None,
-        [one] => Some(one.clone()),
-        _ => {
-            return Err(CommandError::Usage(format!(
-                "refund {out_refund_no} exists for several merchants; pass --mch-id"
-            )));
-        }
-    };
-    let merchant_id = match (&row, mch_id) {
-        (Some(r), _) => r.mch_id.to_string(),
-        (None, Some(m)) => m.to_owned(),
-        (None, None) if settings.merchants.len() == 1 => settings.merchants[0].mch_id.to_string(),
-        (None, None) => {
-            return Err(CommandError::Usage(format!(
-                "refund {out_refund_no} is not in the database; pass --mch-id to query WeChat anyway"
-            )));
-        }
-    };
-    let merchant: &Merchant = settings
-        .merchants
-        .iter()
-        .find(|m| m.mch_id.as_str() == merchant_id)
-        .ok_or_else(|| CommandError::Usage(format!("merchant {merchant_id} is not configured")))?;
-    if apply && row.is_none() {
-        return Err(CommandError::Usage(format!(
-            "--apply needs the refund in the database; {out_refund_no} is not there"
-        )));
-    }
+    let rows = store.find_refunds(out_refund_no).await?;
+    let (row, merchant) = resolve(
+        settings,
+        rows,
+        |r: &RefundRow| r.mch_id.as_str(),
+        mch_id,
+        apply,
+        &format!("refund {out_refund_no}"),
+    )?;
     let (gateway, mut out) = gateway_for(settings, merchant).await?;
     let answer = gateway.refund_query(merchant, &orn).await;
     if let Some(r) = &row {
