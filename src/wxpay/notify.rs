@@ -84,16 +84,25 @@ pub struct Notification<'m> {
     pub notified: Notified,
 }
 
-/// Decodes and verifies a notification body with the key of the merchant it names.
-pub fn read_notification<'m>(
-    body: &[u8],
+/// Why a v2 notification's envelope (payment or refund) was refused before any key was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Envelope {
+    Malformed(String),
+    ReturnFail(String),
+    UnknownMerchant(String),
+}
+
+/// A v2 notification's envelope, payment or refund: `return_code` SUCCESS (FAIL's
+/// `return_msg` bounded), and the configured v2 merchant its `mch_id` names. A v3 merchant's
+/// notifications come signed with RSA on /wxpay/v3/notify, never here.
+pub(crate) fn envelope<'m>(
+    fields: &Fields,
     merchant_of: impl Fn(&MchId) -> Option<&'m Merchant>,
-) -> Result<Notification<'m>, NotifyError> {
-    let fields = xml::decode(body).map_err(|e| NotifyError::Malformed(e.to_string()))?;
+) -> Result<&'m Merchant, Envelope> {
     match fields.get("return_code") {
         Some("SUCCESS") => {}
         Some("FAIL") => {
-            return Err(NotifyError::ReturnFail(
+            return Err(Envelope::ReturnFail(
                 fields
                     .get("return_msg")
                     .unwrap_or_default()
@@ -103,20 +112,33 @@ pub fn read_notification<'m>(
             ));
         }
         _ => {
-            return Err(NotifyError::Malformed(
+            return Err(Envelope::Malformed(
                 "return_code is neither SUCCESS nor FAIL".into(),
             ));
         }
     }
-    let mch_id = fields
+    let raw = fields
         .get_nonempty("mch_id")
-        .ok_or_else(|| NotifyError::Malformed("mch_id is missing".into()))?;
-    let mch_id = MchId::parse(mch_id)
-        .map_err(|_| NotifyError::UnknownMerchant(mch_id.chars().take(32).collect()))?;
-    // A v3 merchant's notifications come signed with RSA on /wxpay/v3/notify, never here.
-    let merchant = merchant_of(&mch_id)
+        .ok_or_else(|| Envelope::Malformed("mch_id is missing".into()))?;
+    let mch_id =
+        MchId::parse(raw).map_err(|_| Envelope::UnknownMerchant(raw.chars().take(32).collect()))?;
+    merchant_of(&mch_id)
         .filter(|m| m.api() == crate::gateway::Api::V2)
-        .ok_or_else(|| NotifyError::UnknownMerchant(mch_id.to_string()))?;
+        .ok_or_else(|| Envelope::UnknownMerchant(mch_id.to_string()))
+}
+
+/// Decodes and verifies a notification body with the key of the merchant it names.
+pub fn read_notification<'m>(
+    body: &[u8],
+    merchant_of: impl Fn(&MchId) -> Option<&'m Merchant>,
+) -> Result<Notification<'m>, NotifyError> {
+    let fields = xml::decode(body).map_err(|e| NotifyError::Malformed(e.to_string()))?;
+    let merchant = envelope(&fields, merchant_of).map_err(|e| match e {
+        Envelope::Malformed(m) => NotifyError::Malformed(m),
+        Envelope::ReturnFail(m) => NotifyError::ReturnFail(m),
+        Envelope::UnknownMerchant(m) => NotifyError::UnknownMerchant(m),
+    })?;
+    let mch_id = merchant.mch_id.clone();
     verify_notification_envelope(merchant, &fields).map_err(|e| match e {
         WxPayError::Sign(s) => NotifyError::Sign(mch_id.clone(), s.to_string()),
         WxPayError::Mismatch { .. } => NotifyError::Mismatch(mch_id.clone(), e.to_string()),

@@ -5,6 +5,7 @@
 //! padding or a document that does not parse) and the checks of the report that follow, as for
 //! a refundquery answer. And the encryption, for the simulator.
 
+use super::notify::Envelope;
 use aes::Aes256;
 use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use base64::Engine;
@@ -157,32 +158,12 @@ pub fn read_refund_notification<'m>(
     merchant_of: impl Fn(&MchId) -> Option<&'m Merchant>,
 ) -> Result<RefundNotification<'m>, RefundNotifyError> {
     let fields = xml::decode(body).map_err(|e| RefundNotifyError::Malformed(e.to_string()))?;
-    match fields.get("return_code") {
-        Some("SUCCESS") => {}
-        Some("FAIL") => {
-            return Err(RefundNotifyError::ReturnFail(
-                fields
-                    .get("return_msg")
-                    .unwrap_or_default()
-                    .chars()
-                    .take(128)
-                    .collect(),
-            ));
-        }
-        _ => {
-            return Err(RefundNotifyError::Malformed(
-                "return_code is neither SUCCESS nor FAIL".into(),
-            ));
-        }
-    }
-    let raw = fields
-        .get_nonempty("mch_id")
-        .ok_or_else(|| RefundNotifyError::Malformed("mch_id is missing".into()))?;
-    let mch_id = MchId::parse(raw)
-        .map_err(|_| RefundNotifyError::UnknownMerchant(raw.chars().take(32).collect()))?;
-    let merchant = merchant_of(&mch_id)
-        .filter(|m| m.api() == crate::gateway::Api::V2)
-        .ok_or_else(|| RefundNotifyError::UnknownMerchant(mch_id.to_string()))?;
+    let merchant = super::notify::envelope(&fields, merchant_of).map_err(|e| match e {
+        Envelope::Malformed(m) => RefundNotifyError::Malformed(m),
+        Envelope::ReturnFail(m) => RefundNotifyError::ReturnFail(m),
+        Envelope::UnknownMerchant(m) => RefundNotifyError::UnknownMerchant(m),
+    })?;
+    let mch_id = merchant.mch_id.clone();
     let appid = fields.get("appid").unwrap_or_default();
     if appid != merchant.appid.as_str() {
         return Err(RefundNotifyError::Mismatch(
