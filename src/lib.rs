@@ -23,6 +23,7 @@
 //! - [`telemetry`]: logging, and metrics counted where they are logged.
 //! - [`text`]: how much of an outside value a message, a log line or a stored note quotes.
 
+pub mod bill;
 pub mod commands;
 pub mod config;
 pub mod daemon;
