@@ -60,6 +60,7 @@ pub struct Settings {
     pub merchants: Vec<Merchant>,
     pub schedule: ScheduleSettings,
     pub refunds: RefundSettings,
+    pub bills: BillSettings,
     pub metrics: MetricsSettings,
     pub notify: NotifySettings,
     pub log: LogSettings,
@@ -231,6 +232,38 @@ impl Default for RefundSettings {
     }
 }
 
+/// `[bills]`: the T+1 daily trade bill, fetched and compared with the shop's tables.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillSettings {
+    /// Fetch and reconcile each merchant's daily bill (off unless turned on).
+    pub enabled: bool,
+    /// When the daily run starts: six fields, seconds first, in Beijing time (Asia/Shanghai;
+    /// China keeps no daylight saving time). WeChat makes the bill of day D from about 10:00 on
+    /// D+1. The daemon also runs once at start, to catch up after downtime.
+    pub cron: String,
+    /// How many days back a run looks for bills not yet reconciled (WeChat keeps bills three
+    /// months).
+    pub catch_up_days: u32,
+    /// A bill WeChat is still making (`Bill Creating`), or a fetch that failed, is asked again
+    /// after this long.
+    pub retry_minutes: u64,
+    /// One instance holds a bill day this long, renewed while it works.
+    pub lease_seconds: u64,
+}
+
+impl Default for BillSettings {
+    fn default() -> Self {
+        BillSettings {
+            enabled: false,
+            cron: "0 30 10 * * *".into(),
+            catch_up_days: 3,
+            retry_minutes: 30,
+            lease_seconds: 300,
+        }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -321,6 +354,8 @@ struct RawSettings {
     schedule: ScheduleSettings,
     #[serde(default)]
     refunds: RefundSettings,
+    #[serde(default)]
+    bills: BillSettings,
     #[serde(default)]
     metrics: MetricsSettings,
     #[serde(default)]
@@ -483,6 +518,7 @@ fn load_with(path: &Path, var: &EnvLookup<'_>) -> Result<Settings, ConfigError> 
     let url = check_database(&raw.database, &origins)?;
     check_schedule(&raw.schedule, &raw.wechat, &origins)?;
     check_refunds(&raw.refunds, &origins)?;
+    check_bills(&raw.bills, &origins)?;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
         return Err(origins.invalid("log.level", format!("{:?}: {e}", raw.log.level)));
     }
@@ -498,6 +534,7 @@ fn load_with(path: &Path, var: &EnvLookup<'_>) -> Result<Settings, ConfigError> 
         merchants,
         schedule: raw.schedule,
         refunds: raw.refunds,
+        bills: raw.bills,
         metrics: raw.metrics,
         notify: raw.notify,
         log: raw.log,
@@ -624,6 +661,16 @@ fn check_refunds(r: &RefundSettings, o: &Origins<'_>) -> Result<(), ConfigError>
         r.not_found_after_minutes,
         1..=60 * 24 * 7,
     )?;
+    Ok(())
+}
+
+/// `[bills]`: the cron expression, a catch-up window within WeChat's three months, sensible
+/// retry and lease periods.
+fn check_bills(b: &BillSettings, o: &Origins<'_>) -> Result<(), ConfigError> {
+    validate_cron(&b.cron).map_err(|m| o.invalid("bills.cron", m))?;
+    o.within("bills.catch_up_days", b.catch_up_days, 1..=90)?;
+    o.within("bills.retry_minutes", b.retry_minutes, 1..=24 * 60)?;
+    o.within("bills.lease_seconds", b.lease_seconds, 30..=3600)?;
     Ok(())
 }
 
@@ -1320,6 +1367,9 @@ mod tests {
             ),
             ("[schedule]\nlease_seconds = 5\n", "schedule.lease_seconds"),
             ("[refunds]\nhorizon_days = 0\n", "refunds.horizon_days"),
+            ("[bills]\ncron = \"30 10 * * *\"\n", "bills.cron"),
+            ("[bills]\ncatch_up_days = 91\n", "bills.catch_up_days"),
+            ("[bills]\nretry_minutes = 0\n", "bills.retry_minutes"),
             (
                 "[refunds]\nfirst_query_seconds = 86400\n",
                 "refunds.first_query_seconds",

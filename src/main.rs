@@ -72,6 +72,38 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// WeChat's T+1 daily trade bill against the shop's tables.
+    Bills {
+        #[command(subcommand)]
+        command: BillsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BillsCommand {
+    /// Reconcile one Beijing day's bill now (replacing that day's findings): downloaded, or a
+    /// file downloaded from the merchant platform (plain or gzip; works offline). Exits 1 when
+    /// a bill was not reconciled.
+    Reconcile {
+        /// The bill day (Beijing time), YYYY-MM-DD.
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        date: chrono::NaiveDate,
+        /// The merchant (default: every configured merchant; with --file, the only one).
+        #[arg(long)]
+        mch_id: Option<String>,
+        /// Read this bill file instead of downloading it.
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The latest bills per merchant, with their findings by kind.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -248,6 +280,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{out}");
         }
+        Command::Bills {
+            command:
+                BillsCommand::Reconcile {
+                    date,
+                    mch_id,
+                    file,
+                    json,
+                },
+        } => {
+            let settings = load(&cli)?;
+            let done = commands::bills::reconcile(
+                &settings,
+                *date,
+                mch_id.as_deref(),
+                file.as_deref(),
+                *json,
+            )
+            .await?;
+            print!("{}", done.output);
+            anyhow::ensure!(done.all_reconciled, "a bill was not reconciled (see above)");
+        }
+        Command::Bills {
+            command: BillsCommand::Status { json },
+        } => print!("{}", commands::bills::status(&load(&cli)?, *json).await?),
     }
     Ok(())
 }

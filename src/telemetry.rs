@@ -117,6 +117,11 @@ pub mod names {
     pub const OLDEST_OPEN_REFUND_AGE: &str = "wxpay_reconciler_oldest_open_refund_age_seconds";
     pub const ABNORMAL_REFUNDS: &str = "wxpay_reconciler_abnormal_refunds";
     pub const AMOUNT_MISMATCH_REFUNDS: &str = "wxpay_reconciler_amount_mismatch_refunds";
+    pub const BILL_FINDINGS: &str = "wxpay_reconciler_bill_findings";
+    pub const LAST_RECONCILED_BILL_DAY: &str =
+        "wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds";
+    pub const BILL_FEE: &str = "wxpay_reconciler_bill_fee_fen";
+    pub const BILL_FETCH_ERRORS: &str = "wxpay_reconciler_bill_fetch_errors_total";
 }
 
 /// The `outcome` of `orderquery_requests_total`: a verified answer, or why there was none.
@@ -273,10 +278,17 @@ pub enum DbOp {
     Apply,
     Gauges,
     Notify,
+    Bills,
 }
 
 impl DbOp {
-    pub const ALL: [DbOp; 4] = [DbOp::Claim, DbOp::Apply, DbOp::Gauges, DbOp::Notify];
+    pub const ALL: [DbOp; 5] = [
+        DbOp::Claim,
+        DbOp::Apply,
+        DbOp::Gauges,
+        DbOp::Notify,
+        DbOp::Bills,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -284,6 +296,7 @@ impl DbOp {
             DbOp::Apply => "apply",
             DbOp::Gauges => "gauges",
             DbOp::Notify => "notify",
+            DbOp::Bills => "bills",
         }
     }
 }
@@ -331,8 +344,10 @@ pub fn transition_series() -> Vec<(OrderState, OrderState, Source)> {
         for to in finals.clone() {
             series.push((from, to, Source::Poll));
         }
-        for to in [OrderState::Success, OrderState::AmountMismatch] {
-            series.push((from, to, Source::Notify));
+        for source in [Source::Notify, Source::Bill] {
+            for to in [OrderState::Success, OrderState::AmountMismatch] {
+                series.push((from, to, source));
+            }
         }
         series.push((from, OrderState::Closed, Source::Expire));
     }
@@ -376,7 +391,7 @@ enum Measure {
 
 /// Every metric: its kind, what it measures, its name and its help text.
 #[rustfmt::skip]
-const DESCRIPTIONS: [(Kind, Measure, &str, &str); 37] = {
+const DESCRIPTIONS: [(Kind, Measure, &str, &str); 41] = {
     use Kind::*;
     use Measure::*;
     use names::*;
@@ -418,6 +433,10 @@ const DESCRIPTIONS: [(Kind, Measure, &str, &str); 37] = {
         (Gauge,     Seconds, OLDEST_OPEN_REFUND_AGE, "Age of the oldest refund in PROCESSING (0 when none)"),
         (Gauge,     Count,   ABNORMAL_REFUNDS,       "Refunds in ABNORMAL: the money could not reach the payer, a person must act"),
         (Gauge,     Count,   AMOUNT_MISMATCH_REFUNDS, "Refunds in AMOUNT_MISMATCH (quarantined until a person decides)"),
+        (Gauge,     Count,   BILL_FINDINGS,          "Findings of the merchant's last reconciled daily bill, by kind"),
+        (Gauge,     Seconds, LAST_RECONCILED_BILL_DAY, "Unix time of the start (00:00 Beijing) of the last bill day reconciled (0: none yet)"),
+        (Gauge,     Count,   BILL_FEE,               "WeChat's total fee (fen, exact to 1/1000) on the merchant's last reconciled bill"),
+        (Counter,   Count,   BILL_FETCH_ERRORS,      "Daily bills not reconciled: fetch failures and refused bills, by reason"),
     ]
 };
 
@@ -470,7 +489,7 @@ fn zero_series(merchants: &HashSet<String>) {
     for m in merchants {
         zero_merchant_series(m);
     }
-    for source in [Source::Poll, Source::Notify, Source::Expire, Source::Manual] {
+    for source in Source::ALL {
         counter!(NOOP, "source" => source.as_str()).absolute(0);
     }
     for op in DbOp::ALL {
@@ -527,11 +546,66 @@ fn zero_merchant_series(m: &str) {
             .absolute(0);
     }
     for to in RefundState::ALL.into_iter().filter(|s| !s.is_open()) {
-        for source in [Source::Poll, Source::Notify, Source::Manual] {
+        for source in [Source::Poll, Source::Notify, Source::Manual, Source::Bill] {
             counter!(REFUND_TRANSITIONS, "mch_id" => m.clone(), "to" => to.as_str(), "source" => source.as_str())
                 .absolute(0);
         }
     }
+}
+
+/// The `reason` of `bill_fetch_errors_total`: why a day's bill was not reconciled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillFailure {
+    /// No answer, or a retryable one (timeout, 5xx, an expired download URL).
+    Transport,
+    /// WeChat refused the request (a bad date, no permission): a person must look.
+    Rejected,
+    /// The download's SHA-1 differs from the hash WeChat gave: refused.
+    HashMismatch,
+    /// The rows do not add up to the bill's summary line: refused.
+    SummaryMismatch,
+    /// The text is not a trade bill this program can read: refused, naming the line.
+    Malformed,
+    /// Rows of another merchant: refused.
+    WrongMerchant,
+}
+
+impl BillFailure {
+    pub const ALL: [BillFailure; 6] = [
+        BillFailure::Transport,
+        BillFailure::Rejected,
+        BillFailure::HashMismatch,
+        BillFailure::SummaryMismatch,
+        BillFailure::Malformed,
+        BillFailure::WrongMerchant,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillFailure::Transport => "transport",
+            BillFailure::Rejected => "rejected",
+            BillFailure::HashMismatch => "hash_mismatch",
+            BillFailure::SummaryMismatch => "summary_mismatch",
+            BillFailure::Malformed => "malformed",
+            BillFailure::WrongMerchant => "wrong_merchant",
+        }
+    }
+
+    /// Whether the bill itself was refused (rather than not fetched).
+    pub fn is_refusal(self) -> bool {
+        !matches!(self, BillFailure::Transport | BillFailure::Rejected)
+    }
+}
+
+/// What the gauges of one merchant's last reconciled bill show.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BillGauges {
+    /// The bill day, as the Unix time of its start (00:00 Beijing).
+    pub day_start_unix: i64,
+    /// The day's total fee, in thousandths of a fen.
+    pub fee_milli_fen: i64,
+    /// Findings by kind (every kind; missing ones are 0).
+    pub findings: Vec<(crate::store::FindingKind, i64)>,
 }
 
 /// The `outcome` of `refundquery_requests_total`: a verified answer (`ok`), WeChat knowing no
@@ -768,6 +842,89 @@ impl Telemetry {
             gauge!(names::ABNORMAL_REFUNDS, "mch_id" => m.clone()).set(get(|s| s.abnormal));
             gauge!(names::AMOUNT_MISMATCH_REFUNDS, "mch_id" => m).set(get(|s| s.amount_mismatch));
         });
+    }
+
+    /// The bill series of the merchants whose bills are reconciled, at zero (the day gauge at
+    /// 0 means "never reconciled", which the missing-bill alert catches).
+    pub fn zero_bill_series<'a>(&self, merchants: impl IntoIterator<Item = &'a str>) {
+        for m in merchants {
+            let m = self.mch_label(m);
+            self.with(|| {
+                for kind in crate::store::FindingKind::ALL {
+                    gauge!(names::BILL_FINDINGS, "mch_id" => m.clone(), "kind" => kind.as_str())
+                        .set(0.0);
+                }
+                gauge!(names::LAST_RECONCILED_BILL_DAY, "mch_id" => m.clone()).set(0.0);
+                gauge!(names::BILL_FEE, "mch_id" => m.clone()).set(0.0);
+                for reason in BillFailure::ALL {
+                    counter!(names::BILL_FETCH_ERRORS, "mch_id" => m.clone(), "reason" => reason.as_str())
+                        .absolute(0);
+                }
+            });
+        }
+    }
+
+    /// The gauges of a merchant's last reconciled bill.
+    pub fn bill_gauges(&self, mch_id: &str, g: &BillGauges) {
+        let m = self.mch_label(mch_id);
+        self.with(|| {
+            for kind in crate::store::FindingKind::ALL {
+                let n = g
+                    .findings
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map_or(0, |(_, n)| *n);
+                gauge!(names::BILL_FINDINGS, "mch_id" => m.clone(), "kind" => kind.as_str())
+                    .set(n as f64);
+            }
+            gauge!(names::LAST_RECONCILED_BILL_DAY, "mch_id" => m.clone())
+                .set(g.day_start_unix as f64);
+            gauge!(names::BILL_FEE, "mch_id" => m).set(g.fee_milli_fen as f64 / 1000.0);
+        });
+    }
+
+    /// A day's bill was not reconciled: logged (an error for a refused bill, a warning for a
+    /// failed fetch, which is retried) and counted by reason.
+    pub fn bill_failed(
+        &self,
+        mch_id: &str,
+        bill_date: chrono::NaiveDate,
+        failure: BillFailure,
+        error: &str,
+    ) {
+        let m = self.mch_label(mch_id);
+        let date = bill_date.to_string();
+        if failure.is_refusal() {
+            tracing::error!(mch_id, bill_date = %date, reason = failure.as_str(), error, "daily bill refused: nothing of it was applied");
+        } else {
+            tracing::warn!(mch_id, bill_date = %date, reason = failure.as_str(), error, "daily bill not fetched; will retry");
+        }
+        self.with(|| {
+            counter!(names::BILL_FETCH_ERRORS, "mch_id" => m, "reason" => failure.as_str())
+                .increment(1)
+        });
+    }
+
+    /// One finding of a bill run that a person must see (`local_only`, `amount_diff`,
+    /// `remote_only`, `paid_after_close`, `state_diff`): logged; the gauges count them once
+    /// the run ends.
+    pub fn bill_finding(
+        &self,
+        mch_id: &str,
+        bill_date: chrono::NaiveDate,
+        kind: crate::store::FindingKind,
+        number: &str,
+        detail: &str,
+    ) {
+        use crate::store::FindingKind as K;
+        let date = bill_date.to_string();
+        let number = crate::text::quote(number);
+        match kind {
+            K::LocalOnly => tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "paid here but absent from WeChat's bill: the shop may have shipped for money it does not have"),
+            K::AmountDiff => tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill's amount differs from the shop's"),
+            K::SettledByBill => tracing::info!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, "settled by the daily bill (its notification and queries were lost)"),
+            K::RemoteOnly | K::StateDiff | K::PaidAfterClose => tracing::warn!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill disagrees with the shop's tables"),
+        }
     }
 
     /// A refund reached a final state (and, for a success, maybe its order `REFUND`).

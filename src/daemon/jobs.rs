@@ -22,14 +22,17 @@ use crate::http::Health;
 use crate::reconcile::refund_scan::RefundScanReport;
 use crate::reconcile::scanner::{ScanReport, Scanner};
 use crate::shutdown::systemd;
-use crate::store::{Attention, OpenSummary, Store, StoreError, SummaryRequest};
-use crate::telemetry::{DbOp, OpenCounts, Telemetry};
+use crate::reconcile::bills::BillRunner;
+use crate::store::{Attention, BillState, OpenSummary, Store, StoreError, SummaryRequest};
+use crate::telemetry::{BillGauges, DbOp, OpenCounts, Telemetry};
 
 /// When a job runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Schedule {
-    /// A six-field cron expression, seconds first; reloadable.
+    /// A six-field cron expression, seconds first, in UTC; reloadable.
     Cron(String),
+    /// The same in Beijing time (UTC+8, no daylight saving time): the bills'.
+    BeijingCron(String),
     /// Every period, the first at once; fixed until a restart.
     Every(Duration),
 }
@@ -100,6 +103,8 @@ pub(super) trait Job: Send + Sync + 'static {
     /// Whether it feeds systemd's watchdog: every [`systemd::watchdog_period`] between runs,
     /// and during a run as long as it progresses within the run's `stall_limit`.
     const FEEDS_WATCHDOG: bool;
+    /// Whether a run starts at once, before the first tick (to catch up after downtime).
+    const RUNS_AT_START: bool = false;
     /// The error logged when a run stops feeding the watchdog.
     const STALLED: &'static str = "the job made no progress within its stall limit; leaving the systemd watchdog to restart the daemon";
     /// Its schedule in these settings.
@@ -143,6 +148,9 @@ impl Ticks {
 async fn run_job<J: Job>(job: J, mut ticks: Ticks, ctx: JobContext) {
     let mut pet = tokio::time::interval(systemd::watchdog_period());
     pet.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    if J::RUNS_AT_START {
+        run_once(&job, &mut ticks, &mut pet, &ctx).await;
+    }
     loop {
         tokio::select! {
             more = ticks.next() => if !more { break },
@@ -213,14 +221,24 @@ struct Ticker {
 }
 
 impl Ticker {
-    async fn add(&self, cron: &JobScheduler, expr: &str) -> Result<uuid::Uuid, DaemonError> {
+    async fn add(
+        &self,
+        cron: &JobScheduler,
+        expr: &str,
+        beijing: bool,
+    ) -> Result<uuid::Uuid, DaemonError> {
         let ticker = self.clone();
-        let job = CronJob::new_async(expr, move |_, _| {
+        let tick = move |_, _| -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
             if ticker.tick.try_send(()).is_err() {
                 ticker.overlap.dropped(&ticker.telemetry);
             }
             Box::pin(async {})
-        })
+        };
+        let job = if beijing {
+            CronJob::new_async_tz(expr, crate::reconcile::bills::beijing(), tick)
+        } else {
+            CronJob::new_async(expr, tick)
+        }
         .map_err(scheduler_error)?;
         cron.add(job).await.map_err(scheduler_error)
     }
@@ -257,14 +275,15 @@ impl Scheduler {
         ctx: JobContext,
     ) -> Result<(), DaemonError> {
         let ticks = match J::schedule(settings) {
-            Schedule::Cron(expr) => {
+            Schedule::Cron(expr) | Schedule::BeijingCron(expr) => {
+                let beijing = matches!(J::schedule(settings), Schedule::BeijingCron(_));
                 let (tick, ticks) = mpsc::channel(1);
                 let ticker = Ticker {
                     tick,
                     overlap: J::OVERLAP,
                     telemetry: ctx.telemetry.clone(),
                 };
-                let id = ticker.add(&self.cron, &expr).await?;
+                let id = ticker.add(&self.cron, &expr, beijing).await?;
                 self.entries.push(CronEntry {
                     schedule_of: J::schedule,
                     expr,
@@ -286,13 +305,15 @@ impl Scheduler {
     /// Re-adds each cron job whose expression differs in `settings`.
     async fn reschedule(&mut self, settings: &Settings) -> Result<(), DaemonError> {
         for entry in &mut self.entries {
-            let Schedule::Cron(expr) = (entry.schedule_of)(settings) else {
-                continue;
+            let (expr, beijing) = match (entry.schedule_of)(settings) {
+                Schedule::Cron(expr) => (expr, false),
+                Schedule::BeijingCron(expr) => (expr, true),
+                Schedule::Every(_) => continue,
             };
             if expr == entry.expr {
                 continue;
             }
-            let id = entry.ticker.add(&self.cron, &expr).await?;
+            let id = entry.ticker.add(&self.cron, &expr, beijing).await?;
             self.cron.remove(&entry.id).await.map_err(scheduler_error)?;
             entry.id = id;
             entry.expr = expr;
@@ -341,6 +362,24 @@ impl Jobs {
             telemetry: wiring.telemetry().clone(),
             health: wiring.health.clone(),
         };
+        if settings.bills.enabled {
+            let runner = super::wiring::bill_runner(
+                settings,
+                wiring.store().clone(),
+                Some(wiring.scanners.client.clone()),
+                wiring.telemetry().clone(),
+            );
+            wiring.telemetry().zero_bill_series(
+                settings.merchants.iter().map(|m| m.mch_id.as_str()),
+            );
+            let bills = BillJob {
+                runner,
+                store: wiring.store().clone(),
+                telemetry: wiring.telemetry().clone(),
+                health: wiring.health.clone(),
+            };
+            scheduler.spawn(tasks, bills, settings, ctx.clone()).await?;
+        }
         scheduler.spawn(tasks, refresh, settings, ctx).await?;
         scheduler.cron.start().await.map_err(scheduler_error)?;
         Ok(Jobs {
@@ -466,6 +505,100 @@ fn refund_scan_finished(health: &Health, result: Result<RefundScanReport, StoreE
         Err(error) => {
             health.db(false);
             tracing::warn!(%error, "refund scan failed; retrying at the next tick");
+        }
+    }
+}
+
+/// The daily bills: at start (to catch up after downtime) and at each `[bills] cron` tick
+/// (Beijing time), every merchant's due days. Within a run, a day WeChat is still making (or
+/// whose fetch failed) is asked again at its next attempt, until the run's days are settled or
+/// [`BILL_RUN_LIMIT`] has passed (the next tick's catch-up takes over). `[bills]` keys other
+/// than `cron` apply at the next start.
+struct BillJob {
+    runner: BillRunner,
+    store: Store,
+    telemetry: Telemetry,
+    health: Arc<Health>,
+}
+
+/// How long one run of the bill job keeps retrying days that are not ready.
+const BILL_RUN_LIMIT: Duration = Duration::from_secs(12 * 3600);
+
+impl Job for BillJob {
+    const NAME: &'static str = "bills";
+    const OVERLAP: Overlap = Overlap::Wait;
+    const FEEDS_WATCHDOG: bool = false;
+    const RUNS_AT_START: bool = true;
+
+    fn schedule(settings: &Settings) -> Schedule {
+        Schedule::BeijingCron(settings.bills.cron.clone())
+    }
+
+    fn start<'a>(
+        &'a self,
+        _progress: &'a Progress,
+        stop: &'a CancellationToken,
+    ) -> Run<impl Future<Output = ()> + Send + 'a> {
+        Run {
+            stall_limit: None,
+            work: self.run(stop),
+        }
+    }
+}
+
+impl BillJob {
+    async fn run(&self, stop: &CancellationToken) {
+        self.refresh_gauges().await;
+        let started = Instant::now();
+        loop {
+            let retry = match self.runner.run_due(Utc::now(), stop).await {
+                Ok(retry) => retry,
+                Err(error) => {
+                    if let crate::reconcile::bills::BillRunError::Store(e) = &error {
+                        self.telemetry.db_error(DbOp::Bills, e);
+                        self.health.db(false);
+                    }
+                    tracing::warn!(%error, "bill run failed; retrying at its next attempt");
+                    Some(Utc::now() + TimeDelta::minutes(5))
+                }
+            };
+            let Some(at) = retry else { break };
+            let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            if started.elapsed() + wait > BILL_RUN_LIMIT {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+    }
+
+    /// The gauges of each merchant's last reconciled bill, from the table (so that a restart,
+    /// or another instance's run, shows).
+    async fn refresh_gauges(&self) {
+        match self.store.latest_bills(8).await {
+            Ok(records) => {
+                for m in self.runner.merchants() {
+                    let mch_id = m.mch_id.as_str();
+                    let last = records
+                        .iter()
+                        .filter(|r| r.mch_id == mch_id && r.state == BillState::Reconciled)
+                        .max_by_key(|r| r.bill_date);
+                    if let Some(r) = last {
+                        let (day_start, _) = crate::reconcile::bills::day_bounds(r.bill_date);
+                        self.telemetry.bill_gauges(
+                            mch_id,
+                            &BillGauges {
+                                day_start_unix: day_start.timestamp(),
+                                fee_milli_fen: r.totals.map_or(0, |t| t.fee_milli_fen),
+                                findings: r.findings.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+            Err(e) => self.telemetry.db_error(DbOp::Bills, &e),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio_cron_scheduler::JobScheduler;
 use tokio_util::sync::CancellationToken;
 
 pub use reload::Reloader;
-pub use wiring::{open_store, policy, refund_policy, scanner};
+pub use wiring::{bill_runner, open_store, policy, refund_policy, scanner};
 
 use crate::config::Settings;
 use crate::http::Health;

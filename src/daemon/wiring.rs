@@ -16,6 +16,7 @@ use crate::gateway::Gateway;
 use crate::http::{self, Health};
 use crate::listener::{self, Limits, Listener};
 use crate::notify::{self, NotifyApp};
+use crate::reconcile::bills::{BillRunner, BillRunnerParts};
 use crate::reconcile::policy::Policy;
 use crate::reconcile::refund_policy::RefundPolicy;
 use crate::reconcile::scanner::{ScanSettings, Scanner};
@@ -74,6 +75,27 @@ pub fn refund_policy(settings: &Settings) -> Option<RefundPolicy> {
         first_delay: secs(r.first_query_seconds),
         horizon: secs(r.horizon_days.saturating_mul(86_400)),
         not_found_after: secs(r.not_found_after_minutes.saturating_mul(60)),
+    })
+}
+
+/// The bill runner of these settings (`[bills]`), on `store`; `gateway` `None` reads files
+/// only.
+pub fn bill_runner(
+    settings: &Settings,
+    store: Store,
+    gateway: Option<Arc<Gateway>>,
+    telemetry: Telemetry,
+) -> BillRunner {
+    BillRunner::new(BillRunnerParts {
+        store,
+        gateway,
+        telemetry,
+        policy: policy(settings),
+        // With refund polling off, a refund the bill shows ended is still decided by the
+        // same rules.
+        refund_policy: refund_policy(settings).unwrap_or_default(),
+        settings: settings.bills.clone(),
+        merchants: settings.merchants.clone(),
     })
 }
 

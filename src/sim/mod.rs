@@ -95,6 +95,8 @@ pub fn daemon_settings(db_url: &str, sim_url: &str) -> Settings {
             first_query_seconds: 1,
             ..RefundSettings::default()
         },
+        // Bills off: a test or the demo that reconciles a bill turns them on.
+        bills: Default::default(),
         metrics: MetricsSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             refresh_seconds: 1,

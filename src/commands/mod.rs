@@ -1,5 +1,7 @@
 //! The operator's commands besides `run`: `migrate`, `check-config`, `status`, `query`.
-//! Each returns what it prints, so tests can read it.
+//! Each returns what it prints, so tests can read it. `bills` is in [`bills`].
+
+pub mod bills;
 
 use std::fmt::Write as _;
 

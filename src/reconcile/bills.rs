@@ -1,0 +1,1249 @@
+//! The T+1 run: one merchant's daily bill of one Beijing day against the shop's tables.
+//!
+//! 1. Claim the day (`wxpay_bills`, a lease as for orders: one instance runs a day; the claim
+//!    deletes the day's previous findings, so a re-run replaces them).
+//! 2. Fetch it ([`Gateway::download_bill`], or a file a person downloaded). No bill is an empty
+//!    bill; a bill still being made is asked again after `retry_minutes`.
+//! 3. Verify it, before anything is applied: the SHA-1 WeChat gave (v3), every line readable,
+//!    every row of this merchant, the rows adding up to the summary line. A bill that fails is
+//!    refused whole and counted.
+//! 4. Compare it, streaming: a parser thread sends batches of rows; each batch is matched with
+//!    one lookup of its orders and one of its refunds ([`super::bill_compare`]); what it
+//!    decides goes through the one [`Settler`] (payments) or the refund rules (refunds), and
+//!    the batch's findings are written under the day's lease.
+//! 5. Then the shop's side: every order paid, and every refund succeeded, on that day that the
+//!    bill did not list is `local_only`. Which were listed is a bitmap over the day's id span
+//!    ([`Seen`]), so memory does not grow with the bill.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, TimeDelta, TimeZone, Utc};
+use sha1::{Digest, Sha1};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::bill_compare::{self, PaymentCheck, RefundCheck};
+use super::policy::Policy;
+use super::refund_policy::{RefundPolicy, RefundView, decide_refund_report};
+use super::settle::{Report, Reported, Settler, Verdict};
+use crate::bill::{self, BillError, BillReader, BillRow, MilliFen, RowKind, SummaryCheck};
+use crate::config::BillSettings;
+use crate::domain::{Currency, OrderState, RefundState, Source};
+use crate::gateway::{BillAnswer, Gateway, GatewayError, Merchant};
+use crate::store::{
+    BillClaim, BillClaimRequest, BillEnd, BillOrigin, BillState, BillTotals, FindingAction,
+    FindingKind, FindingObject, IdSpan, NewFinding, RefundApplied, RefundChange, RefundGuard,
+    Store, StoreError,
+};
+use crate::telemetry::{BillFailure, BillGauges, Telemetry};
+
+/// Rows matched per lookup.
+pub const BATCH_ROWS: usize = 1000;
+/// Local rows read per page of the shop's side.
+const PAGE_ROWS: u32 = 1000;
+/// Findings of one kind logged one by one per run; the rest are counted.
+const LOGGED_PER_KIND: usize = 20;
+/// A bitmap of the day's ids is used while their span is at most this many ids (16 MiB).
+const MAX_BITMAP_SPAN: i64 = 1 << 27;
+
+/// China Standard Time (UTC+8, no daylight saving time): the bill's clock.
+pub fn beijing() -> FixedOffset {
+    FixedOffset::east_opt(8 * 3600).unwrap_or_else(|| unreachable!("+08:00 is a valid offset"))
+}
+
+/// The Beijing day `date` as the UTC instants `[from, to)`.
+pub fn day_bounds(date: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
+    let start = |d: NaiveDate| {
+        beijing()
+            .from_local_datetime(&d.and_time(NaiveTime::MIN))
+            .single()
+            .map_or(DateTime::<Utc>::MIN_UTC, |t| t.with_timezone(&Utc))
+    };
+    (start(date), start(date.succ_opt().unwrap_or(date)))
+}
+
+/// Today's date in Beijing.
+pub fn beijing_today(now: DateTime<Utc>) -> NaiveDate {
+    now.with_timezone(&beijing()).date_naive()
+}
+
+/// The days a run at `now` looks at: the last `catch_up_days` Beijing days whose bill WeChat
+/// has made by now (from 10:00 the next day), oldest first.
+pub fn due_days(now: DateTime<Utc>, catch_up_days: u32) -> Vec<NaiveDate> {
+    let today = beijing_today(now);
+    (1..=i64::from(catch_up_days))
+        .rev()
+        .filter_map(|back| today.checked_sub_signed(TimeDelta::days(back)))
+        .filter(|d| {
+            let (_, next_midnight) = day_bounds(*d);
+            now >= next_midnight + TimeDelta::hours(10)
+        })
+        .collect()
+}
+
+/// Where a run's bill comes from.
+#[derive(Debug, Clone)]
+pub enum BillInput {
+    /// Downloaded from WeChat.
+    Download,
+    /// A file a person downloaded from the merchant platform (plain or gzip).
+    File(PathBuf),
+}
+
+/// One day to run.
+#[derive(Debug, Clone)]
+pub struct DayRequest<'a> {
+    pub merchant: &'a Merchant,
+    pub bill_date: NaiveDate,
+    pub input: BillInput,
+    /// Run the day even if it was reconciled or is not due (`bills reconcile`).
+    pub force: bool,
+}
+
+/// What a day's run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DayOutcome {
+    Reconciled(DaySummary),
+    /// WeChat is still making the bill (or a fetch failed): asked again then.
+    Retry {
+        at: DateTime<Utc>,
+        failure: Option<BillFailure>,
+        reason: String,
+    },
+    /// The bill was refused whole: nothing of it was applied.
+    Refused {
+        failure: BillFailure,
+        reason: String,
+    },
+    /// Another instance runs this day.
+    Busy,
+    /// Nothing to do: already reconciled, or its next attempt is not due.
+    NotDue(BillState),
+    /// This run's lease on the day was lost (it took too long); the other instance's run wins.
+    LeaseLost,
+}
+
+/// A reconciled day.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DaySummary {
+    /// No bill existed (a quiet day at WeChat).
+    pub empty: bool,
+    pub totals: Totals,
+    pub sha1: Option<String>,
+    pub findings: Vec<(FindingKind, i64)>,
+}
+
+impl DaySummary {
+    pub fn count(&self, kind: FindingKind) -> i64 {
+        self.findings
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The bill's own totals, as verified against its summary line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub rows: i64,
+    pub payments: i64,
+    pub refunds: i64,
+    /// The payments' order amounts, fen.
+    pub total_fee: i64,
+    /// The refunds' amounts, fen.
+    pub refund_fee: i64,
+    pub fee: MilliFen,
+}
+
+/// Why a run stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BillRunError {
+    /// The database failed (retryable: the day is run again at the next attempt).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The bill could not be read a second time as it was read the first (a changed file).
+    #[error("the bill changed while it was read: {0}")]
+    Reread(String),
+}
+
+/// Runs bill days. Cheap to clone.
+#[derive(Clone)]
+pub struct BillRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    gateway: Option<Arc<Gateway>>,
+    telemetry: Telemetry,
+    policy: Policy,
+    refund_policy: RefundPolicy,
+    settings: BillSettings,
+    merchants: Vec<Merchant>,
+}
+
+/// Everything a [`BillRunner`] is built from.
+pub struct BillRunnerParts {
+    pub store: Store,
+    /// `None`: files only (an offline `bills reconcile --file`).
+    pub gateway: Option<Arc<Gateway>>,
+    pub telemetry: Telemetry,
+    pub policy: Policy,
+    pub refund_policy: RefundPolicy,
+    pub settings: BillSettings,
+    pub merchants: Vec<Merchant>,
+}
+
+/// How far a run got, for its lease.
+struct Held {
+    bill_id: i64,
+    lease: i64,
+    until: DateTime<Utc>,
+}
+
+impl BillRunner {
+    pub fn new(parts: BillRunnerParts) -> BillRunner {
+        BillRunner {
+            inner: Arc::new(Inner {
+                store: parts.store,
+                gateway: parts.gateway,
+                telemetry: parts.telemetry,
+                policy: parts.policy,
+                refund_policy: parts.refund_policy,
+                settings: parts.settings,
+                merchants: parts.merchants,
+            }),
+        }
+    }
+
+    pub fn merchants(&self) -> &[Merchant] {
+        &self.inner.merchants
+    }
+
+    /// Every merchant's due days (see [`due_days`]), each claimed and run unless another
+    /// instance holds it or it is done; the earliest retry asked for, if any.
+    pub async fn run_due(
+        &self,
+        now: DateTime<Utc>,
+        stop: &CancellationToken,
+    ) -> Result<Option<DateTime<Utc>>, BillRunError> {
+        let mut retry: Option<DateTime<Utc>> = None;
+        for merchant in &self.inner.merchants {
+            for bill_date in due_days(now, self.inner.settings.catch_up_days) {
+                if stop.is_cancelled() {
+                    return Ok(retry);
+                }
+                let req = DayRequest {
+                    merchant,
+                    bill_date,
+                    input: BillInput::Download,
+                    force: false,
+                };
+                match self.run_day(&req, stop).await? {
+                    DayOutcome::Retry { at, .. } => {
+                        retry = Some(retry.map_or(at, |r| r.min(at)));
+                    }
+                    DayOutcome::Reconciled(s) => tracing::info!(
+                        mch_id = merchant.mch_id.as_str(),
+                        bill_date = %bill_date,
+                        rows = s.totals.rows,
+                        local_only = s.count(FindingKind::LocalOnly),
+                        remote_only = s.count(FindingKind::RemoteOnly),
+                        amount_diff = s.count(FindingKind::AmountDiff),
+                        settled_by_bill = s.count(FindingKind::SettledByBill),
+                        "daily bill reconciled"
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        Ok(retry)
+    }
+
+    /// Claims and runs one day.
+    pub async fn run_day(
+        &self,
+        req: &DayRequest<'_>,
+        stop: &CancellationToken,
+    ) -> Result<DayOutcome, BillRunError> {
+        let inner = &self.inner;
+        let mch_id = req.merchant.mch_id.as_str();
+        let now = Utc::now();
+        let claim = inner
+            .store
+            .claim_bill(&BillClaimRequest {
+                mch_id,
+                bill_date: req.bill_date,
+                now,
+                lease_for: self.lease_for(),
+                force: req.force,
+            })
+            .await?;
+        let mut held = match claim {
+            BillClaim::Claimed { bill_id, lease } => Held {
+                bill_id,
+                lease,
+                until: now + self.lease_for(),
+            },
+            BillClaim::Busy => return Ok(DayOutcome::Busy),
+            BillClaim::NotDue { state } => return Ok(DayOutcome::NotDue(state)),
+        };
+        let (file, origin, expected_sha1) = match self.fetch(req).await {
+            Fetched::File {
+                file,
+                origin,
+                sha1,
+            } => (Some(file), origin, sha1),
+            Fetched::Empty => (None, BillOrigin::Download, None),
+            Fetched::Retry { failure, reason } => {
+                let at = Utc::now() + self.retry_after();
+                if let Some(f) = failure {
+                    inner.telemetry.bill_failed(mch_id, req.bill_date, f, &reason);
+                }
+                let state = if failure.is_some() {
+                    BillState::Failed
+                } else {
+                    BillState::NotReady
+                };
+                let end = BillEnd {
+                    state,
+                    origin: Some(BillOrigin::Download),
+                    sha1: None,
+                    totals: None,
+                    summary_check: None,
+                    last_error: Some(&reason),
+                    next_attempt_at: Some(at),
+                    now: Utc::now(),
+                };
+                if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+                    return Ok(DayOutcome::LeaseLost);
+                }
+                return Ok(DayOutcome::Retry {
+                    at,
+                    failure,
+                    reason,
+                });
+            }
+            Fetched::Refused { failure, reason } => {
+                return self.refuse(req, &held, None, failure, reason).await;
+            }
+        };
+        let (from, to) = day_bounds(req.bill_date);
+        let mut sides = Sides {
+            orders: Seen::new(inner.store.paid_span(mch_id, from, to).await?),
+            refunds: Seen::new(inner.store.refund_span(mch_id, from, to).await?),
+        };
+        let (totals, sha1) = match file {
+            None => (Totals::default(), None),
+            Some(file) => {
+                let merchant_ids = merchant_ids(req.merchant);
+                let verified = tokio::task::spawn_blocking(move || {
+                    let v = verify(&file, expected_sha1.as_deref(), &merchant_ids);
+                    (file, v)
+                })
+                .await
+                .map_err(|e| BillRunError::Reread(e.to_string()))?;
+                let (file, verdict) = verified;
+                match verdict {
+                    Err((failure, reason)) => {
+                        let origin = Some(origin);
+                        return self.refuse(req, &held, origin, failure, reason).await;
+                    }
+                    Ok((totals, sha1)) => {
+                        match self
+                            .compare_bill(req, &mut held, file, &mut sides, stop)
+                            .await?
+                        {
+                            Compared::Done => (totals, Some(sha1)),
+                            Compared::LeaseLost => return Ok(DayOutcome::LeaseLost),
+                        }
+                    }
+                }
+            }
+        };
+        if matches!(
+            self.local_side(req, &mut held, &sides).await?,
+            Compared::LeaseLost
+        ) {
+            return Ok(DayOutcome::LeaseLost);
+        }
+        let end = BillEnd {
+            state: BillState::Reconciled,
+            origin: Some(origin),
+            sha1: sha1.as_deref(),
+            totals: Some(BillTotals {
+                row_count: totals.rows,
+                payment_count: totals.payments,
+                refund_count: totals.refunds,
+                total_fee: totals.total_fee,
+                refund_fee: totals.refund_fee,
+                fee_milli_fen: totals.fee.get(),
+            }),
+            summary_check: Some(if sha1.is_some() { "adds_up" } else { "missing" }),
+            last_error: None,
+            next_attempt_at: None,
+            now: Utc::now(),
+        };
+        if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+            return Ok(DayOutcome::LeaseLost);
+        }
+        let record = inner.store.bill(mch_id, req.bill_date).await?;
+        let findings = record.map(|r| r.findings).unwrap_or_default();
+        let (day_start, _) = day_bounds(req.bill_date);
+        inner.telemetry.bill_gauges(
+            mch_id,
+            &BillGauges {
+                day_start_unix: day_start.timestamp(),
+                fee_milli_fen: totals.fee.get(),
+                findings: findings.clone(),
+            },
+        );
+        Ok(DayOutcome::Reconciled(DaySummary {
+            empty: sha1.is_none(),
+            totals,
+            sha1,
+            findings,
+        }))
+    }
+
+    fn lease_for(&self) -> TimeDelta {
+        TimeDelta::seconds(i64::try_from(self.inner.settings.lease_seconds).unwrap_or(300))
+    }
+
+    fn retry_after(&self) -> TimeDelta {
+        TimeDelta::minutes(i64::try_from(self.inner.settings.retry_minutes).unwrap_or(30))
+    }
+
+    /// Ends the day as refused: counted, logged, the reason stored; a downloaded bill is asked
+    /// for again after `retry_minutes` (WeChat may serve a good copy), a file is not.
+    async fn refuse(
+        &self,
+        req: &DayRequest<'_>,
+        held: &Held,
+        origin: Option<BillOrigin>,
+        failure: BillFailure,
+        reason: String,
+    ) -> Result<DayOutcome, BillRunError> {
+        let inner = &self.inner;
+        let mch_id = req.merchant.mch_id.as_str();
+        inner
+            .telemetry
+            .bill_failed(mch_id, req.bill_date, failure, &reason);
+        let next_attempt_at = match req.input {
+            BillInput::Download => Some(Utc::now() + self.retry_after()),
+            BillInput::File(_) => None,
+        };
+        let summary_check = matches!(failure, BillFailure::SummaryMismatch).then_some("differs");
+        let end = BillEnd {
+            state: BillState::Refused,
+            origin,
+            sha1: None,
+            totals: None,
+            summary_check,
+            last_error: Some(&reason),
+            next_attempt_at,
+            now: Utc::now(),
+        };
+        if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+            return Ok(DayOutcome::LeaseLost);
+        }
+        Ok(DayOutcome::Refused { failure, reason })
+    }
+
+    async fn fetch(&self, req: &DayRequest<'_>) -> Fetched {
+        match &req.input {
+            BillInput::File(path) => match std::fs::File::open(path) {
+                Ok(file) => Fetched::File {
+                    file,
+                    origin: BillOrigin::File,
+                    sha1: None,
+                },
+                Err(e) => Fetched::Refused {
+                    failure: BillFailure::Malformed,
+                    reason: format!("{}: {e}", path.display()),
+                },
+            },
+            BillInput::Download => {
+                let Some(gateway) = &self.inner.gateway else {
+                    return Fetched::Retry {
+                        failure: Some(BillFailure::Rejected),
+                        reason: "no WeChat client in this run".into(),
+                    };
+                };
+                match gateway.download_bill(req.merchant, req.bill_date).await {
+                    Ok(BillAnswer::Empty) => Fetched::Empty,
+                    Ok(BillAnswer::NotReady) => Fetched::Retry {
+                        failure: None,
+                        reason: "WeChat is still making the bill".into(),
+                    },
+                    Ok(BillAnswer::File(f)) => Fetched::File {
+                        file: f.file,
+                        origin: BillOrigin::Download,
+                        sha1: f.sha1,
+                    },
+                    Err(e) => Fetched::Retry {
+                        failure: Some(fetch_failure(&e)),
+                        reason: e.to_string(),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Pass 2: the bill's rows against the shop's, batch by batch, from a parser thread.
+    async fn compare_bill(
+        &self,
+        req: &DayRequest<'_>,
+        held: &mut Held,
+        mut file: std::fs::File,
+        sides: &mut Sides,
+        stop: &CancellationToken,
+    ) -> Result<Compared, BillRunError> {
+        let (tx, mut rx) = mpsc::channel::<Result<Vec<BillRow>, String>>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let text = file
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| bill::open_text(file));
+            match text {
+                Ok(text) => stream_rows(text, &tx),
+                Err(e) => {
+                    // The receiver is gone only when the run stopped.
+                    let _ = tx.blocking_send(Err(e.to_string()));
+                }
+            }
+        });
+        let mut logged = Logged::default();
+        let mut outcome = Compared::Done;
+        while let Some(batch) = rx.recv().await {
+            let rows = match batch {
+                Ok(rows) => rows,
+                Err(e) => {
+                    drop(rx);
+                    let _ = reader.await;
+                    return Err(BillRunError::Reread(e));
+                }
+            };
+            if stop.is_cancelled() || !self.renew(held).await? {
+                // Stopped: the day stays RUNNING under this lease until it expires, and the
+                // next run does it again (what was applied is not applied twice).
+                outcome = Compared::LeaseLost;
+                break;
+            }
+            if !self
+                .compare_batch(req, held, &rows, sides, &mut logged)
+                .await?
+            {
+                outcome = Compared::LeaseLost;
+                break;
+            }
+        }
+        drop(rx);
+        // The parser thread ends at its next send once the receiver is gone.
+        let _ = reader.await;
+        Ok(outcome)
+    }
+
+    /// Renews the day's lease when half of it has gone; false when it was lost.
+    async fn renew(&self, held: &mut Held) -> Result<bool, BillRunError> {
+        let now = Utc::now();
+        if held.until - now > self.lease_for() / 2 {
+            return Ok(true);
+        }
+        let until = now + self.lease_for();
+        if !self
+            .inner
+            .store
+            .extend_bill_lease(held.bill_id, held.lease, until)
+            .await?
+        {
+            return Ok(false);
+        }
+        held.until = until;
+        Ok(true)
+    }
+
+    /// One batch: one lookup of its orders, one of its refunds, each row compared and what it
+    /// decides applied, then its findings written under the lease (false: the lease was lost).
+    async fn compare_batch(
+        &self,
+        req: &DayRequest<'_>,
+        held: &Held,
+        rows: &[BillRow],
+        sides: &mut Sides,
+        logged: &mut Logged,
+    ) -> Result<bool, BillRunError> {
+        let inner = &self.inner;
+        let mch_id = req.merchant.mch_id.as_str();
+        let trade_nos: Vec<&str> = distinct(
+            rows.iter()
+                .filter(|r| matches!(r.kind, RowKind::Payment))
+                .map(|r| r.out_trade_no.as_str()),
+        );
+        let refund_nos: Vec<&str> = distinct(rows.iter().filter_map(|r| match &r.kind {
+            RowKind::Refund(f) => Some(f.out_refund_no.as_str()),
+            RowKind::Payment => None,
+        }));
+        let mut orders = HashMap::new();
+        if !trade_nos.is_empty() {
+            for read in inner.store.orders_by_out_trade_no(mch_id, &trade_nos).await? {
+                match read {
+                    Ok(row) => {
+                        orders.insert(row.out_trade_no.as_str().to_owned(), row);
+                    }
+                    Err(u) => tracing::warn!(
+                        order_id = u.id,
+                        reason = %u.reason,
+                        "an order row in the bill cannot be read; it is left out of the comparison"
+                    ),
+                }
+            }
+        }
+        let mut refunds = HashMap::new();
+        if !refund_nos.is_empty() {
+            for read in inner
+                .store
+                .refunds_by_out_refund_no(mch_id, &refund_nos)
+                .await?
+            {
+                match read {
+                    Ok(row) => {
+                        refunds.insert(row.out_refund_no.as_str().to_owned(), row);
+                    }
+                    Err(u) => tracing::warn!(
+                        refund_row_id = u.id,
+                        reason = %u.reason,
+                        "a refund row in the bill cannot be read; it is left out of the comparison"
+                    ),
+                }
+            }
+        }
+        let mut findings: Vec<Finding> = Vec::new();
+        for row in rows {
+            match &row.kind {
+                RowKind::Payment => {
+                    let local = orders.get(row.out_trade_no.as_str());
+                    if let Some(order) = local {
+                        sides.orders.insert(order.id);
+                    }
+                    if let Some(f) = self.payment(row, local).await? {
+                        findings.push(f);
+                    }
+                }
+                RowKind::Refund(refund) => {
+                    let local = refunds.get(refund.out_refund_no.as_str());
+                    if let Some(r) = local {
+                        sides.refunds.insert(r.id);
+                    }
+                    if let Some(f) = self.refund(row, refund, local).await? {
+                        findings.push(f);
+                    }
+                }
+            }
+        }
+        self.write_findings(req, held, &findings, logged).await
+    }
+
+    /// One payment row: its finding, if any, after applying what it decides.
+    async fn payment(
+        &self,
+        row: &BillRow,
+        local: Option<&crate::store::OrderRow>,
+    ) -> Result<Option<Finding>, BillRunError> {
+        let remote = Some(row.total_fee.get());
+        let base = |kind, action, detail: String| Finding {
+            kind,
+            object: FindingObject::Payment,
+            out_trade_no: row.out_trade_no.clone(),
+            out_refund_no: None,
+            transaction_id: Some(row.transaction_id.clone()),
+            local_fee: local.map(|o| o.total_fee.get()),
+            remote_fee: remote,
+            local_state: local.map(|o| o.state.as_str().to_owned()),
+            remote_state: Some(row.trade_state.clone()),
+            action,
+            line: row.line,
+            detail,
+        };
+        Ok(match bill_compare::check_payment(row, local) {
+            PaymentCheck::Matches => None,
+            PaymentCheck::RemoteOnly { detail } => Some(base(
+                FindingKind::RemoteOnly,
+                FindingAction::Reported,
+                detail,
+            )),
+            PaymentCheck::Differs { kind, detail } => {
+                Some(base(kind, FindingAction::Reported, detail))
+            }
+            PaymentCheck::Settle(report) => {
+                let Some(order) = local else {
+                    return Ok(None);
+                };
+                let settler = Settler {
+                    store: &self.inner.store,
+                    telemetry: &self.inner.telemetry,
+                    policy: &self.inner.policy,
+                };
+                let report = Report {
+                    reported: Reported::Payment(&report),
+                    source: Source::Bill,
+                };
+                let verdict = settler.apply_report(order.clone(), None, report).await?;
+                settled_finding(verdict, order.state).map(|(kind, action, detail)| {
+                    let mut f = base(kind, action, detail);
+                    f.local_state = Some(order.state.as_str().to_owned());
+                    f
+                })
+            }
+        })
+    }
+
+    /// One refund row: its finding, if any, after applying what it decides.
+    async fn refund(
+        &self,
+        row: &BillRow,
+        refund: &bill::BillRefund,
+        local: Option<&crate::store::RefundRow>,
+    ) -> Result<Option<Finding>, BillRunError> {
+        let base = |kind, action, detail: String| Finding {
+            kind,
+            object: FindingObject::Refund,
+            out_trade_no: row.out_trade_no.clone(),
+            out_refund_no: Some(refund.out_refund_no.clone()),
+            transaction_id: Some(row.transaction_id.clone()),
+            local_fee: local.map(|r| r.refund_fee.get()),
+            remote_fee: Some(refund.refund_fee.get()),
+            local_state: local.map(|r| r.state.as_str().to_owned()),
+            remote_state: Some(refund.status.clone()),
+            action,
+            line: row.line,
+            detail,
+        };
+        Ok(match bill_compare::check_refund(row, refund, local) {
+            RefundCheck::Matches => None,
+            RefundCheck::RemoteOnly { detail } => Some(base(
+                FindingKind::RemoteOnly,
+                FindingAction::Reported,
+                detail,
+            )),
+            RefundCheck::Differs { kind, detail } => {
+                Some(base(kind, FindingAction::Reported, detail))
+            }
+            RefundCheck::Settle(report) => {
+                let Some(local) = local else {
+                    return Ok(None);
+                };
+                self.settle_refund(local, &report)
+                    .await?
+                    .map(|(kind, action, detail)| base(kind, action, detail))
+            }
+        })
+    }
+
+    /// A refund open locally that the bill says ended: decided by the refund rules, written
+    /// under the refund's guard (no lease, as a notification's).
+    async fn settle_refund(
+        &self,
+        row: &crate::store::RefundRow,
+        report: &crate::gateway::RefundReport,
+    ) -> Result<Option<(FindingKind, FindingAction, String)>, BillRunError> {
+        let inner = &self.inner;
+        let order = inner
+            .store
+            .find_order(row.mch_id.as_str(), row.out_trade_no.as_str())
+            .await?;
+        let currency = order
+            .as_ref()
+            .map_or_else(Currency::cny, |o| o.fee_type.clone());
+        let view = RefundView {
+            row,
+            order_total: order.as_ref().map(|o| o.total_fee),
+            order_currency: &currency,
+        };
+        let now = Utc::now();
+        let change = decide_refund_report(
+            &view,
+            report,
+            Source::Bill,
+            now,
+            0.0,
+            &inner.refund_policy,
+        );
+        if !matches!(change, RefundChange::Finish { .. }) {
+            return Ok(None);
+        }
+        let guard = RefundGuard {
+            refund_id: row.id,
+            lease: None,
+        };
+        Ok(match inner.store.apply_refund(guard, &change, now).await? {
+            RefundApplied::Done {
+                state,
+                order_refunded,
+            } => {
+                inner.telemetry.refund_finished(
+                    row.mch_id.as_str(),
+                    row.out_refund_no.as_str(),
+                    state,
+                    Source::Bill,
+                    order_refunded,
+                );
+                Some(match state {
+                    RefundState::AmountMismatch => (
+                        FindingKind::AmountDiff,
+                        FindingAction::Quarantined,
+                        "the bill's refund does not match the row: quarantined as AMOUNT_MISMATCH"
+                            .into(),
+                    ),
+                    RefundState::Success => (
+                        FindingKind::SettledByBill,
+                        FindingAction::Settled,
+                        "refund SUCCESS by the daily bill".into(),
+                    ),
+                    other => (
+                        FindingKind::StateDiff,
+                        FindingAction::Settled,
+                        format!("refund {} by the daily bill", other.as_str()),
+                    ),
+                })
+            }
+            // Another writer finished it first.
+            RefundApplied::NoOp => None,
+        })
+    }
+
+    /// The shop's side of the day: every order paid (and refund succeeded) on it that the bill
+    /// did not list, a `local_only` finding each.
+    async fn local_side(
+        &self,
+        req: &DayRequest<'_>,
+        held: &mut Held,
+        sides: &Sides,
+    ) -> Result<Compared, BillRunError> {
+        let inner = &self.inner;
+        let mch_id = req.merchant.mch_id.as_str();
+        let (from, to) = day_bounds(req.bill_date);
+        let mut logged = Logged::default();
+        let mut after = 0;
+        loop {
+            let page = inner
+                .store
+                .paid_between(mch_id, from, to, after, PAGE_ROWS)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = match last {
+                Ok(o) => o.id,
+                Err(u) => u.id,
+            };
+            let findings: Vec<Finding> = page
+                .iter()
+                .filter_map(|o| o.as_ref().ok())
+                .filter(|o| !sides.orders.contains(o.id))
+                .map(|o| Finding {
+                    kind: FindingKind::LocalOnly,
+                    object: FindingObject::Payment,
+                    out_trade_no: o.out_trade_no.as_str().to_owned(),
+                    out_refund_no: None,
+                    transaction_id: o.transaction_id.clone(),
+                    local_fee: Some(o.total_fee.get()),
+                    remote_fee: None,
+                    local_state: Some(o.state.as_str().to_owned()),
+                    remote_state: None,
+                    action: FindingAction::Reported,
+                    line: 0,
+                    detail: "paid here on this day; WeChat's bill does not list it".into(),
+                })
+                .collect();
+            if !self.renew(held).await? || !self.write_findings(req, held, &findings, &mut logged).await? {
+                return Ok(Compared::LeaseLost);
+            }
+            if page.len() < PAGE_ROWS as usize {
+                break;
+            }
+        }
+        let mut after = 0;
+        loop {
+            let page = inner
+                .store
+                .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = match last {
+                Ok(r) => r.id,
+                Err(u) => u.id,
+            };
+            let findings: Vec<Finding> = page
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .filter(|r| !sides.refunds.contains(r.id))
+                .map(|r| Finding {
+                    kind: FindingKind::LocalOnly,
+                    object: FindingObject::Refund,
+                    out_trade_no: r.out_trade_no.as_str().to_owned(),
+                    out_refund_no: Some(r.out_refund_no.as_str().to_owned()),
+                    transaction_id: None,
+                    local_fee: Some(r.refund_fee.get()),
+                    remote_fee: None,
+                    local_state: Some(r.state.as_str().to_owned()),
+                    remote_state: None,
+                    action: FindingAction::Reported,
+                    line: 0,
+                    detail: "refunded here on this day; WeChat's bill does not list it".into(),
+                })
+                .collect();
+            if !self.renew(held).await? || !self.write_findings(req, held, &findings, &mut logged).await? {
+                return Ok(Compared::LeaseLost);
+            }
+            if page.len() < PAGE_ROWS as usize {
+                break;
+            }
+        }
+        Ok(Compared::Done)
+    }
+
+    /// Writes findings under the lease and logs them (the first few of each kind per run).
+    async fn write_findings(
+        &self,
+        req: &DayRequest<'_>,
+        held: &Held,
+        findings: &[Finding],
+        logged: &mut Logged,
+    ) -> Result<bool, BillRunError> {
+        if findings.is_empty() {
+            return Ok(true);
+        }
+        let mch_id = req.merchant.mch_id.as_str();
+        let rows: Vec<NewFinding<'_>> = findings
+            .iter()
+            .map(|f| NewFinding {
+                kind: f.kind,
+                object: f.object,
+                mch_id,
+                bill_date: req.bill_date,
+                out_trade_no: bill_compare::key(&f.out_trade_no),
+                out_refund_no: f.out_refund_no.as_deref().map(bill_compare::key),
+                transaction_id: f.transaction_id.as_deref().map(bill_compare::key),
+                local_fee: f.local_fee,
+                remote_fee: f.remote_fee,
+                local_state: f.local_state.as_deref().map(state_key),
+                remote_state: f.remote_state.as_deref().map(state_key),
+                action: f.action,
+                line: (f.line > 0).then_some(f.line),
+                detail: Some(&f.detail),
+            })
+            .collect();
+        if !self
+            .inner
+            .store
+            .insert_findings(held.bill_id, held.lease, &rows)
+            .await?
+        {
+            return Ok(false);
+        }
+        for f in findings {
+            if logged.take(f.kind) {
+                let number = f.out_refund_no.as_deref().unwrap_or(&f.out_trade_no);
+                self.inner
+                    .telemetry
+                    .bill_finding(mch_id, req.bill_date, f.kind, number, &f.detail);
+            }
+        }
+        Ok(true)
+    }
+
+}
+
+/// What fetching gave.
+enum Fetched {
+    File {
+        file: std::fs::File,
+        origin: BillOrigin,
+        sha1: Option<String>,
+    },
+    Empty,
+    Retry {
+        failure: Option<BillFailure>,
+        reason: String,
+    },
+    Refused {
+        failure: BillFailure,
+        reason: String,
+    },
+}
+
+enum Compared {
+    Done,
+    LeaseLost,
+}
+
+/// The fetch failure's reason label.
+fn fetch_failure(e: &GatewayError) -> BillFailure {
+    if e.is_retryable() {
+        BillFailure::Transport
+    } else {
+        BillFailure::Rejected
+    }
+}
+
+/// The merchant numbers a bill row of this merchant may carry in 商户号 / 特约商户号.
+fn merchant_ids(m: &Merchant) -> Vec<String> {
+    let mut ids = vec![m.mch_id.as_str().to_owned()];
+    if let Some(sub) = &m.sub_mch_id {
+        ids.push(sub.as_str().to_owned());
+    }
+    ids
+}
+
+/// A state column of a finding (32 characters).
+fn state_key(s: &str) -> &str {
+    match s.char_indices().nth(32) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The distinct values, in first-seen order.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = HashSet::new();
+    values.filter(|v| seen.insert(*v)).collect()
+}
+
+/// What a Settler's verdict on a bill's payment finds.
+fn settled_finding(
+    verdict: Verdict,
+    was: OrderState,
+) -> Option<(FindingKind, FindingAction, String)> {
+    match verdict {
+        Verdict::Moved {
+            to: OrderState::AmountMismatch,
+            ..
+        } => Some((
+            FindingKind::AmountDiff,
+            FindingAction::Quarantined,
+            "the bill's amount or currency is not the order's: quarantined as AMOUNT_MISMATCH"
+                .into(),
+        )),
+        Verdict::Moved { to, .. } => Some((
+            FindingKind::SettledByBill,
+            FindingAction::Settled,
+            format!("{} by the daily bill", to.as_str()),
+        )),
+        Verdict::Anomaly(a) => Some((
+            FindingKind::PaidAfterClose,
+            FindingAction::Recorded,
+            format!("{a}: WeChat took the payment of an order closed here; refund or fulfil it"),
+        )),
+        Verdict::Unchanged { reason } if !was.is_open() => Some((
+            FindingKind::PaidAfterClose,
+            FindingAction::Reported,
+            format!("paid at WeChat, {} here ({reason})", was.as_str()),
+        )),
+        Verdict::Unchanged { .. } | Verdict::StillOpen | Verdict::LeaseLost => None,
+    }
+}
+
+/// One finding, owned, before it is written.
+#[derive(Debug, Clone)]
+struct Finding {
+    kind: FindingKind,
+    object: FindingObject,
+    out_trade_no: String,
+    out_refund_no: Option<String>,
+    transaction_id: Option<String>,
+    local_fee: Option<i64>,
+    remote_fee: Option<i64>,
+    local_state: Option<String>,
+    remote_state: Option<String>,
+    action: FindingAction,
+    line: u64,
+    detail: String,
+}
+
+/// How many findings of each kind were logged in this run.
+#[derive(Default)]
+struct Logged(HashMap<&'static str, usize>);
+
+impl Logged {
+    fn take(&mut self, kind: FindingKind) -> bool {
+        let n = self.0.entry(kind.as_str()).or_insert(0);
+        *n += 1;
+        *n <= LOGGED_PER_KIND
+    }
+}
+
+/// Which local rows of the day the bill listed: orders and refunds.
+struct Sides {
+    orders: Seen,
+    refunds: Seen,
+}
+
+/// A set of row ids: a bitmap over the day's id span, and a set for the few ids outside it
+/// (rows the bill settled, rows paid on another day). Its size follows the day's id span, not
+/// the bill.
+pub struct Seen {
+    base: i64,
+    bits: Vec<u64>,
+    outside: HashSet<i64>,
+}
+
+impl Seen {
+    pub fn new(span: IdSpan) -> Seen {
+        let (base, len) = match (span.min_id, span.max_id) {
+            (Some(lo), Some(hi)) if hi >= lo && hi - lo < MAX_BITMAP_SPAN => (lo, hi - lo + 1),
+            _ => (0, 0),
+        };
+        Seen {
+            base,
+            bits: vec![0; usize::try_from((len + 63) / 64).unwrap_or(0)],
+            outside: HashSet::new(),
+        }
+    }
+
+    fn slot(&self, id: i64) -> Option<(usize, u64)> {
+        let offset = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        (offset / 64 < self.bits.len()).then_some((offset / 64, 1u64 << (offset % 64)))
+    }
+
+    pub fn insert(&mut self, id: i64) {
+        match self.slot(id) {
+            Some((word, bit)) => self.bits[word] |= bit,
+            None => {
+                self.outside.insert(id);
+            }
+        }
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        match self.slot(id) {
+            Some((word, bit)) => self.bits[word] & bit != 0,
+            None => self.outside.contains(&id),
+        }
+    }
+}
+
+/// Pass 1, on a blocking thread: the SHA-1 WeChat gave (when it gave one), then every row read,
+/// of this merchant, adding up to the summary line. The verified totals and the text's SHA-1,
+/// or why the bill is refused.
+pub fn verify(
+    file: &std::fs::File,
+    expected_sha1: Option<&str>,
+    merchant_ids: &[String],
+) -> Result<(Totals, String), (BillFailure, String)> {
+    let open = || {
+        let mut f = file
+            .try_clone()
+            .map_err(|e| (BillFailure::Malformed, e.to_string()))?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| (BillFailure::Malformed, e.to_string()))?;
+        bill::open_text(f).map_err(|e| (BillFailure::Malformed, e.to_string()))
+    };
+    let mut hasher = Sha1::new();
+    let mut text = open()?;
+    loop {
+        let buf = text
+            .fill_buf()
+            .map_err(|e| (BillFailure::Malformed, format!("reading the bill: {e}")))?;
+        if buf.is_empty() {
+            break;
+        }
+        hasher.update(buf);
+        let n = buf.len();
+        text.consume(n);
+    }
+    let sha1 = hex::encode(hasher.finalize());
+    if let Some(expected) = expected_sha1
+        && !expected.eq_ignore_ascii_case(&sha1)
+    {
+        return Err((
+            BillFailure::HashMismatch,
+            format!(
+                "the bill's SHA-1 is {sha1}, WeChat said {}",
+                crate::text::quote(expected)
+            ),
+        ));
+    }
+    let mut reader = BillReader::new(open()?).map_err(malformed)?;
+    let mut totals = Totals::default();
+    while let Some(row) = reader.next_row().map_err(malformed)? {
+        let ours = merchant_ids.iter().any(|m| {
+            *m == row.mch_id || row.sub_mch_id.as_deref() == Some(m.as_str())
+        });
+        if !ours {
+            return Err((
+                BillFailure::WrongMerchant,
+                format!(
+                    "line {}: merchant {} is not this bill's",
+                    row.line,
+                    crate::text::quote(&row.mch_id)
+                ),
+            ));
+        }
+        totals.rows += 1;
+        totals.fee = MilliFen(totals.fee.get() + row.fee.get());
+        match &row.kind {
+            RowKind::Payment => {
+                totals.payments += 1;
+                totals.total_fee += row.total_fee.get();
+            }
+            RowKind::Refund(r) => {
+                totals.refunds += 1;
+                totals.refund_fee += r.refund_fee.get();
+            }
+        }
+    }
+    match reader.check() {
+        SummaryCheck::AddsUp => Ok((totals, sha1)),
+        SummaryCheck::Differs(what) => Err((
+            BillFailure::SummaryMismatch,
+            format!("the rows do not add up to the summary: {}", what.join("; ")),
+        )),
+        SummaryCheck::Missing => Err((
+            BillFailure::SummaryMismatch,
+            "the bill ends without its summary lines".into(),
+        )),
+    }
+}
+
+fn malformed(e: BillError) -> (BillFailure, String) {
+    (BillFailure::Malformed, e.to_string())
+}
+
+/// Pass 2's parser thread: rows in batches of [`BATCH_ROWS`], until the end or the receiver
+/// is gone.
+fn stream_rows(text: impl BufRead, tx: &mpsc::Sender<Result<Vec<BillRow>, String>>) {
+    let mut reader = match BillReader::new(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.blocking_send(Err(e.to_string()));
+            return;
+        }
+    };
+    let mut batch = Vec::with_capacity(BATCH_ROWS);
+    loop {
+        match reader.next_row() {
+            Ok(Some(row)) => {
+                batch.push(row);
+                if batch.len() == BATCH_ROWS
+                    && tx
+                        .blocking_send(Ok(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(BATCH_ROWS),
+                        )))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e.to_string()));
+                return;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+}
