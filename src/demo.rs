@@ -15,11 +15,15 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::daemon::{Daemon, open_store};
-use crate::domain::OrderState;
-use crate::gateway::Api;
+use crate::daemon::{Daemon, bill_runner, open_store};
+use crate::domain::{OrderState, RefundState, RefundStatus, Settlement, Source};
+use crate::gateway::{Api, Gateway};
+use crate::reconcile::bills::{BillInput, DayOutcome, DayRequest, beijing_today};
 use crate::sim::{self, RunningSimulator, SimState};
-use crate::store::{NewOrder, Store};
+use crate::store::{
+    Change, FindingKind, Guard, NewOrder, RefundChange, RefundGuard, RefundOutcome, Store,
+};
+use crate::telemetry::Telemetry;
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -50,6 +54,18 @@ pub struct DemoSummary {
     pub by_api: Vec<ApiSummary>,
     /// Refunds of some settled orders, their answers and notifications lost: found by polling.
     pub refunds: RefundSummary,
+    /// The day's bills, reconciled after the daemon stopped, with one planted discrepancy of
+    /// each kind.
+    pub bills: BillSummary,
+}
+
+/// The demo's daily bills: every merchant's bill of the day against the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BillSummary {
+    /// Rows in the bills.
+    pub rows: i64,
+    /// Findings by kind, over every merchant.
+    pub findings: Vec<(FindingKind, i64)>,
 }
 
 /// The demo's refunds: requested (the shop registered them), and what polling found.
@@ -127,6 +143,10 @@ impl std::fmt::Display for DemoSummary {
             "  orders now REFUND         {:>8}",
             self.refunds.orders_refunded
         )?;
+        writeln!(f, "daily bills (rows)          {:>8}", self.bills.rows)?;
+        for (kind, n) in &self.bills.findings {
+            writeln!(f, "  {:<25} {:>8}", kind.as_str(), n)?;
+        }
         write!(f, "by API       orders     paid  settled  by notification")?;
         for a in &self.by_api {
             write!(
@@ -152,6 +172,10 @@ pub enum DemoError {
     Sim(#[from] crate::sim::SimError),
     #[error("demo: not every paid order settled within {0:?}")]
     Timeout(Duration),
+    #[error("demo: {0}")]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error("demo: the bill run: {0}")]
+    Bill(String),
 }
 
 /// The settings the demo runs the daemon with: fast ticks, a short grace.
@@ -198,19 +222,168 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let paid_at = payer.await.map_err(std::io::Error::other)?;
     let mut summary = summarize(&store, options, &tally, &paid_at, &simulator, started).await?;
     summary.refunds = refund_some(&store, &simulator.state, &stop).await?;
-
-    if options.serve.is_some() && !stop.is_cancelled() {
+    // The bills after the daemon stopped: what it would have found by polling is the bill's.
+    let serve_after = options.serve.is_some() && !stop.is_cancelled();
+    if !serve_after {
+        daemon_stop.cancel();
+        match daemon_task.await {
+            Ok(result) => result?,
+            Err(e) => return Err(std::io::Error::other(e).into()),
+        }
+        summary.bills = reconcile_bills(&settings, &store, &simulator.state).await?;
+    } else {
         println!("{summary}");
         println!("\nserving http://{metrics_addr}/metrics until Ctrl-C");
         stop.cancelled().await;
-    }
-    daemon_stop.cancel();
-    match daemon_task.await {
-        Ok(result) => result?,
-        Err(e) => return Err(std::io::Error::other(e).into()),
+        daemon_stop.cancel();
+        match daemon_task.await {
+            Ok(result) => result?,
+            Err(e) => return Err(std::io::Error::other(e).into()),
+        }
     }
     simulator.shutdown(Duration::from_secs(2)).await?;
     Ok(summary)
+}
+
+/// The day's bill of every merchant, after one discrepancy of each kind was planted for the
+/// first one (nothing polls any more: the daemon stopped): a payment whose notification and
+/// queries were lost (`settled_by_bill`), one of another amount (`amount_diff`), one the
+/// shop's table lacks (`remote_only`), an order the shop marked paid that WeChat never saw
+/// (`local_only`), a payment of an order closed here (`paid_after_close`), and a refund closed
+/// here that succeeded at WeChat (`state_diff`).
+async fn reconcile_bills(
+    settings: &Settings,
+    store: &Store,
+    state: &Arc<SimState>,
+) -> Result<BillSummary, DemoError> {
+    let merchants = sim::default_merchants();
+    let Some(m) = merchants.first() else {
+        return Ok(BillSummary::default());
+    };
+    let (mch, appid) = (m.mch_id.as_str(), m.appid.as_str());
+    let now = Utc::now();
+    let register = async |otn: &str, fee: i64| -> Result<(), DemoError> {
+        store
+            .insert_order(&NewOrder {
+                mch_id: mch,
+                appid,
+                out_trade_no: otn,
+                total_fee: fee,
+            })
+            .await?;
+        state.create_order(mch, otn, fee, None, None)?;
+        Ok(())
+    };
+    register("bill-lost", 1200).await?;
+    state.pay_at(mch, "bill-lost", None, Some(now), false)?;
+    register("bill-wrong-amount", 1500).await?;
+    state.pay_at(mch, "bill-wrong-amount", Some(1499), Some(now), false)?;
+    state.create_order(mch, "bill-unknown-here", 800, None, None)?;
+    state.pay_at(mch, "bill-unknown-here", None, Some(now), false)?;
+    // The shop's own handler marks an order paid that nobody paid.
+    register("bill-phantom", 990).await?;
+    shop_moves(store, mch, "bill-phantom", OrderState::Success, Some(now)).await?;
+    // Closed here, then paid at WeChat.
+    register("bill-paid-after-close", 700).await?;
+    shop_moves(store, mch, "bill-paid-after-close", OrderState::Closed, None).await?;
+    state.pay_at(mch, "bill-paid-after-close", None, Some(now), false)?;
+    // A refund that succeeded at WeChat, closed here by the shop.
+    if let Some(order) = store
+        .find_by_state(OrderState::Success, 100_000)
+        .await?
+        .into_iter()
+        .find(|o| o.mch_id.as_str() == mch)
+    {
+        let otn = order.out_trade_no.as_str();
+        state.create_refund(mch, otn, "bill-refund-closed-here", 1, RefundStatus::Success, false)?;
+        store
+            .insert_refund(mch, otn, "bill-refund-closed-here", 1)
+            .await?;
+        if let Some(row) = store.find_refund(mch, "bill-refund-closed-here").await? {
+            let change = RefundChange::Finish {
+                outcome: RefundOutcome {
+                    to: RefundState::Closed,
+                    refund_id: None,
+                    success_time: None,
+                    recv_account: None,
+                    reported_fee: None,
+                    detail: Some("closed by the shop".into()),
+                },
+                source: Source::Manual,
+            };
+            let guard = RefundGuard {
+                refund_id: row.id,
+                lease: None,
+            };
+            store.apply_refund(guard, &change, Utc::now()).await?;
+        }
+    }
+    let telemetry = Telemetry::new(merchants.iter().map(|m| m.mch_id.as_str()));
+    let gateway = Arc::new(Gateway::new(settings.wechat.client_config())?);
+    for m in &merchants {
+        if m.v3_credentials().is_some() {
+            // Public-key mode needs no download; a failed download leaves the public key.
+            let _ = gateway.download_certificates(m).await;
+        }
+    }
+    let runner = bill_runner(settings, store.clone(), Some(gateway), telemetry);
+    let mut summary = BillSummary {
+        rows: 0,
+        findings: FindingKind::ALL.iter().map(|k| (*k, 0)).collect(),
+    };
+    let today = beijing_today(Utc::now());
+    for m in &merchants {
+        let req = DayRequest {
+            merchant: m,
+            bill_date: today,
+            input: BillInput::Download,
+            force: true,
+        };
+        let outcome = runner
+            .run_day(&req, &CancellationToken::new())
+            .await
+            .map_err(|e| DemoError::Bill(e.to_string()))?;
+        match outcome {
+            DayOutcome::Reconciled(day) => {
+                summary.rows += day.totals.rows;
+                for (kind, n) in &mut summary.findings {
+                    *n += day.count(*kind);
+                }
+            }
+            other => return Err(DemoError::Bill(format!("{}: {other:?}", m.mch_id))),
+        }
+    }
+    Ok(summary)
+}
+
+/// What the shop's own handler does: moves an order itself.
+async fn shop_moves(
+    store: &Store,
+    mch_id: &str,
+    out_trade_no: &str,
+    to: OrderState,
+    paid_at: Option<DateTime<Utc>>,
+) -> Result<(), DemoError> {
+    let Some(row) = store.find_order(mch_id, out_trade_no).await? else {
+        return Ok(());
+    };
+    let change = Change::Settle {
+        settlement: Settlement {
+            to,
+            transaction_id: None,
+            paid_at,
+            reported_fee: None,
+            detail: Some("the shop's handler".into()),
+        },
+        source: Source::Manual,
+    };
+    let guard = Guard {
+        order_id: row.id,
+        from: row.state,
+        lease: None,
+    };
+    store.apply(&row, guard, &change, Utc::now()).await?;
+    Ok(())
 }
 
 /// One settled order in ten is refunded at WeChat (one refund in ten of them cannot reach the
@@ -460,6 +633,7 @@ async fn summarize(
             })
             .collect(),
         refunds: RefundSummary::default(),
+        bills: BillSummary::default(),
     })
 }
 
