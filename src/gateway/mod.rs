@@ -1,15 +1,16 @@
 //! The protocol-neutral gateway to WeChat Pay: the core (`reconcile`, `telemetry`, `notify`)
 //! speaks about payments through these types only. [`Gateway`] dispatches each call to the
-//! merchant's protocol client (v2 today); the clients convert their wire results into the
-//! neutral [`QueryAnswer`], [`CloseAnswer`], [`TradeReport`] and [`GatewayError`].
+//! merchant's protocol client (v2 or v3); the clients convert their wire results into the
+//! neutral [`QueryAnswer`], [`CloseAnswer`], [`TradeReport`], [`BillAnswer`] and
+//! [`GatewayError`].
 
 pub mod merchant;
 pub mod report;
 
 pub use merchant::{Api, Credentials, Merchant, V3Credentials};
 pub use report::{
-    CertificateRefresh, CloseAnswer, Failure, GatewayError, OrderRef, QueryAnswer, RefundAnswer,
-    RefundReport, RetryHint, TradeReport,
+    BillAnswer, BillFile, CertificateRefresh, CloseAnswer, Failure, GatewayError, OrderRef,
+    QueryAnswer, RefundAnswer, RefundReport, RetryHint, TradeReport,
 };
 
 use crate::domain::{OutRefundNo, OutTradeNo};
@@ -73,6 +74,22 @@ impl Gateway {
         match merchant.api() {
             Api::V2 => Ok(self.v2.close_order(merchant, out_trade_no).await?),
             Api::V3 => Ok(self.v3.close_order(merchant, out_trade_no).await?),
+        }
+    }
+
+    /// Downloads the merchant's trade bill (`ALL`) of the Beijing day `bill_date`: v2
+    /// `pay/downloadbill`, v3 `tradebill` then its signed download (only from the configured
+    /// WeChat host). The file's v3 SHA-1 is passed on, not checked: the caller checks it before
+    /// reading a row. An error made permanent (v2 `invalid bill_date`, …) is not worth asking
+    /// again ([`GatewayError::is_transient`]).
+    pub async fn download_bill(
+        &self,
+        merchant: &Merchant,
+        bill_date: chrono::NaiveDate,
+    ) -> Result<BillAnswer, GatewayError> {
+        match merchant.api() {
+            Api::V2 => Ok(self.v2.download_bill(merchant, bill_date).await?),
+            Api::V3 => Ok(self.v3.download_bill(merchant, bill_date).await?),
         }
     }
 

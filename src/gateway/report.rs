@@ -1,7 +1,7 @@
 //! What WeChat says about a payment, in no protocol's words: the verified answers of a query
-//! and a close, a trade report (a query's or a payment notification's), and why a call gave
-//! no answer. Each protocol's client converts its wire results into these; nothing here knows
-//! a wire format.
+//! and a close, a trade report (a query's or a payment notification's), a day's bill as
+//! downloaded, and why a call gave no answer. Each protocol's client converts its wire results
+//! into these; nothing here knows a wire format.
 
 use chrono::{DateTime, Utc};
 
@@ -115,6 +115,43 @@ pub enum CertificateRefresh {
     PublicKeyOnly,
 }
 
+/// What WeChat answered for one merchant's trade bill of one Beijing day.
+#[derive(Debug)]
+pub enum BillAnswer {
+    /// No bill: nothing traded that day (v2 `No Bill Exist`, v3 `NO_STATEMENT_EXIST`). An
+    /// empty bill, not a failure.
+    Empty,
+    /// Not generated yet (v2 `Bill Creating`, v3 `STATEMENT_CREATING`): ask again in 30
+    /// minutes.
+    NotReady,
+    /// The bill, downloaded to an anonymous temporary file, rewound to 0.
+    File(BillFile),
+}
+
+/// A downloaded bill: an anonymous temporary file (`tempfile::tempfile()`, gone when dropped),
+/// positioned at its start. Its `Debug` shows no content.
+pub struct BillFile {
+    pub file: std::fs::File,
+    /// Whether the bytes are gzip (both APIs are asked for GZIP; told by the magic `1f 8b`, not
+    /// by what was asked).
+    pub gzip: bool,
+    /// v3: WeChat's SHA-1 of the DECOMPRESSED text (BOM included), lower-case hex, for the
+    /// caller to check before using a byte of it; v2: `None` (v2 gives no hash).
+    pub sha1: Option<String>,
+    /// Bytes downloaded (compressed, when `gzip`).
+    pub bytes: u64,
+}
+
+impl std::fmt::Debug for BillFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BillFile")
+            .field("gzip", &self.gzip)
+            .field("sha1", &self.sha1)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the caller should do before asking again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryHint {
@@ -202,6 +239,9 @@ pub struct GatewayError {
     retry: RetryHint,
     /// A bounded detail label of the failure (why a v3 answer was not verified).
     reason: Option<&'static str>,
+    /// Asking again the same way cannot succeed (a bill request WeChat refused for its
+    /// parameters: `invalid bill_date`, a closed bill API).
+    permanent: bool,
     message: String,
 }
 
@@ -212,7 +252,17 @@ impl GatewayError {
             failure,
             retry: RetryHint::Backoff,
             reason: None,
+            permanent: false,
             message: message.into(),
+        }
+    }
+
+    /// The same failure, which asking again the same way cannot cure ([`Self::is_transient`]
+    /// is then false).
+    pub fn permanent(self) -> GatewayError {
+        GatewayError {
+            permanent: true,
+            ..self
         }
     }
 
@@ -247,9 +297,13 @@ impl GatewayError {
         self.retry
     }
 
-    /// Whether asking again later may succeed. Every failure so far is: the order is asked
-    /// again on its schedule (a new class must say so here).
+    /// Whether asking again later may succeed. Every class is (the order is asked again on its
+    /// schedule; a new class must say so here), but for an error made [`Self::permanent`]: a
+    /// bill request WeChat refused for what it asked.
     pub fn is_transient(&self) -> bool {
+        if self.permanent {
+            return false;
+        }
         match self.failure {
             Failure::Timeout
             | Failure::TransportError

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::state::{Faults, SimEndpoint, SimError, SimOrder, SimRefund, SimState, lock};
+use super::state::{
+    BillFaults, Faults, SimEndpoint, SimError, SimOrder, SimRefund, SimState, lock,
+};
 use crate::domain::{OutRefundNo, OutTradeNo, RefundStatus, TradeState};
 use crate::wxpay::sign::SignType;
 use crate::wxpay::time::format_wechat_time;
@@ -154,14 +156,7 @@ pub async fn pay(
 ) -> Answer {
     let key = order_key(&state, mch_id, out_trade_no)?;
     let deliver = body.notify == NotifyMode::Deliver;
-    let paid_at = match &body.paid_at {
-        None => None,
-        Some(t) => Some(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|_| error(StatusCode::BAD_REQUEST, "paid_at is not an RFC 3339 time"))?
-                .with_timezone(&chrono::Utc),
-        ),
-    };
+    let paid_at = rfc3339("paid_at", body.paid_at.as_deref())?;
     let paid = state
         .pay_at(&key.0, &key.1, body.total_fee, paid_at, deliver)
         .map_err(sim_error)?;
@@ -227,6 +222,28 @@ pub struct RefundBody {
     /// `…/finish`); `drop` (the default): never.
     #[serde(default)]
     notify: Option<NotifyMode>,
+    /// When a SUCCESS refund succeeded (RFC 3339); defaults to now.
+    #[serde(default)]
+    success_time: Option<String>,
+}
+
+/// An optional RFC 3339 time of a control body, or a 400 naming the field.
+fn rfc3339(
+    field: &str,
+    value: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Response> {
+    value
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{field} is not an RFC 3339 time"),
+                    )
+                })
+        })
+        .transpose()
 }
 
 fn refund_json(mch_id: &str, out_refund_no: &str, r: &SimRefund) -> Value {
@@ -255,14 +272,16 @@ pub async fn create_refund(
     if OutRefundNo::parse(&body.out_refund_no).is_err() {
         return Err(error(StatusCode::BAD_REQUEST, "invalid out_refund_no"));
     }
+    let success_time = rfc3339("success_time", body.success_time.as_deref())?;
     let refund = state
-        .create_refund_notifying(
+        .create_refund_notifying_at(
             &key.0,
             &key.1,
             &body.out_refund_no,
             body.refund_fee,
             body.outcome.status(),
             body.notify == Some(NotifyMode::Deliver),
+            success_time,
         )
         .map_err(sim_error)?;
     Ok((
@@ -277,6 +296,9 @@ pub async fn create_refund(
 #[serde(deny_unknown_fields)]
 pub struct FinishBody {
     outcome: RefundOutcome,
+    /// When a SUCCESS refund succeeded (RFC 3339); defaults to now.
+    #[serde(default)]
+    success_time: Option<String>,
 }
 
 /// `POST /_sim/refunds/{mch_id}/{out_refund_no}/finish`: a PROCESSING refund ends.
@@ -291,8 +313,9 @@ pub async fn finish_refund(
             format!("unknown merchant {mch_id}"),
         ));
     }
+    let success_time = rfc3339("success_time", body.success_time.as_deref())?;
     let refund = state
-        .finish_refund_notifying(&mch_id, &out_refund_no, body.outcome.status())
+        .finish_refund_notifying_at(&mch_id, &out_refund_no, body.outcome.status(), success_time)
         .map_err(sim_error)?;
     Ok(Json(refund_json(&mch_id, &out_refund_no, &refund)).into_response())
 }
@@ -436,6 +459,60 @@ pub async fn set_config(
     .into_response()
 }
 
+/// The merchant and day of a `/_sim/bills/{mch_id}/{bill_date}` path (`YYYY-MM-DD` or
+/// `yyyyMMdd`).
+fn bill_key(
+    state: &SimState,
+    mch_id: String,
+    bill_date: &str,
+) -> Result<(String, chrono::NaiveDate), Response> {
+    if !state.merchants.contains_key(&mch_id) {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("unknown merchant {mch_id}"),
+        ));
+    }
+    let date = super::bill::parse_bill_date(bill_date).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bill_date must be YYYY-MM-DD or yyyyMMdd",
+        )
+    })?;
+    Ok((mch_id, date))
+}
+
+/// `PUT /_sim/bills/{mch_id}/{bill_date}` `{"creating":N,"wrong_hash":bool,"expired_url":bool,
+/// "no_bill":bool}`: the faults of that bill (each call replaces them).
+pub async fn set_bill_faults(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, bill_date)): Path<(String, String)>,
+    Json(faults): Json<BillFaults>,
+) -> Answer {
+    let (mch_id, date) = bill_key(&state, mch_id, &bill_date)?;
+    state.set_bill_faults(&mch_id, date, faults);
+    Ok(Json(json!(faults)).into_response())
+}
+
+/// `GET /_sim/bills/{mch_id}/{bill_date}`: the bill's text as WeChat would serve it now (faults
+/// aside), or 404 when the day has no lines.
+pub async fn show_bill(
+    State(state): State<Arc<SimState>>,
+    Path((mch_id, bill_date)): Path<(String, String)>,
+) -> Answer {
+    let (mch_id, date) = bill_key(&state, mch_id, &bill_date)?;
+    let rows = state.bill_rows(&mch_id, date);
+    if rows.is_empty() {
+        return Err(error(StatusCode::NOT_FOUND, "no bill: no lines that day"));
+    }
+    let text = super::bill::render(rows, false)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain;charset=utf-8")],
+        text.bytes,
+    )
+        .into_response())
+}
+
 #[derive(Serialize)]
 struct NotificationStats {
     attempts: u32,
@@ -460,10 +537,19 @@ pub async fn stats(State(state): State<Arc<SimState>>) -> Response {
             )
         })
         .collect();
+    let mut bills = BTreeMap::new();
+    let mut bill_downloads = BTreeMap::new();
+    for ((mch_id, date), s) in state.bill_stats() {
+        let key = format!("{mch_id}/{date}");
+        bills.insert(key.clone(), s.requests);
+        bill_downloads.insert(key, s.downloads);
+    }
     Json(json!({
         "orders": orders,
         "requests": state.requests(),
         "notifications": notifications,
+        "bills": bills,
+        "bill_downloads": bill_downloads,
     }))
     .into_response()
 }

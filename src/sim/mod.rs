@@ -1,5 +1,6 @@
-//! A WeChat Pay simulator: v2's `unifiedorder`, `orderquery`, `closeorder`, `refundquery` (also
-//! under `/sandboxnew/`), v3's orderquery, refund query, close and `GET /v3/certificates` (see [`v3`]), payment
+//! A WeChat Pay simulator: v2's `unifiedorder`, `orderquery`, `closeorder`, `refundquery`,
+//! `downloadbill` (also under `/sandboxnew/`), v3's orderquery, refund query, close,
+//! `GET /v3/certificates`, `tradebill` and the bill download (see [`v3`]; bills: [`bill`]), payment
 //! notifications with WeChat's retry schedule, and a JSON control API for tests (pay, refunds,
 //! close, fault injection, per-order counters), the same for v2 and v3 merchants. Orders live in
 //! memory.
@@ -8,6 +9,7 @@
 //! that guards the daemon guards the simulator, and every SUCCESS reply is signed with the
 //! merchant's key and the request's sign type.
 
+pub mod bill;
 mod control;
 mod notify;
 mod state;
@@ -32,7 +34,10 @@ use crate::gateway::Merchant;
 use crate::store::DatabaseUrl;
 use crate::wxpay::{ApiKey, SignType, xml::MAX_BODY_BYTES};
 
-pub use state::{Faults, Payment, SimError, SimSetupError, SimState, WECHAT_NOTIFY_RETRIES};
+pub use state::{
+    BILL_URL_LIFETIME, BillFaults, BillStats, Faults, Payment, SimError, SimSetupError, SimState,
+    WECHAT_NOTIFY_RETRIES,
+};
 pub use v3::{KeyMode, KeySetup, WechatSide};
 
 /// The test merchants served without a config: the two v2 ones of
@@ -114,7 +119,8 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/pay/unifiedorder", post(wechat::unified_order))
         .route("/pay/orderquery", post(wechat::order_query))
         .route("/pay/closeorder", post(wechat::close_order))
-        .route("/pay/refundquery", post(wechat::refund_query));
+        .route("/pay/refundquery", post(wechat::refund_query))
+        .route("/pay/downloadbill", post(wechat::download_bill));
     // One order of the control API, or an action on it (`/pay`, …).
     let order = |action: &str| format!("/_sim/orders/{{mch_id}}/{{out_trade_no}}{action}");
     Router::new()
@@ -137,6 +143,8 @@ pub fn router(state: Arc<SimState>) -> Router {
             get(v3::refund_query),
         )
         .route("/v3/certificates", get(v3::certificates))
+        .route("/v3/bill/tradebill", get(v3::trade_bill))
+        .route("/v3/billdownload/file", get(v3::bill_download))
         .route(&order(""), post(control::create).get(control::show))
         .route(&order("/pay"), post(control::pay))
         .route(&order("/refund"), post(control::refund))
@@ -155,6 +163,10 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route(
             "/_sim/v3/{mch_id}/keys",
             put(v3::set_keys).get(v3::get_keys),
+        )
+        .route(
+            "/_sim/bills/{mch_id}/{bill_date}",
+            put(control::set_bill_faults).get(control::show_bill),
         )
         .route("/_sim/stats", get(control::stats))
         .route("/healthz", get(|| async { "ok" }))

@@ -77,13 +77,40 @@ impl SimState {
         status: RefundStatus,
         notify_deliver: bool,
     ) -> Result<SimRefund, SimError> {
-        let refund = self.create_refund(
+        self.create_refund_notifying_at(
             mch_id,
             out_trade_no,
             out_refund_no,
             refund_fee,
             status,
             notify_deliver,
+            None,
+        )
+    }
+
+    /// [`SimState::create_refund_at`], then its notification when asked for and already final.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the control API's fields, one each"
+    )]
+    pub fn create_refund_notifying_at(
+        self: &Arc<Self>,
+        mch_id: &str,
+        out_trade_no: &str,
+        out_refund_no: &str,
+        refund_fee: i64,
+        status: RefundStatus,
+        notify_deliver: bool,
+        success_time: Option<DateTime<Utc>>,
+    ) -> Result<SimRefund, SimError> {
+        let refund = self.create_refund_at(
+            mch_id,
+            out_trade_no,
+            out_refund_no,
+            refund_fee,
+            status,
+            notify_deliver,
+            success_time,
         )?;
         self.notify_refund(mch_id, out_refund_no, &refund);
         Ok(refund)
@@ -96,7 +123,18 @@ impl SimState {
         out_refund_no: &str,
         status: RefundStatus,
     ) -> Result<SimRefund, SimError> {
-        let refund = self.finish_refund(mch_id, out_refund_no, status)?;
+        self.finish_refund_notifying_at(mch_id, out_refund_no, status, None)
+    }
+
+    /// [`SimState::finish_refund_at`], then its notification when asked for.
+    pub fn finish_refund_notifying_at(
+        self: &Arc<Self>,
+        mch_id: &str,
+        out_refund_no: &str,
+        status: RefundStatus,
+        success_time: Option<DateTime<Utc>>,
+    ) -> Result<SimRefund, SimError> {
+        let refund = self.finish_refund_at(mch_id, out_refund_no, status, success_time)?;
         self.notify_refund(mch_id, out_refund_no, &refund);
         Ok(refund)
     }

@@ -171,7 +171,8 @@ impl Faults {
 
 /// The endpoints faults can be set for. `orderquery`, `closeorder` and `refundquery` cover both
 /// the v2 and the v3 endpoint; `certificates` is v3's `GET /v3/certificates`; `notify` is the signature of v3
-/// notifications (signtest, bad_sign, unknown_serial, timestamp_skew, unsigned, malformed).
+/// notifications (signtest, bad_sign, unknown_serial, timestamp_skew, unsigned, malformed);
+/// `bills` is v2's `downloadbill`, v3's `tradebill` and the bill download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SimEndpoint {
@@ -181,22 +182,62 @@ pub enum SimEndpoint {
     RefundQuery,
     Certificates,
     Notify,
+    /// v2 `downloadbill`, v3 `tradebill` and the bill download.
+    Bills,
 }
 
 impl SimEndpoint {
-    pub const ALL: [SimEndpoint; 6] = [
+    pub const ALL: [SimEndpoint; 7] = [
         SimEndpoint::UnifiedOrder,
         SimEndpoint::OrderQuery,
         SimEndpoint::CloseOrder,
         SimEndpoint::RefundQuery,
         SimEndpoint::Certificates,
         SimEndpoint::Notify,
+        SimEndpoint::Bills,
     ];
 }
 
 /// Whether a fault with this rate happens to this request.
 pub(crate) fn roll(rate: f64) -> bool {
     rate > 0.0 && rand::random_bool(rate.min(1.0))
+}
+
+/// How long a v3 bill's `download_url` may be used (WeChat: 30 s).
+pub const BILL_URL_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Faults of one merchant's bill of one day (`PUT /_sim/bills/{mch_id}/{bill_date}`); each call
+/// replaces them, fields left out are 0 / false.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillFaults {
+    /// Answer `Bill Creating` / `STATEMENT_CREATING` to the next this many requests.
+    pub creating: u32,
+    /// v3: the tradebill answer's `hash_value` is the SHA-1 of other bytes.
+    pub wrong_hash: bool,
+    /// v3: the `download_url` is expired already.
+    pub expired_url: bool,
+    /// No bill (`No Bill Exist` / `NO_STATEMENT_EXIST`) whatever the day holds.
+    pub no_bill: bool,
+}
+
+/// Counters of one merchant's bill of one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BillStats {
+    /// `downloadbill` / `tradebill` requests.
+    pub requests: u64,
+    /// v3 downloads of its file that were served.
+    pub downloads: u64,
+}
+
+/// A generated v3 bill file waiting to be downloaded under its token.
+#[derive(Debug, Clone)]
+pub(crate) struct BillDownload {
+    pub mch_id: String,
+    pub bill_date: chrono::NaiveDate,
+    pub bytes: axum::body::Bytes,
+    pub gzip: bool,
+    pub expires_at: std::time::Instant,
 }
 
 /// Everything the simulator knows.
@@ -218,6 +259,11 @@ pub struct SimState {
     pub(crate) v3_keys: Mutex<HashMap<String, KeySetup>>,
     /// Where v3 notifications of orders without a notify_url go: `{base}/wxpay/v3/notify`.
     pub(crate) notify_base_url: Mutex<Option<String>>,
+    /// Bill faults and counters by (mch_id, bill day).
+    pub(crate) bill_faults: Mutex<HashMap<(String, chrono::NaiveDate), BillFaults>>,
+    pub(crate) bill_stats: Mutex<HashMap<(String, chrono::NaiveDate), BillStats>>,
+    /// v3 bill files by download token.
+    pub(crate) bill_downloads: Mutex<HashMap<String, BillDownload>>,
     pub(crate) requests: AtomicU64,
     pub(crate) sequence: AtomicU64,
     pub(crate) http: reqwest::Client,
@@ -286,6 +332,9 @@ impl SimState {
             faults: Mutex::default(),
             notify_retries: Mutex::new(WECHAT_NOTIFY_RETRIES.to_vec()),
             close_min_age: Mutex::new(Duration::ZERO),
+            bill_faults: Mutex::default(),
+            bill_stats: Mutex::default(),
+            bill_downloads: Mutex::default(),
             requests: AtomicU64::new(0),
             sequence: AtomicU64::new(1),
             http,
@@ -555,6 +604,39 @@ impl SimState {
         status: RefundStatus,
         notify_deliver: bool,
     ) -> Result<SimRefund, SimError> {
+        self.create_refund_at(
+            mch_id,
+            out_trade_no,
+            out_refund_no,
+            refund_fee,
+            status,
+            notify_deliver,
+            None,
+        )
+    }
+
+    /// [`SimState::create_refund`]; a SUCCESS one succeeded at `success_time` (default: now;
+    /// not before the payment, and only for SUCCESS; an earlier time is also when it was
+    /// accepted).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the control API's fields, one each"
+    )]
+    pub fn create_refund_at(
+        &self,
+        mch_id: &str,
+        out_trade_no: &str,
+        out_refund_no: &str,
+        refund_fee: i64,
+        status: RefundStatus,
+        notify_deliver: bool,
+        success_time: Option<DateTime<Utc>>,
+    ) -> Result<SimRefund, SimError> {
+        if success_time.is_some() && status != RefundStatus::Success {
+            return Err(SimError::BadRequest(
+                "success_time is for a SUCCESS refund only".into(),
+            ));
+        }
         if !self.merchants.contains_key(mch_id) {
             return Err(SimError::UnknownMerchant);
         }
@@ -575,6 +657,13 @@ impl SimState {
                 "order is {}, only a paid order can be refunded",
                 order.state
             )));
+        }
+        if let (Some(t), Some(paid_at)) = (success_time, order.time_end)
+            && t < paid_at
+        {
+            return Err(SimError::BadRequest(
+                "success_time is before the payment".into(),
+            ));
         }
         let paid = order.paid_fee.unwrap_or(order.total_fee);
         let mut refunds = lock(&self.refunds);
@@ -599,14 +688,15 @@ impl SimState {
         let refund = SimRefund {
             out_trade_no: out_trade_no.to_owned(),
             refund_fee,
-            success_time: (status == RefundStatus::Success).then_some(now),
+            success_time: (status == RefundStatus::Success).then_some(success_time.unwrap_or(now)),
+            // A refund placed in the past was accepted no later than it succeeded.
+            created_at: success_time.map_or(now, |t| t.min(now)),
             status,
             refund_id: format!(
                 "5000{}{:011}",
                 format_wechat_time(now),
                 self.next_sequence()
             ),
-            created_at: now,
             recv_account: "支付用户的零钱".into(),
             notify_deliver,
             notify_attempts: 0,
@@ -624,6 +714,24 @@ impl SimState {
         out_refund_no: &str,
         status: RefundStatus,
     ) -> Result<SimRefund, SimError> {
+        self.finish_refund_at(mch_id, out_refund_no, status, None)
+    }
+
+    /// [`SimState::finish_refund`]; a SUCCESS succeeds at `success_time` (default: now; not
+    /// before the payment, and only for SUCCESS; an earlier time moves the refund's acceptance
+    /// back to it).
+    pub fn finish_refund_at(
+        &self,
+        mch_id: &str,
+        out_refund_no: &str,
+        status: RefundStatus,
+        success_time: Option<DateTime<Utc>>,
+    ) -> Result<SimRefund, SimError> {
+        if success_time.is_some() && status != RefundStatus::Success {
+            return Err(SimError::BadRequest(
+                "success_time is for a SUCCESS refund only".into(),
+            ));
+        }
         if !matches!(
             status,
             RefundStatus::Success | RefundStatus::Closed | RefundStatus::Abnormal
@@ -632,6 +740,8 @@ impl SimState {
                 "outcome must be SUCCESS, CLOSED or ABNORMAL".into(),
             ));
         }
+        // Locked in the documented order: orders, then refunds.
+        let orders = lock(&self.orders);
         let mut refunds = lock(&self.refunds);
         let refund = refunds
             .get_mut(&(mch_id.to_owned(), out_refund_no.to_owned()))
@@ -642,8 +752,20 @@ impl SimState {
                 refund.status.label()
             )));
         }
+        if let Some(t) = success_time {
+            let paid_at = orders
+                .get(&(mch_id.to_owned(), refund.out_trade_no.clone()))
+                .and_then(|o| o.time_end);
+            if paid_at.is_some_and(|p| t < p) {
+                return Err(SimError::BadRequest(
+                    "success_time is before the payment".into(),
+                ));
+            }
+            // A refund placed in the past was accepted no later than it succeeded.
+            refund.created_at = refund.created_at.min(t);
+        }
         if status == RefundStatus::Success {
-            refund.success_time = Some(Utc::now());
+            refund.success_time = Some(success_time.unwrap_or_else(Utc::now));
         }
         refund.status = status;
         Ok(refund.clone())

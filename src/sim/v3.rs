@@ -19,6 +19,8 @@
 //! | `GET /v3/pay/partner/transactions/out-trade-no/{no}?sp_mchid=&sub_mchid=` | the same for a merchant with a `sub_mch_id` (sp_/sub_ fields) |
 //! | `POST /v3/pay/transactions/out-trade-no/{no}/close` `{"mchid":…}` | 204 (also for an order already closed); paid: 400 `ORDERPAID`; unknown: 404 `ORDER_NOT_EXIST` |
 //! | `GET /v3/certificates` | the served platform certificates, each PEM sealed with the merchant's APIv3 key (AAD `certificate`); `public_key` mode: 404 `RESOURCE_NOT_EXISTS` |
+//! | `GET /v3/bill/tradebill?bill_date=&bill_type=ALL&tar_type=GZIP` | `{hash_type, hash_value, download_url}` of the day's bill ([`super::bill`]); no lines: 400 `NO_STATEMENT_EXIST`; 400 `STATEMENT_CREATING` as told |
+//! | `GET /v3/billdownload/file?token=` | the file (signed request, unsigned answer), for 30 s |
 //!
 //! **Keys.** WeChat's side (embedded: the wechatpay-go test key, public key id
 //! `PUB_KEY_ID_0000000000000024101100397200000006`, certificates `F5765756002FDD77` and
@@ -61,8 +63,10 @@ use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::bill::{BillOutcome, parse_bill_date, wrong_sha1};
 use super::state::{
-    CloseOutcome, Faults, SimEndpoint, SimOrder, SimRefund, SimState, lock, roll, trade_state_desc,
+    BILL_URL_LIFETIME, BillDownload, CloseOutcome, Faults, SimEndpoint, SimOrder, SimRefund,
+    SimState, lock, roll, trade_state_desc,
 };
 use crate::config::SimulatorSettings;
 use crate::domain::{AppId, MchId, RefundStatus, TradeState};
@@ -1134,6 +1138,173 @@ pub async fn certificates(
         StatusCode::OK,
         Some(&json!({ "data": data })),
     )
+}
+
+/// The authority a download URL names: the request's `Host` when it is a plain host[:port]
+/// (it is echoed into an answer), else the loopback address.
+fn download_authority(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("127.0.0.1")
+        .to_owned()
+}
+
+/// `GET /v3/bill/tradebill?bill_date=YYYY-MM-DD[&bill_type=ALL][&tar_type=GZIP]`: the bill's
+/// SHA-1 (of the text) and a `download_url` on the simulator's own host (`Host`; `https` behind
+/// a proxy that says `X-Forwarded-Proto: https`) valid for [`BILL_URL_LIFETIME`]. No lines
+/// that day: 400 `NO_STATEMENT_EXIST`; the `creating` fault: 400 `STATEMENT_CREATING`;
+/// `wrong_hash`: the SHA-1 of other bytes; `expired_url`: a URL already expired.
+pub async fn trade_bill(
+    State(state): State<Arc<SimState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let authed = match authenticate(&state, SimEndpoint::Bills, &method, &uri, &headers, b"") {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let Some(date) = query_param(&uri, "bill_date")
+        .filter(|d| d.len() == 10)
+        .and_then(parse_bill_date)
+    else {
+        return param_error(&state, &authed, "bill_date参数格式错误，应为YYYY-MM-DD");
+    };
+    if !matches!(query_param(&uri, "bill_type"), None | Some("ALL")) {
+        return param_error(&state, &authed, "bill_type参数错误，模拟器只提供ALL");
+    }
+    let gzip = match query_param(&uri, "tar_type") {
+        None => false,
+        Some("GZIP") => true,
+        Some(_) => return param_error(&state, &authed, "tar_type参数错误"),
+    };
+    let mch_id = authed.merchant.mch_id.as_str().to_owned();
+    state.count_bill_request(&mch_id, date);
+    if let Err(resp) = faults_before(&state, &authed).await {
+        return resp;
+    }
+    let (bill, faults) = match state.bill(&mch_id, date, gzip) {
+        Ok(BillOutcome::NoBill) => {
+            return error(
+                &state,
+                &authed.signing,
+                StatusCode::BAD_REQUEST,
+                "NO_STATEMENT_EXIST",
+                "请求的账单文件不存在",
+            );
+        }
+        Ok(BillOutcome::Creating) => {
+            return error(
+                &state,
+                &authed.signing,
+                StatusCode::BAD_REQUEST,
+                "STATEMENT_CREATING",
+                "账单生成中",
+            );
+        }
+        Ok(BillOutcome::File(bill, faults)) => (bill, faults),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let hash_value = if faults.wrong_hash {
+        wrong_sha1(&bill.sha1)
+    } else {
+        bill.sha1.clone()
+    };
+    let token = format!("{}{}", nonce(), nonce());
+    let now = std::time::Instant::now();
+    let expires_at = if faults.expired_url {
+        now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
+    } else {
+        now + BILL_URL_LIFETIME
+    };
+    {
+        let mut downloads = lock(&state.bill_downloads);
+        downloads.retain(|_, d| d.expires_at > now);
+        downloads.insert(
+            token.clone(),
+            BillDownload {
+                mch_id: mch_id.clone(),
+                bill_date: date,
+                bytes: bill.bytes,
+                gzip: bill.gzip,
+                expires_at,
+            },
+        );
+    }
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let body = json!({
+        "hash_type": "SHA1",
+        "hash_value": hash_value,
+        "download_url": format!(
+            "{scheme}://{}/v3/billdownload/file?token={token}",
+            download_authority(&headers)
+        ),
+    });
+    answer(&state, &authed.signing, StatusCode::OK, Some(&body))
+}
+
+/// `GET /v3/billdownload/file?token=…`: the file, to the merchant it was made for, while its
+/// token lives; the request must be signed like any other, the answer is not (as WeChat's). An
+/// unknown or expired token: 400 `INVALID_REQUEST`; another merchant's: 403 `NO_AUTH`.
+pub async fn bill_download(
+    State(state): State<Arc<SimState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let authed = match authenticate(&state, SimEndpoint::Bills, &method, &uri, &headers, b"") {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    if let Err(resp) = faults_before(&state, &authed).await {
+        return resp;
+    }
+    let found = query_param(&uri, "token")
+        .and_then(|t| lock(&state.bill_downloads).get(t).cloned())
+        .filter(|d| d.expires_at > std::time::Instant::now());
+    let Some(download) = found else {
+        return error(
+            &state,
+            &authed.signing,
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "账单下载链接不存在或已过期，请重新申请账单",
+        );
+    };
+    if download.mch_id != authed.merchant.mch_id.as_str() {
+        return error(
+            &state,
+            &authed.signing,
+            StatusCode::FORBIDDEN,
+            "NO_AUTH",
+            "无权下载此账单",
+        );
+    }
+    state.count_bill_download(&download.mch_id, download.bill_date);
+    let content_type = if download.gzip {
+        "application/x-gzip"
+    } else {
+        "text/plain;charset=utf-8"
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("Request-ID", request_id())
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(download.bytes))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// A v3 `TRANSACTION.SUCCESS` notification of an order: its URL, body and signature.

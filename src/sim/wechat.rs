@@ -440,3 +440,68 @@ fn prepay(
         }
     }
 }
+
+/// `pay/downloadbill`: the merchant's `ALL` bill of `bill_date` (`yyyyMMdd`), plain or
+/// `tar_type=GZIP`, unsigned (as WeChat sends it); the errors as WeChat's unsigned FAIL XML:
+/// `No Bill Exist` (with `error_code` 20002) for a day without lines, `Bill Creating`,
+/// `invalid bill_date`, `invalid bill_type` (only `ALL` is served), `invalid tar_type`.
+/// Faults of endpoint `bills`: latency, timeout, HTTP 500, `return_fail_rate`, and
+/// `system_error_rate` as a FAIL `SYSTEMERROR`.
+pub async fn download_bill(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
+    let req = match authenticate(&state, &body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let Some(date) = req
+        .fields
+        .get("bill_date")
+        .filter(|d| d.len() == 8)
+        .and_then(super::bill::parse_bill_date)
+    else {
+        return fail("invalid bill_date");
+    };
+    if !matches!(req.fields.get("bill_type"), None | Some("" | "ALL")) {
+        return fail("invalid bill_type");
+    }
+    let gzip = match req.fields.get_nonempty("tar_type") {
+        None => false,
+        Some("GZIP") => true,
+        Some(_) => return fail("invalid tar_type"),
+    };
+    let mch_id = req.merchant.mch_id.as_str();
+    state.count_bill_request(mch_id, date);
+    let faults = match faults_before(&state, SimEndpoint::Bills).await {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    if roll(faults.system_error_rate) {
+        return fail("SYSTEMERROR");
+    }
+    match state.bill(mch_id, date, gzip) {
+        Ok(super::bill::BillOutcome::NoBill) => {
+            let f = Fields::new()
+                .with("return_code", "FAIL")
+                .with("return_msg", "No Bill Exist")
+                .with("error_code", "20002");
+            match xml::encode(&f) {
+                Ok(body) => xml_response(StatusCode::OK, body),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            }
+        }
+        Ok(super::bill::BillOutcome::Creating) => fail("Bill Creating"),
+        Ok(super::bill::BillOutcome::File(bill, _)) => {
+            let content_type = if bill.gzip {
+                "application/x-gzip"
+            } else {
+                "text/plain;charset=utf-8"
+            };
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, content_type)],
+                bill.bytes,
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

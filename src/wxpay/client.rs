@@ -55,9 +55,9 @@ impl ClientConfig {
 /// (`Arc`) across tasks.
 #[derive(Debug)]
 pub struct WxPayClient {
-    http: reqwest::Client,
-    config: ClientConfig,
-    failover: Failover,
+    pub(super) http: reqwest::Client,
+    pub(super) config: ClientConfig,
+    pub(super) failover: Failover,
 }
 
 static CRYPTO: Once = Once::new();
@@ -216,7 +216,7 @@ impl WxPayClient {
     }
 }
 
-fn base_request(merchant: &Merchant) -> Fields {
+pub(super) fn base_request(merchant: &Merchant) -> Fields {
     let mut f = Fields::new()
         .with("appid", merchant.appid.as_str())
         .with("mch_id", merchant.mch_id.as_str());
@@ -235,7 +235,7 @@ pub fn nonce() -> String {
         .collect()
 }
 
-fn transport_error(e: &reqwest::Error) -> WxPayError {
+pub(super) fn transport_error(e: &reqwest::Error) -> WxPayError {
     if e.is_timeout() {
         return WxPayError::Timeout;
     }
@@ -285,7 +285,7 @@ pub fn verify_envelope(merchant: &Merchant, fields: &Fields) -> Result<(), WxPay
 }
 
 /// The merchant's v2 key and sign type, or why it has none.
-fn v2_credentials(merchant: &Merchant) -> Result<(&sign::ApiKey, SignType), WxPayError> {
+pub(super) fn v2_credentials(merchant: &Merchant) -> Result<(&sign::ApiKey, SignType), WxPayError> {
     merchant
         .v2_credentials()
         .ok_or_else(|| WxPayError::NotV2(merchant.mch_id.to_string()))

@@ -1,5 +1,6 @@
 //! What can go wrong when talking to WeChat Pay. Every variant is *transient* for the order it
-//! concerns: the answer says nothing reliable about the order, so its state must not change and
+//! concerns (a bill request refused for its parameters, [`WxPayError::BillRefused`], is not
+//! worth asking again the same way): the answer says nothing reliable about the order, so its state must not change and
 //! the caller asks again later. Definitive answers (the order's state, ORDERNOTEXIST, ORDERPAID,
 //! ORDERCLOSED) are not errors; they are the `Ok` side of the client's calls.
 
@@ -93,6 +94,16 @@ pub enum WxPayError {
     /// The merchant is configured for another API: nothing was sent or trusted.
     #[error("merchant {0} is not configured for API v2")]
     NotV2(String),
+    /// `downloadbill` refused for what was asked (`invalid bill_date`, a closed bill API):
+    /// asking again the same way cannot succeed.
+    #[error("WeChat refused the bill request (return_code FAIL): {}", quote(.0))]
+    BillRefused(String),
+    /// A bill larger than any the daemon accepts.
+    #[error("the bill is larger than {0} bytes")]
+    BillTooLarge(u64),
+    /// The temporary file a bill is downloaded to.
+    #[error("temporary bill file: {0}")]
+    TempFile(String),
 }
 
 impl WxPayError {
@@ -117,10 +128,14 @@ impl WxPayError {
     pub fn failure(&self) -> Failure {
         match self {
             WxPayError::Timeout => Failure::Timeout,
-            WxPayError::Transport(_) | WxPayError::Encode(_) => Failure::TransportError,
+            WxPayError::Transport(_) | WxPayError::Encode(_) | WxPayError::TempFile(_) => {
+                Failure::TransportError
+            }
             WxPayError::HttpStatus(_) => Failure::HttpStatus,
-            WxPayError::Malformed(_) | WxPayError::BadField { .. } => Failure::Malformed,
-            WxPayError::ReturnFail(_) => Failure::ReturnFail,
+            WxPayError::Malformed(_)
+            | WxPayError::BadField { .. }
+            | WxPayError::BillTooLarge(_) => Failure::Malformed,
+            WxPayError::ReturnFail(_) | WxPayError::BillRefused(_) => Failure::ReturnFail,
             WxPayError::Sign(_) => Failure::SignInvalid,
             WxPayError::Mismatch { .. } | WxPayError::NotV2(_) => Failure::Mismatch,
             WxPayError::ResultFail { .. } => Failure::ResultFail,
@@ -136,6 +151,10 @@ impl WxPayError {
 
 impl From<WxPayError> for GatewayError {
     fn from(e: WxPayError) -> GatewayError {
-        GatewayError::new(e.failure(), e.to_string()).with_retry(e.retry_hint())
+        let g = GatewayError::new(e.failure(), e.to_string()).with_retry(e.retry_hint());
+        match e {
+            WxPayError::BillRefused(_) => g.permanent(),
+            _ => g,
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Everything WeChat Pay v2: the strict XML codec, signing, the orderquery/closeorder client,
-//! and reading payment notifications. Nothing outside this module knows XML, signs, or speaks HTTP to WeChat.
+//! the bill download, and reading payment notifications. Nothing outside this module knows XML, signs, or speaks HTTP to WeChat.
 
+pub mod bill;
 pub mod client;
 pub mod error;
 pub mod notify;

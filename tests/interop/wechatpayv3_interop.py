@@ -5,8 +5,9 @@ Proves that an unmodified wechatpayv3 client (see requirements.txt for the pinne
 with its own request signing and its own answer verification, can query and close orders of
 the simulator's v3 test merchant (1900000100) in both of WeChat's key modes (the "WeChat Pay
 public key" and downloaded platform certificates), that it refuses answers the simulator
-deliberately mis-signs, and that its callback helper verifies and decrypts the payment
-notifications the simulator delivers.
+deliberately mis-signs, that its callback helper verifies and decrypts the payment
+notifications the simulator delivers, and that its `trade_bill` (verified) and `download_bill`
+(signed request, unsigned answer) get a gzip bill whose SHA-1 is the answer's `hash_value`.
 
     python3 -m venv .venv-interop
     .venv-interop/bin/pip install -r tests/interop/requirements.txt
@@ -25,6 +26,8 @@ the client once its URL points at the simulator: the same code path, one step la
 """
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
 import secrets
@@ -334,6 +337,45 @@ def run(r, base_url):
 
     r.check("public key only: /v3/certificates is RESOURCE_NOT_EXISTS, queries still verify",
             public_key_only)
+
+    def bill(c, label, bill_date):
+        def check():
+            n = new_out_trade_no()
+            sim.create(n, 4321)
+            sim.pay(n, paid_at="%sT08:09:10+08:00" % bill_date)
+            # trade_bill: bill_type ALL, tar_type GZIP; the SDK verifies the 2xx answer or raises.
+            status, text = c.trade_bill(bill_date=bill_date)
+            expect_ok(status, text)
+            answer = json.loads(text)
+            expect(answer["hash_type"] == "SHA1", "%s: %s" % (label, answer))
+            url = answer["download_url"]
+            expect(url.startswith(base_url.rstrip("/") + "/v3/billdownload/file?token="),
+                   "download_url %s" % url)
+            # download_bill: a request signed over the URL's path and query, an unsigned answer.
+            status, content = c.download_bill(url)
+            expect(status == 200, "download: HTTP %s %r" % (status, content[:200]))
+            expect(isinstance(content, bytes) and content[:2] == b"\x1f\x8b",
+                   "not gzip: %r" % content[:8])
+            text = gzip.decompress(content)
+            expect(hashlib.sha1(text).hexdigest() == answer["hash_value"],
+                   "hash_value is not the SHA-1 of the decompressed bill")
+            lines = text.decode("utf-8").split("\r\n")
+            expect(lines[0].startswith("\ufeff交易时间,"), "header %r" % lines[0][:20])
+            row = lines[1][1:].split(",`")
+            expect(len(row) == 27 and row[6] == n and row[9] == "SUCCESS" and row[12] == "43.21",
+                   "row %r" % row)
+            expect(lines[-2] == "`1,`43.21,`0.00,`0.00,`0.26000,`43.21,`0.00",
+                   "summary %r" % lines[-2])
+            status, text = c.trade_bill(bill_date="2024-01-01")
+            expect(status == 400 and json.loads(text)["code"] == "NO_STATEMENT_EXIST",
+                   "a quiet day: HTTP %s %s" % (status, text))
+        return check
+
+    r.check("public key mode: trade_bill verified, download_bill's file matches hash_value",
+            bill(pk, "public key", "2024-07-09"))
+    r.check("certificate mode: trade_bill verified, download_bill's file matches hash_value",
+            bill(state["cert"], "certificate", "2024-07-10")
+            if "cert" in state else lambda: expect(False, "no client"))
 
     def notification(c, sign_with, label):
         def check():

@@ -4,7 +4,8 @@
 Proves that an unmodified wechatpy client (see requirements.txt for the pinned version)
 can place, query and close orders at the simulator with both v2 sign types (MD5 and
 HMAC-SHA256), and that every reply the simulator sends is signed correctly according to
-wechatpy's own signature code.
+wechatpy's own signature code; and that wechatpy's `tools.download_bill` gets the day's bill
+(plain, and gzip with tar_type=GZIP) in WeChat's format.
 
     python3 -m venv .venv-interop
     .venv-interop/bin/pip install -r tests/interop/requirements.txt
@@ -25,6 +26,7 @@ MD5-only, so HMAC replies are checked with its `calculate_signature_hmac`.
 """
 
 import argparse
+import gzip
 import json
 import secrets
 import sys
@@ -206,9 +208,12 @@ class Runner:
             print("ok  %s" % name, flush=True)
 
 
-def control_pay(base_url, mch_id, out_trade_no):
+def control_pay(base_url, mch_id, out_trade_no, paid_at=None):
     url = "%s_sim/orders/%s/%s/pay" % (base_url, mch_id, out_trade_no)
-    body = json.dumps({"notify": "drop"}).encode("utf-8")
+    body = {"notify": "drop"}
+    if paid_at:
+        body["paid_at"] = paid_at
+    body = json.dumps(body).encode("utf-8")
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
@@ -349,6 +354,64 @@ def run_merchant(r, m, base_url):
 
     r.check("%s: wrong api key is rejected with return_code FAIL and changes nothing" % L,
             wrong_key)
+
+    # --- the daily bill: downloadbill ---------------------------------------------------------
+    # wechatpy's tools.download_bill(bill_date) posts bill_type=ALL without tar_type (and signs
+    # with MD5, which WeChat accepts from every merchant); a reply that is not XML is handed back
+    # as text. The GZIP variant goes through the client's post() with tar_type added.
+    bill_day = {"md5": "20240709", "hmac": "20240710"}[L]
+    iso_day = "%s-%s-%s" % (bill_day[:4], bill_day[4:6], bill_day[6:])
+
+    def bill_lines(text):
+        expect(text.startswith("\ufeff交易时间,公众账号ID,商户号,"), "no BOM + header: %r" % text[:40])
+        expect(text.endswith("\r\n") and text.count("\n") == text.count("\r\n"), "not CRLF")
+        lines = text[1:].rstrip("\r\n").split("\r\n")
+        expect(len(lines[0].split(",")) == 27, "header of %d columns" % len(lines[0].split(",")))
+        expect(lines[-2].startswith("总交易单数,"), "no summary title: %r" % lines[-2])
+        return lines
+
+    def download_bill():
+        n = new_out_trade_no()
+        s.verify_success(s.unifiedorder(n, 1234))
+        control_pay(base_url, m["mch_id"], n, "%sT12:34:56+08:00" % iso_day)
+        text = s.client.tools.download_bill(bill_day)
+        expect(isinstance(text, str), "wechatpy returned %r, not the bill's text" % type(text))
+        s.check_last_request("pay/downloadbill", sign_type="MD5")
+        lines = bill_lines(text)
+        rows = [l[1:].split(",`") for l in lines[1:-2]]
+        expect(len(rows) == 1 and len(rows[0]) == 27, "rows %r" % rows)
+        row = rows[0]
+        expect(row[0] == "%s 12:34:56" % iso_day and row[2] == m["mch_id"] and row[6] == n
+               and row[9] == "SUCCESS" and row[12] == "12.34" and row[22] == "0.07000",
+               "row %r" % row)
+        expect(lines[-1] == "`1,`12.34,`0.00,`0.00,`0.07000,`12.34,`0.00",
+               "summary %r" % lines[-1])
+        st["bill_text"] = text
+
+    r.check("%s: downloadbill through wechatpy: the day's bill, BOM, CRLF, backticks, summary" % L,
+            download_bill)
+
+    def download_bill_gzip():
+        expect(st.get("bill_text"), "prerequisite failed (downloadbill)")
+        data = {"appid": s.client.appid, "bill_date": bill_day, "bill_type": "ALL",
+                "tar_type": "GZIP"}
+        data.update(s._extra())
+        s.client.post("pay/downloadbill", data=data)
+        s.check_last_request("pay/downloadbill")
+        raw = s.exchanges[-1].content
+        expect(raw[:2] == b"\x1f\x8b", "not gzip: %r" % raw[:8])
+        expect(gzip.decompress(raw).decode("utf-8") == st["bill_text"],
+               "the gzip bill differs from the plain one")
+
+    r.check("%s: downloadbill tar_type=GZIP is the same bill, gzipped" % L, download_bill_gzip)
+
+    def no_bill():
+        e = expect_pay_exception(lambda: s.client.tools.download_bill("20240101"),
+                                 "downloadbill of a quiet day")
+        expect(e.return_code == "FAIL", "return_code=%r" % e.return_code)
+        expect(e.return_msg == "No Bill Exist", "return_msg=%r" % e.return_msg)
+
+    r.check("%s: downloadbill of a quiet day is FAIL No Bill Exist" % L, no_bill)
 
 
 def main():

@@ -1,8 +1,9 @@
 //! Third-party SDKs against the simulator: Python's wechatpy creates, pays, queries and closes
-//! orders with both v2 sign types and verifies every reply (tests/interop/wechatpy_interop.py);
-//! Python's wechatpayv3 queries and closes v3 orders in both key modes with its own signing and
-//! verification, and verifies and decrypts the notifications the simulator delivers
-//! (tests/interop/wechatpayv3_interop.py).
+//! orders with both v2 sign types and verifies every reply, and downloads the daily bill
+//! (tests/interop/wechatpy_interop.py); Python's wechatpayv3 queries and closes v3 orders in
+//! both key modes with its own signing and verification, verifies and decrypts the
+//! notifications the simulator delivers, and fetches a bill with `trade_bill` /
+//! `download_bill`, checking its SHA-1 (tests/interop/wechatpayv3_interop.py).
 //!
 //! Runs when `WXPAY_TEST_WECHATPY_PYTHON` names a Python with the pinned
 //! tests/interop/requirements.txt installed (`.ci/run` makes one); `WXPAY_TEST_REQUIRE_INTEROP=1`

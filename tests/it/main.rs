@@ -1,6 +1,7 @@
 //! The one integration test binary (one link step on a 2-core machine).
 
 mod bills;
+mod billfetch;
 mod cli;
 mod client;
 mod daemon;

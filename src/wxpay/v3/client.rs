@@ -27,24 +27,24 @@ use crate::wxpay::client::{ClientConfig, Failover, error_chain, nonce, pooled_cl
 /// (`Arc`) across tasks.
 #[derive(Debug)]
 pub struct V3Client {
-    http: reqwest::Client,
-    config: ClientConfig,
-    failover: Failover,
+    pub(super) http: reqwest::Client,
+    pub(super) config: ClientConfig,
+    pub(super) failover: Failover,
     /// Our clock, for the timestamp check and the request's own timestamp.
-    clock: fn() -> DateTime<Utc>,
+    pub(super) clock: fn() -> DateTime<Utc>,
 }
 
 /// An answer as it came: its status, body and whether its signature verified.
-struct Answer {
-    status: u16,
-    body: Vec<u8>,
+pub(super) struct Answer {
+    pub(super) status: u16,
+    pub(super) body: Vec<u8>,
     headers: Result<SignedHeaders, Unverified>,
     verified: Result<Verified, Unverified>,
 }
 
 impl Answer {
     /// The body of a verified 2xx answer.
-    fn verified_body(self, keys: &WechatKeys) -> Result<Vec<u8>, V3Error> {
+    pub(super) fn verified_body(self, keys: &WechatKeys) -> Result<Vec<u8>, V3Error> {
         match self.verified {
             Ok(_) => Ok(self.body),
             Err(u) => {
@@ -57,32 +57,16 @@ impl Answer {
     }
 
     /// The error of a non-2xx answer (a hint: the order's state never changes on it).
-    fn error(&self) -> V3Error {
-        let body = ErrorBody::parse(&self.body);
-        let code = body.as_ref().map(|b| b.code.clone());
-        if self.status == 429
-            || code
-                .as_deref()
-                .is_some_and(|c| c == "RATELIMIT_EXCEEDED" || c == "FREQUENCY_LIMITED")
-        {
-            return V3Error::RateLimited {
-                status: self.status,
-                code: code.unwrap_or_default(),
-            };
-        }
-        V3Error::HttpStatus {
-            status: self.status,
-            message: body.map(|b| b.message).unwrap_or_default(),
-            code,
-        }
+    pub(super) fn error(&self) -> V3Error {
+        status_error(self.status, &self.body)
     }
 
-    fn code(&self) -> Option<String> {
+    pub(super) fn code(&self) -> Option<String> {
         ErrorBody::parse(&self.body).map(|b| b.code)
     }
 }
 
-fn credentials(merchant: &Merchant) -> Result<&V3Credentials, V3Error> {
+pub(super) fn credentials(merchant: &Merchant) -> Result<&V3Credentials, V3Error> {
     merchant
         .v3_credentials()
         .ok_or_else(|| V3Error::NotV3(merchant.mch_id.to_string()))
@@ -318,7 +302,7 @@ impl V3Client {
 
     /// Signs and sends one request to the current endpoint; reads the answer within the body
     /// limit and checks its signature (the caller decides what an unverified answer means).
-    async fn call(
+    pub(super) async fn call(
         &self,
         merchant: &Merchant,
         creds: &V3Credentials,
@@ -394,6 +378,27 @@ impl V3Client {
     }
 }
 
+/// The error of a non-2xx answer of `status` with `body` (a hint: nothing changes on it).
+pub(super) fn status_error(status: u16, body: &[u8]) -> V3Error {
+    let body = ErrorBody::parse(body);
+    let code = body.as_ref().map(|b| b.code.clone());
+    if status == 429
+        || code
+            .as_deref()
+            .is_some_and(|c| c == "RATELIMIT_EXCEEDED" || c == "FREQUENCY_LIMITED")
+    {
+        return V3Error::RateLimited {
+            status,
+            code: code.unwrap_or_default(),
+        };
+    }
+    V3Error::HttpStatus {
+        status,
+        message: body.map(|b| b.message).unwrap_or_default(),
+        code,
+    }
+}
+
 fn echo(field: &'static str, expected: &str, got: &str) -> Result<(), V3Error> {
     if expected == got {
         return Ok(());
@@ -405,14 +410,14 @@ fn echo(field: &'static str, expected: &str, got: &str) -> Result<(), V3Error> {
     })
 }
 
-fn transport_error(e: &reqwest::Error) -> V3Error {
+pub(super) fn transport_error(e: &reqwest::Error) -> V3Error {
     if e.is_timeout() {
         return V3Error::Timeout;
     }
     V3Error::Transport(error_chain(e))
 }
 
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, V3Error> {
+pub(super) async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, V3Error> {
     if let Some(len) = response.content_length()
         && len > MAX_BODY_BYTES as u64
     {

@@ -51,17 +51,28 @@ pub enum V3Error {
     NotClosed(String),
     #[error("merchant {0} is not configured for API v3")]
     NotV3(String),
+    /// A bill's `download_url` not on the configured WeChat host (or its backup): the signed
+    /// request was not sent.
+    #[error("download_url {} is not on the configured WeChat host; not requested", quote(.0))]
+    DownloadUrl(String),
+    /// The temporary file a bill is downloaded to.
+    #[error("temporary bill file: {0}")]
+    TempFile(String),
 }
 
 impl V3Error {
     pub fn failure(&self) -> Failure {
         match self {
             V3Error::Timeout => Failure::Timeout,
-            V3Error::Transport(_) | V3Error::Signing(_) => Failure::TransportError,
+            V3Error::Transport(_) | V3Error::Signing(_) | V3Error::TempFile(_) => {
+                Failure::TransportError
+            }
             V3Error::HttpStatus { .. } | V3Error::RateLimited { .. } => Failure::HttpStatus,
             V3Error::Unverified(_) => Failure::Unverified,
             V3Error::Malformed(_) | V3Error::TooLarge(_) => Failure::Malformed,
-            V3Error::Mismatch { .. } | V3Error::NotV3(_) => Failure::Mismatch,
+            V3Error::Mismatch { .. } | V3Error::NotV3(_) | V3Error::DownloadUrl(_) => {
+                Failure::Mismatch
+            }
             V3Error::Decrypt(_) => Failure::SignInvalid,
             V3Error::NotClosed(_) => Failure::ResultFail,
         }

@@ -3,6 +3,7 @@
 //! decrypts v3 messages.
 
 pub mod auth;
+pub mod bill;
 pub mod client;
 pub mod crypto;
 pub mod error;
