@@ -2,6 +2,7 @@
 
 mod bills;
 mod billfetch;
+mod billparse;
 mod cli;
 mod client;
 mod daemon;
