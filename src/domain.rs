@@ -489,6 +489,8 @@ pub enum Source {
     Notify,
     Expire,
     Manual,
+    /// The daily bill (its reconciliation settles what WeChat's bill says was paid).
+    Bill,
 }
 
 impl Source {
@@ -498,11 +500,17 @@ impl Source {
     pub fn is_scan(self) -> bool {
         match self {
             Source::Poll | Source::Expire => true,
-            Source::Notify | Source::Manual => false,
+            Source::Notify | Source::Manual | Source::Bill => false,
         }
     }
 
-    pub const ALL: [Source; 4] = [Source::Poll, Source::Notify, Source::Expire, Source::Manual];
+    pub const ALL: [Source; 5] = [
+        Source::Poll,
+        Source::Notify,
+        Source::Expire,
+        Source::Manual,
+        Source::Bill,
+    ];
 
     pub fn parse(s: &str) -> Result<Source, ParseError> {
         Source::ALL
@@ -517,6 +525,7 @@ impl Source {
             Source::Notify => "notify",
             Source::Expire => "expire",
             Source::Manual => "manual",
+            Source::Bill => "bill",
         }
     }
 }

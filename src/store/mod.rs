@@ -287,6 +287,9 @@ pub enum StoreError {
     /// Other writers kept moving the order; a later attempt may get through.
     #[error("order {id} kept moving; gave up after {attempts} attempts")]
     KeptMoving { id: i64, attempts: usize },
+    /// A request the store refuses before asking the database (a caller's bug).
+    #[error("invalid request to the database: {0}")]
+    Invalid(String),
 }
 
 impl StoreError {
@@ -310,7 +313,8 @@ impl StoreError {
             | StoreError::InstanceRunning(_)
             | StoreError::BadRow { .. }
             | StoreError::NoResult
-            | StoreError::OrderGone(_) => false,
+            | StoreError::OrderGone(_)
+            | StoreError::Invalid(_) => false,
         }
     }
 }
@@ -597,7 +601,14 @@ mod refunds;
 
 pub use refunds::{
     ClaimedRefund, ClaimedRefundRow, RefundApplied, RefundChange, RefundClaim, RefundGuard,
-    RefundOutcome, RefundRow, RefundSummary, UnreadableRefund,
+    RefundOutcome, RefundRead, RefundRow, RefundSummary, UnreadableRefund,
+};
+
+mod bills;
+
+pub use bills::{
+    BillClaim, BillClaimRequest, BillEnd, BillOrigin, BillRecord, BillState, BillTotals,
+    FindingAction, FindingKind, FindingObject, FindingRow, IdSpan, NewFinding,
 };
 
 impl Store {

@@ -56,6 +56,11 @@ impl DialectRow for MySqlRow {
     fn opt_ts(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
         Ok(self.try_get(column)?)
     }
+
+    /// A zero date is an error (the driver's decoding never panics).
+    fn date(&self, column: &str) -> Result<chrono::NaiveDate, StoreError> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 impl Dialect for MySql {
@@ -63,6 +68,12 @@ impl Dialect for MySql {
 
     fn time(t: DateTime<Utc>) -> DateTime<Utc> {
         t
+    }
+
+    type Date = chrono::NaiveDate;
+
+    fn date(d: chrono::NaiveDate) -> chrono::NaiveDate {
+        d
     }
 
     fn affected(result: &MySqlQueryResult) -> u64 {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult, PgRow, PgTypeInfo,
@@ -132,7 +132,54 @@ impl<'r> Decode<'r, Postgres> for PgTime {
     }
 }
 
+/// A `DATE` as stored: sqlx's own chrono conversion panics on `infinity` and on days chrono
+/// cannot hold; this one is `None` for those.
+struct PgDate(Option<NaiveDate>);
+
+impl PgDate {
+    /// From PostgreSQL's binary form: days since 2000-01-01 (`i32::MAX` / `MIN`: infinities).
+    fn from_binary(bytes: &[u8]) -> Result<PgDate, String> {
+        let raw: [u8; 4] = bytes
+            .try_into()
+            .map_err(|_| format!("a date is 4 bytes, not {}", bytes.len()))?;
+        let days = i32::from_be_bytes(raw);
+        Ok(PgDate(NaiveDate::from_ymd_opt(2000, 1, 1).and_then(
+            |epoch| TimeDelta::try_days(i64::from(days)).and_then(|d| epoch.checked_add_signed(d)),
+        )))
+    }
+}
+
+impl sqlx::Type<Postgres> for PgDate {
+    fn type_info() -> PgTypeInfo {
+        <NaiveDate as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <NaiveDate as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for PgDate {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(match value.format() {
+            PgValueFormat::Binary => PgDate::from_binary(value.as_bytes()?)?,
+            PgValueFormat::Text => {
+                PgDate(NaiveDate::parse_from_str(value.as_str()?, "%Y-%m-%d").ok())
+            }
+        })
+    }
+}
+
 impl DialectRow for PgRow {
+    fn date(&self, column: &str) -> Result<NaiveDate, StoreError> {
+        self.try_get::<PgDate, _>(column)?
+            .0
+            .ok_or_else(|| StoreError::BadRow {
+                table: "wxpay_bills",
+                reason: format!("{column} is not a day this program can hold"),
+            })
+    }
+
     fn ts(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
         self.try_get::<PgTime, _>(column)?.finite(column)
     }
@@ -157,6 +204,12 @@ impl Dialect for Postgres {
 
     fn time(t: DateTime<Utc>) -> DateTime<Utc> {
         t
+    }
+
+    type Date = NaiveDate;
+
+    fn date(d: NaiveDate) -> NaiveDate {
+        d
     }
 
     fn sql(text: &str) -> String {
@@ -437,6 +490,18 @@ mod tests {
             PgTime::from_text("2026-12-01 10:30:00.5+08"),
             PgTime::At(_)
         ));
+    }
+
+    #[test]
+    fn every_stored_date_decodes_without_panicking() {
+        use super::PgDate;
+        let day = |days: i32| PgDate::from_binary(&days.to_be_bytes()).unwrap().0;
+        assert_eq!(day(0), chrono::NaiveDate::from_ymd_opt(2000, 1, 1));
+        assert_eq!(day(-1), chrono::NaiveDate::from_ymd_opt(1999, 12, 31));
+        assert_eq!(day(i32::MAX), None, "infinity");
+        assert_eq!(day(i32::MIN), None, "-infinity");
+        assert_eq!(day(200_000_000), None, "beyond chrono's years");
+        assert!(PgDate::from_binary(&[1, 2]).is_err());
     }
 
     proptest::proptest! {

@@ -22,7 +22,7 @@ use crate::domain::{
 };
 
 /// The columns every refund read returns, in [`RefundRow`]'s order.
-const REFUND_COLUMNS: &str = "id, mch_id, out_trade_no, out_refund_no, refund_fee, state, \
+pub(super) const REFUND_COLUMNS: &str = "id, mch_id, out_trade_no, out_refund_no, refund_fee, state, \
     refund_id, success_time, refund_recv_accout, created_at, query_count, next_query_at, \
     last_queried_at, last_error, gave_up_at";
 
@@ -73,14 +73,39 @@ impl ClaimedRefund {
     }
 }
 
-/// A claimed row that cannot be read (a value the merchant wrote that no refund has): leased
-/// like the others, so that the scan sets it aside instead of claiming it again.
+/// A row that cannot be read (a value the merchant wrote that no refund has). A claimed one is
+/// leased like the others, so that the scan sets it aside instead of claiming it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnreadableRefund {
     pub id: i64,
+    /// The claim's lease (for a row read by a listing: the row's lease as it stands).
     pub lease: i64,
+    /// What can be read of the row's names, bounded ([`crate::text::note`]): a listing by
+    /// `out_refund_no` matches an unreadable row by them.
+    pub mch_id: Option<String>,
+    pub out_trade_no: Option<String>,
+    pub out_refund_no: Option<String>,
+    /// Bounded ([`crate::text::note`]).
     pub reason: String,
 }
+
+impl UnreadableRefund {
+    /// What can be read of a row whose full decode failed with `error`.
+    fn of<R: Cols>(r: &R, id: i64, lease: i64, error: &StoreError) -> UnreadableRefund {
+        let name = |column: &str| r.text(column).map(|t| crate::text::note(&t)).ok();
+        UnreadableRefund {
+            id,
+            lease,
+            mch_id: name("mch_id"),
+            out_trade_no: name("out_trade_no"),
+            out_refund_no: name("out_refund_no"),
+            reason: crate::text::note(&error.to_string()),
+        }
+    }
+}
+
+/// A row read by a listing: a refund, or what can be read of an unreadable one.
+pub type RefundRead = Result<RefundRow, UnreadableRefund>;
 
 /// One row of a refund claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +190,7 @@ fn parsed<R: DialectRow, T>(
     parse(&r.text(column)?).map_err(bad)
 }
 
-fn refund_row<R: DialectRow>(r: &R) -> Result<RefundRow, StoreError> {
+pub(super) fn refund_row<R: DialectRow>(r: &R) -> Result<RefundRow, StoreError> {
     let fee = r.int("refund_fee")?;
     Ok(RefundRow {
         id: r.int("id")?,
@@ -193,12 +218,15 @@ fn claimed_row<R: DialectRow>(r: &R) -> Result<ClaimedRefundRow, StoreError> {
     let (id, lease) = (r.int("id")?, r.int("lease")?);
     Ok(match refund_row(r) {
         Ok(row) => ClaimedRefundRow::Refund(ClaimedRefund { row, lease }),
-        Err(e) => ClaimedRefundRow::Unreadable(UnreadableRefund {
-            id,
-            lease,
-            reason: crate::text::note(&e.to_string()),
-        }),
+        Err(e) => ClaimedRefundRow::Unreadable(UnreadableRefund::of(r, id, lease, &e)),
     })
+}
+
+/// A row of a listing that selects `lease, {REFUND_COLUMNS}`: the refund, or what can be read
+/// of it.
+pub(super) fn refund_read<R: DialectRow>(r: &R) -> Result<RefundRead, StoreError> {
+    let (id, lease) = (r.int("id")?, r.int("lease")?);
+    Ok(refund_row(r).map_err(|e| UnreadableRefund::of(r, id, lease, &e)))
 }
 
 fn placeholders(n: usize) -> String {

@@ -2,7 +2,7 @@
 //! generic implementation over `sqlx::Row`), timestamps through each backend's
 //! [`DialectRow`] (PostgreSQL via `PgTime`, SQLite via `parse_sqlite_time`, MySQL via chrono).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::{
     Attention, Claimed, ClaimedOrder, EventRow, OpenSummary, OrderRead, OrderRow, SetAsideRow,
@@ -55,6 +55,8 @@ pub(crate) trait DialectRow: Cols {
     /// A time every row has; a value that is no time is an error.
     fn ts(&self, column: &str) -> Result<DateTime<Utc>, StoreError>;
     fn opt_ts(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// A calendar day (`DATE`; SQLite: `YYYY-MM-DD` text); a value that is no day is an error.
+    fn date(&self, column: &str) -> Result<NaiveDate, StoreError>;
 
     /// `expires_at`: no expiry of the order's own when NULL.
     fn expiry(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, Type};
 
@@ -48,6 +48,8 @@ pub(crate) enum Arg<'a> {
     /// Bound in the backend's own form ([`Dialect::Time`]).
     Time(DateTime<Utc>),
     OptTime(Option<DateTime<Utc>>),
+    /// A calendar day, bound in the backend's own form ([`Dialect::Date`]).
+    Date(NaiveDate),
 }
 
 /// What a backend's driver needs to run the shared statements.
@@ -56,6 +58,12 @@ pub(crate) trait Dialect: Database<Row: DialectRow, Arguments: IntoArguments<Sel
     type Time: for<'t> Encode<'t, Self> + Type<Self> + Send;
 
     fn time(t: DateTime<Utc>) -> Self::Time;
+
+    /// A calendar day as this backend binds it (SQLite: `YYYY-MM-DD` text; the others: a
+    /// `DATE`).
+    type Date: for<'t> Encode<'t, Self> + Type<Self> + Send;
+
+    fn date(d: NaiveDate) -> Self::Date;
 
     /// The shared text in this backend's placeholders.
     fn sql(text: &str) -> String {
@@ -98,6 +106,7 @@ where
                 Arg::OptText(t) => q.bind(t),
                 Arg::Time(t) => q.bind(D::time(t)),
                 Arg::OptTime(t) => q.bind(t.map(D::time)),
+                Arg::Date(d) => q.bind(D::date(d)),
             };
         }
         q

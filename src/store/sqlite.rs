@@ -109,6 +109,21 @@ pub fn parse_sqlite_time(s: &str) -> Result<DateTime<Utc>, &'static str> {
         .ok_or("out of range")
 }
 
+/// A day as SQLite's `date()` writes it, `YYYY-MM-DD` exactly.
+fn parse_date(s: &str) -> Option<chrono::NaiveDate> {
+    let b = s.as_bytes();
+    let form = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !form {
+        return None;
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()
+}
+
 impl DialectRow for SqliteRow {
     fn ts(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
         parse_ts(&self.try_get::<String, _>(column)?)
@@ -119,6 +134,17 @@ impl DialectRow for SqliteRow {
             .as_deref()
             .map(parse_ts)
             .transpose()
+    }
+
+    fn date(&self, column: &str) -> Result<chrono::NaiveDate, StoreError> {
+        let s = self.try_get::<String, _>(column)?;
+        parse_date(&s).ok_or_else(|| StoreError::BadRow {
+            table: "wxpay_bills",
+            reason: format!(
+                "{column} {} is not a day 'YYYY-MM-DD'",
+                crate::text::quote(&s)
+            ),
+        })
     }
 
     /// `INTEGER` is 64 bits.
@@ -132,6 +158,12 @@ impl Dialect for Sqlite {
 
     fn time(t: DateTime<Utc>) -> String {
         ts(t)
+    }
+
+    type Date = String;
+
+    fn date(d: chrono::NaiveDate) -> String {
+        d.format("%Y-%m-%d").to_string()
     }
 
     fn affected(result: &SqliteQueryResult) -> u64 {

@@ -3,6 +3,7 @@
 mod bills;
 mod billfetch;
 mod billparse;
+mod billstore;
 mod cli;
 mod client;
 mod daemon;
