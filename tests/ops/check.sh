@@ -8,7 +8,8 @@
 # notification, a wrong amount, a notification, an expired one, an open one), scraped every
 # second by a real Prometheus (Debian package `prometheus`) that loads alerts.yml, and evaluates
 # every dashboard query, every variable query and every alert rule through its HTTP API, and
-# checks that every metric they name is in the daemon's live /metrics.
+# checks that every metric they name is in the daemon's live /metrics. Daily bills are on: the
+# bills job reconciles the simulator's (empty) past days at start, and no bill alert fires.
 #
 # Usage (from anywhere, after `cargo build`): bash tests/ops/check.sh [path/to/wxpay-reconciler]
 # Needs: systemd (systemd-analyze), prometheus (promtool, prometheus), curl, python3.
@@ -272,6 +273,11 @@ refresh_seconds = 1
 [notify]
 listen = "127.0.0.1:$NPORT"
 
+# The bill metrics exist only with bills on. The job runs at start: the simulator has no orders
+# on past days, so each due day is an empty bill ("No Bill Exist"), reconciled at once.
+[bills]
+enabled = true
+
 [log]
 level = "info"
 EOF
@@ -304,6 +310,7 @@ else
   prometheus --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/prometheus" \
     --web.listen-address="127.0.0.1:$PPORT" --log.level=warn >"$PROM_LOG" 2>&1 &
   PIDS+=($!)
+  RUN_STARTED=$(date +%s)
   "$BIN" run --config "$TMP/config.toml" >"$RUN_LOG" 2>&1 &
   RUN_PID=$!
   PIDS+=($RUN_PID)
@@ -359,6 +366,34 @@ if $started; then
   done
   if $all_there; then pass "orders settled, quarantined, closed and left open as expected"
   else fail "orders not as expected: want $expected_states, have $actual_states"; fi
+
+  # The bills job ran at start and reconciled, for every merchant, the newest bill day due: the
+  # Beijing day before yesterday before 10:00 Beijing, yesterday from 10:00 (either, when the
+  # daemon started just before 10:00 and this runs after).
+  newest_due_day() { # UNIX_TIME -> the start (00:00 Beijing = 16:00 UTC) of the newest due bill day
+    python3 -c 'import sys; b = int(sys.argv[1]) + 28800; m = b - b % 86400 - 28800; print(m - 86400 * (1 if b % 86400 >= 36000 else 2))' "$1"
+  }
+  want_days="$(newest_due_day "$RUN_STARTED") $(newest_due_day "$(date +%s)")"
+  bill_days_ok=false
+  for _ in $(seq 1 60); do
+    if curl -fsS "http://127.0.0.1:$MPORT/metrics" 2>/dev/null | python3 -c '
+import re, sys
+want = {int(x) for x in sys.argv[1].split()}
+days = {}
+for line in sys.stdin:
+    m = re.match(r"wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds\{[^}]*mch_id=\"(\w+)\"[^}]*\} (\S+)", line)
+    if m:
+        days[m.group(1)] = int(float(m.group(2)))
+print(" ".join(f"{k}={v}" for k, v in sorted(days.items())) or "none")
+sys.exit(0 if sorted(days) == ["10000100", "1900000100", "1900000109"] and set(days.values()) <= want else 1)
+' "$want_days" >"$TMP/bill_days.txt"; then
+      bill_days_ok=true
+      break
+    fi
+    sleep 0.5
+  done
+  if $bill_days_ok; then pass "bills job: every merchant's newest due bill day reconciled ($(cat "$TMP/bill_days.txt"))"
+  else fail "bills job: last reconciled bill days $(cat "$TMP/bill_days.txt" 2>/dev/null), want one of $want_days for each merchant"; fi
   sleep 4 # a few more scrapes and rule evaluations
 
   curl -fsS "http://127.0.0.1:$MPORT/metrics" >"$TMP/metrics.txt"
@@ -496,6 +531,11 @@ EOF
   else
     fail "order ops-mismatch-1 was not quarantined as AMOUNT_MISMATCH"
   fi
+
+  # Every due day reconciled, without findings or errors: no daily-bill alert fires.
+  bill_alerts=$(curl -fsS "$PROM/api/v1/alerts" | python3 -c 'import json, sys; print(" ".join(sorted({a["labels"]["alertname"] + "/" + a["labels"].get("mch_id", "") for a in json.load(sys.stdin)["data"]["alerts"] if a["labels"]["alertname"].startswith("WxpayReconcilerBill") and a["state"] == "firing"})))' || echo "(no answer from Prometheus)")
+  if [[ -z $bill_alerts ]]; then pass "no daily-bill alert fires"
+  else fail "daily-bill alerts fire: $bill_alerts"; fi
 
   # SIGHUP (ExecReload=) applies a valid change and refuses an invalid file, still running.
   reloads() {
