@@ -492,7 +492,7 @@ mod tests {
         assert_eq!(lines[5], "", "ends with CRLF");
         // The header is the one of WeChat's official sample, byte for byte.
         let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/wxpay-bills/v3_all_official_sample_bom_crlf_45rows.csv");
+            .join("tests/fixtures/wxpay-bills/v3_all_official_sample_bom_crlf_45rows.csv");
         if let Ok(sample) = std::fs::read_to_string(sample) {
             assert!(sample.starts_with(&format!("{BOM}{HEADER}\r\n")));
             assert!(sample.contains(&format!("\r\n{SUMMARY_TITLE}\r\n")));

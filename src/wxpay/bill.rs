@@ -277,10 +277,10 @@ mod tests {
     use super::*;
     use crate::gateway::report::GatewayError;
 
-    /// A fixture of ../shared/fixtures/wxpay-bills.
+    /// A fixture of tests/fixtures/wxpay-bills (a copy of ../shared/fixtures/wxpay-bills).
     fn fixture(name: &str) -> Vec<u8> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/wxpay-bills")
+            .join("tests/fixtures/wxpay-bills")
             .join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

@@ -39,7 +39,7 @@ fn day(s: &str) -> NaiveDate {
 
 fn shared_fixture(name: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/wxpay-bills")
+        .join("tests/fixtures/wxpay-bills")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
