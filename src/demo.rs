@@ -285,7 +285,14 @@ async fn reconcile_bills(
     shop_moves(store, mch, "bill-phantom", OrderState::Success, Some(now)).await?;
     // Closed here, then paid at WeChat.
     register("bill-paid-after-close", 700).await?;
-    shop_moves(store, mch, "bill-paid-after-close", OrderState::Closed, None).await?;
+    shop_moves(
+        store,
+        mch,
+        "bill-paid-after-close",
+        OrderState::Closed,
+        None,
+    )
+    .await?;
     state.pay_at(mch, "bill-paid-after-close", None, Some(now), false)?;
     // A refund that succeeded at WeChat, closed here by the shop.
     if let Some(order) = store
@@ -295,7 +302,14 @@ async fn reconcile_bills(
         .find(|o| o.mch_id.as_str() == mch)
     {
         let otn = order.out_trade_no.as_str();
-        state.create_refund(mch, otn, "bill-refund-closed-here", 1, RefundStatus::Success, false)?;
+        state.create_refund(
+            mch,
+            otn,
+            "bill-refund-closed-here",
+            1,
+            RefundStatus::Success,
+            false,
+        )?;
         store
             .insert_refund(mch, otn, "bill-refund-closed-here", 1)
             .await?;

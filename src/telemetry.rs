@@ -920,10 +920,18 @@ impl Telemetry {
         let date = bill_date.to_string();
         let number = crate::text::quote(number);
         match kind {
-            K::LocalOnly => tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "paid here but absent from WeChat's bill: the shop may have shipped for money it does not have"),
-            K::AmountDiff => tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill's amount differs from the shop's"),
-            K::SettledByBill => tracing::info!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, "settled by the daily bill (its notification and queries were lost)"),
-            K::RemoteOnly | K::StateDiff | K::PaidAfterClose => tracing::warn!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill disagrees with the shop's tables"),
+            K::LocalOnly => {
+                tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "paid here but absent from WeChat's bill: the shop may have shipped for money it does not have")
+            }
+            K::AmountDiff => {
+                tracing::error!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill's amount differs from the shop's")
+            }
+            K::SettledByBill => {
+                tracing::info!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, "settled by the daily bill (its notification and queries were lost)")
+            }
+            K::RemoteOnly | K::StateDiff | K::PaidAfterClose => {
+                tracing::warn!(mch_id, bill_date = %date, kind = kind.as_str(), number = %number, detail, "the bill disagrees with the shop's tables")
+            }
         }
     }
 

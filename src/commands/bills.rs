@@ -129,8 +129,15 @@ pub async fn reconcile(
             let _ = writeln!(
                 out,
                 "  {:<16} {:<7} {:<32} {:<32} {:>10} {:>10} {:<14} {:<14} {:<11} detail",
-                "kind", "object", "out_trade_no", "out_refund_no", "local", "remote", "local state",
-                "remote state", "action"
+                "kind",
+                "object",
+                "out_trade_no",
+                "out_refund_no",
+                "local",
+                "remote",
+                "local state",
+                "remote state",
+                "action"
             );
             for f in &findings {
                 let money = |v: Option<i64>| v.map_or("-".to_owned(), |v| v.to_string());
@@ -171,8 +178,8 @@ pub async fn status(settings: &Settings, json_out: bool) -> Result<String, Comma
 
 fn render_status(_store: &Store, records: &[BillRecord], json_out: bool) -> String {
     if json_out {
-        let mut s = json!({ "bills": records.iter().map(record_json).collect::<Vec<Value>>() })
-            .to_string();
+        let mut s =
+            json!({ "bills": records.iter().map(record_json).collect::<Vec<Value>>() }).to_string();
         s.push('\n');
         return s;
     }
@@ -284,9 +291,7 @@ fn outcome_reason(o: &DayOutcome) -> Option<String> {
         DayOutcome::Retry { reason, at, .. } => {
             Some(format!("{reason}; next attempt {}", at.to_rfc3339()))
         }
-        DayOutcome::Refused { failure, reason } => {
-            Some(format!("{}: {reason}", failure.as_str()))
-        }
+        DayOutcome::Refused { failure, reason } => Some(format!("{}: {reason}", failure.as_str())),
         _ => None,
     }
 }

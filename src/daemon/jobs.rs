@@ -19,12 +19,12 @@ use super::wiring::{ScannerParts, Wiring, policy};
 use super::{DaemonError, Tasks};
 use crate::config::Settings;
 use crate::http::Health;
+use crate::reconcile::bills::{BillRunner, newest_bill_gauges};
 use crate::reconcile::refund_scan::RefundScanReport;
 use crate::reconcile::scanner::{ScanReport, Scanner};
 use crate::shutdown::systemd;
-use crate::reconcile::bills::BillRunner;
-use crate::store::{Attention, BillState, OpenSummary, Store, StoreError, SummaryRequest};
-use crate::telemetry::{BillGauges, DbOp, OpenCounts, Telemetry};
+use crate::store::{Attention, OpenSummary, Store, StoreError, SummaryRequest};
+use crate::telemetry::{DbOp, OpenCounts, Telemetry};
 
 /// When a job runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,6 +361,7 @@ impl Jobs {
             settings: gauges_rx,
             telemetry: wiring.telemetry().clone(),
             health: wiring.health.clone(),
+            bills: settings.bills.enabled,
         };
         if settings.bills.enabled {
             let runner = super::wiring::bill_runner(
@@ -369,12 +370,11 @@ impl Jobs {
                 Some(wiring.scanners.client.clone()),
                 wiring.telemetry().clone(),
             );
-            wiring.telemetry().zero_bill_series(
-                settings.merchants.iter().map(|m| m.mch_id.as_str()),
-            );
+            wiring
+                .telemetry()
+                .zero_bill_series(settings.merchants.iter().map(|m| m.mch_id.as_str()));
             let bills = BillJob {
                 runner,
-                store: wiring.store().clone(),
                 telemetry: wiring.telemetry().clone(),
                 health: wiring.health.clone(),
             };
@@ -516,7 +516,6 @@ fn refund_scan_finished(health: &Health, result: Result<RefundScanReport, StoreE
 /// than `cron` apply at the next start.
 struct BillJob {
     runner: BillRunner,
-    store: Store,
     telemetry: Telemetry,
     health: Arc<Health>,
 }
@@ -548,7 +547,6 @@ impl Job for BillJob {
 
 impl BillJob {
     async fn run(&self, stop: &CancellationToken) {
-        self.refresh_gauges().await;
         let started = Instant::now();
         loop {
             let retry = match self.runner.run_due(Utc::now(), stop).await {
@@ -571,34 +569,6 @@ impl BillJob {
                 () = tokio::time::sleep(wait) => {}
                 () = stop.cancelled() => break,
             }
-        }
-    }
-
-    /// The gauges of each merchant's last reconciled bill, from the table (so that a restart,
-    /// or another instance's run, shows).
-    async fn refresh_gauges(&self) {
-        match self.store.latest_bills(8).await {
-            Ok(records) => {
-                for m in self.runner.merchants() {
-                    let mch_id = m.mch_id.as_str();
-                    let last = records
-                        .iter()
-                        .filter(|r| r.mch_id == mch_id && r.state == BillState::Reconciled)
-                        .max_by_key(|r| r.bill_date);
-                    if let Some(r) = last {
-                        let (day_start, _) = crate::reconcile::bills::day_bounds(r.bill_date);
-                        self.telemetry.bill_gauges(
-                            mch_id,
-                            &BillGauges {
-                                day_start_unix: day_start.timestamp(),
-                                fee_milli_fen: r.totals.map_or(0, |t| t.fee_milli_fen),
-                                findings: r.findings.clone(),
-                            },
-                        );
-                    }
-                }
-            }
-            Err(e) => self.telemetry.db_error(DbOp::Bills, &e),
         }
     }
 }
@@ -629,6 +599,9 @@ struct GaugeJob {
     settings: watch::Receiver<GaugeSettings>,
     telemetry: Telemetry,
     health: Arc<Health>,
+    /// `[bills] enabled`: the gauges of each merchant's newest reconciled bill too, from the
+    /// table (whoever reconciled it: this instance, another, or `bills reconcile`).
+    bills: bool,
 }
 
 impl Job for GaugeJob {
@@ -677,6 +650,17 @@ impl GaugeJob {
                 for mch in &self.merchants {
                     let of = refunds.iter().find(|r| &r.mch_id == mch);
                     self.telemetry.refund_gauges(mch, of, now);
+                }
+                if self.bills {
+                    match newest_bill_gauges(&self.store).await {
+                        Ok(bills) => {
+                            for (mch, g) in bills.iter().filter(|(m, _)| self.merchants.contains(m))
+                            {
+                                self.telemetry.bill_gauges(mch, g);
+                            }
+                        }
+                        Err(error) => self.telemetry.db_error(DbOp::Bills, &error),
+                    }
                 }
             }
             Err(error) => {

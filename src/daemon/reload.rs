@@ -13,7 +13,7 @@ use crate::gateway::Merchant;
 use crate::telemetry::Telemetry;
 
 /// Applies a new configuration to a running daemon (SIGHUP). What can change safely changes at
-/// once: `[log] level`, every `[schedule]` and `[refunds]` key, `wechat.max_qps` and `wechat.concurrency` (a new
+/// once: `[log] level`, every `[schedule]` and `[refunds]` key, `[bills] cron`, `wechat.max_qps` and `wechat.concurrency` (a new
 /// scanner on the same WeChat Pay client, whose failover state stays). The rest (database,
 /// merchants and keys, listen addresses, other `[wechat]` and `[metrics]` keys) needs a
 /// restart: it is kept as it was, and the sections are named in a warning.
@@ -120,6 +120,8 @@ fn reloaded(old: &Settings, new: &Settings) -> Settings {
     let mut next = old.clone();
     next.schedule = new.schedule.clone();
     next.refunds = new.refunds.clone();
+    // The bills' cron is rescheduled; their other keys are the bill runner's, built at start.
+    next.bills.cron = new.bills.cron.clone();
     next.wechat.max_qps = new.wechat.max_qps;
     next.wechat.concurrency = new.wechat.concurrency;
     next.log = new.log.clone();
@@ -141,6 +143,9 @@ fn needs_restart(old: &Settings, new: &Settings) -> Vec<&'static str> {
     }
     if !same_merchants(&next.merchants, &new.merchants) {
         changed.push("merchants");
+    }
+    if next.bills != new.bills {
+        changed.push("bills");
     }
     if next.metrics != new.metrics {
         changed.push("metrics");

@@ -16,8 +16,8 @@
 
 use crate::bill::{BillRefund, BillRow};
 use crate::domain::{
-    AppId, Currency, Fen, OrderState, OutRefundNo, OutTradeNo, RefundId, RefundState,
-    RefundStatus, TradeState, TransactionId,
+    AppId, Currency, Fen, OrderState, OutRefundNo, OutTradeNo, RefundId, RefundState, RefundStatus,
+    TradeState, TransactionId,
 };
 use crate::gateway::{RefundReport, TradeReport};
 use crate::store::{FindingKind, OrderRow, RefundRow};
@@ -39,10 +39,15 @@ pub enum PaymentCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundCheck {
     Matches,
-    RemoteOnly { detail: String },
+    RemoteOnly {
+        detail: String,
+    },
     /// The refund is open locally and WeChat's bill says how it ended: the refund rules decide.
     Settle(Box<RefundReport>),
-    Differs { kind: FindingKind, detail: String },
+    Differs {
+        kind: FindingKind,
+        detail: String,
+    },
 }
 
 /// Whether a payment row says WeChat took the money (交易状态 SUCCESS).

@@ -292,16 +292,14 @@ impl BillRunner {
             BillClaim::NotDue { state } => return Ok(DayOutcome::NotDue(state)),
         };
         let (file, origin, expected_sha1) = match self.fetch(req).await {
-            Fetched::File {
-                file,
-                origin,
-                sha1,
-            } => (Some(file), origin, sha1),
+            Fetched::File { file, origin, sha1 } => (Some(file), origin, sha1),
             Fetched::Empty => (None, BillOrigin::Download, None),
             Fetched::Retry { failure, reason } => {
                 let at = Utc::now() + self.retry_after();
                 if let Some(f) = failure {
-                    inner.telemetry.bill_failed(mch_id, req.bill_date, f, &reason);
+                    inner
+                        .telemetry
+                        .bill_failed(mch_id, req.bill_date, f, &reason);
                 }
                 let state = if failure.is_some() {
                     BillState::Failed
@@ -318,7 +316,11 @@ impl BillRunner {
                     next_attempt_at: Some(at),
                     now: Utc::now(),
                 };
-                if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+                if !inner
+                    .store
+                    .finish_bill(held.bill_id, held.lease, &end)
+                    .await?
+                {
                     return Ok(DayOutcome::LeaseLost);
                 }
                 return Ok(DayOutcome::Retry {
@@ -387,20 +389,22 @@ impl BillRunner {
             next_attempt_at: None,
             now: Utc::now(),
         };
-        if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+        if !inner
+            .store
+            .finish_bill(held.bill_id, held.lease, &end)
+            .await?
+        {
             return Ok(DayOutcome::LeaseLost);
         }
         let record = inner.store.bill(mch_id, req.bill_date).await?;
         let findings = record.map(|r| r.findings).unwrap_or_default();
-        let (day_start, _) = day_bounds(req.bill_date);
-        inner.telemetry.bill_gauges(
-            mch_id,
-            &BillGauges {
-                day_start_unix: day_start.timestamp(),
-                fee_milli_fen: totals.fee.get(),
-                findings: findings.clone(),
-            },
-        );
+        // The gauges show the merchant's newest reconciled day (a catch-up of an older day
+        // does not take them back).
+        for (mch, g) in newest_bill_gauges(&inner.store).await? {
+            if mch == mch_id {
+                inner.telemetry.bill_gauges(mch_id, &g);
+            }
+        }
         Ok(DayOutcome::Reconciled(DaySummary {
             empty: sha1.is_none(),
             totals,
@@ -447,7 +451,11 @@ impl BillRunner {
             next_attempt_at,
             now: Utc::now(),
         };
-        if !inner.store.finish_bill(held.bill_id, held.lease, &end).await? {
+        if !inner
+            .store
+            .finish_bill(held.bill_id, held.lease, &end)
+            .await?
+        {
             return Ok(DayOutcome::LeaseLost);
         }
         Ok(DayOutcome::Refused { failure, reason })
@@ -588,7 +596,11 @@ impl BillRunner {
         }));
         let mut orders = HashMap::new();
         if !trade_nos.is_empty() {
-            for read in inner.store.orders_by_out_trade_no(mch_id, &trade_nos).await? {
+            for read in inner
+                .store
+                .orders_by_out_trade_no(mch_id, &trade_nos)
+                .await?
+            {
                 match read {
                     Ok(row) => {
                         orders.insert(row.out_trade_no.as_str().to_owned(), row);
@@ -763,14 +775,8 @@ impl BillRunner {
             order_currency: &currency,
         };
         let now = Utc::now();
-        let change = decide_refund_report(
-            &view,
-            report,
-            Source::Bill,
-            now,
-            0.0,
-            &inner.refund_policy,
-        );
+        let change =
+            decide_refund_report(&view, report, Source::Bill, now, 0.0, &inner.refund_policy);
         if !matches!(change, RefundChange::Finish { .. }) {
             return Ok(None);
         }
@@ -856,7 +862,11 @@ impl BillRunner {
                     detail: "paid here on this day; WeChat's bill does not list it".into(),
                 })
                 .collect();
-            if !self.renew(held).await? || !self.write_findings(req, held, &findings, &mut logged).await? {
+            if !self.renew(held).await?
+                || !self
+                    .write_findings(req, held, &findings, &mut logged)
+                    .await?
+            {
                 return Ok(Compared::LeaseLost);
             }
             if page.len() < PAGE_ROWS as usize {
@@ -893,7 +903,11 @@ impl BillRunner {
                     detail: "refunded here on this day; WeChat's bill does not list it".into(),
                 })
                 .collect();
-            if !self.renew(held).await? || !self.write_findings(req, held, &findings, &mut logged).await? {
+            if !self.renew(held).await?
+                || !self
+                    .write_findings(req, held, &findings, &mut logged)
+                    .await?
+            {
                 return Ok(Compared::LeaseLost);
             }
             if page.len() < PAGE_ROWS as usize {
@@ -952,7 +966,23 @@ impl BillRunner {
         }
         Ok(true)
     }
+}
 
+/// The gauges of each merchant's newest reconciled bill, from the table.
+pub async fn newest_bill_gauges(store: &Store) -> Result<Vec<(String, BillGauges)>, StoreError> {
+    let mut out = Vec::new();
+    for (mch_id, bill_date, _) in store.last_reconciled().await? {
+        if let Some(r) = store.bill(&mch_id, bill_date).await? {
+            let (day_start, _) = day_bounds(r.bill_date);
+            let g = BillGauges {
+                day_start_unix: day_start.timestamp(),
+                fee_milli_fen: r.totals.map_or(0, |t| t.fee_milli_fen),
+                findings: r.findings,
+            };
+            out.push((mch_id, g));
+        }
+    }
+    Ok(out)
 }
 
 /// What fetching gave.
@@ -980,7 +1010,7 @@ enum Compared {
 
 /// The fetch failure's reason label.
 fn fetch_failure(e: &GatewayError) -> BillFailure {
-    if e.is_retryable() {
+    if e.is_transient() {
         BillFailure::Transport
     } else {
         BillFailure::Rejected
@@ -1167,9 +1197,9 @@ pub fn verify(
     let mut reader = BillReader::new(open()?).map_err(malformed)?;
     let mut totals = Totals::default();
     while let Some(row) = reader.next_row().map_err(malformed)? {
-        let ours = merchant_ids.iter().any(|m| {
-            *m == row.mch_id || row.sub_mch_id.as_deref() == Some(m.as_str())
-        });
+        let ours = merchant_ids
+            .iter()
+            .any(|m| *m == row.mch_id || row.sub_mch_id.as_deref() == Some(m.as_str()));
         if !ours {
             return Err((
                 BillFailure::WrongMerchant,

@@ -100,14 +100,23 @@ async fn shop_moves(e: &Engine, otn: &str, to: OrderState, paid_at: Option<DateT
         lease: None,
     };
     assert_eq!(
-        e.db.store.apply(&row, guard, &change, Utc::now()).await.unwrap(),
+        e.db.store
+            .apply(&row, guard, &change, Utc::now())
+            .await
+            .unwrap(),
         Applied::Done
     );
 }
 
 /// A refund at WeChat of `otn`, succeeded at `success_time`, its notification lost; and the
 /// shop's row of it.
-async fn refund(e: &Engine, m: &Merchant, otn: &str, fee: i64, success_time: DateTime<Utc>) -> String {
+async fn refund(
+    e: &Engine,
+    m: &Merchant,
+    otn: &str,
+    fee: i64,
+    success_time: DateTime<Utc>,
+) -> String {
     let orn = unique_otn("rb").to_string();
     let (status, body) = e
         .sim
@@ -128,13 +137,12 @@ async fn refund(e: &Engine, m: &Merchant, otn: &str, fee: i64, success_time: Dat
 
 /// The shop's refund `orn` closed by its own handler.
 async fn shop_closes_refund(e: &Engine, m: &Merchant, orn: &str) {
-    let row = e
-        .db
-        .store
-        .find_refund(m.mch_id.as_str(), orn)
-        .await
-        .unwrap()
-        .unwrap();
+    let row =
+        e.db.store
+            .find_refund(m.mch_id.as_str(), orn)
+            .await
+            .unwrap()
+            .unwrap();
     let change = RefundChange::Finish {
         outcome: RefundOutcome {
             to: RefundState::Closed,
@@ -216,34 +224,37 @@ async fn plant(e: &Engine, m: &Merchant, d: NaiveDate) -> Planted {
 
 /// The findings of the day, as (kind, object, number) triples, sorted.
 async fn findings(e: &Engine, m: &Merchant, d: NaiveDate) -> Vec<(String, String, String, String)> {
-    let bill = e
-        .db
-        .store
-        .bill(m.mch_id.as_str(), d)
-        .await
-        .unwrap()
-        .expect("the day's bill row");
-    let mut f: Vec<_> = e
-        .db
-        .store
-        .bill_findings(bill.id, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|f| {
-            (
-                f.kind.as_str().to_owned(),
-                f.object.as_str().to_owned(),
-                f.out_refund_no.clone().unwrap_or(f.out_trade_no.clone()),
-                f.action.as_str().to_owned(),
-            )
-        })
-        .collect();
+    let bill =
+        e.db.store
+            .bill(m.mch_id.as_str(), d)
+            .await
+            .unwrap()
+            .expect("the day's bill row");
+    let mut f: Vec<_> =
+        e.db.store
+            .bill_findings(bill.id, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                (
+                    f.kind.as_str().to_owned(),
+                    f.object.as_str().to_owned(),
+                    f.out_refund_no.clone().unwrap_or(f.out_trade_no.clone()),
+                    f.action.as_str().to_owned(),
+                )
+            })
+            .collect();
     f.sort();
     f
 }
 
-fn finding(kind: &str, object: &str, number: &str, action: &str) -> (String, String, String, String) {
+fn finding(
+    kind: &str,
+    object: &str,
+    number: &str,
+    action: &str,
+) -> (String, String, String, String) {
     (kind.into(), object.into(), number.into(), action.into())
 }
 
@@ -256,8 +267,16 @@ async fn every_kind(kind: Kind, e: &Engine, m: &Merchant) {
     let s = reconciled(run(&r, m, d, false).await);
     assert!(!s.empty, "{kind:?}");
     // Payments on the day: lost, wrong, foreign, late, fine; refunds: older's and fine's.
-    assert_eq!((s.totals.payments, s.totals.refunds), (5, 2), "{kind:?} {s:?}");
-    assert_eq!(s.totals.total_fee, 1200 + 1499 + 800 + 700 + 300, "{kind:?}");
+    assert_eq!(
+        (s.totals.payments, s.totals.refunds),
+        (5, 2),
+        "{kind:?} {s:?}"
+    );
+    assert_eq!(
+        s.totals.total_fee,
+        1200 + 1499 + 800 + 700 + 300,
+        "{kind:?}"
+    );
     assert_eq!(s.totals.refund_fee, 2000 + 100, "{kind:?}");
     assert!(s.sha1.as_deref().is_some_and(|h| h.len() == 40), "{kind:?}");
     let mut expected = vec![
@@ -278,8 +297,15 @@ async fn every_kind(kind: Kind, e: &Engine, m: &Merchant) {
     assert_eq!(lost.paid_at, Some(at(d, 1)), "{kind:?}");
     let ev = e.events(&p.lost).await;
     assert_eq!(ev.len(), 1, "{kind:?}");
-    assert_eq!((ev[0].to_state.as_str(), ev[0].source.as_str()), ("SUCCESS", "bill"));
-    assert_eq!(e.row(&p.wrong).await.state, OrderState::AmountMismatch, "{kind:?}");
+    assert_eq!(
+        (ev[0].to_state.as_str(), ev[0].source.as_str()),
+        ("SUCCESS", "bill")
+    );
+    assert_eq!(
+        e.row(&p.wrong).await.state,
+        OrderState::AmountMismatch,
+        "{kind:?}"
+    );
     assert_eq!(e.row(&p.late).await.state, OrderState::Closed, "{kind:?}");
     assert!(
         e.events(&p.late)
@@ -288,37 +314,66 @@ async fn every_kind(kind: Kind, e: &Engine, m: &Merchant) {
             .any(|ev| ev.to_state.as_str() == "PAID_AFTER_CLOSE" && ev.source.as_str() == "bill"),
         "{kind:?}"
     );
-    assert!(e.db.store.find(&p.foreign).await.unwrap().is_empty(), "never invented");
-    assert_eq!(e.row(&p.phantom).await.state, OrderState::Success, "reported, not undone");
-    let refunded = e
-        .db
-        .store
-        .find_refund(m.mch_id.as_str(), &p.older_refund)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(
+        e.db.store.find(&p.foreign).await.unwrap().is_empty(),
+        "never invented"
+    );
+    assert_eq!(
+        e.row(&p.phantom).await.state,
+        OrderState::Success,
+        "reported, not undone"
+    );
+    let refunded =
+        e.db.store
+            .find_refund(m.mch_id.as_str(), &p.older_refund)
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(refunded.state, RefundState::Success, "{kind:?}");
-    assert_eq!(e.row(&p.older).await.state, OrderState::Refund, "the older order");
+    assert_eq!(
+        e.row(&p.older).await.state,
+        OrderState::Refund,
+        "the older order"
+    );
     // The closed refund did not refund the order; the bill's refund row changes nothing here.
     assert_eq!(e.row(&p.fine).await.state, OrderState::Success, "{kind:?}");
     let text = telemetry.render();
     let mch = m.mch_id.as_str();
-    for (k, n) in [("local_only", 1.0), ("amount_diff", 1.0), ("settled_by_bill", 2.0)] {
+    for (k, n) in [
+        ("local_only", 1.0),
+        ("amount_diff", 1.0),
+        ("settled_by_bill", 2.0),
+    ] {
         assert_eq!(
-            metric_value(&text, &format!("wxpay_reconciler_bill_findings{{mch_id=\"{mch}\",kind=\"{k}\"}}")),
+            metric_value(
+                &text,
+                &format!("wxpay_reconciler_bill_findings{{mch_id=\"{mch}\",kind=\"{k}\"}}")
+            ),
             n,
             "{kind:?} {k}\n{text}"
         );
     }
     assert_eq!(
-        metric_value(&text, &format!("wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds{{mch_id=\"{mch}\"}}")),
+        metric_value(
+            &text,
+            &format!(
+                "wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds{{mch_id=\"{mch}\"}}"
+            )
+        ),
         day_bounds(d).0.timestamp() as f64
     );
 
     // Not due again (reconciled); a forced re-run replaces the findings, applies nothing twice.
-    assert!(matches!(run(&r, m, d, false).await, DayOutcome::NotDue(BillState::Reconciled)));
+    assert!(matches!(
+        run(&r, m, d, false).await,
+        DayOutcome::NotDue(BillState::Reconciled)
+    ));
     let again = reconciled(run(&r, m, d, true).await);
-    assert_eq!(again.count(FindingKind::SettledByBill), 0, "{kind:?} {again:?}");
+    assert_eq!(
+        again.count(FindingKind::SettledByBill),
+        0,
+        "{kind:?} {again:?}"
+    );
     let mut expected = vec![
         finding("amount_diff", "payment", &p.wrong, "reported"),
         finding("local_only", "payment", &p.phantom, "reported"),
@@ -355,7 +410,10 @@ async fn a_quiet_day_is_an_empty_bill_and_the_shops_payments_are_local_only() {
             let d = day() - TimeDelta::days(1);
             let (r, _) = runner(e);
             let s = reconciled(run(&r, &m, d, false).await);
-            assert!(s.empty && s.findings.iter().all(|(_, n)| *n == 0), "{kind:?} {s:?}");
+            assert!(
+                s.empty && s.findings.iter().all(|(_, n)| *n == 0),
+                "{kind:?} {s:?}"
+            );
             let phantom = e.order(&m, 100).await;
             shop_moves(e, &phantom, OrderState::Success, Some(at(d, 0))).await;
             // Paid on the next day: not this day's.
@@ -382,21 +440,48 @@ async fn a_bill_still_being_made_is_asked_again_then_reconciled() {
             pay_at(e, &m, &lost, at(d, 0), None).await;
             let (status, body) = e
                 .sim
-                .control("PUT", &format!("/_sim/bills/{}/{d}", m.mch_id), json!({"creating": 2}))
+                .control(
+                    "PUT",
+                    &format!("/_sim/bills/{}/{d}", m.mch_id),
+                    json!({"creating": 2}),
+                )
                 .await;
             assert_eq!(status, 200, "{body}");
             let (r, _) = runner(e);
-            let DayOutcome::Retry { at: next, failure: None, .. } = run(&r, &m, d, false).await else {
+            let DayOutcome::Retry {
+                at: next,
+                failure: None,
+                ..
+            } = run(&r, &m, d, false).await
+            else {
                 panic!("{kind:?}: expected not ready");
             };
             let minutes = (next - Utc::now()).num_minutes();
-            assert!((28..=30).contains(&minutes), "retried in 30 minutes, not {minutes}");
-            let bill = e.db.store.bill(m.mch_id.as_str(), d).await.unwrap().unwrap();
+            assert!(
+                (28..=30).contains(&minutes),
+                "retried in 30 minutes, not {minutes}"
+            );
+            let bill =
+                e.db.store
+                    .bill(m.mch_id.as_str(), d)
+                    .await
+                    .unwrap()
+                    .unwrap();
             assert_eq!(bill.state, BillState::NotReady);
             // Not due before its next attempt.
-            assert!(matches!(run(&r, &m, d, false).await, DayOutcome::NotDue(BillState::NotReady)));
-            assert_eq!(e.row(&lost).await.state, OrderState::NotPay, "nothing applied yet");
-            assert!(matches!(run(&r, &m, d, true).await, DayOutcome::Retry { failure: None, .. }));
+            assert!(matches!(
+                run(&r, &m, d, false).await,
+                DayOutcome::NotDue(BillState::NotReady)
+            ));
+            assert_eq!(
+                e.row(&lost).await.state,
+                OrderState::NotPay,
+                "nothing applied yet"
+            );
+            assert!(matches!(
+                run(&r, &m, d, true).await,
+                DayOutcome::Retry { failure: None, .. }
+            ));
             let s = reconciled(run(&r, &m, d, true).await);
             assert_eq!(s.count(FindingKind::SettledByBill), 1, "{kind:?}");
             assert_eq!(e.row(&lost).await.state, OrderState::Success);
@@ -473,7 +558,9 @@ async fn two_instances_run_one_day_once() {
             .count();
         assert_eq!(done, 1, "{kind:?} {outcomes:?}");
         assert!(
-            outcomes.iter().any(|o| matches!(o, DayOutcome::Busy | DayOutcome::NotDue(_))),
+            outcomes
+                .iter()
+                .any(|o| matches!(o, DayOutcome::Busy | DayOutcome::NotDue(_))),
             "{kind:?} {outcomes:?}"
         );
         assert_eq!(e.events(&lost).await.len(), 1);

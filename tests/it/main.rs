@@ -1,8 +1,8 @@
 //! The one integration test binary (one link step on a 2-core machine).
 
-mod bills;
 mod billfetch;
 mod billparse;
+mod bills;
 mod billstore;
 mod cli;
 mod client;
