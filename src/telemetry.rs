@@ -1542,11 +1542,14 @@ mod tests {
                     if let Some(to) = moved(&d) {
                         registered(from, to, Source::Poll);
                         seen.insert((from, to, Source::Poll));
-                        // A notification is read as a SUCCESS report.
+                        // A notification, and a bill's payment row, are read as a SUCCESS
+                        // report.
                         let notified = matches!(answer, Ok(QueryAnswer::Order(r)) if r.trade_state == TradeState::Success);
                         if notified {
-                            registered(from, to, Source::Notify);
-                            seen.insert((from, to, Source::Notify));
+                            for source in [Source::Notify, Source::Bill] {
+                                registered(from, to, source);
+                                seen.insert((from, to, source));
+                            }
                         }
                     }
                 }

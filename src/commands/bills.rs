@@ -283,6 +283,7 @@ fn outcome_label(o: &DayOutcome) -> &'static str {
         DayOutcome::Busy => "busy (another instance runs this day)",
         DayOutcome::NotDue(_) => "not due",
         DayOutcome::LeaseLost => "lease lost (another instance took the day over)",
+        DayOutcome::Stopped => "stopped (it runs again once its lease ends)",
     }
 }
 

@@ -124,6 +124,9 @@ pub enum DayOutcome {
     NotDue(BillState),
     /// This run's lease on the day was lost (it took too long); the other instance's run wins.
     LeaseLost,
+    /// The daemon is stopping: the day stays claimed until its lease ends, then runs again
+    /// (what was applied is not applied twice).
+    Stopped,
 }
 
 /// A reconciled day.
@@ -361,16 +364,16 @@ impl BillRunner {
                         {
                             Compared::Done => (totals, Some(sha1)),
                             Compared::LeaseLost => return Ok(DayOutcome::LeaseLost),
+                            Compared::Stopped => return Ok(DayOutcome::Stopped),
                         }
                     }
                 }
             }
         };
-        if matches!(
-            self.local_side(req, &mut held, &sides).await?,
-            Compared::LeaseLost
-        ) {
-            return Ok(DayOutcome::LeaseLost);
+        match self.local_side(req, &mut held, &sides).await? {
+            Compared::Done => {}
+            Compared::LeaseLost => return Ok(DayOutcome::LeaseLost),
+            Compared::Stopped => return Ok(DayOutcome::Stopped),
         }
         let end = BillEnd {
             state: BillState::Reconciled,
@@ -384,7 +387,8 @@ impl BillRunner {
                 refund_fee: totals.refund_fee,
                 fee_milli_fen: totals.fee.get(),
             }),
-            summary_check: Some(if sha1.is_some() { "adds_up" } else { "missing" }),
+            // An empty day has no summary to check.
+            summary_check: sha1.is_some().then_some("adds_up"),
             last_error: None,
             next_attempt_at: None,
             now: Utc::now(),
@@ -534,9 +538,11 @@ impl BillRunner {
                     return Err(BillRunError::Reread(e));
                 }
             };
-            if stop.is_cancelled() || !self.renew(held).await? {
-                // Stopped: the day stays RUNNING under this lease until it expires, and the
-                // next run does it again (what was applied is not applied twice).
+            if stop.is_cancelled() {
+                outcome = Compared::Stopped;
+                break;
+            }
+            if !self.renew(held).await? {
                 outcome = Compared::LeaseLost;
                 break;
             }
@@ -832,8 +838,13 @@ impl BillRunner {
         let mch_id = req.merchant.mch_id.as_str();
         let (from, to) = day_bounds(req.bill_date);
         let mut logged = Logged::default();
-        let mut after = 0;
-        loop {
+        // From the day's first id to its last (the store reads pages in id order).
+        let span = inner.store.paid_span(mch_id, from, to).await?;
+        let (mut after, last_id) = match (span.min_id, span.max_id) {
+            (Some(lo), Some(hi)) => (lo - 1, hi),
+            _ => (0, -1),
+        };
+        while after < last_id {
             let page = inner
                 .store
                 .paid_between(mch_id, from, to, after, PAGE_ROWS)
@@ -873,8 +884,12 @@ impl BillRunner {
                 break;
             }
         }
-        let mut after = 0;
-        loop {
+        let span = inner.store.refund_span(mch_id, from, to).await?;
+        let (mut after, last_id) = match (span.min_id, span.max_id) {
+            (Some(lo), Some(hi)) => (lo - 1, hi),
+            _ => (0, -1),
+        };
+        while after < last_id {
             let page = inner
                 .store
                 .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
@@ -1006,6 +1021,7 @@ enum Fetched {
 enum Compared {
     Done,
     LeaseLost,
+    Stopped,
 }
 
 /// The fetch failure's reason label.

@@ -579,3 +579,86 @@ async fn two_instances_run_one_day_once() {
     })
     .await;
 }
+
+/// The real daemon with `[bills] enabled`: at start it catches up the due days (a payment
+/// whose notification and queries were lost is settled from its bill, source `bill`), and
+/// `/metrics` shows the newest day reconciled; without bills there is no bill series (so the
+/// missing-bill alert cannot fire where bills are off).
+#[tokio::test]
+async fn the_daemon_catches_up_at_start_and_exports_the_newest_bill_day() {
+    let tweak = |s: &mut wxpay_reconciler::config::Settings| {
+        s.bills.enabled = true;
+        // The scan leaves the order alone: only the bill can settle it.
+        s.schedule.grace_seconds = 3600;
+    };
+    crate::frame::for_each_backend_with(tweak, async |kind, e| {
+        let m = md5_merchant();
+        let d = day();
+        let lost = e.order(&m, 1200).await;
+        pay_at(e, &m, &lost, at(d, 0), None).await;
+        let stop = CancellationToken::new();
+        let daemon = daemon::Daemon::start(&e.settings, stop.clone()).await.unwrap();
+        let addr = daemon.metrics_addr;
+        let running = tokio::spawn(daemon.wait());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while e.row(&lost).await.state != OrderState::Success {
+            assert!(std::time::Instant::now() < deadline, "{kind:?}: not settled by the bill");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let ev = e.events(&lost).await;
+        assert_eq!(ev[0].source.as_str(), "bill", "{kind:?}");
+        let newest = *wxpay_reconciler::reconcile::bills::due_days(Utc::now(), 3)
+            .last()
+            .unwrap();
+        let series = format!(
+            "wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds{{mch_id=\"{}\"}}",
+            m.mch_id
+        );
+        let want = day_bounds(newest).0.timestamp() as f64;
+        let mut text = String::new();
+        while metric_value(&text, &series) != want {
+            assert!(std::time::Instant::now() < deadline, "{kind:?}: {series}\n{text}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            text = e
+                .sim
+                .http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+        }
+        let bill = e.db.store.bill(m.mch_id.as_str(), d).await.unwrap().unwrap();
+        assert_eq!(bill.state, BillState::Reconciled);
+        stop.cancel();
+        running.await.unwrap().unwrap();
+    })
+    .await;
+
+    let e = Engine::new(crate::db::sqlite().await).await;
+    let stop = CancellationToken::new();
+    let daemon = daemon::Daemon::start(&e.settings, stop.clone()).await.unwrap();
+    let addr = daemon.metrics_addr;
+    let running = tokio::spawn(daemon.wait());
+    let text = e
+        .sim
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("wxpay_reconciler_open_orders{"), "{text}");
+    assert!(!text.contains("wxpay_reconciler_bill_findings{"), "{text}");
+    assert!(
+        !text.contains("wxpay_reconciler_last_reconciled_bill_day_timestamp_seconds{"),
+        "{text}"
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    e.finish().await;
+}

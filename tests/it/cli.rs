@@ -367,3 +367,102 @@ fn check_config_of_v3_merchants() {
         }
     }
 }
+
+/// `bills reconcile --file` of a bill a person downloaded (WeChat's official 45-row sample),
+/// offline: the one order the shop holds open is settled from it, the other 44 lines are
+/// WeChat's only; `bills status` lists the day. A documentation sample that does not add up is
+/// refused (exit 1, nothing applied).
+#[tokio::test]
+async fn bills_reconcile_a_file_offline_then_bills_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let db = dir.path().join("orders.db");
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wxpay-bills");
+    let key = "192006250b4c09247ec02edce69f6a2d";
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n\n\
+             [[merchants]]\nmch_id = \"1921000401\"\nappid = \"wxab8acd895ab1638a\"\napi_key_env = \"K\"\n\n\
+             [[merchants]]\nmch_id = \"1579507281\"\nappid = \"wxe1696e7c7db8e7f4\"\napi_key_env = \"K\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut c = process::command(Some(&cfg));
+        c.args(args).env("K", key).env("RUST_LOG", "warn");
+        Ran::of(c)
+    };
+    assert!(run(&["migrate"]).success());
+    // The shop's row of one payment of the bill (0.03 yuan, paid at 01:51:59 Beijing time).
+    let store = wxpay_reconciler::store::Store::connect(&wxpay_reconciler::store::ConnectOptions {
+        url: wxpay_reconciler::store::DatabaseUrl::new(&format!("sqlite://{}", db.display())),
+        max_connections: 1,
+        create_if_missing: false,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    store
+        .insert_order(&wxpay_reconciler::store::NewOrder {
+            mch_id: "1921000401",
+            appid: "wxab8acd895ab1638a",
+            out_trade_no: "autotest_20190219015157_13391",
+            total_fee: 3,
+        })
+        .await
+        .unwrap();
+    let file = format!("{fixtures}/v3_all_official_sample_bom_crlf_45rows.csv");
+    let ran = run(&[
+        "bills", "reconcile", "--date", "2019-02-19", "--mch-id", "1921000401", "--file", &file,
+        "--json",
+    ]);
+    assert!(ran.success(), "{}\n{}", ran.stdout, ran.stderr);
+    let out: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    let day = &out["bills"][0];
+    assert_eq!(day["outcome"], "reconciled", "{out}");
+    assert_eq!(day["bill"]["rows"], 45);
+    assert_eq!(day["bill"]["payments"], 31);
+    assert_eq!(day["bill"]["refunds"], 14);
+    assert_eq!(day["bill"]["sha1"], "9bb6cd819be348f17a9cbcedddc8eb62fefbd790");
+    assert_eq!(day["bill"]["findings"]["settled_by_bill"], 1, "{out}");
+    assert_eq!(day["bill"]["findings"]["remote_only"], 44, "{out}");
+    assert_eq!(day["bill"]["findings"]["local_only"], 0);
+    let row = store
+        .find_order("1921000401", "autotest_20190219015157_13391")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, wxpay_reconciler::domain::OrderState::Success);
+    assert_eq!(
+        row.transaction_id.as_deref(),
+        Some("4200000263201902167700136502")
+    );
+
+    // A documentation excerpt whose summary is for 29 rows: refused whole, exit 1.
+    let excerpt = format!("{fixtures}/v2_all_excerpt_refund_of_older_order_xjryanse.txt");
+    let ran = run(&[
+        "bills", "reconcile", "--date", "2024-07-09", "--mch-id", "1579507281", "--file", &excerpt,
+    ]);
+    assert!(!ran.success(), "{}", ran.stdout);
+    assert!(ran.stdout.contains("refused"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("summary_mismatch"), "{}", ran.stdout);
+    assert!(ran.stderr.contains("not reconciled"), "{}", ran.stderr);
+
+    let ran = run(&["bills", "status"]);
+    assert!(ran.success(), "{}", ran.stderr);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert!(lines[0].starts_with("mch_id") && lines[0].contains("local_only"), "{}", ran.stdout);
+    let line = |mch: &str| lines.iter().find(|l| l.starts_with(mch)).copied().unwrap_or("");
+    assert!(line("1921000401").contains("RECONCILED"), "{}", ran.stdout);
+    assert!(line("1579507281").contains("REFUSED"), "{}", ran.stdout);
+    // Aligned: every line puts its state in the header's column.
+    let col = lines[0].find("state").unwrap();
+    for l in &lines[1..] {
+        assert!(l[col..].starts_with("RECONCILED") || l[col..].starts_with("REFUSED"), "{l}");
+    }
+    let ran = run(&["bills", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(status["bills"].as_array().unwrap().len(), 2, "{status}");
+}

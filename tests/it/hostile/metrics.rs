@@ -53,7 +53,8 @@ fn samples(text: &str) -> Vec<(&str, f64)> {
 
 #[tokio::test]
 async fn a_fresh_daemon_without_orders_exports_every_contract_metric_on_its_first_scrape() {
-    let e = Engine::new(crate::db::sqlite().await).await;
+    // Bills on: their series exist only where bills are reconciled.
+    let e = Engine::with(crate::db::sqlite().await, |s| s.bills.enabled = true).await;
     let merchants: Vec<String> = e
         .settings
         .merchants
