@@ -597,12 +597,17 @@ async fn the_daemon_catches_up_at_start_and_exports_the_newest_bill_day() {
         let lost = e.order(&m, 1200).await;
         pay_at(e, &m, &lost, at(d, 0), None).await;
         let stop = CancellationToken::new();
-        let daemon = daemon::Daemon::start(&e.settings, stop.clone()).await.unwrap();
+        let daemon = daemon::Daemon::start(&e.settings, stop.clone())
+            .await
+            .unwrap();
         let addr = daemon.metrics_addr;
         let running = tokio::spawn(daemon.wait());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while e.row(&lost).await.state != OrderState::Success {
-            assert!(std::time::Instant::now() < deadline, "{kind:?}: not settled by the bill");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?}: not settled by the bill"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         let ev = e.events(&lost).await;
@@ -617,7 +622,10 @@ async fn the_daemon_catches_up_at_start_and_exports_the_newest_bill_day() {
         let want = day_bounds(newest).0.timestamp() as f64;
         let mut text = String::new();
         while metric_value(&text, &series) != want {
-            assert!(std::time::Instant::now() < deadline, "{kind:?}: {series}\n{text}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?}: {series}\n{text}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             text = e
                 .sim
@@ -630,7 +638,12 @@ async fn the_daemon_catches_up_at_start_and_exports_the_newest_bill_day() {
                 .await
                 .unwrap();
         }
-        let bill = e.db.store.bill(m.mch_id.as_str(), d).await.unwrap().unwrap();
+        let bill =
+            e.db.store
+                .bill(m.mch_id.as_str(), d)
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(bill.state, BillState::Reconciled);
         stop.cancel();
         running.await.unwrap().unwrap();
@@ -639,7 +652,9 @@ async fn the_daemon_catches_up_at_start_and_exports_the_newest_bill_day() {
 
     let e = Engine::new(crate::db::sqlite().await).await;
     let stop = CancellationToken::new();
-    let daemon = daemon::Daemon::start(&e.settings, stop.clone()).await.unwrap();
+    let daemon = daemon::Daemon::start(&e.settings, stop.clone())
+        .await
+        .unwrap();
     let addr = daemon.metrics_addr;
     let running = tokio::spawn(daemon.wait());
     let text = e

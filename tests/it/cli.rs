@@ -270,6 +270,23 @@ async fn demo_runs_with_no_config_and_no_service_and_prints_a_summary() {
         number("  refunded (by polling)"),
         "{stdout}"
     );
+    // The day's bills, after the daemon stopped: one planted discrepancy of each kind found
+    // (amount_diff also re-reports the orders quarantined for a wrong amount earlier).
+    assert!(number("daily bills (rows)") > paid, "{stdout}");
+    for kind in [
+        "remote_only",
+        "local_only",
+        "state_diff",
+        "settled_by_bill",
+        "paid_after_close",
+    ] {
+        assert_eq!(number(&format!("  {kind} ")), 1, "{kind}: {stdout}");
+    }
+    assert_eq!(
+        number("  amount_diff "),
+        1 + number("quarantined AMOUNT_MISMATCH"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains("reconciling:"),
         "plain progress lines in a pipe: {stderr}"
@@ -415,7 +432,14 @@ async fn bills_reconcile_a_file_offline_then_bills_status() {
         .unwrap();
     let file = format!("{fixtures}/v3_all_official_sample_bom_crlf_45rows.csv");
     let ran = run(&[
-        "bills", "reconcile", "--date", "2019-02-19", "--mch-id", "1921000401", "--file", &file,
+        "bills",
+        "reconcile",
+        "--date",
+        "2019-02-19",
+        "--mch-id",
+        "1921000401",
+        "--file",
+        &file,
         "--json",
     ]);
     assert!(ran.success(), "{}\n{}", ran.stdout, ran.stderr);
@@ -425,7 +449,10 @@ async fn bills_reconcile_a_file_offline_then_bills_status() {
     assert_eq!(day["bill"]["rows"], 45);
     assert_eq!(day["bill"]["payments"], 31);
     assert_eq!(day["bill"]["refunds"], 14);
-    assert_eq!(day["bill"]["sha1"], "9bb6cd819be348f17a9cbcedddc8eb62fefbd790");
+    assert_eq!(
+        day["bill"]["sha1"],
+        "9bb6cd819be348f17a9cbcedddc8eb62fefbd790"
+    );
     assert_eq!(day["bill"]["findings"]["settled_by_bill"], 1, "{out}");
     assert_eq!(day["bill"]["findings"]["remote_only"], 44, "{out}");
     assert_eq!(day["bill"]["findings"]["local_only"], 0);
@@ -443,7 +470,14 @@ async fn bills_reconcile_a_file_offline_then_bills_status() {
     // A documentation excerpt whose summary is for 29 rows: refused whole, exit 1.
     let excerpt = format!("{fixtures}/v2_all_excerpt_refund_of_older_order_xjryanse.txt");
     let ran = run(&[
-        "bills", "reconcile", "--date", "2024-07-09", "--mch-id", "1579507281", "--file", &excerpt,
+        "bills",
+        "reconcile",
+        "--date",
+        "2024-07-09",
+        "--mch-id",
+        "1579507281",
+        "--file",
+        &excerpt,
     ]);
     assert!(!ran.success(), "{}", ran.stdout);
     assert!(ran.stdout.contains("refused"), "{}", ran.stdout);
@@ -453,14 +487,27 @@ async fn bills_reconcile_a_file_offline_then_bills_status() {
     let ran = run(&["bills", "status"]);
     assert!(ran.success(), "{}", ran.stderr);
     let lines: Vec<&str> = ran.stdout.lines().collect();
-    assert!(lines[0].starts_with("mch_id") && lines[0].contains("local_only"), "{}", ran.stdout);
-    let line = |mch: &str| lines.iter().find(|l| l.starts_with(mch)).copied().unwrap_or("");
+    assert!(
+        lines[0].starts_with("mch_id") && lines[0].contains("local_only"),
+        "{}",
+        ran.stdout
+    );
+    let line = |mch: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(mch))
+            .copied()
+            .unwrap_or("")
+    };
     assert!(line("1921000401").contains("RECONCILED"), "{}", ran.stdout);
     assert!(line("1579507281").contains("REFUSED"), "{}", ran.stdout);
     // Aligned: every line puts its state in the header's column.
     let col = lines[0].find("state").unwrap();
     for l in &lines[1..] {
-        assert!(l[col..].starts_with("RECONCILED") || l[col..].starts_with("REFUSED"), "{l}");
+        assert!(
+            l[col..].starts_with("RECONCILED") || l[col..].starts_with("REFUSED"),
+            "{l}"
+        );
     }
     let ran = run(&["bills", "status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
