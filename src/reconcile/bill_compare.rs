@@ -250,7 +250,147 @@ pub fn key(s: &str) -> &str {
     }
 }
 
-/// An amount of a finding's `remote_fee` / `local_fee`.
-pub fn fen(f: Fen) -> Option<i64> {
-    Some(f.get())
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::bill::{MilliFen, RowKind};
+    use crate::domain::MchId;
+
+    fn fen(f: i64) -> Fen {
+        Fen::new(f).unwrap()
+    }
+
+    fn payment(state: &str, total: i64) -> BillRow {
+        BillRow {
+            line: 2,
+            trade_time: Utc::now(),
+            appid: "wxd930ea5d5a258f4f".into(),
+            mch_id: "10000100".into(),
+            sub_mch_id: None,
+            transaction_id: "4200000001".into(),
+            out_trade_no: "o1".into(),
+            trade_type: "JSAPI".into(),
+            trade_state: state.into(),
+            currency: "CNY".into(),
+            total_fee: fen(total),
+            settlement_total_fee: fen(total),
+            kind: RowKind::Payment,
+            fee: MilliFen(0),
+            rate: "0.60%".into(),
+            extra: Vec::new(),
+        }
+    }
+
+    fn order(state: OrderState, total: i64, txid: Option<&str>) -> OrderRow {
+        OrderRow {
+            id: 1,
+            mch_id: MchId::parse("10000100").unwrap(),
+            appid: AppId::parse("wxd930ea5d5a258f4f").unwrap(),
+            out_trade_no: OutTradeNo::parse("o1").unwrap(),
+            total_fee: fen(total),
+            state,
+            transaction_id: txid.map(str::to_owned),
+            paid_at: None,
+            created_at: Utc::now(),
+            expires_at: None,
+            query_count: 0,
+            next_query_at: None,
+            last_queried_at: None,
+            last_error: None,
+            gave_up_at: None,
+            fee_type: Currency::cny(),
+            set_aside_at: None,
+            set_aside_reason: None,
+        }
+    }
+
+    fn kind(c: PaymentCheck) -> Option<FindingKind> {
+        match c {
+            PaymentCheck::Differs { kind, .. } => Some(kind),
+            PaymentCheck::RemoteOnly { .. } => Some(FindingKind::RemoteOnly),
+            PaymentCheck::Matches | PaymentCheck::Settle(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_payment_row_against_each_state_of_the_order() {
+        let paid = payment("SUCCESS", 100);
+        assert_eq!(
+            kind(check_payment(&paid, None)),
+            Some(FindingKind::RemoteOnly)
+        );
+        for open in [
+            OrderState::NotPay,
+            OrderState::UserPaying,
+            OrderState::Closed,
+        ] {
+            match check_payment(&paid, Some(&order(open, 100, None))) {
+                PaymentCheck::Settle(r) => {
+                    assert_eq!(r.trade_state, TradeState::Success);
+                    assert_eq!(
+                        r.amount,
+                        Some(fen(100)),
+                        "the order's amount, not settlement"
+                    );
+                    assert_eq!(r.transaction_id.unwrap().as_str(), "4200000001");
+                }
+                other => panic!("{open}: {other:?}"),
+            }
+        }
+        let success = order(OrderState::Success, 100, Some("4200000001"));
+        assert_eq!(check_payment(&paid, Some(&success)), PaymentCheck::Matches);
+        let refunded = order(OrderState::Refund, 100, None);
+        assert_eq!(check_payment(&paid, Some(&refunded)), PaymentCheck::Matches);
+        let other_amount = order(OrderState::Success, 101, None);
+        assert_eq!(
+            kind(check_payment(&paid, Some(&other_amount))),
+            Some(FindingKind::AmountDiff)
+        );
+        let other_tx = order(OrderState::Success, 100, Some("4200000002"));
+        assert_eq!(
+            kind(check_payment(&paid, Some(&other_tx))),
+            Some(FindingKind::StateDiff)
+        );
+        let quarantined = order(OrderState::AmountMismatch, 100, None);
+        assert_eq!(
+            kind(check_payment(&paid, Some(&quarantined))),
+            Some(FindingKind::AmountDiff)
+        );
+        let mut usd = paid.clone();
+        usd.currency = "USD".into();
+        assert_eq!(
+            kind(check_payment(&usd, Some(&success))),
+            Some(FindingKind::AmountDiff)
+        );
+        // A row of a revoked payment: nothing to settle, but a paid order disagrees.
+        let revoked = payment("REVOKED", 100);
+        assert_eq!(
+            check_payment(&revoked, Some(&order(OrderState::NotPay, 100, None))),
+            PaymentCheck::Matches
+        );
+        assert_eq!(
+            kind(check_payment(&revoked, Some(&success))),
+            Some(FindingKind::StateDiff)
+        );
+        // A row whose number this program cannot use is never settled.
+        let mut bad = paid.clone();
+        bad.transaction_id = "not a transaction id".into();
+        assert_eq!(
+            kind(check_payment(
+                &bad,
+                Some(&order(OrderState::NotPay, 100, None))
+            )),
+            Some(FindingKind::StateDiff)
+        );
+    }
+
+    #[test]
+    fn finding_keys_are_cut_to_their_columns() {
+        let long = "x".repeat(70) + "é";
+        assert_eq!(key(&long).chars().count(), 64);
+        assert_eq!(key("short"), "short");
+        assert_eq!(key(&"é".repeat(65)).chars().count(), 64);
+    }
 }
