@@ -16,7 +16,7 @@
 
 use crate::bill::{BillRefund, BillRow};
 use crate::domain::{
-    AppId, Currency, Fen, OrderState, OutRefundNo, OutTradeNo, RefundId, RefundState, RefundStatus,
+    AppId, Currency, OrderState, OutRefundNo, OutTradeNo, RefundId, RefundState, RefundStatus,
     TradeState, TransactionId,
 };
 use crate::gateway::{RefundReport, TradeReport};
@@ -256,7 +256,7 @@ mod tests {
 
     use super::*;
     use crate::bill::{MilliFen, RowKind};
-    use crate::domain::MchId;
+    use crate::domain::{Fen, MchId};
 
     fn fen(f: i64) -> Fen {
         Fen::new(f).unwrap()
