@@ -5,9 +5,10 @@
 
 use chrono::Utc;
 
-use crate::domain::{Currency, Source};
+use crate::domain::Source;
 use crate::gateway::{RefundReport, TradeReport};
-use crate::reconcile::refund_policy::{RefundView, decide_refund_report};
+use crate::reconcile::refund_policy::decide_refund_report;
+use crate::reconcile::refund_scan::RefundOrder;
 use crate::reconcile::settle::{Report, Reported, Settler, Verdict};
 use crate::store::{OrderRow, RefundApplied, RefundChange, RefundGuard};
 use crate::telemetry::{DbOp, NotifyOutcome};
@@ -128,27 +129,22 @@ pub(super) async fn ingest_refund(
         }
         return Ingested::Acknowledged(NotifyOutcome::Repeat);
     }
-    let order = match app
-        .store
-        .find_order(mch_id, row.out_trade_no.as_str())
-        .await
-    {
+    let order = match RefundOrder::of(&app.store, &row).await {
         Ok(order) => order,
         Err(e) => {
             app.telemetry.db_error(DbOp::Notify, &e);
             return Ingested::Unavailable;
         }
     };
-    let currency = order
-        .as_ref()
-        .map_or_else(Currency::cny, |o| o.fee_type.clone());
-    let view = RefundView {
-        row: &row,
-        order_total: order.as_ref().map(|o| o.total_fee),
-        order_currency: &currency,
-    };
     let now = Utc::now();
-    let change = decide_refund_report(&view, report, Source::Notify, now, 0.0, &app.refunds);
+    let change = decide_refund_report(
+        &order.view(&row),
+        report,
+        Source::Notify,
+        now,
+        0.0,
+        &app.refunds,
+    );
     if !matches!(change, RefundChange::Finish { .. }) {
         // Not final (a notification says PROCESSING, or a status this version does not know):
         // nothing to record; the poll goes on.

@@ -27,11 +27,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::bill_compare::{self, PaymentCheck, RefundCheck};
 use super::policy::Policy;
-use super::refund_policy::{RefundPolicy, RefundView, decide_refund_report};
+use super::refund_policy::{RefundPolicy, decide_refund_report};
+use super::refund_scan::RefundOrder;
 use super::settle::{Report, Reported, Settler, Verdict};
 use crate::bill::{self, BillError, BillReader, BillRow, MilliFen, RowKind, SummaryCheck};
 use crate::config::BillSettings;
-use crate::domain::{Currency, OrderState, RefundState, Source};
+use crate::domain::{OrderState, RefundState, Source};
 use crate::gateway::{BillAnswer, Gateway, GatewayError, Merchant};
 use crate::store::{
     BillClaim, BillClaimRequest, BillEnd, BillOrigin, BillState, BillTotals, FindingAction,
@@ -768,21 +769,16 @@ impl BillRunner {
         report: &crate::gateway::RefundReport,
     ) -> Result<Option<(FindingKind, FindingAction, String)>, BillRunError> {
         let inner = &self.inner;
-        let order = inner
-            .store
-            .find_order(row.mch_id.as_str(), row.out_trade_no.as_str())
-            .await?;
-        let currency = order
-            .as_ref()
-            .map_or_else(Currency::cny, |o| o.fee_type.clone());
-        let view = RefundView {
-            row,
-            order_total: order.as_ref().map(|o| o.total_fee),
-            order_currency: &currency,
-        };
+        let order = RefundOrder::of(&inner.store, row).await?;
         let now = Utc::now();
-        let change =
-            decide_refund_report(&view, report, Source::Bill, now, 0.0, &inner.refund_policy);
+        let change = decide_refund_report(
+            &order.view(row),
+            report,
+            Source::Bill,
+            now,
+            0.0,
+            &inner.refund_policy,
+        );
         if !matches!(change, RefundChange::Finish { .. }) {
             return Ok(None);
         }
@@ -834,114 +830,84 @@ impl BillRunner {
         held: &mut Held,
         sides: &Sides,
     ) -> Result<Compared, BillRunError> {
-        let inner = &self.inner;
-        let mch_id = req.merchant.mch_id.as_str();
-        let (from, to) = day_bounds(req.bill_date);
         let mut logged = Logged::default();
-        // From the day's first id to its last (the store reads pages in id order).
-        let span = inner.store.paid_span(mch_id, from, to).await?;
-        let (mut after, last_id) = match (span.min_id, span.max_id) {
-            (Some(lo), Some(hi)) => (lo - 1, hi),
-            _ => (0, -1),
-        };
-        while after < last_id {
-            let page = inner
-                .store
-                .paid_between(mch_id, from, to, after, PAGE_ROWS)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = match last {
-                Ok(o) => o.id,
-                Err(u) => u.id,
+        for side in [Side::Orders, Side::Refunds] {
+            let seen = match side {
+                Side::Orders => &sides.orders,
+                Side::Refunds => &sides.refunds,
             };
-            let findings: Vec<Finding> = page
-                .iter()
-                .filter_map(|o| match o {
-                    Ok(o) => Some(o),
-                    Err(u) => {
-                        unreadable_day_row("order", u.id, &u.reason);
-                        None
-                    }
-                })
-                .filter(|o| !sides.orders.contains(o.id))
-                .map(|o| Finding {
-                    kind: FindingKind::LocalOnly,
-                    object: FindingObject::Payment,
-                    out_trade_no: o.out_trade_no.as_str().to_owned(),
-                    out_refund_no: None,
-                    transaction_id: o.transaction_id.clone(),
-                    local_fee: Some(o.total_fee.get()),
-                    remote_fee: None,
-                    local_state: Some(o.state.as_str().to_owned()),
-                    remote_state: None,
-                    action: FindingAction::Reported,
-                    line: 0,
-                    detail: "paid here on this day; WeChat's bill does not list it".into(),
-                })
-                .collect();
-            if !self.renew(held).await?
-                || !self
-                    .write_findings(req, held, &findings, &mut logged)
-                    .await?
-            {
-                return Ok(Compared::LeaseLost);
-            }
-            if page.len() < PAGE_ROWS as usize {
-                break;
-            }
-        }
-        let span = inner.store.refund_span(mch_id, from, to).await?;
-        let (mut after, last_id) = match (span.min_id, span.max_id) {
-            (Some(lo), Some(hi)) => (lo - 1, hi),
-            _ => (0, -1),
-        };
-        while after < last_id {
-            let page = inner
-                .store
-                .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = match last {
-                Ok(r) => r.id,
-                Err(u) => u.id,
+            // From the day's first id to its last (the store reads pages in id order).
+            let span = self.local_span(side, req).await?;
+            let (mut after, last_id) = match (span.min_id, span.max_id) {
+                (Some(lo), Some(hi)) => (lo - 1, hi),
+                _ => (0, -1),
             };
-            let findings: Vec<Finding> = page
-                .iter()
-                .filter_map(|r| match r {
-                    Ok(r) => Some(r),
-                    Err(u) => {
-                        unreadable_day_row("refund", u.id, &u.reason);
-                        None
-                    }
-                })
-                .filter(|r| !sides.refunds.contains(r.id))
-                .map(|r| Finding {
-                    kind: FindingKind::LocalOnly,
-                    object: FindingObject::Refund,
-                    out_trade_no: r.out_trade_no.as_str().to_owned(),
-                    out_refund_no: Some(r.out_refund_no.as_str().to_owned()),
-                    transaction_id: None,
-                    local_fee: Some(r.refund_fee.get()),
-                    remote_fee: None,
-                    local_state: Some(r.state.as_str().to_owned()),
-                    remote_state: None,
-                    action: FindingAction::Reported,
-                    line: 0,
-                    detail: "refunded here on this day; WeChat's bill does not list it".into(),
-                })
-                .collect();
-            if !self.renew(held).await?
-                || !self
-                    .write_findings(req, held, &findings, &mut logged)
-                    .await?
-            {
-                return Ok(Compared::LeaseLost);
-            }
-            if page.len() < PAGE_ROWS as usize {
-                break;
+            while after < last_id {
+                let page = self.local_page(side, req, after).await?;
+                let Some(last) = page.last() else { break };
+                after = last.id();
+                let findings: Vec<Finding> = page
+                    .iter()
+                    .filter(|l| !seen.contains(l.id()))
+                    .filter_map(Local::finding)
+                    .collect();
+                if !self.renew(held).await?
+                    || !self
+                        .write_findings(req, held, &findings, &mut logged)
+                        .await?
+                {
+                    return Ok(Compared::LeaseLost);
+                }
+                if page.len() < PAGE_ROWS as usize {
+                    break;
+                }
             }
         }
         Ok(Compared::Done)
+    }
+
+    async fn local_span(&self, side: Side, req: &DayRequest<'_>) -> Result<IdSpan, StoreError> {
+        let (from, to) = day_bounds(req.bill_date);
+        let mch_id = req.merchant.mch_id.as_str();
+        match side {
+            Side::Orders => self.inner.store.paid_span(mch_id, from, to).await,
+            Side::Refunds => self.inner.store.refund_span(mch_id, from, to).await,
+        }
+    }
+
+    /// One page of the day's paid orders or succeeded refunds after `after`.
+    async fn local_page(
+        &self,
+        side: Side,
+        req: &DayRequest<'_>,
+        after: i64,
+    ) -> Result<Vec<Local>, StoreError> {
+        let (from, to) = day_bounds(req.bill_date);
+        let (store, mch_id) = (&self.inner.store, req.merchant.mch_id.as_str());
+        Ok(match side {
+            Side::Orders => store
+                .paid_between(mch_id, from, to, after, PAGE_ROWS)
+                .await?
+                .into_iter()
+                .map(|o| {
+                    o.map_or_else(
+                        |u| Local::unreadable("order", u.id, &u.reason),
+                        Local::Order,
+                    )
+                })
+                .collect(),
+            Side::Refunds => store
+                .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    r.map_or_else(
+                        |u| Local::unreadable("refund", u.id, &u.reason),
+                        Local::Refund,
+                    )
+                })
+                .collect(),
+        })
     }
 
     /// Writes findings under the lease and logs them (the first few of each kind per run).
@@ -1054,15 +1020,79 @@ fn merchant_ids(m: &Merchant) -> Vec<String> {
     ids
 }
 
-/// A row of the day the shop's table holds but this program cannot read: logged, left out of
-/// the comparison (the scan sets an open one aside; `status` lists it).
-fn unreadable_day_row(what: &str, id: i64, reason: &str) {
-    tracing::warn!(
-        row = what,
-        id,
-        reason,
-        "a row paid on the bill's day cannot be read; it is left out of the comparison"
-    );
+/// The two sides of the shop's day.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Orders,
+    Refunds,
+}
+
+/// A row of the shop's day: an order paid on it, a refund succeeded on it, or a row this
+/// program cannot read (logged, left out of the comparison; the scan sets an open one aside and
+/// `status` lists it).
+enum Local {
+    Order(crate::store::OrderRow),
+    Refund(crate::store::RefundRow),
+    Unreadable(i64),
+}
+
+impl Local {
+    fn unreadable(what: &str, id: i64, reason: &str) -> Local {
+        tracing::warn!(
+            row = what,
+            id,
+            reason,
+            "a row paid on the bill's day cannot be read; it is left out of the comparison"
+        );
+        Local::Unreadable(id)
+    }
+
+    fn id(&self) -> i64 {
+        match self {
+            Local::Order(o) => o.id,
+            Local::Refund(r) => r.id,
+            Local::Unreadable(id) => *id,
+        }
+    }
+
+    /// Its `local_only` finding (none for an unreadable row).
+    fn finding(&self) -> Option<Finding> {
+        let (object, out_trade_no, out_refund_no, transaction_id, fee, state, detail) = match self {
+            Local::Order(o) => (
+                FindingObject::Payment,
+                o.out_trade_no.as_str(),
+                None,
+                o.transaction_id.clone(),
+                o.total_fee,
+                o.state.as_str(),
+                "paid here on this day; WeChat's bill does not list it",
+            ),
+            Local::Refund(r) => (
+                FindingObject::Refund,
+                r.out_trade_no.as_str(),
+                Some(r.out_refund_no.as_str().to_owned()),
+                None,
+                r.refund_fee,
+                r.state.as_str(),
+                "refunded here on this day; WeChat's bill does not list it",
+            ),
+            Local::Unreadable(_) => return None,
+        };
+        Some(Finding {
+            kind: FindingKind::LocalOnly,
+            object,
+            out_trade_no: out_trade_no.to_owned(),
+            out_refund_no,
+            transaction_id,
+            local_fee: Some(fee.get()),
+            remote_fee: None,
+            local_state: Some(state.to_owned()),
+            remote_state: None,
+            action: FindingAction::Reported,
+            line: 0,
+            detail: detail.into(),
+        })
+    }
 }
 
 /// A state column of a finding (32 characters).

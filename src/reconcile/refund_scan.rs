@@ -165,19 +165,14 @@ impl Scanner {
             .telemetry
             .refundquery(row.mch_id.as_str(), row.out_refund_no.as_str(), &outcome);
         self.slow_down_if_asked(outcome.as_ref().err());
-        let order = inner
-            .store
-            .find_order(row.mch_id.as_str(), row.out_trade_no.as_str())
-            .await?;
-        let currency = order
-            .as_ref()
-            .map_or_else(Currency::cny, |o| o.fee_type.clone());
-        let view = RefundView {
-            row,
-            order_total: order.as_ref().map(|o| o.total_fee),
-            order_currency: &currency,
-        };
-        let change = decide_refund(&view, &outcome, Utc::now(), rand::random::<f64>(), policy);
+        let order = RefundOrder::of(&inner.store, row).await?;
+        let change = decide_refund(
+            &order.view(row),
+            &outcome,
+            Utc::now(),
+            rand::random::<f64>(),
+            policy,
+        );
         self.write_refund(refund.guard(), &change, Some(row)).await
     }
 
@@ -222,5 +217,38 @@ impl Scanner {
                 Done::GaveUp
             }
         })
+    }
+}
+
+/// What the refund rules need of a refund's order: its amount and currency.
+#[derive(Debug, Clone)]
+pub struct RefundOrder {
+    /// `None`: the order is gone (the foreign key prevents it).
+    pub total: Option<crate::domain::Fen>,
+    pub currency: Currency,
+}
+
+impl RefundOrder {
+    /// The order of `row`, read.
+    pub async fn of(
+        store: &crate::store::Store,
+        row: &crate::store::RefundRow,
+    ) -> Result<RefundOrder, StoreError> {
+        let order = store
+            .find_order(row.mch_id.as_str(), row.out_trade_no.as_str())
+            .await?;
+        Ok(RefundOrder {
+            total: order.as_ref().map(|o| o.total_fee),
+            currency: order.map_or_else(Currency::cny, |o| o.fee_type),
+        })
+    }
+
+    /// The view the refund rules decide on.
+    pub fn view<'a>(&'a self, row: &'a crate::store::RefundRow) -> RefundView<'a> {
+        RefundView {
+            row,
+            order_total: self.total,
+            order_currency: &self.currency,
+        }
     }
 }

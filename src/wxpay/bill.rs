@@ -12,13 +12,12 @@
 //! from a bill.
 
 use std::io::{Seek, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::NaiveDate;
 
-use super::client::{ClientConfig, WxPayClient, base_request, transport_error, v2_credentials};
+use super::client::{ClientConfig, WxPayClient, base_request, transport_error};
 use super::error::WxPayError;
-use super::sign;
 use super::xml::{self, MAX_BODY_BYTES};
 use crate::gateway::merchant::Merchant;
 use crate::gateway::report::{BillAnswer, BillFile};
@@ -227,42 +226,14 @@ impl WxPayClient {
         merchant: &Merchant,
         bill_date: NaiveDate,
     ) -> Result<BillAnswer, WxPayError> {
-        let (key, sign_type) = v2_credentials(merchant)?;
         let mut request = base_request(merchant);
         request.insert("bill_date", bill_date.format("%Y%m%d").to_string());
         request.insert("bill_type", "ALL");
         request.insert("tar_type", "GZIP");
-        sign::sign_in_place(&mut request, key, sign_type);
-        let body = xml::encode(&request)?;
-        let (endpoint, base) = self.failover.pick(
-            Instant::now(),
-            &self.config.base_url,
-            self.config.backup_base_url.as_deref(),
-        );
-        let url = format!("{}/pay/downloadbill", base.trim_end_matches('/'));
-        let sent = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .timeout(bill_timeout(&self.config))
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
-            Ok(r) => {
-                self.failover.record(endpoint, false, Instant::now());
-                r
-            }
-            Err(e) => {
-                self.failover
-                    .record(endpoint, e.is_connect(), Instant::now());
-                return Err(transport_error(&e));
-            }
-        };
-        let status = response.status();
-        if !status.is_success() {
-            return Err(WxPayError::HttpStatus(status.as_u16()));
-        }
+        let timeout = Some(bill_timeout(&self.config));
+        let response = self
+            .post_signed(merchant, "pay/downloadbill", request, timeout)
+            .await?;
         let downloaded = stream_to_tempfile(response).await?;
         match read_downloadbill_reply(&downloaded.head, downloaded.head_is_whole())? {
             DownloadBillReply::Bill => Ok(BillAnswer::File(downloaded.into_bill_file(None))),

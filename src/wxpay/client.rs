@@ -176,8 +176,25 @@ impl WxPayClient {
         &self,
         merchant: &Merchant,
         path: &str,
-        mut request: Fields,
+        request: Fields,
     ) -> Result<Fields, WxPayError> {
+        let response = self.post_signed(merchant, path, request, None).await?;
+        let bytes = read_limited(response).await?;
+        let reply = xml::decode(&bytes)?;
+        verify_envelope(merchant, &reply)?;
+        Ok(reply)
+    }
+
+    /// Signs `request` with the merchant's key and posts it to `path` on the current endpoint
+    /// (recording the outcome for failover), with `timeout` instead of the client's when given;
+    /// a 2xx response, else why not.
+    pub(crate) async fn post_signed(
+        &self,
+        merchant: &Merchant,
+        path: &str,
+        mut request: Fields,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, WxPayError> {
         let (key, sign_type) = v2_credentials(merchant)?;
         sign::sign_in_place(&mut request, key, sign_type);
         let body = xml::encode(&request)?;
@@ -187,14 +204,14 @@ impl WxPayClient {
             self.config.backup_base_url.as_deref(),
         );
         let url = format!("{}/{path}", base.trim_end_matches('/'));
-        let sent = self
+        let mut post = self
             .http
             .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
+            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8");
+        if let Some(t) = timeout {
+            post = post.timeout(t);
+        }
+        let response = match post.body(body).send().await {
             Ok(r) => {
                 self.failover.record(endpoint, false, Instant::now());
                 r
@@ -209,10 +226,7 @@ impl WxPayClient {
         if !status.is_success() {
             return Err(WxPayError::HttpStatus(status.as_u16()));
         }
-        let bytes = read_limited(response).await?;
-        let reply = xml::decode(&bytes)?;
-        verify_envelope(merchant, &reply)?;
-        Ok(reply)
+        Ok(response)
     }
 }
 
