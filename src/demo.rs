@@ -189,6 +189,9 @@ pub fn demo_settings(db: PathBuf, sim_url: String, metrics: SocketAddr) -> Setti
     settings.schedule.batch_size = 200;
     settings.metrics.listen = metrics;
     settings.notify.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    // Bills on: at start the daemon catches up the (quiet) past days; the demo's own day is
+    // reconciled at its end.
+    settings.bills.enabled = true;
     settings
 }
 
@@ -200,14 +203,8 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
         tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         sim::default_merchants(),
     )?;
-    let metrics_addr = options
-        .serve
-        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let settings = demo_settings(
-        dir.path().join("demo.db"),
-        simulator.base_url(),
-        metrics_addr,
-    );
+    let ephemeral = SocketAddr::from(([127, 0, 0, 1], 0));
+    let settings = demo_settings(dir.path().join("demo.db"), simulator.base_url(), ephemeral);
     open_store(&settings, true).await?.migrate().await?;
     let store = open_store(&settings, false).await?;
     let daemon_stop = stop.child_token();
@@ -223,23 +220,28 @@ pub async fn run(options: &DemoOptions, stop: CancellationToken) -> Result<DemoS
     let mut summary = summarize(&store, options, &tally, &paid_at, &simulator, started).await?;
     summary.refunds = refund_some(&store, &simulator.state, &stop).await?;
     // The bills after the daemon stopped: what it would have found by polling is the bill's.
-    let serve_after = options.serve.is_some() && !stop.is_cancelled();
-    if !serve_after {
-        daemon_stop.cancel();
-        match daemon_task.await {
-            Ok(result) => result?,
-            Err(e) => return Err(std::io::Error::other(e).into()),
-        }
+    daemon_stop.cancel();
+    match daemon_task.await {
+        Ok(result) => result?,
+        Err(e) => return Err(std::io::Error::other(e).into()),
+    }
+    if !stop.is_cancelled() {
         summary.bills = reconcile_bills(&settings, &store, &simulator.state).await?;
-    } else {
+    }
+    if let Some(addr) = options.serve
+        && !stop.is_cancelled()
+    {
+        // A daemon on the same database, serving the metrics of all of it (the bill gauges
+        // too) on ADDR until stopped.
+        let mut serving = settings.clone();
+        serving.metrics.listen = addr;
+        let daemon = Daemon::start(&serving, stop.child_token()).await?;
         println!("{summary}");
-        println!("\nserving http://{metrics_addr}/metrics until Ctrl-C");
-        stop.cancelled().await;
-        daemon_stop.cancel();
-        match daemon_task.await {
-            Ok(result) => result?,
-            Err(e) => return Err(std::io::Error::other(e).into()),
-        }
+        println!(
+            "\nserving http://{}/metrics until Ctrl-C",
+            daemon.metrics_addr
+        );
+        daemon.wait().await?;
     }
     simulator.shutdown(Duration::from_secs(2)).await?;
     Ok(summary)
