@@ -195,13 +195,16 @@ mod tests {
         new.schedule.scan_cron = "*/2 * * * * *".into();
         new.schedule.lease_seconds += 1;
         new.refunds.horizon_days += 1;
+        new.bills.cron = "0 0 11 * * *".into();
         new.log.level = "debug".into();
         assert!(needs_restart(&old, &new).is_empty());
+        assert_eq!(super::reloaded(&old, &new).bills.cron, "0 0 11 * * *");
 
         new.wechat.timeout_ms += 1;
         new.metrics.refresh_seconds += 1;
         new.notify.max_connections += 1;
         new.database.max_connections += 1;
+        new.bills.catch_up_days += 1;
         let m = &new.merchants[0];
         new.merchants[0] = Merchant::v2(
             m.mch_id.clone(),
@@ -211,7 +214,14 @@ mod tests {
         );
         assert_eq!(
             needs_restart(&old, &new),
-            ["database", "wechat", "merchants", "metrics", "notify"]
+            [
+                "database",
+                "wechat",
+                "merchants",
+                "bills",
+                "metrics",
+                "notify"
+            ]
         );
     }
 
