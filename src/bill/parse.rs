@@ -1650,3 +1650,57 @@ mod tests {
         assert!(!split_fields("a,`b", &mut f));
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SAMPLE: &[u8] = include_bytes!(
+        "../../tests/fixtures/wxpay-bills/v3_all_official_sample_bom_crlf_45rows.csv"
+    );
+
+    /// Reads `bytes` to the end: the rows read, or the error (which names a line).
+    fn read_all(bytes: &[u8]) -> Result<u64, BillError> {
+        let mut reader = BillReader::new(bytes)?;
+        let mut rows = 0;
+        while reader.next_row()?.is_some() {
+            rows += 1;
+            assert!(rows <= bytes.len() as u64, "more rows than bytes");
+        }
+        let _ = reader.check();
+        Ok(rows)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A real bill with bytes overwritten, inserted or cut anywhere never panics the
+        /// reader: it reads, or it names the line it refuses.
+        #[test]
+        fn a_damaged_bill_is_read_or_refused_by_line(
+            edits in proptest::collection::vec((0usize..SAMPLE.len(), any::<u8>(), 0u8..3), 1..8),
+        ) {
+            let mut bytes = SAMPLE.to_vec();
+            for (at, byte, how) in edits {
+                let at = at.min(bytes.len());
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ => bytes.truncate(at.max(1)),
+                }
+            }
+            match read_all(&bytes) {
+                Ok(rows) => prop_assert!(rows <= 46),
+                Err(e) => prop_assert!(e.line().is_some() || matches!(e, BillError::Io(_)), "{e}"),
+            }
+        }
+
+        /// Arbitrary bytes are refused or read, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = read_all(&bytes);
+        }
+    }
+}

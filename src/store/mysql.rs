@@ -1,4 +1,4 @@
-//! MySQL 8.0.16+ / MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims, so several daemons share one
+//! MySQL 8.0.19+ / MariaDB 10.6+: `FOR UPDATE SKIP LOCKED` claims, so several daemons share one
 //! database. Neither has `UPDATE … RETURNING`, so a claim is a short transaction: lock the due
 //! rows (skipping rows other instances hold), lease them, read them back.
 
@@ -202,7 +202,7 @@ impl MySqlStore {
     }
 }
 
-/// MySQL 8.0.16+ or MariaDB 10.6+.
+/// MySQL 8.0.19+ or MariaDB 10.6+.
 fn supported_version(version: &str) -> Result<(), String> {
     let numbers: Vec<u32> = version
         .split(|c: char| !c.is_ascii_digit())
@@ -218,14 +218,14 @@ fn supported_version(version: &str) -> Result<(), String> {
     let (name, ok, need) = if version.to_ascii_lowercase().contains("mariadb") {
         ("MariaDB", v >= (10, 6, 0), "10.6")
     } else {
-        ("MySQL", v >= (8, 0, 16), "8.0.16")
+        ("MySQL", v >= (8, 0, 19), "8.0.19")
     };
     if ok {
         Ok(())
     } else {
         Err(format!(
             "{name} {version} is too old: wxpay-reconciler needs {name} {need} or newer \
-             (FOR UPDATE SKIP LOCKED, enforced CHECK constraints)"
+             (FOR UPDATE SKIP LOCKED, enforced CHECK constraints, DROP CONSTRAINT)"
         ))
     }
 }
@@ -253,6 +253,10 @@ mod tests {
         let e = supported_version("10.5.24-MariaDB").unwrap_err();
         assert!(e.contains("MariaDB 10.6"), "{e}");
         let e = supported_version("5.7.44-log").unwrap_err();
-        assert!(e.contains("MySQL 8.0.16"), "{e}");
+        assert!(e.contains("MySQL 8.0.19"), "{e}");
+        assert!(
+            supported_version("8.0.18").is_err(),
+            "DROP CONSTRAINT is 8.0.19"
+        );
     }
 }
