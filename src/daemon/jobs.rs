@@ -546,7 +546,17 @@ impl Job for BillJob {
 }
 
 impl BillJob {
+    /// One run; the daemon's stop ends it at once (a download or a batch cut short is
+    /// dropped: its transaction rolls back, and the day, still claimed, runs again once its
+    /// lease ends).
     async fn run(&self, stop: &CancellationToken) {
+        tokio::select! {
+            () = self.run_days(stop) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+
+    async fn run_days(&self, stop: &CancellationToken) {
         let started = Instant::now();
         loop {
             let retry = match self.runner.run_due(Utc::now(), stop).await {
