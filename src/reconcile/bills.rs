@@ -13,7 +13,8 @@
 //!    the batch's findings are written under the day's lease.
 //! 5. Then the shop's side: every order paid, and every refund succeeded, on that day that the
 //!    bill did not list is `local_only`. Which were listed is a bitmap over the day's id span
-//!    ([`Seen`]), so memory does not grow with the bill.
+//!    ([`Seen`]), so memory does not grow with the bill; the day's ids are paged, and a page's
+//!    rows read whole only when it holds an id the bill did not list.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Seek, SeekFrom};
@@ -821,7 +822,9 @@ impl BillRunner {
     }
 
     /// The shop's side of the day: every order paid (and refund succeeded) on it that the bill
-    /// did not list, a `local_only` finding each.
+    /// did not list, a `local_only` finding each. The day's rows are paged by id within their
+    /// span as it is now (the orders the bill settled included), ids only: a page's rows are
+    /// read whole only when one of its ids was not in the bill.
     async fn local_side(
         &self,
         req: &DayRequest<'_>,
@@ -832,86 +835,74 @@ impl BillRunner {
         let mch_id = req.merchant.mch_id.as_str();
         let (from, to) = day_bounds(req.bill_date);
         let mut logged = Logged::default();
-        let mut after = 0;
-        loop {
-            let page = inner
-                .store
-                .paid_between(mch_id, from, to, after, PAGE_ROWS)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = match last {
-                Ok(o) => o.id,
-                Err(u) => u.id,
-            };
-            let findings: Vec<Finding> = page
-                .iter()
-                .filter_map(|o| o.as_ref().ok())
-                .filter(|o| !sides.orders.contains(o.id))
-                .map(|o| Finding {
-                    kind: FindingKind::LocalOnly,
-                    object: FindingObject::Payment,
-                    out_trade_no: o.out_trade_no.as_str().to_owned(),
-                    out_refund_no: None,
-                    transaction_id: o.transaction_id.clone(),
-                    local_fee: Some(o.total_fee.get()),
-                    remote_fee: None,
-                    local_state: Some(o.state.as_str().to_owned()),
-                    remote_state: None,
-                    action: FindingAction::Reported,
-                    line: 0,
-                    detail: "paid here on this day; WeChat's bill does not list it".into(),
-                })
-                .collect();
-            if !self.renew(held).await?
-                || !self
-                    .write_findings(req, held, &findings, &mut logged)
-                    .await?
-            {
-                return Ok(Compared::LeaseLost);
-            }
-            if page.len() < PAGE_ROWS as usize {
-                break;
+        let span = inner.store.paid_span(mch_id, from, to).await?;
+        if let (Some(lo), Some(hi)) = (span.min_id, span.max_id) {
+            let mut after = lo.saturating_sub(1);
+            loop {
+                let ids = inner
+                    .store
+                    .paid_ids_between(mch_id, from, to, after, PAGE_ROWS)
+                    .await?;
+                let Some(&last) = ids.last() else { break };
+                let mut findings = Vec::new();
+                if ids.iter().any(|id| !sides.orders.contains(*id)) {
+                    let page = inner
+                        .store
+                        .paid_between(mch_id, from, to, after, PAGE_ROWS)
+                        .await?;
+                    findings = page
+                        .iter()
+                        .filter_map(|o| o.as_ref().ok())
+                        .filter(|o| o.id <= last && !sides.orders.contains(o.id))
+                        .map(local_only_order)
+                        .collect();
+                }
+                after = last;
+                if !self.renew(held).await?
+                    || !self
+                        .write_findings(req, held, &findings, &mut logged)
+                        .await?
+                {
+                    return Ok(Compared::LeaseLost);
+                }
+                if ids.len() < PAGE_ROWS as usize || last >= hi {
+                    break;
+                }
             }
         }
-        let mut after = 0;
-        loop {
-            let page = inner
-                .store
-                .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = match last {
-                Ok(r) => r.id,
-                Err(u) => u.id,
-            };
-            let findings: Vec<Finding> = page
-                .iter()
-                .filter_map(|r| r.as_ref().ok())
-                .filter(|r| !sides.refunds.contains(r.id))
-                .map(|r| Finding {
-                    kind: FindingKind::LocalOnly,
-                    object: FindingObject::Refund,
-                    out_trade_no: r.out_trade_no.as_str().to_owned(),
-                    out_refund_no: Some(r.out_refund_no.as_str().to_owned()),
-                    transaction_id: None,
-                    local_fee: Some(r.refund_fee.get()),
-                    remote_fee: None,
-                    local_state: Some(r.state.as_str().to_owned()),
-                    remote_state: None,
-                    action: FindingAction::Reported,
-                    line: 0,
-                    detail: "refunded here on this day; WeChat's bill does not list it".into(),
-                })
-                .collect();
-            if !self.renew(held).await?
-                || !self
-                    .write_findings(req, held, &findings, &mut logged)
-                    .await?
-            {
-                return Ok(Compared::LeaseLost);
-            }
-            if page.len() < PAGE_ROWS as usize {
-                break;
+        let span = inner.store.refund_span(mch_id, from, to).await?;
+        if let (Some(lo), Some(hi)) = (span.min_id, span.max_id) {
+            let mut after = lo.saturating_sub(1);
+            loop {
+                let ids = inner
+                    .store
+                    .refund_ids_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
+                    .await?;
+                let Some(&last) = ids.last() else { break };
+                let mut findings = Vec::new();
+                if ids.iter().any(|id| !sides.refunds.contains(*id)) {
+                    let page = inner
+                        .store
+                        .refunds_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
+                        .await?;
+                    findings = page
+                        .iter()
+                        .filter_map(|r| r.as_ref().ok())
+                        .filter(|r| r.id <= last && !sides.refunds.contains(r.id))
+                        .map(local_only_refund)
+                        .collect();
+                }
+                after = last;
+                if !self.renew(held).await?
+                    || !self
+                        .write_findings(req, held, &findings, &mut logged)
+                        .await?
+                {
+                    return Ok(Compared::LeaseLost);
+                }
+                if ids.len() < PAGE_ROWS as usize || last >= hi {
+                    break;
+                }
             }
         }
         Ok(Compared::Done)
@@ -983,6 +974,42 @@ pub async fn newest_bill_gauges(store: &Store) -> Result<Vec<(String, BillGauges
         }
     }
     Ok(out)
+}
+
+/// The `local_only` finding of an order paid here that the bill did not list.
+fn local_only_order(o: &crate::store::OrderRow) -> Finding {
+    Finding {
+        kind: FindingKind::LocalOnly,
+        object: FindingObject::Payment,
+        out_trade_no: o.out_trade_no.as_str().to_owned(),
+        out_refund_no: None,
+        transaction_id: o.transaction_id.clone(),
+        local_fee: Some(o.total_fee.get()),
+        remote_fee: None,
+        local_state: Some(o.state.as_str().to_owned()),
+        remote_state: None,
+        action: FindingAction::Reported,
+        line: 0,
+        detail: "paid here on this day; WeChat's bill does not list it".into(),
+    }
+}
+
+/// The `local_only` finding of a refund succeeded here that the bill did not list.
+fn local_only_refund(r: &crate::store::RefundRow) -> Finding {
+    Finding {
+        kind: FindingKind::LocalOnly,
+        object: FindingObject::Refund,
+        out_trade_no: r.out_trade_no.as_str().to_owned(),
+        out_refund_no: Some(r.out_refund_no.as_str().to_owned()),
+        transaction_id: None,
+        local_fee: Some(r.refund_fee.get()),
+        remote_fee: None,
+        local_state: Some(r.state.as_str().to_owned()),
+        remote_state: None,
+        action: FindingAction::Reported,
+        line: 0,
+        detail: "refunded here on this day; WeChat's bill does not list it".into(),
+    }
 }
 
 /// What fetching gave.
