@@ -13,7 +13,8 @@
 //!    the batch's findings are written under the day's lease.
 //! 5. Then the shop's side: every order paid, and every refund succeeded, on that day that the
 //!    bill did not list is `local_only`. Which were listed is a bitmap over the day's id span
-//!    ([`Seen`]), so memory does not grow with the bill.
+//!    ([`Seen`]), so memory does not grow with the bill; the day's ids are paged, and a page's
+//!    rows read whole only when it holds an id the bill did not list.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Seek, SeekFrom};
@@ -823,7 +824,9 @@ impl BillRunner {
     }
 
     /// The shop's side of the day: every order paid (and refund succeeded) on it that the bill
-    /// did not list, a `local_only` finding each.
+    /// did not list, a `local_only` finding each. The day's rows are paged by id within their
+    /// span as it is now (the orders the bill settled included), ids only: a page's rows are
+    /// read whole only when one of its ids was not in the bill.
     async fn local_side(
         &self,
         req: &DayRequest<'_>,
@@ -839,18 +842,23 @@ impl BillRunner {
             // From the day's first id to its last (the store reads pages in id order).
             let span = self.local_span(side, req).await?;
             let (mut after, last_id) = match (span.min_id, span.max_id) {
-                (Some(lo), Some(hi)) => (lo - 1, hi),
+                (Some(lo), Some(hi)) => (lo.saturating_sub(1), hi),
                 _ => (0, -1),
             };
             while after < last_id {
-                let page = self.local_page(side, req, after).await?;
-                let Some(last) = page.last() else { break };
-                after = last.id();
-                let findings: Vec<Finding> = page
-                    .iter()
-                    .filter(|l| !seen.contains(l.id()))
-                    .filter_map(Local::finding)
-                    .collect();
+                let ids = self.local_ids(side, req, after).await?;
+                let Some(&last) = ids.last() else { break };
+                let mut findings = Vec::new();
+                if ids.iter().any(|id| !seen.contains(*id)) {
+                    findings = self
+                        .local_page(side, req, after)
+                        .await?
+                        .iter()
+                        .filter(|l| l.id() <= last && !seen.contains(l.id()))
+                        .filter_map(Local::finding)
+                        .collect();
+                }
+                after = last;
                 if !self.renew(held).await?
                     || !self
                         .write_findings(req, held, &findings, &mut logged)
@@ -858,7 +866,7 @@ impl BillRunner {
                 {
                     return Ok(Compared::LeaseLost);
                 }
-                if page.len() < PAGE_ROWS as usize {
+                if ids.len() < PAGE_ROWS as usize {
                     break;
                 }
             }
@@ -872,6 +880,29 @@ impl BillRunner {
         match side {
             Side::Orders => self.inner.store.paid_span(mch_id, from, to).await,
             Side::Refunds => self.inner.store.refund_span(mch_id, from, to).await,
+        }
+    }
+
+    /// The ids alone of the page [`Self::local_page`] would read.
+    async fn local_ids(
+        &self,
+        side: Side,
+        req: &DayRequest<'_>,
+        after: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (from, to) = day_bounds(req.bill_date);
+        let (store, mch_id) = (&self.inner.store, req.merchant.mch_id.as_str());
+        match side {
+            Side::Orders => {
+                store
+                    .paid_ids_between(mch_id, from, to, after, PAGE_ROWS)
+                    .await
+            }
+            Side::Refunds => {
+                store
+                    .refund_ids_succeeded_between(mch_id, from, to, after, PAGE_ROWS)
+                    .await
+            }
         }
     }
 

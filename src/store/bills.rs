@@ -11,8 +11,9 @@
 //!   newer claim's `DELETE` of the findings comes after, never between).
 //! - **The local side** of a day: lookups by number (`IN (…)`, at most [`LOOKUP_BATCH`] values
 //!   a statement; an unreadable row comes back as such, its batch-mates go on), and the orders
-//!   paid / refunds succeeded in `[from, to)` as an id span and keyset pages, through the
-//!   partial indexes `wxpay_orders_paid` and `wxpay_refunds_succeeded` (MySQL: plain ones).
+//!   paid / refunds succeeded in `[from, to)` as an id span and keyset pages (of rows, or of
+//!   their ids alone), through the partial indexes `wxpay_orders_paid` and
+//!   `wxpay_refunds_succeeded` (MySQL: plain ones).
 //!
 //! Sums are not asked of the database (`SUM`'s type differs on every backend); counts are.
 
@@ -856,24 +857,56 @@ impl Store {
             sqlite_bound(self.backend(), from),
             sqlite_bound(self.backend(), to),
         );
+        let stmt = self.paid_page(ORDER_COLUMNS, mch_id, (&f, from), (&t, to), after_id, limit);
+        fetch_all!(self, stmt, rows::order_read)
+    }
+
+    /// The ids alone of the page [`Store::paid_between`] would read (same bounds, same
+    /// order): what a bill run's local side reads to find the orders its bill did not list,
+    /// without decoding the rows of the orders it did.
+    pub async fn paid_ids_between(
+        &self,
+        mch_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (f, t) = (
+            sqlite_bound(self.backend(), from),
+            sqlite_bound(self.backend(), to),
+        );
+        let stmt = self.paid_page("id", mch_id, (&f, from), (&t, to), after_id, limit);
+        fetch_all!(self, stmt, |r| r.int("id"))
+    }
+
+    /// The keyset page of [`Store::paid_between`], selecting `columns`.
+    fn paid_page<'a>(
+        &self,
+        columns: &str,
+        mch_id: &'a str,
+        from: (&'a Option<String>, DateTime<Utc>),
+        to: (&'a Option<String>, DateTime<Utc>),
+        after_id: i64,
+        limit: u32,
+    ) -> Statement<'a> {
         let p = self.by_id_only();
         let paid = PAID.replace("state", &format!("{p}state"));
-        let stmt = Statement::new(
+        Statement::new(
             format!(
-                "SELECT {ORDER_COLUMNS} FROM wxpay_orders \
+                "SELECT {columns} FROM wxpay_orders \
                  WHERE {p}mch_id = ? AND {paid} AND {p}paid_at >= ? AND {p}paid_at < ? \
                    AND id > ? \
                  ORDER BY id LIMIT ?"
             ),
             vec![
                 Arg::Text(mch_id),
-                bound(&f, from),
-                bound(&t, to),
+                bound(from.0, from.1),
+                bound(to.0, to.1),
                 Arg::Int(after_id),
                 Arg::Int(i64::from(limit)),
             ],
-        );
-        fetch_all!(self, stmt, rows::order_read)
+        )
     }
 
     /// The refunds of a merchant that succeeded with `success_time` in `[from, to)`: their
@@ -902,23 +935,55 @@ impl Store {
             sqlite_bound(self.backend(), from),
             sqlite_bound(self.backend(), to),
         );
+        let columns = format!("lease, {REFUND_COLUMNS}");
+        let stmt = self.succeeded_page(&columns, mch_id, (&f, from), (&t, to), after_id, limit);
+        fetch_all!(self, stmt, refund_read)
+    }
+
+    /// The ids alone of the page [`Store::refunds_succeeded_between`] would read, as
+    /// [`Store::paid_ids_between`].
+    pub async fn refund_ids_succeeded_between(
+        &self,
+        mch_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (f, t) = (
+            sqlite_bound(self.backend(), from),
+            sqlite_bound(self.backend(), to),
+        );
+        let stmt = self.succeeded_page("id", mch_id, (&f, from), (&t, to), after_id, limit);
+        fetch_all!(self, stmt, |r| r.int("id"))
+    }
+
+    /// The keyset page of [`Store::refunds_succeeded_between`], selecting `columns`.
+    fn succeeded_page<'a>(
+        &self,
+        columns: &str,
+        mch_id: &'a str,
+        from: (&'a Option<String>, DateTime<Utc>),
+        to: (&'a Option<String>, DateTime<Utc>),
+        after_id: i64,
+        limit: u32,
+    ) -> Statement<'a> {
         let p = self.by_id_only();
-        let stmt = Statement::new(
+        Statement::new(
             format!(
-                "SELECT lease, {REFUND_COLUMNS} FROM wxpay_refunds \
+                "SELECT {columns} FROM wxpay_refunds \
                  WHERE {p}mch_id = ? AND {p}state = 'SUCCESS' AND {p}success_time >= ? \
                    AND {p}success_time < ? AND id > ? \
                  ORDER BY id LIMIT ?"
             ),
             vec![
                 Arg::Text(mch_id),
-                bound(&f, from),
-                bound(&t, to),
+                bound(from.0, from.1),
+                bound(to.0, to.1),
                 Arg::Int(after_id),
                 Arg::Int(i64::from(limit)),
             ],
-        );
-        fetch_all!(self, stmt, refund_read)
+        )
     }
 
     /// Fills in the findings of `bills` counted by kind.

@@ -137,6 +137,17 @@ async fn refund(
 
 /// The shop's refund `orn` closed by its own handler.
 async fn shop_closes_refund(e: &Engine, m: &Merchant, orn: &str) {
+    shop_finishes_refund(e, m, orn, RefundState::Closed, None).await;
+}
+
+/// The shop's own handler finishes its refund `orn` as `to` (at `success_time`).
+async fn shop_finishes_refund(
+    e: &Engine,
+    m: &Merchant,
+    orn: &str,
+    to: RefundState,
+    success_time: Option<DateTime<Utc>>,
+) {
     let row =
         e.db.store
             .find_refund(m.mch_id.as_str(), orn)
@@ -145,9 +156,9 @@ async fn shop_closes_refund(e: &Engine, m: &Merchant, orn: &str) {
             .unwrap();
     let change = RefundChange::Finish {
         outcome: RefundOutcome {
-            to: RefundState::Closed,
+            to,
             refund_id: None,
-            success_time: None,
+            success_time,
             recv_account: None,
             reported_fee: None,
             detail: Some("the shop's handler".into()),
@@ -419,13 +430,21 @@ async fn a_quiet_day_is_an_empty_bill_and_the_shops_payments_are_local_only() {
             // Paid on the next day: not this day's.
             let next = e.order(&m, 100).await;
             shop_moves(e, &next, OrderState::Success, Some(day_bounds(d).1)).await;
+            // A refund the shop's handler marked SUCCESS on the day, unknown to WeChat.
+            let orn = unique_otn("lr").to_string();
+            e.db.store
+                .insert_refund(m.mch_id.as_str(), &phantom, &orn, 50)
+                .await
+                .unwrap();
+            shop_finishes_refund(e, &m, &orn, RefundState::Success, Some(at(d, 1))).await;
             let s = reconciled(run(&r, &m, d, true).await);
             assert!(s.empty, "{kind:?}");
-            assert_eq!(
-                findings(e, &m, d).await,
-                vec![finding("local_only", "payment", &phantom, "reported")],
-                "{kind:?}"
-            );
+            let mut want = vec![
+                finding("local_only", "payment", &phantom, "reported"),
+                finding("local_only", "refund", &orn, "reported"),
+            ];
+            want.sort();
+            assert_eq!(findings(e, &m, d).await, want, "{kind:?}");
         }
     })
     .await;
