@@ -602,66 +602,57 @@ impl BillRunner {
             RowKind::Refund(f) => Some(f.out_refund_no.as_str()),
             RowKind::Payment => None,
         }));
-        let mut orders = HashMap::new();
-        if !trade_nos.is_empty() {
-            for read in inner
+        let orders = if trade_nos.is_empty() {
+            HashMap::new()
+        } else {
+            let reads = inner
                 .store
                 .orders_by_out_trade_no(mch_id, &trade_nos)
-                .await?
-            {
-                match read {
-                    Ok(row) => {
-                        orders.insert(row.out_trade_no.as_str().to_owned(), row);
-                    }
-                    Err(u) => tracing::warn!(
-                        order_id = u.id,
-                        reason = %u.reason,
-                        "an order row in the bill cannot be read; it is left out of the comparison"
-                    ),
-                }
-            }
-        }
-        let mut refunds = HashMap::new();
-        if !refund_nos.is_empty() {
-            for read in inner
+                .await?;
+            by_number(
+                reads,
+                |o| o.out_trade_no.as_str(),
+                |u| (u.out_trade_no.clone(), u.id, u.reason.clone()),
+            )
+        };
+        let refunds = if refund_nos.is_empty() {
+            HashMap::new()
+        } else {
+            let reads = inner
                 .store
                 .refunds_by_out_refund_no(mch_id, &refund_nos)
-                .await?
-            {
-                match read {
-                    Ok(row) => {
-                        refunds.insert(row.out_refund_no.as_str().to_owned(), row);
-                    }
-                    Err(u) => tracing::warn!(
-                        refund_row_id = u.id,
-                        reason = %u.reason,
-                        "a refund row in the bill cannot be read; it is left out of the comparison"
-                    ),
-                }
-            }
-        }
+                .await?;
+            by_number(
+                reads,
+                |r| r.out_refund_no.as_str(),
+                |u| (u.out_refund_no.clone(), u.id, u.reason.clone()),
+            )
+        };
         let mut findings: Vec<Finding> = Vec::new();
         for row in rows {
-            match &row.kind {
-                RowKind::Payment => {
-                    let local = orders.get(row.out_trade_no.as_str());
-                    if let Some(order) = local {
-                        sides.orders.insert(order.id);
+            let finding = match &row.kind {
+                RowKind::Payment => match orders.get(row.out_trade_no.as_str()) {
+                    Some(Err(reason)) => Some(unreadable_finding(row, None, reason)),
+                    local => {
+                        let local = local.and_then(|l| l.as_ref().ok());
+                        if let Some(order) = local {
+                            sides.orders.insert(order.id);
+                        }
+                        self.payment(row, local).await?
                     }
-                    if let Some(f) = self.payment(row, local).await? {
-                        findings.push(f);
+                },
+                RowKind::Refund(refund) => match refunds.get(refund.out_refund_no.as_str()) {
+                    Some(Err(reason)) => Some(unreadable_finding(row, Some(refund), reason)),
+                    local => {
+                        let local = local.and_then(|l| l.as_ref().ok());
+                        if let Some(r) = local {
+                            sides.refunds.insert(r.id);
+                        }
+                        self.refund(row, refund, local).await?
                     }
-                }
-                RowKind::Refund(refund) => {
-                    let local = refunds.get(refund.out_refund_no.as_str());
-                    if let Some(r) = local {
-                        sides.refunds.insert(r.id);
-                    }
-                    if let Some(f) = self.refund(row, refund, local).await? {
-                        findings.push(f);
-                    }
-                }
-            }
+                },
+            };
+            findings.extend(finding);
         }
         self.write_findings(req, held, &findings, logged).await
     }
@@ -1049,6 +1040,57 @@ fn merchant_ids(m: &Merchant) -> Vec<String> {
         ids.push(sub.as_str().to_owned());
     }
     ids
+}
+
+/// A batch's rows of the shop by their number; a row this program cannot read is kept by the
+/// number it shows, with why (logged), so that its bill row is not taken for one the shop lacks.
+fn by_number<T, U>(
+    reads: Vec<Result<T, U>>,
+    number: impl Fn(&T) -> &str,
+    unreadable: impl Fn(&U) -> (Option<String>, i64, String),
+) -> HashMap<String, Result<T, String>> {
+    let mut map = HashMap::new();
+    for read in reads {
+        match read {
+            Ok(row) => {
+                map.insert(number(&row).to_owned(), Ok(row));
+            }
+            Err(u) => {
+                let (no, id, reason) = unreadable(&u);
+                tracing::warn!(
+                    id,
+                    reason = %reason,
+                    "a row of the shop's named in the bill cannot be read; reported, not compared"
+                );
+                if let Some(no) = no {
+                    map.insert(no, Err(reason));
+                }
+            }
+        }
+    }
+    map
+}
+
+/// The finding of a bill row whose row in the shop's table cannot be read.
+fn unreadable_finding(row: &BillRow, refund: Option<&bill::BillRefund>, reason: &str) -> Finding {
+    Finding {
+        kind: FindingKind::StateDiff,
+        object: if refund.is_some() {
+            FindingObject::Refund
+        } else {
+            FindingObject::Payment
+        },
+        out_trade_no: row.out_trade_no.clone(),
+        out_refund_no: refund.map(|r| r.out_refund_no.clone()),
+        transaction_id: Some(row.transaction_id.clone()),
+        local_fee: None,
+        remote_fee: Some(refund.map_or(row.total_fee, |r| r.refund_fee).get()),
+        local_state: None,
+        remote_state: Some(refund.map_or(row.trade_state.clone(), |r| r.status.clone())),
+        action: FindingAction::Reported,
+        line: row.line,
+        detail: format!("the shop's row cannot be read: {reason}"),
+    }
 }
 
 /// The two sides of the shop's day.
@@ -1460,6 +1502,25 @@ mod tests {
         let mut empty = Seen::new(IdSpan::default());
         empty.insert(7);
         assert!(empty.contains(7) && !empty.contains(8));
+    }
+
+    #[test]
+    fn a_row_the_shop_cannot_read_is_kept_by_its_number_never_taken_for_a_missing_one() {
+        type Unreadable<'a> = (Option<&'a str>, i64);
+        let reads: Vec<Result<(&str, i64), Unreadable<'_>>> =
+            vec![Ok(("a", 1)), Err((Some("b c"), 2)), Err((None, 3))];
+        let map = by_number(
+            reads,
+            |r| r.0,
+            |u| (u.0.map(str::to_owned), u.1, "bad".to_owned()),
+        );
+        assert_eq!(map.get("a"), Some(&Ok(("a", 1))));
+        assert_eq!(map.get("b c"), Some(&Err("bad".to_owned())));
+        assert_eq!(
+            map.len(),
+            2,
+            "a row without a readable number cannot be matched"
+        );
     }
 
     #[test]
